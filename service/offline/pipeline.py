@@ -1,0 +1,97 @@
+"""The offline steps glued together: dataset + features -> trained models -> checkpoint."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from service.model.acf import ACF
+from service.model.checkpoint import Checkpoint, code_version
+from service.offline.data import Dataset, Split, leave_last_out, load_dataset
+from service.offline.evaluate import validation_task
+from service.offline.features import FeatureMeta, load_features
+from service.offline.sampling import build_samples
+from service.offline.train import TrainConfig, TrainResult, build_model, train
+
+log = logging.getLogger(__name__)
+
+
+class PipelineError(ValueError):
+    """Inputs that don't fit together (features of another dataset, an empty split, ...)."""
+
+
+@dataclass(frozen=True)
+class Prepared:
+    dataset: Dataset
+    split: Split
+    features: np.ndarray  # (N, K, C) float16, memory-mapped
+    meta: FeatureMeta
+
+
+def prepare(data_dir: Path, features_dir: Path) -> Prepared:
+    """Load the dataset, split it and load features that must match its items."""
+    dataset = load_dataset(data_dir)
+    features, meta = load_features(features_dir)
+    if list(meta.item_ids) != dataset.item_ids.tolist():
+        raise PipelineError(
+            f"features in {features_dir} were extracted for {len(meta.item_ids)} items that "
+            f"are not the {dataset.n_items} items of {data_dir} in the same order; "
+            "re-run `visrec features` on this dataset"
+        )
+    split = leave_last_out(dataset)
+    if len(split.train_users) == 0:
+        raise PipelineError(f"{data_dir}: the training split is empty")
+    if len(split.val_users) == 0:
+        raise PipelineError(
+            f"{data_dir}: no user has 3 or more interactions, so there is no "
+            "validation split to select the best epoch with"
+        )
+    return Prepared(dataset, split, features, meta)
+
+
+def fit(
+    prepared: Prepared, config: TrainConfig, *, device: torch.device, progress: bool = True
+) -> TrainResult:
+    """Train ``config.model`` on the training split, selecting epochs on validation."""
+    split = prepared.split
+    samples = build_samples(
+        split.train_sequences(), n_items=split.n_items, profile_size=config.profile_size
+    )
+    model = build_model(config, split, prepared.features)
+    rng = np.random.default_rng(config.seed)
+    return train(
+        model,
+        samples,
+        validation_task(split, profile_size=config.profile_size),
+        config,
+        device=device,
+        rng=rng,
+        progress=progress,
+    )
+
+
+def to_checkpoint(prepared: Prepared, result: TrainResult, config: TrainConfig) -> Checkpoint:
+    model = result.model
+    if not isinstance(model, ACF):
+        raise PipelineError(f"only ACF models are checkpointed for serving, not {config.model}")
+    meta = prepared.meta
+    return Checkpoint(
+        config=model.config,
+        state={k: v.detach().cpu() for k, v in model.state_dict().items()},
+        user_ids=prepared.dataset.user_ids.tolist(),
+        item_ids=prepared.dataset.item_ids.tolist(),
+        features={
+            "backbone": meta.backbone,
+            "input_size": meta.input_size,
+            "feature_dim": meta.feature_dim,
+            "inputs_hash": meta.inputs_hash,
+        },
+        train_config=asdict(config),
+        validation=result.validation,
+        history=result.history,
+        code_version=code_version(),
+    )

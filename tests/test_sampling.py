@@ -1,0 +1,63 @@
+"""Training samples: profiles, negatives, one visit per epoch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from service.offline.sampling import (
+    build_samples,
+    epoch_batches,
+    last_items,
+    preceding,
+    sample_negatives,
+)
+
+
+def test_profile_is_the_items_just_before_the_positive() -> None:
+    rows = preceding(np.array([5, 6, 7, 8]), 2)
+    assert rows.tolist() == [[0, 0], [0, 5], [5, 6], [6, 7]]
+
+
+def test_last_items_pads_on_the_left() -> None:
+    out = last_items([np.array([1, 2, 3]), np.array([4]), np.array([], dtype=np.int64)], 2)
+    assert out.tolist() == [[2, 3], [0, 4], [0, 0]]
+
+
+def test_an_epoch_visits_every_interaction_once() -> None:
+    seqs = [np.array([1, 2, 3]), np.array([4, 1]), np.array([2, 3, 4, 5])]
+    samples = build_samples(seqs, n_items=6, profile_size=9)
+    seen = []
+    for batch in epoch_batches(samples, 4, np.random.default_rng(0)):
+        seen += list(zip(batch.users.tolist(), batch.positives.tolist(), strict=True))
+        for u, prof, pos in zip(batch.users, batch.profiles, batch.positives, strict=True):
+            seq = seqs[u].tolist()
+            t = seq.index(pos)
+            assert prof[prof > 0].tolist() == seq[max(0, t - 9) : t]
+    expected = [(u, i) for u, s in enumerate(seqs) for i in s.tolist()]
+    assert sorted(seen) == sorted(expected)
+
+
+def test_negatives_are_uniform_over_unseen_items() -> None:
+    seqs = [np.array([1, 2, 3, 4, 5, 6]), np.array([7])]
+    samples = build_samples(seqs, n_items=8, profile_size=3)
+    rng = np.random.default_rng(1)
+    users = np.zeros(20_000, dtype=np.int64)
+    negs = sample_negatives(users, samples, rng)
+    assert set(negs.tolist()) == {7, 8}
+    assert abs((negs == 7).mean() - 0.5) < 0.02
+    other = sample_negatives(np.ones(20_000, dtype=np.int64), samples, rng)
+    assert 7 not in other and set(other.tolist()) == {1, 2, 3, 4, 5, 6, 8}
+
+
+def test_same_seed_same_batches() -> None:
+    seqs = [np.arange(1, 30), np.arange(5, 25)]
+    samples = build_samples(seqs, n_items=40, profile_size=9)
+    a = [b.negatives for b in epoch_batches(samples, 7, np.random.default_rng(3))]
+    b = [b.negatives for b in epoch_batches(samples, 7, np.random.default_rng(3))]
+    np.testing.assert_array_equal(np.concatenate(a), np.concatenate(b))
+
+
+def test_a_user_who_saw_everything_is_refused() -> None:
+    with pytest.raises(ValueError, match="every item"):
+        build_samples([np.array([1, 2])], n_items=2, profile_size=2)

@@ -1,0 +1,179 @@
+"""Training on the synthetic visual world, where the right answer is known."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from service.model.acf import ACF
+from service.model.checkpoint import load_checkpoint
+from service.offline.cli import main
+from service.offline.evaluate import evaluate, holdout_task, validation_task
+from service.offline.features import load_features
+from service.offline.pipeline import Prepared, fit, prepare
+from service.offline.synthetic import World
+from service.offline.train import TrainConfig, TrainResult
+
+CPU = torch.device("cpu")
+SMALL = TrainConfig(dim=16, attention_dim=16, epochs=12, batch_size=128, lr=1e-2, patience=0)
+
+
+@pytest.fixture(scope="module")
+def prepared(world: World, world_features: tuple[Path, np.ndarray]) -> Prepared:
+    return prepare(world.root, world_features[0])
+
+
+@pytest.fixture(scope="module")
+def acf(prepared: Prepared) -> TrainResult:
+    return fit(prepared, SMALL, device=CPU, progress=False)
+
+
+def test_acf_beats_popularity_where_taste_is_known(prepared: Prepared, acf: TrainResult) -> None:
+    pop = fit(prepared, replace(SMALL, model="popularity"), device=CPU, progress=False)
+    task = holdout_task(prepared.split, "standard")
+    ours = evaluate(acf.model, task, device=CPU)  # type: ignore[arg-type]
+    base = evaluate(pop.model, task, device=CPU)  # type: ignore[arg-type]
+    assert ours["AUC"].mean() > base["AUC"].mean() + 0.15
+    assert ours["R@20"].mean() > base["R@20"].mean() + 0.1
+
+
+def test_recommendations_are_of_the_users_kind(
+    world: World, prepared: Prepared, acf: TrainResult
+) -> None:
+    task = holdout_task(prepared.split, "standard")
+    with torch.no_grad():
+        scores = acf.model.score_all(torch.as_tensor(task.users), torch.as_tensor(task.profiles))
+    seen = np.zeros(scores.shape, dtype=bool)
+    for u, items in enumerate(prepared.split.train_sequences()):
+        seen[u, items - 1] = True
+    scores[torch.as_tensor(seen[task.users])] = -torch.inf
+    top = scores.topk(10).indices.numpy()  # item columns = item id - 1
+    share = (world.item_kinds[top] == world.user_kinds[task.users][:, None]).mean()
+    assert share > 0.8  # chance is about 0.25
+
+
+def test_the_best_epoch_is_kept_not_the_last(prepared: Prepared, acf: TrainResult) -> None:
+    history = [h["nDCG@20"] for h in acf.history]
+    assert acf.best_epoch == 1 + int(np.argmax(history))
+    again = evaluate(acf.model, validation_task(prepared.split), device=CPU)  # type: ignore[arg-type]
+    assert again["nDCG@20"].mean() == pytest.approx(acf.validation["nDCG@20"])
+
+
+def test_training_is_reproducible(prepared: Prepared) -> None:
+    config = replace(SMALL, epochs=2, loss="warp")
+    a = fit(prepared, config, device=CPU, progress=False)
+    b = fit(prepared, config, device=CPU, progress=False)
+    assert [h["loss"] for h in a.history] == [h["loss"] for h in b.history]
+    for (name, x), y in zip(
+        a.model.state_dict().items(), b.model.state_dict().values(), strict=True
+    ):
+        assert torch.equal(x, y), name
+
+
+@pytest.mark.parametrize("model", ["bpr_mf", "vbpr", "acf_mean_pool"])
+def test_every_baseline_learns_something(prepared: Prepared, model: str) -> None:
+    result = fit(prepared, replace(SMALL, model=model, epochs=4), device=CPU, progress=False)
+    losses = [h["loss"] for h in result.history]
+    assert losses[-1] < losses[0]
+    pop = fit(prepared, replace(SMALL, model="popularity"), device=CPU, progress=False)
+    popular = evaluate(pop.model, validation_task(prepared.split), device=CPU)  # type: ignore[arg-type]
+    assert result.validation["R@20"] > popular["R@20"].mean() + 0.05
+    if model == "acf_mean_pool":
+        assert isinstance(result.model, ACF)
+        assert result.model.config.component_pool == "mean"
+
+
+def test_command_line_end_to_end(
+    world: World, prepared: Prepared, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    feats = tmp_path / "feats"
+    assert (
+        main(["features", str(world.root), "--out", str(feats), "--backbone", "mobilenet_v2"]) == 0
+    )
+    ckpt = tmp_path / "acf.pt"
+    assert (
+        main(
+            [
+                "train",
+                str(world.root),
+                "--features",
+                str(feats),
+                "--out",
+                str(ckpt),
+                "--epochs",
+                "2",
+                "--batch-size",
+                "128",
+                "--dim",
+                "8",
+                "--attention-dim",
+                "8",
+                "--no-tied",
+                "--item-term",
+                "--lr",
+                "0.01",
+            ]
+        )
+        == 0
+    )
+    assert ckpt.is_file() and ckpt.with_suffix(".png").is_file()
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "evaluate",
+                str(world.root),
+                "--checkpoint",
+                str(ckpt),
+                "--features",
+                str(feats),
+                "--protocol",
+                "standard",
+            ]
+        )
+        == 0
+    )
+    printed = json.loads(capsys.readouterr().out)
+    assert set(printed) == {"standard"}
+    loaded = load_checkpoint(ckpt)
+    assert loaded.train_config["tied"] is False and loaded.config.item_term is True
+    assert loaded.config.feature_dim == 1280
+    assert loaded.features["backbone"] == "mobilenet_v2"
+    features, meta = load_features(feats)
+    model = loaded.build_model(features, inputs_hash=meta.inputs_hash, item_ids=meta.item_ids)
+    table = evaluate(model, holdout_task(prepared.split, "standard"), device=CPU)
+    assert printed["standard"]["AUC"]["mean"] == pytest.approx(table["AUC"].mean())
+    assert printed["standard"]["nDCG@20"]["mean"] == pytest.approx(table["nDCG@20"].mean())
+
+
+def test_command_line_refuses_features_of_another_dataset(
+    world: World,
+    world_features: tuple[Path, np.ndarray],
+    tmp_path: Path,
+    ml100k: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    assert (
+        main(
+            [
+                "train",
+                str(ml100k),
+                "--features",
+                str(world_features[0]),
+                "--out",
+                str(tmp_path / "x.pt"),
+            ]
+        )
+        == 2
+    )
+    assert "re-run `visrec features`" in caplog.text
+    out = tmp_path / "y.pt"
+    args = ["train", str(world.root), "--features", str(world_features[0]), "--out", str(out)]
+    assert main([*args, "--epochs", "0"]) == 2
+    assert "epochs=0" in caplog.text
+    assert not out.exists()
