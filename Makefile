@@ -8,7 +8,7 @@ DATA ?= ../shared/datasets/ml100k
 # which nothing here needs, hence --no-deps.
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test lint reproduce clean
+.PHONY: install test lint reproduce bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,11 +23,14 @@ test: install
 	$(BIN)/python -m pytest -q
 
 lint:
-	$(BIN)/ruff check service tests
+	$(BIN)/ruff check service tests benchmarks
 	$(BIN)/mypy
 
 reproduce: install
 	$(BIN)/visrec reproduce $(DATA) --config configs/reproduce.toml
+
+bench: install
+	$(BIN)/python benchmarks/train_throughput.py $(DATA)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

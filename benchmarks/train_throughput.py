@@ -13,18 +13,20 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from service.model.acf import ACF
-from service.offline.evaluate import PROTOCOLS, evaluate, holdout_task
+from service.offline.data import load_dataset
+from service.offline.evaluate import PROTOCOLS, evaluate, holdout_task, validation_task
+from service.offline.features import extract_features
 from service.offline.pipeline import prepare
 from service.offline.runtime import keep_freed_memory
 from service.offline.sampling import Batch, build_samples, epoch_batches
 from service.offline.train import TrainConfig, bpr_loss, build_model, train
-from service.offline.evaluate import validation_task
 
 
 def tutorial_step(model: ACF, batch: Batch) -> torch.Tensor:
@@ -45,7 +47,10 @@ def our_step(model: ACF, batch: Batch) -> torch.Tensor:
     return bpr_loss(pos, neg)
 
 
-def samples_per_second(step, model: ACF, batches: list[Batch]) -> tuple[float, list[float]]:  # type: ignore[no-untyped-def]
+Step = Callable[[ACF, Batch], torch.Tensor]
+
+
+def samples_per_second(step: Step, model: ACF, batches: list[Batch]) -> tuple[float, list[float]]:
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     losses = []
     step(model, batches[0]).backward()  # warm-up, not timed
@@ -68,36 +73,56 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=6)
     args = parser.parse_args()
     keep_freed_memory()
-    features = args.features or Path("runs") / args.data.resolve().name / "features-efficientnet_lite0"
+    features = (
+        args.features or Path("runs") / args.data.resolve().name / "features-efficientnet_lite0"
+    )
+    dataset = load_dataset(args.data)
+    extract_features(dataset.item_ids.tolist(), list(dataset.image_paths), features)  # once
     prepared = prepare(args.data, features)
     config = TrainConfig(epochs=1)
     split = prepared.split
     samples = build_samples(split.train_sequences(), n_items=split.n_items, profile_size=9)
-    batches = list(epoch_batches(samples, config.batch_size, np.random.default_rng(0)))
+    rng = np.random.default_rng(0)
+    batches = list(epoch_batches(samples, config.batch_size, rng, run=config.sample_run))
     batches = batches[: args.batches + 1]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {config.batch_size}, "
-          f"{split.n_items} items x 49 x {prepared.features.shape[2]}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {config.batch_size}, "
+        f"{split.n_items} items x 49 x {prepared.features.shape[2]}"
+    )
 
     rates = {}
     for name, step in (("tutorial", tutorial_step), ("ours", our_step)):
         model = build_model(config, split, prepared.features)
         assert isinstance(model, ACF)
         rates[name], losses = samples_per_second(step, model, batches)
-        print(f"{name:9s} {rates[name]:9.0f} samples/s  (losses {losses[0]:.5f} .. {losses[-1]:.5f})")
+        print(
+            f"{name:9s} {rates[name]:9.0f} samples/s  (losses {losses[0]:.5f} .. {losses[-1]:.5f})"
+        )
     print(f"speed-up: {rates['ours'] / rates['tutorial']:.1f}x")
 
     model = build_model(config, split, prepared.features)
     started = time.perf_counter()
-    result = train(model, samples, validation_task(split), config, device=torch.device("cpu"),
-                   rng=np.random.default_rng(0), progress=False)
+    result = train(
+        model,
+        samples,
+        validation_task(split),
+        config,
+        device=torch.device("cpu"),
+        rng=np.random.default_rng(0),
+        progress=False,
+    )
     epoch = result.history[0]
-    print(f"one epoch of {len(samples.users)} samples: {epoch['seconds']:.1f} s "
-          f"(with validation {time.perf_counter() - started:.1f} s)")
+    print(
+        f"one epoch of {len(samples.users)} samples: {epoch['seconds']:.1f} s "
+        f"(with validation {time.perf_counter() - started:.1f} s)"
+    )
     for protocol in PROTOCOLS:
         started = time.perf_counter()
         evaluate(result.model, holdout_task(split, protocol), device=torch.device("cpu"))  # type: ignore[arg-type]
-        print(f"evaluation, {protocol}: {len(split.test_users)} users x {split.n_items} items "
-              f"in {time.perf_counter() - started:.2f} s")
+        print(
+            f"evaluation, {protocol}: {len(split.test_users)} users x {split.n_items} items "
+            f"in {time.perf_counter() - started:.2f} s"
+        )
 
 
 if __name__ == "__main__":

@@ -177,3 +177,16 @@ def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path: Path) -> None:
         load_checkpoint(tmp_path / "x.pt")
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_overlapping_profiles_of_one_user_match_one_at_a_time(model: ACF) -> None:
+    """Distinct (user, item) pairs are computed once per batch; that must not change results."""
+    users = torch.tensor([1, 1, 1, 2, 1])
+    profiles = torch.tensor([[3, 5, 7, 0], [5, 7, 9, 0], [7, 9, 11, 3], [3, 5, 7, 0], [0, 0, 0, 0]])
+    tables = model.catalogue_tables()
+    batched = model.attend(users, profiles, tables)
+    for i in range(len(users)):
+        single = model.attend(users[i : i + 1], profiles[i : i + 1], tables)
+        torch.testing.assert_close(single.user[0], batched.user[i])
+        torch.testing.assert_close(single.item_attention[0], batched.item_attention[i])
+        torch.testing.assert_close(single.component_attention[0], batched.component_attention[i])

@@ -61,3 +61,22 @@ def test_same_seed_same_batches() -> None:
 def test_a_user_who_saw_everything_is_refused() -> None:
     with pytest.raises(ValueError, match="every item"):
         build_samples([np.array([1, 2])], n_items=2, profile_size=2)
+
+
+def test_runs_keep_consecutive_samples_of_a_user_together() -> None:
+    seqs = [np.arange(1, 41), np.arange(1, 8), np.arange(3, 30)]
+    samples = build_samples(seqs, n_items=50, profile_size=9)
+    batches = list(epoch_batches(samples, 1000, np.random.default_rng(0), run=8))
+    users = np.concatenate([b.users for b in batches])
+    positives = np.concatenate([b.positives for b in batches])
+    # still one visit per sample
+    assert sorted(zip(users.tolist(), positives.tolist(), strict=True)) == sorted(
+        (u, i) for u, s in enumerate(seqs) for i in s.tolist()
+    )
+    # runs of 8 consecutive positions (the last run of a user may be shorter), in time order
+    starts = np.flatnonzero(np.r_[True, (users[1:] != users[:-1]) | (np.diff(positives) != 1)])
+    lengths = np.diff(np.r_[starts, len(users)])
+    assert set(lengths.tolist()) <= {8, 7, 3}  # 40 = 5x8, 7 = 7, 27 = 3x8 + 3
+    assert (lengths == 8).sum() == 8
+    # and the runs are shuffled across users
+    assert len(np.unique(users[starts][:4])) > 1

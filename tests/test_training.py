@@ -144,6 +144,8 @@ def test_command_line_end_to_end(
     assert loaded.train_config["tied"] is False and loaded.config.item_term is True
     assert loaded.config.feature_dim == 1280
     assert loaded.features["backbone"] == "mobilenet_v2"
+    assert sum(loaded.item_popularity) == len(prepared.split.train_items)
+    assert len(loaded.item_popularity) == len(loaded.item_ids)
     features, meta = load_features(feats)
     model = loaded.build_model(features, inputs_hash=meta.inputs_hash, item_ids=meta.item_ids)
     table = evaluate(model, holdout_task(prepared.split, "standard"), device=CPU)

@@ -135,9 +135,7 @@ class ACF(nn.Module):
         rows = profiles if rows is None else rows
         mask = profiles != PAD  # (B, L)
         u = self.user_embedding(users)  # (B, D)
-        x = _gather(tables.reduced, rows)  # (B, L, K, D)
-        beta = self._component_attention(u, _gather(tables.keys, rows))  # (B, L, K)
-        x_bar = (beta.unsqueeze(-2) @ x).squeeze(-2)  # (B, L, D)
+        beta, x_bar = self._pool_components(users, u, tables, rows)  # (B, L, K), (B, L, D)
         p = self.profile_embedding(profiles)  # (B, L, D)
         h = self.item_user(u).unsqueeze(1) + self.item_profile(p) + self.item_component(x_bar)
         if self.item_self is not None:
@@ -146,14 +144,36 @@ class ACF(nn.Module):
         user = u + (alpha.unsqueeze(-2) @ p).squeeze(-2)  # (B, D)
         return Attended(user, alpha, beta * mask.unsqueeze(-1))
 
-    def _component_attention(self, u: Tensor, keys: Tensor) -> Tensor:
-        """u (B, D), keys (B, L, K, A) -> softmax weights over K, (B, L, K)."""
-        b, l_, k, _ = keys.shape
+    def _pool_components(
+        self, users: Tensor, u: Tensor, tables: ItemTables, rows: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Component attention and pooled components ``x̄`` of every profile slot.
+
+        Both depend only on the (user, item) pair, so each distinct pair in the batch is
+        computed once: when a batch holds consecutive samples of a user, whose profiles are
+        sliding windows over the same items, this is several times less work than per slot.
+        Returns beta (B, L, K) and x̄ (B, L, D).
+        """
+        b, l_ = rows.shape
+        pair_keys = users[:, None] * len(tables.reduced) + rows  # (B, L)
+        _, inverse = torch.unique(pair_keys, return_inverse=True)  # (B, L) -> 0..P-1
+        slots = torch.arange(b * l_, device=rows.device)
+        first = torch.full((int(inverse.max()) + 1,), b * l_, device=rows.device)
+        first = first.scatter_reduce(0, inverse.flatten(), slots, reduce="amin")  # (P,)
+        pair_rows, pair_u = rows.flatten()[first], u[first // l_]  # (P,), (P, D)
+        x = tables.reduced.index_select(0, pair_rows)  # (P, K, D)
         if self.config.component_pool == "mean":
-            return keys.new_full((b, l_, k), 1.0 / k)
-        query = self.comp_user(u)[:, None, None, :]  # (B, 1, 1, A)
-        logits = self.comp_out(F.relu(keys + query)).squeeze(-1)  # (B, L, K)
-        return torch.softmax(logits, dim=-1)
+            beta = x.new_full(x.shape[:2], 1.0 / x.shape[1])  # (P, K)
+        else:
+            query = self.comp_user(pair_u)[:, None, :]  # (P, 1, A)
+            keys = tables.keys.index_select(0, pair_rows)  # (P, K, A)
+            beta = torch.softmax(self.comp_out(F.relu(keys + query)).squeeze(-1), dim=-1)
+        x_bar = (beta.unsqueeze(1) @ x).squeeze(1)  # (P, D)
+        slot_pairs = inverse.flatten()  # index_select: its backward is a fast index_add
+        return (
+            beta.index_select(0, slot_pairs).view(b, l_, -1),
+            x_bar.index_select(0, slot_pairs).view(b, l_, -1),
+        )
 
     # --- scoring ---------------------------------------------------------------------------
     def item_vectors(self) -> Tensor:
@@ -185,13 +205,6 @@ class ACF(nn.Module):
         """(B, N) scores of items 1..N."""
         user = self.attend(users, profiles, self.catalogue_tables()).user
         return self.query_vectors(user) @ self.item_vectors().T
-
-
-def _gather(table: Tensor, rows: Tensor) -> Tensor:
-    """``table[rows]`` for a (M, ...) table and (B, L) rows; index_select's backward is an
-    index_add, several times faster on CPU than advanced indexing's index_put."""
-    picked = table.flatten(1).index_select(0, rows.flatten())  # (B*L, prod(...))
-    return picked.view(*rows.shape, *table.shape[1:])
 
 
 def _masked_softmax(logits: Tensor, mask: Tensor) -> Tensor:

@@ -34,6 +34,7 @@ class Checkpoint:
     user_ids: list[int]  # raw id of user index u
     item_ids: list[int]  # raw id of item index i + 1
     features: dict[str, Any]  # backbone, input_size, feature_dim, inputs_hash
+    item_popularity: list[int] = field(default_factory=list)  # training interactions per item
     train_config: dict[str, Any] = field(default_factory=dict)
     validation: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)

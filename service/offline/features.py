@@ -38,6 +38,7 @@ from service.offline.backbones import (
     load_backbone,
     weights_identity,
 )
+from service.offline.runtime import bar_interval
 
 logger = logging.getLogger(__name__)
 
@@ -253,7 +254,12 @@ def _run_batches(
     row = start
     with (
         tqdm(
-            total=len(image_paths), initial=start, unit="img", disable=not progress, desc="features"
+            total=len(image_paths),
+            initial=start,
+            unit="img",
+            disable=not progress,
+            desc="features",
+            mininterval=bar_interval(),
         ) as bar,
         torch.inference_mode(),
     ):

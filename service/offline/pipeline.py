@@ -79,6 +79,7 @@ def to_checkpoint(prepared: Prepared, result: TrainResult, config: TrainConfig) 
     if not isinstance(model, ACF):
         raise PipelineError(f"only ACF models are checkpointed for serving, not {config.model}")
     meta = prepared.meta
+    counts = np.bincount(prepared.split.train_items, minlength=prepared.split.n_items + 1)
     return Checkpoint(
         config=model.config,
         state={k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -90,6 +91,7 @@ def to_checkpoint(prepared: Prepared, result: TrainResult, config: TrainConfig) 
             "feature_dim": meta.feature_dim,
             "inputs_hash": meta.inputs_hash,
         },
+        item_popularity=counts[1:].tolist(),
         train_config=asdict(config),
         validation=result.validation,
         history=result.history,

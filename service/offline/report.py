@@ -75,6 +75,7 @@ def results_markdown(
     summary: Summary,
     diffs: Summary,
     runs: Sequence[ModelRun],
+    defaults: Mapping[str, Any],
     notes: Sequence[str],
 ) -> str:
     lines = [f"# Results on `{dataset}`", "", *notes, ""]
@@ -109,15 +110,23 @@ def results_markdown(
         for name, table in diffs[protocol].items():
             lines.append(f"| {name} | " + " | ".join(_cell(table[k]) for k in DIFF_METRICS) + " |")
         lines.append("")
+    shared = ", ".join(f"{k}={v}" for k, v in defaults.items() if k != "model")
     lines += [
         "## Training runs",
         "",
-        "| model | best epoch | wall time (s) | config |",
-        "|---|---|---|---|",
+        f"Defaults: {shared}. Each run lists what it changes.",
+        "",
+        "| model | best epoch | epochs run | wall time (s) | settings changed |",
+        "|---|---|---|---|---|",
     ]
     for run in runs:
-        cfg = ", ".join(f"{k}={v}" for k, v in run.config.items())
-        lines.append(f"| {run.name} | {run.best_epoch} | {run.seconds:.1f} | {cfg} |")
+        changed = ", ".join(
+            f"{k}={v}" for k, v in run.config.items() if k != "model" and v != defaults.get(k)
+        )
+        lines.append(
+            f"| {run.name} | {run.best_epoch} | {len(run.history)} | {run.seconds:.1f} | "
+            f"{changed or '-'} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -6,7 +6,7 @@ import json
 import logging
 import time
 import tomllib
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +86,7 @@ def reproduce(
         result = fit(prepared, config, device=device)
         runs.append(
             ModelRun(
-                name, _changed(config), time.perf_counter() - t0, result.best_epoch, result.history
+                name, asdict(config), time.perf_counter() - t0, result.best_epoch, result.history
             )
         )
         models[name] = result.model
@@ -131,7 +131,14 @@ def reproduce(
     notes = _notes(prepared.split.n_users, prepared.split.n_items, plan, timings, device)
     (docs_dir / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
     (docs_dir / "results.md").write_text(
-        results_markdown(dataset=name, summary=summary, diffs=diffs, runs=runs, notes=notes)
+        results_markdown(
+            dataset=name,
+            summary=summary,
+            diffs=diffs,
+            runs=runs,
+            defaults=asdict(TrainConfig()),
+            notes=notes,
+        )
     )
     return payload
 
@@ -148,12 +155,6 @@ def _differences(
         for m, t in tables.items()
         if m != "acf"
     }
-
-
-def _changed(config: TrainConfig) -> dict[str, Any]:
-    """The settings of a run that differ from the defaults (the model name always)."""
-    default = asdict(replace(TrainConfig(), model=config.model))
-    return {k: v for k, v in asdict(config).items() if k == "model" or v != default[k]}
 
 
 def _notes(

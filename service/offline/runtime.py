@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import sys
 
 import torch
 
@@ -31,6 +32,11 @@ def keep_freed_memory() -> None:
         ok = 0
     if not ok:
         log.debug("mallopt not available; keeping the default allocator settings")
+
+
+def bar_interval() -> float:
+    """Seconds between progress-bar refreshes: live on a terminal, sparse in a log file."""
+    return 0.1 if sys.stderr.isatty() else 10.0
 
 
 def pick_device(name: str = "auto") -> torch.device:

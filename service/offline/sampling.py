@@ -75,9 +75,28 @@ def sample_negatives(users: np.ndarray, samples: Samples, rng: np.random.Generat
     return negatives
 
 
-def epoch_batches(samples: Samples, batch_size: int, rng: np.random.Generator) -> Iterator[Batch]:
-    """One epoch: every sample once, shuffled without replacement, with fresh negatives."""
-    order = rng.permutation(len(samples.users))
+def _shuffled_runs(users: np.ndarray, run: int, rng: np.random.Generator) -> np.ndarray:
+    """A permutation of range(len(users)) that keeps runs of ``run`` consecutive samples of a
+    user together (samples are stored user by user) and shuffles the runs."""
+    if run <= 1:
+        return rng.permutation(len(users))
+    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])  # first sample of each user
+    position = np.arange(len(users)) - np.repeat(starts, np.diff(np.r_[starts, len(users)]))
+    _, run_id = np.unique(users * (position.max() + 1) + position // run, return_inverse=True)
+    rank = rng.permutation(run_id.max() + 1)
+    return np.argsort(rank[run_id], kind="stable")
+
+
+def epoch_batches(
+    samples: Samples, batch_size: int, rng: np.random.Generator, *, run: int = 1
+) -> Iterator[Batch]:
+    """One epoch: every sample once, shuffled without replacement, with fresh negatives.
+
+    With ``run`` > 1, what is shuffled are runs of up to ``run`` consecutive samples of one user
+    (their profiles are overlapping windows), so a batch holds fewer distinct (user, item)
+    pairs and ACF computes its component attention for each pair once.
+    """
+    order = _shuffled_runs(samples.users, run, rng)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         users = samples.users[idx]
