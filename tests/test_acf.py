@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from service.model.acf import ACF, PAD, ACFConfig
+from service.model.acf import ACF, PAD, UNKNOWN_USER, ACFConfig
 from service.model.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -190,3 +190,14 @@ def test_overlapping_profiles_of_one_user_match_one_at_a_time(model: ACF) -> Non
         torch.testing.assert_close(single.user[0], batched.user[i])
         torch.testing.assert_close(single.item_attention[0], batched.item_attention[i])
         torch.testing.assert_close(single.component_attention[0], batched.component_attention[i])
+
+
+def test_an_unknown_user_is_their_profile_alone(model: ACF) -> None:
+    tables = model.catalogue_tables()
+    unknown = torch.tensor([UNKNOWN_USER, UNKNOWN_USER, 0])
+    profiles = torch.tensor([[3, 5, 0], [0, 0, 0], [3, 5, 0]])
+    out = model.attend(unknown, profiles, tables)
+    assert torch.all(out.user[1] == 0)  # no embedding, no profile: nothing to go on
+    expected = (out.item_attention[0].unsqueeze(-1) * model.profile_embedding(profiles[0])).sum(0)
+    torch.testing.assert_close(out.user[0], expected)
+    assert not torch.allclose(out.user[0], out.user[2])  # user 0's own embedding counts

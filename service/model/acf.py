@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 PAD = 0  # item index 0 is padding; real items are 1..N
+UNKNOWN_USER = -1  # user index of someone the model has no embedding for
 
 
 @dataclass(frozen=True)
@@ -129,12 +130,13 @@ class ACF(nn.Module):
     ) -> Attended:
         """User vectors with both attentions.
 
-        users (B,), profiles (B, L) item indices with PAD for empty slots; ``rows`` (B, L)
+        users (B,) (``UNKNOWN_USER`` allowed), profiles (B, L) item indices with PAD for empty
+        slots; ``rows`` (B, L)
         are the rows of ``tables`` holding each profile item (default: the item index).
         """
         rows = profiles if rows is None else rows
         mask = profiles != PAD  # (B, L)
-        u = self.user_embedding(users)  # (B, D)
+        u = self.user_vectors(users)  # (B, D)
         beta, x_bar = self._pool_components(users, u, tables, rows)  # (B, L, K), (B, L, D)
         p = self.profile_embedding(profiles)  # (B, L, D)
         h = self.item_user(u).unsqueeze(1) + self.item_profile(p) + self.item_component(x_bar)
@@ -143,6 +145,13 @@ class ACF(nn.Module):
         alpha = _masked_softmax(self.item_out(F.relu(h)).squeeze(-1), mask)  # (B, L)
         user = u + (alpha.unsqueeze(-2) @ p).squeeze(-2)  # (B, D)
         return Attended(user, alpha, beta * mask.unsqueeze(-1))
+
+    def user_vectors(self, users: Tensor) -> Tensor:
+        """(B,) user indices -> (B, D) embeddings; ``UNKNOWN_USER`` (a user the model was not
+        trained on) gets a zero vector, so their vector comes from their profile alone."""
+        known = users != UNKNOWN_USER
+        u = self.user_embedding(users.clamp(min=0))
+        return u * known.unsqueeze(-1)
 
     def _pool_components(
         self, users: Tensor, u: Tensor, tables: ItemTables, rows: Tensor
@@ -155,7 +164,7 @@ class ACF(nn.Module):
         Returns beta (B, L, K) and x̄ (B, L, D).
         """
         b, l_ = rows.shape
-        pair_keys = users[:, None] * len(tables.reduced) + rows  # (B, L)
+        pair_keys = (users[:, None] + 1) * len(tables.reduced) + rows  # (B, L); users >= -1
         _, inverse = torch.unique(pair_keys, return_inverse=True)  # (B, L) -> 0..P-1
         slots = torch.arange(b * l_, device=rows.device)
         first = torch.full((int(inverse.max()) + 1,), b * l_, device=rows.device)

@@ -52,7 +52,7 @@ class TrainConfig:
     item_term: bool = False
     item_bias: bool = True
     score_scale: float | None = 1.0  # None: 1 / dim, as in the tutorial
-    patience: int = 5  # stop after this many epochs without a better validation nDCG@20
+    patience: int = 10  # stop after this many epochs without a better validation nDCG@20
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -233,7 +233,7 @@ def _run_epoch(
         optimizer.step()
         total += loss.item() * len(batch.users)
         seen += len(batch.users)
-        bar.set_postfix(loss=f"{total / seen:.4f}")
+        bar.set_postfix(loss=f"{total / seen:.4f}", refresh=False)
     return total / seen
 
 
