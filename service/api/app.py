@@ -1,0 +1,182 @@
+"""The HTTP service: an app factory whose lifespan loads the model, index and profile store."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from service.api.schemas import (
+    MAX_K,
+    ExplainResponse,
+    HistoryRequest,
+    InteractionsRequest,
+    InteractionsResponse,
+    ProfileItem,
+    Ready,
+    RecommendResponse,
+    ScoredItem,
+)
+from service.config import Settings
+from service.model.checkpoint import load_checkpoint
+from service.offline.features import load_features
+from service.offline.runtime import pick_device
+from service.recommender import (
+    Query as RecQuery,
+)
+from service.recommender import (
+    Recommendation,
+    Recommender,
+    UnknownItemsError,
+    load_recommender,
+)
+from service.store.profiles import Interaction, MemoryProfileStore, ProfileStore, RedisProfileStore
+
+
+@dataclass
+class State:
+    engine: Recommender
+    store: ProfileStore
+    store_name: str
+
+
+def _load(settings: Settings) -> Recommender:
+    device = pick_device(settings.device)
+    features, meta = load_features(settings.features)
+    ckpt = load_checkpoint(settings.checkpoint, map_location=device)
+    return load_recommender(
+        ckpt,
+        features,
+        inputs_hash=meta.inputs_hash,
+        item_ids=meta.item_ids,
+        device=device,
+        index=settings.index,
+    )
+
+
+def create_app(
+    settings: Settings, *, profiles: Mapping[str, Sequence[int]] | None = None
+) -> FastAPI:
+    """``profiles``: histories (raw item ids, oldest first) loaded into the store at start-up."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
+        engine = await run_in_threadpool(_load, settings)
+        if settings.redis_url:
+            store: ProfileStore = RedisProfileStore.from_url(
+                settings.redis_url, prefix=settings.redis_prefix
+            )
+            name = "redis"
+        else:
+            store, name = MemoryProfileStore(), "memory"
+        if profiles:
+            await store.load(profiles)
+        try:
+            yield {"app_state": State(engine, store, name)}
+        finally:
+            await store.close()
+
+    app = FastAPI(title="visrec", lifespan=lifespan)
+    _routes(app)
+
+    @app.exception_handler(UnknownItemsError)
+    async def unknown_items(request: Request, exc: UnknownItemsError) -> JSONResponse:
+        return JSONResponse(
+            status_code=422, content={"detail": str(exc), "unknown_item_ids": exc.items}
+        )
+
+    return app
+
+
+def _state(request: Request) -> State:
+    state: State = request.state.app_state
+    return state
+
+
+StateDep = Annotated[State, Depends(_state)]
+
+
+def _response(user_id: str | None, rec: Recommendation, version: str) -> RecommendResponse:
+    items = [ScoredItem(item_id=i, score=s) for i, s in zip(rec.items, rec.scores, strict=True)]
+    return RecommendResponse(
+        user_id=user_id, items=items, model_version=version, fallback=rec.fallback
+    )
+
+
+def _routes(app: FastAPI) -> None:
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", response_model=Ready)
+    async def readyz(state: StateDep) -> Ready | JSONResponse:
+        store_ok = await state.store.ping()
+        ready = Ready(
+            ready=store_ok,
+            model_version=state.engine.version,
+            items=len(state.engine.item_ids),
+            index=state.engine.index.kind,
+            store=f"{state.store_name}: {'ok' if store_ok else 'unreachable'}",
+        )
+        return ready if store_ok else JSONResponse(status_code=503, content=ready.model_dump())
+
+    @app.get("/recommend/{user_id}", response_model=RecommendResponse)
+    async def recommend_user(
+        user_id: str,
+        state: StateDep,
+        k: Annotated[int, Query(ge=1, le=MAX_K)] = 20,
+        offset: Annotated[int, Query(ge=0, le=MAX_K)] = 0,
+        exclude_seen: bool = True,
+    ) -> RecommendResponse:
+        (history,) = await state.store.recent([user_id])
+        seen = (await state.store.seen([user_id]))[0] if exclude_seen else set()
+        query = RecQuery(user_id, history, seen, k, offset)
+        (rec,) = await run_in_threadpool(state.engine.recommend, [query])
+        return _response(user_id, rec, state.engine.version)
+
+    @app.post("/recommend", response_model=RecommendResponse)
+    async def recommend_history(body: HistoryRequest, state: StateDep) -> RecommendResponse:
+        unknown = state.engine.unknown_items(body.history)
+        if unknown:
+            raise UnknownItemsError(unknown)
+        seen = set(body.history) if body.exclude_seen else set()
+        query = RecQuery(None, body.history, seen, body.k, body.offset)
+        (rec,) = await run_in_threadpool(state.engine.recommend, [query])
+        return _response(None, rec, state.engine.version)
+
+    @app.post("/interactions", response_model=InteractionsResponse)
+    async def interactions(body: InteractionsRequest, state: StateDep) -> InteractionsResponse:
+        unknown = state.engine.unknown_items([e.item_id for e in body.events])
+        if unknown:  # nothing of the batch is applied
+            raise UnknownItemsError(unknown)
+        events = [Interaction(e.user_id, e.item_id, e.timestamp, e.event_id) for e in body.events]
+        applied = await state.store.add(events)
+        return InteractionsResponse(received=len(events), applied=applied)
+
+    @app.get("/explain/{user_id}", response_model=ExplainResponse)
+    async def explain(user_id: str, item_id: int, state: StateDep) -> ExplainResponse:
+        (history,) = await state.store.recent([user_id])
+        if state.engine.unknown_items([item_id]):
+            raise HTTPException(422, f"unknown item id: {item_id}")
+        why = await run_in_threadpool(state.engine.explain, user_id, history, item_id)
+        profile = [
+            ProfileItem(item_id=raw, attention=float(a), components=c.tolist())
+            for raw, a, c in zip(
+                state.engine.raw_ids(why.profile),
+                why.item_attention,
+                why.component_attention,
+                strict=True,
+            )
+        ]
+        return ExplainResponse(
+            user_id=user_id,
+            item_id=item_id,
+            score=why.score,
+            profile=profile,
+            model_version=state.engine.version,
+        )

@@ -1,0 +1,137 @@
+"""Online recommendation logic, independent of the web framework.
+
+Ids at this boundary are the dataset's raw ids (users as strings, so brand-new users need no
+registration); the model's indices stay inside.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from service.index.item_index import IndexKind, ItemIndex
+from service.model.acf import PAD, UNKNOWN_USER
+from service.model.checkpoint import Checkpoint
+from service.model.serving import Explanation, ServingModel
+
+
+@dataclass(frozen=True)
+class Query:
+    user_id: str | None  # None: an anonymous history
+    history: Sequence[int]  # raw item ids, oldest first; only the last `profile_size` count
+    exclude: Collection[int]  # raw item ids never to return
+    k: int
+    offset: int = 0
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    items: list[int]  # raw item ids, best first
+    scores: list[float]
+    fallback: bool  # popular items: nothing was known about the user
+
+
+class UnknownItemsError(ValueError):
+    def __init__(self, items: Sequence[int]) -> None:
+        super().__init__(f"unknown item id(s): {', '.join(map(str, items))}")
+        self.items = list(items)
+
+
+class Recommender:
+    def __init__(
+        self,
+        ckpt: Checkpoint,
+        serving: ServingModel,
+        *,
+        index: IndexKind = "flat",
+        profile_size: int = 9,
+        version: str = "",
+    ) -> None:
+        self.serving = serving
+        self.index = ItemIndex(serving.item_vectors, kind=index)
+        self.profile_size = profile_size
+        self.version = version or ckpt.code_version
+        self.item_ids = np.asarray(ckpt.item_ids, dtype=np.int64)
+        self._item_index = {int(raw): i + 1 for i, raw in enumerate(ckpt.item_ids)}
+        self._user_index = {str(raw): u for u, raw in enumerate(ckpt.user_ids)}
+        counts = np.asarray(ckpt.item_popularity or np.zeros(len(ckpt.item_ids)))
+        self._popular = np.argsort(-counts, kind="stable") + 1  # item indices, most popular first
+        self._popularity = counts
+
+    def unknown_items(self, raw_ids: Collection[int]) -> list[int]:
+        return sorted({i for i in raw_ids if i not in self._item_index})
+
+    def recommend(self, queries: Sequence[Query]) -> list[Recommendation]:
+        """One attention forward and one index search for the whole batch."""
+        users = np.array([self._user(q.user_id) for q in queries], dtype=np.int64)
+        profiles = np.stack([self._profile(q.history) for q in queries])
+        personal = (users != UNKNOWN_USER) | (profiles != PAD).any(axis=1)
+        out: list[Recommendation | None] = [None] * len(queries)
+        rows = np.flatnonzero(personal).tolist()
+        if len(rows):
+            vectors = self.serving.queries(users[rows], profiles[rows])
+            # one search deep enough for every page in the batch, then each query's slice
+            depth = max(queries[r].k + queries[r].offset for r in rows)
+            hits = self.index.search(
+                vectors, depth, exclude=[self._indices(queries[r].exclude) for r in rows]
+            )
+            for j, r in enumerate(rows):
+                page = slice(queries[r].offset, queries[r].offset + queries[r].k)
+                items, scores = hits.items[j][page], hits.scores[j][page]
+                keep = items > 0
+                out[r] = Recommendation(
+                    self.raw_ids(items[keep]), scores[keep].tolist(), fallback=False
+                )
+        for r in np.flatnonzero(~personal).tolist():
+            out[r] = self._popular_answer(queries[r])
+        return [o for o in out if o is not None]
+
+    def explain(self, user_id: str | None, history: Sequence[int], item: int) -> Explanation:
+        unknown = self.unknown_items([item, *history])
+        if unknown:
+            raise UnknownItemsError(unknown)
+        profile = self._profile(history)
+        return self.serving.explain(self._user(user_id), profile.tolist(), self._item_index[item])
+
+    def raw_ids(self, indices: np.ndarray) -> list[int]:
+        return self.item_ids[np.asarray(indices) - 1].tolist()
+
+    def _user(self, user_id: str | None) -> int:
+        return self._user_index.get(user_id, UNKNOWN_USER) if user_id is not None else UNKNOWN_USER
+
+    def _profile(self, history: Sequence[int]) -> np.ndarray:
+        """Last ``profile_size`` known items, PAD on the left (unknown ids are ignored)."""
+        known = [self._item_index[i] for i in history if i in self._item_index]
+        out = np.full(self.profile_size, PAD, dtype=np.int64)
+        tail = known[-self.profile_size :]
+        out[self.profile_size - len(tail) :] = tail
+        return out
+
+    def _indices(self, raw_ids: Collection[int]) -> set[int]:
+        return {self._item_index[i] for i in raw_ids if i in self._item_index}
+
+    def _popular_answer(self, query: Query) -> Recommendation:
+        excluded = self._indices(query.exclude)
+        ranked = [i for i in self._popular.tolist() if i not in excluded]
+        page = np.array(ranked[query.offset : query.offset + query.k], dtype=np.int64)
+        return Recommendation(
+            self.raw_ids(page) if len(page) else [],
+            self._popularity[page - 1].astype(float).tolist() if len(page) else [],
+            True,
+        )
+
+
+def load_recommender(
+    checkpoint: Checkpoint,
+    features: np.ndarray,
+    *,
+    inputs_hash: str,
+    item_ids: Sequence[int],
+    device: torch.device,
+    index: IndexKind = "flat",
+) -> Recommender:
+    model = checkpoint.build_model(features, inputs_hash=inputs_hash, item_ids=item_ids)
+    return Recommender(checkpoint, ServingModel(model, device=device), index=index)

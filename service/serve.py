@@ -1,0 +1,87 @@
+"""``visrec-serve``: serve a dataset folder, or with none a built-in synthetic world.
+
+Whatever is missing is made first (features, then a trained checkpoint), so on a fresh machine
+one command goes from nothing to a running service.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import uvicorn
+
+from service.api.app import create_app
+from service.config import Settings
+from service.model.checkpoint import save_checkpoint
+from service.offline.data import Dataset, load_dataset
+from service.offline.features import extract_features
+from service.offline.pipeline import fit, prepare, to_checkpoint
+from service.offline.runtime import keep_freed_memory, pick_device
+from service.offline.synthetic import WorldSpec, make_world
+from service.offline.train import TrainConfig
+
+log = logging.getLogger("visrec.serve")
+WORLD_CONFIG = TrainConfig(dim=32, attention_dim=32, epochs=15, batch_size=256, lr=1e-2)
+
+
+def histories(dataset: Dataset) -> dict[str, list[int]]:
+    """Every user's raw item ids, oldest first (ties in file order)."""
+    order = np.lexsort((np.arange(len(dataset.users)), dataset.timestamps, dataset.users))
+    out: dict[str, list[int]] = {}
+    for u, i in zip(dataset.users[order].tolist(), dataset.items[order].tolist(), strict=True):
+        out.setdefault(str(dataset.user_ids[u]), []).append(int(dataset.item_ids[i - 1]))
+    return out
+
+
+def prepare_serving(data: Path | None, work: Path, device: torch.device) -> tuple[Path, Path, Path]:
+    """(dataset folder, features folder, checkpoint), building whatever does not exist yet."""
+    config = TrainConfig()
+    if data is None:
+        data, config = work / "world", WORLD_CONFIG
+        if not (data / "items.csv").is_file():
+            log.info("no DATA given: generating the synthetic visual world in %s", data)
+            make_world(data, WorldSpec(n_users=300, n_items=400, interactions_per_user=30))
+    run_dir = work / data.resolve().name
+    features, checkpoint = run_dir / "features-efficientnet_lite0", run_dir / "acf.pt"
+    dataset = load_dataset(data)
+    extract_features(dataset.item_ids.tolist(), list(dataset.image_paths), features, device=device)
+    if not checkpoint.is_file():
+        log.info("no checkpoint at %s: training ACF (%d epochs)", checkpoint, config.epochs)
+        prepared = prepare(data, features)
+        result = fit(prepared, config, device=device)
+        save_checkpoint(checkpoint, to_checkpoint(prepared, result, config))
+    return data, features, checkpoint
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="visrec-serve", description=__doc__)
+    parser.add_argument("data", type=Path, nargs="?", help="dataset folder (default: synthetic)")
+    parser.add_argument("--work-dir", type=Path, default=Path("runs"))
+    parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
+    parser.add_argument("--device", default=os.environ.get("VISREC_DEVICE", "auto"))
+    parser.add_argument(
+        "--load-profiles",
+        action="store_true",
+        help="replace the Redis profiles with the dataset's histories (the in-process store "
+        "always starts from them)",
+    )
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    keep_freed_memory()
+    device = pick_device(args.device)
+    data, features, checkpoint = prepare_serving(args.data, args.work_dir, device)
+    settings = Settings(checkpoint=checkpoint, features=features, device=str(device))
+    # The in-process store starts from the dataset's histories; a Redis store keeps its own.
+    load = args.load_profiles or not settings.redis_url
+    profiles = histories(load_dataset(data)) if load else None
+    uvicorn.run(create_app(settings, profiles=profiles), host=args.host, port=args.port)
+
+
+if __name__ == "__main__":
+    main()

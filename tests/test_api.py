@@ -1,0 +1,166 @@
+"""The HTTP service on the synthetic world, with its lifespan running (in-process store)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from redis import Redis
+
+from service.api.app import create_app
+from service.config import Settings
+from service.model.checkpoint import save_checkpoint
+from service.offline.data import load_dataset
+from service.offline.pipeline import fit, prepare, to_checkpoint
+from service.offline.synthetic import World
+from service.offline.train import TrainConfig
+from service.serve import histories
+
+REDIS = "redis://127.0.0.1:6379/0"
+CONFIG = TrainConfig(dim=16, attention_dim=16, epochs=6, batch_size=128, lr=1e-2)
+
+
+@pytest.fixture(scope="module", params=["memory", "redis"])
+def client(
+    request: pytest.FixtureRequest,
+    world: World,
+    world_features: tuple[Path, np.ndarray],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[TestClient]:
+    prepared = prepare(world.root, world_features[0])
+    result = fit(prepared, CONFIG, device=torch.device("cpu"), progress=False)
+    ckpt = tmp_path_factory.mktemp("serve") / "acf.pt"
+    save_checkpoint(ckpt, to_checkpoint(prepared, result, CONFIG))
+    redis = {"redis_url": REDIS, "redis_prefix": f"test-{uuid.uuid4().hex}"}
+    settings = Settings(
+        checkpoint=ckpt,
+        features=world_features[0],
+        device="cpu",
+        **(redis if request.param == "redis" else {}),
+    )
+    app = create_app(settings, profiles=histories(load_dataset(world.root)))
+    with TestClient(app) as c:
+        yield c
+    if request.param == "redis":
+        client = Redis.from_url(REDIS)
+        keys = list(client.scan_iter(f"{redis['redis_prefix']}:*", count=1000))
+        if keys:
+            client.delete(*keys)
+
+
+def test_health_and_readiness(client: TestClient) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz").json()
+    assert ready["ready"] is True
+    assert ready["items"] == 200
+
+
+def test_recommendations_are_unseen_items_of_the_users_kind(
+    client: TestClient, world: World
+) -> None:
+    hist = histories(load_dataset(world.root))
+    shares = []
+    for user in range(0, 120, 10):
+        body = client.get(f"/recommend/{user}", params={"k": 10}).json()
+        items = [x["item_id"] for x in body["items"]]
+        assert len(items) == 10
+        assert body["fallback"] is False
+        assert not set(items) & set(hist[str(user)])
+        scores = [x["score"] for x in body["items"]]
+        assert scores == sorted(scores, reverse=True)
+        shares.append(np.mean(world.item_kinds[np.array(items) - 1] == world.user_kinds[user]))
+    assert np.mean(shares) > 0.6  # chance is 0.25
+
+
+def test_pages_continue_each_other(client: TestClient) -> None:
+    first = client.get("/recommend/3", params={"k": 10}).json()["items"]
+    second = client.get("/recommend/3", params={"k": 5, "offset": 5}).json()["items"]
+    assert [x["item_id"] for x in second] == [x["item_id"] for x in first[5:]]
+    kept = client.get("/recommend/3", params={"k": 10, "exclude_seen": "false"}).json()["items"]
+    assert [x["item_id"] for x in kept] != [x["item_id"] for x in first]
+
+
+def test_an_unknown_user_gets_popular_items(client: TestClient) -> None:
+    body = client.get("/recommend/nobody-knows-me", params={"k": 7}).json()
+    assert body["fallback"] is True
+    assert len(body["items"]) == 7
+
+
+def test_interactions_are_read_back_at_once(client: TestClient) -> None:
+    events = [{"user_id": "new-user", "item_id": i, "event_id": f"e{i}"} for i in (5, 9, 12)]
+    r = client.post("/interactions", json={"events": events})
+    assert r.status_code == 200
+    assert r.json() == {"received": 3, "applied": 3}
+    again = client.post("/interactions", json={"events": events}).json()
+    assert again["applied"] == 0  # idempotent by event_id
+    body = client.get("/recommend/new-user", params={"k": 20}).json()
+    assert body["fallback"] is False
+    assert not {5, 9, 12} & {x["item_id"] for x in body["items"]}
+    why = client.get("/explain/new-user", params={"item_id": body["items"][0]["item_id"]}).json()
+    assert [p["item_id"] for p in why["profile"]] == [5, 9, 12]
+
+
+def test_unknown_items_reject_the_whole_batch(client: TestClient) -> None:
+    events = [{"user_id": "u-x", "item_id": 3}, {"user_id": "u-x", "item_id": 99999}]
+    r = client.post("/interactions", json={"events": events})
+    assert r.status_code == 422
+    assert r.json()["unknown_item_ids"] == [99999]
+    assert client.get("/recommend/u-x").json()["fallback"] is True  # nothing was applied
+
+
+def test_explanation_attention_sums_to_one(client: TestClient) -> None:
+    item = client.get("/recommend/7", params={"k": 1}).json()["items"][0]
+    why = client.get("/explain/7", params={"item_id": item["item_id"]}).json()
+    assert len(why["profile"]) == 9
+    assert sum(p["attention"] for p in why["profile"]) == pytest.approx(1.0, abs=1e-5)
+    for p in why["profile"]:
+        assert np.array(p["components"]).shape == (7, 7)
+        assert np.sum(p["components"]) == pytest.approx(1.0, abs=1e-4)
+    assert why["score"] == pytest.approx(item["score"], rel=1e-4)
+
+
+def test_an_anonymous_history_is_recommended_for(client: TestClient, world: World) -> None:
+    circles = (np.flatnonzero(world.item_kinds == 0) + 1)[:9].tolist()
+    body = client.post("/recommend", json={"history": circles, "k": 10}).json()
+    items = np.array([x["item_id"] for x in body["items"]])
+    assert not set(items.tolist()) & set(circles)
+    assert np.mean(world.item_kinds[items - 1] == 0) > 0.5
+
+
+@pytest.mark.parametrize(
+    ("method", "url", "kwargs"),
+    [
+        ("get", "/recommend/1", {"params": {"k": 0}}),
+        ("get", "/recommend/1", {"params": {"k": 1001}}),
+        ("get", "/recommend/1", {"params": {"k": "many"}}),
+        ("get", "/recommend/1", {"params": {"offset": -1}}),
+        (
+            "post",
+            "/interactions",
+            {"content": b"{not json", "headers": {"content-type": "application/json"}},
+        ),
+        ("post", "/interactions", {"json": {"events": []}}),
+        ("post", "/interactions", {"json": {"events": [{"user_id": "a", "item_id": "x"}]}}),
+        ("post", "/interactions", {"json": {"events": [{"user_id": "a", "item_id": 1}] * 1001}}),
+        ("post", "/recommend", {"json": {"history": [1, 2, 424242]}}),
+        ("get", "/explain/1", {"params": {"item_id": 424242}}),
+        ("get", "/explain/1", {}),
+    ],
+)
+def test_bad_input_is_a_4xx_with_a_reason(
+    client: TestClient, method: str, url: str, kwargs: dict[str, object]
+) -> None:
+    r = getattr(client, method)(url, **kwargs)
+    assert 400 <= r.status_code < 500
+    assert "detail" in r.json()
+
+
+def test_settings_are_required(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("VISREC_CHECKPOINT", raising=False)
+    with pytest.raises(ValueError, match="checkpoint"):
+        Settings()  # type: ignore[call-arg]

@@ -1,0 +1,444 @@
+"""One suite for both profile stores, the Redis one on a real server (127.0.0.1:6379).
+
+Each Redis test gets its own random key prefix and deletes it afterwards. Tests drive the async
+API with ``asyncio.run`` (no plugin); a Redis client is bound to the loop that first used it, so
+each test opens and closes its store inside that one loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any, Protocol
+
+import numpy as np
+import pytest
+import redis
+import redis.asyncio as aioredis
+from redis.crc import key_slot
+
+from service.store.profiles import (
+    Interaction,
+    MemoryProfileStore,
+    ProfileStore,
+    RedisProfileStore,
+    redis_client,
+    user_keys,
+)
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+HOSTILE_IDS = ["a}b", "a%7Db", "x:{y}", "x:", "", "%", "{", "}", "ü 🙂"]
+
+
+class Runner(Protocol):
+    def __call__(self, scenario: Callable[[Any], Awaitable[None]], **options: Any) -> None: ...
+
+
+class FakeClock:
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def last_distinct(sequence: list[int], n: int = 9) -> list[int]:
+    """Slow reference: items whose occurrence is their last one, in order, then the last n."""
+    return [x for k, x in enumerate(sequence) if x not in sequence[k + 1 :]][-n:]
+
+
+def events(user: str, items: list[int], ids: str | None = None) -> list[Interaction]:
+    """One event per item; ``ids`` names event ids ``{ids}-{k}`` by position."""
+    return [
+        Interaction(user, item, event_id=None if ids is None else f"{ids}-{k}")
+        for k, item in enumerate(items)
+    ]
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="session")
+def redis_up() -> None:
+    # Never skip: a suite that silently skips Redis would pass with the Redis store broken.
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2, socket_timeout=2)
+    try:
+        client.ping()
+    except (redis.RedisError, OSError) as error:
+        pytest.fail(
+            f"these tests need a Redis server at {REDIS_URL} ({error}); start one, e.g. "
+            "`redis-server --save '' --appendonly no`",
+            pytrace=False,
+        )
+    finally:
+        client.close()
+
+
+async def _delete_prefix(client: aioredis.Redis, prefix: str) -> None:
+    keys = [key async for key in client.scan_iter(match=f"{prefix}:*", count=1000)]
+    if keys:
+        await client.delete(*keys)
+
+
+@asynccontextmanager
+async def open_redis(**options: Any) -> AsyncIterator[RedisProfileStore]:
+    prefix = f"test-profiles-{uuid.uuid4().hex[:12]}"
+    store = RedisProfileStore(redis_client(REDIS_URL), prefix=prefix, **options)
+    cleaner = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        yield store
+    finally:
+        await _delete_prefix(cleaner, prefix)
+        await cleaner.aclose()
+        await store.close()
+
+
+@asynccontextmanager
+async def open_memory(**options: Any) -> AsyncIterator[MemoryProfileStore]:
+    store = MemoryProfileStore(**options)
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+def _runner(opener: Callable[..., AbstractAsyncContextManager[Any]]) -> Runner:
+    def run(scenario: Callable[[Any], Awaitable[None]], **options: Any) -> None:
+        async def main() -> None:
+            async with opener(**options) as store:
+                await scenario(store)
+
+        asyncio.run(main())
+
+    return run
+
+
+@pytest.fixture(params=["memory", "redis"])
+def with_store(request: pytest.FixtureRequest) -> Runner:
+    """Runs an async scenario against a fresh store of each kind."""
+    if request.param == "redis":
+        request.getfixturevalue("redis_up")
+        return _runner(open_redis)
+    return _runner(open_memory)
+
+
+@pytest.fixture
+def with_redis(redis_up: None) -> Runner:
+    return _runner(open_redis)
+
+
+# --------------------------------------------------------------------------- the shared contract
+
+
+def test_unknown_user_has_an_empty_profile(with_store: Runner) -> None:
+    async def scenario(store: ProfileStore) -> None:
+        await store.add(events("known", [1]))
+        assert await store.recent(["nobody", "known"]) == [[], [1]]
+        assert await store.seen(["nobody", "known"]) == [set(), {1}]
+        assert await store.recent([]) == []
+        assert await store.seen([]) == []
+        assert await store.add([]) == 0
+
+    with_store(scenario)
+
+
+def test_recent_is_oldest_first_and_capped(with_store: Runner) -> None:
+    async def scenario(store: ProfileStore) -> None:
+        assert await store.add(events("u", list(range(1, 13)))) == 12
+        await store.add(events("short", [30, 10, 20]))
+        assert await store.recent(["u", "short"]) == [list(range(4, 13)), [30, 10, 20]]
+        assert await store.seen(["u"]) == [set(range(1, 13))]
+
+    assert MemoryProfileStore().max_recent == 9
+    with_store(scenario)
+
+
+def test_max_recent_is_configurable(with_store: Runner) -> None:
+    async def scenario(store: ProfileStore) -> None:
+        await store.add(events("u", [1, 2, 3, 4]))
+        await store.load({"v": [5, 6, 7]})
+        assert await store.recent(["u", "v"]) == [[3, 4], [6, 7]]
+
+    with_store(scenario, max_recent=2)
+
+
+def test_reinteraction_moves_the_item_to_newest(with_store: Runner) -> None:
+    async def scenario(store: ProfileStore) -> None:
+        await store.add(events("u", list(range(1, 10))))
+        await store.add(events("u", [1]))  # the oldest comes back: nothing is evicted
+        assert await store.recent(["u"]) == [[2, 3, 4, 5, 6, 7, 8, 9, 1]]
+        await store.add(events("u", [10]))  # so 2, not 1, is the one to go
+        assert await store.recent(["u"]) == [[3, 4, 5, 6, 7, 8, 9, 1, 10]]
+        await store.add(events("u", [7, 3, 7]))  # repeats inside one batch too
+        assert await store.recent(["u"]) == [[4, 5, 6, 8, 9, 1, 10, 3, 7]]
+        assert await store.seen(["u"]) == [set(range(1, 11))]
+
+    with_store(scenario)
+
+
+def test_replayed_event_ids_are_applied_once(with_store: Runner) -> None:
+    batch = [
+        Interaction("a", 1, event_id="e1"),
+        Interaction("b", 2, event_id="e1"),  # the same id for another user is another event
+        Interaction("a", 3, event_id="e2"),
+        Interaction("a", 1, event_id="e3"),
+        Interaction("a", 4, event_id="e2"),  # a retry inside the batch itself
+    ]
+
+    async def scenario(store: ProfileStore) -> None:
+        assert await store.add(batch) == 4
+        before = (await store.recent(["a", "b"]), await store.seen(["a", "b"]))
+        assert before == ([[3, 1], [2]], [{1, 3}, {2}])
+        assert await store.add(batch) == 0
+        assert await store.add(list(reversed(batch))) == 0
+        assert (await store.recent(["a", "b"]), await store.seen(["a", "b"])) == before
+        # Without an id an event cannot be recognised, so it is applied again.
+        assert await store.add([Interaction("a", 3), Interaction("a", 3, event_id="")]) == 2
+        assert await store.recent(["a"]) == [[1, 3]]
+
+    with_store(scenario)
+
+
+def test_event_ids_are_forgotten_after_their_ttl(with_store: Runner) -> None:
+    clock = FakeClock()
+
+    async def scenario(store: ProfileStore) -> None:
+        await store.add([Interaction("u", 1, event_id="e"), Interaction("u", 2)])
+        clock.now += 99
+        assert await store.add([Interaction("u", 1, event_id="e")]) == 0
+        clock.now += 2  # 101 s after the first add
+        assert await store.add([Interaction("u", 1, event_id="e")]) == 1
+        assert await store.recent(["u"]) == [[2, 1]]
+        assert await store.add([Interaction("u", 1, event_id="e")]) == 0  # remembered anew
+
+    with_store(scenario, event_ttl_s=100, clock=clock)
+
+
+def test_events_of_several_users_in_one_call(with_store: Runner) -> None:
+    rng = random.Random(0)
+    users = ["a", "b", "c", "d"]
+    stream = [Interaction(rng.choice(users), rng.randint(1, 15)) for _ in range(300)]
+
+    async def scenario(store: ProfileStore) -> None:
+        await store.add(stream[:100])
+        for k in range(100, 300, 37):  # ragged batches: batch results == one big batch
+            assert await store.add(stream[k : k + 37]) == len(stream[k : k + 37])
+        for user, recent, seen in zip(
+            users, await store.recent(users), await store.seen(users), strict=True
+        ):
+            mine = [e.item_id for e in stream if e.user_id == user]
+            assert recent == last_distinct(mine)
+            assert seen == set(mine)
+
+    with_store(scenario)
+
+
+def test_load_replaces_profiles(with_store: Runner) -> None:
+    rng = random.Random(1)
+    history = [rng.randint(1, 40) for _ in range(100)]  # many re-interactions
+
+    async def scenario(store: ProfileStore) -> None:
+        await store.add(events("a", [500, 501]) + events("kept", [7]))
+        await store.load({"a": history, "b": [], "c": [5, 6, 5]})
+        assert await store.recent(["a", "b", "c", "kept"]) == [
+            last_distinct(history),
+            [],
+            [6, 5],
+            [7],
+        ]
+        assert await store.seen(["a", "b", "c", "kept"]) == [set(history), set(), {5, 6}, {7}]
+        # Loading a history leaves what replaying it event by event leaves.
+        await store.add(events("replayed", history))
+        assert await store.recent(["replayed"]) == await store.recent(["a"])
+
+    with_store(scenario)
+
+
+def test_load_many_users(with_store: Runner) -> None:
+    rng = random.Random(2)
+    histories = {f"user-{u}": [rng.randint(1, 1682) for _ in range(100)] for u in range(1000)}
+    sample = [f"user-{u}" for u in (0, 1, 499, 500, 998, 999)]  # either side of a batch edge
+
+    async def scenario(store: ProfileStore) -> None:
+        await store.load(histories)
+        assert await store.recent(sample) == [last_distinct(histories[u]) for u in sample]
+        assert await store.seen(sample) == [set(histories[u]) for u in sample]
+        assert len(await store.recent(list(histories))) == 1000
+
+    with_store(scenario)
+
+
+def test_concurrent_adds_for_one_user(with_store: Runner) -> None:
+    items = list(range(100, 150))
+
+    async def scenario(store: ProfileStore) -> None:
+        done = asyncio.Event()
+        snapshots = 0
+
+        async def watch() -> None:
+            # No reader may see half an update: an overlong list, a duplicate, or an item
+            # already in `recent` but not yet in `seen`.
+            nonlocal snapshots
+            while not done.is_set():
+                (recent,) = await store.recent(["u"])
+                (seen,) = await store.seen(["u"])
+                assert len(recent) <= 9
+                assert len(set(recent)) == len(recent)
+                assert set(recent) <= seen
+                snapshots += 1
+                await asyncio.sleep(0)
+
+        watcher = asyncio.create_task(watch())
+        # Each event twice, at once: a check-then-write race would apply some twice.
+        calls = [store.add(events("u", [i], ids=f"c{i}")) for i in items for _ in range(2)]
+        applied = await asyncio.gather(*calls)
+        done.set()
+        await watcher
+        assert sum(applied) == len(items)
+        assert snapshots > 0
+        (recent,) = await store.recent(["u"])
+        assert len(recent) == 9
+        assert set(recent) <= set(items)
+        assert await store.seen(["u"]) == [set(items)]
+
+    with_store(scenario)
+
+
+def test_hostile_user_ids_are_distinct_users(with_store: Runner) -> None:
+    async def scenario(store: ProfileStore) -> None:
+        batch = [Interaction(u, k, event_id="e") for k, u in enumerate(HOSTILE_IDS)]
+        assert await store.add(batch) == len(HOSTILE_IDS)
+        assert await store.recent(HOSTILE_IDS) == [[k] for k in range(len(HOSTILE_IDS))]
+        await store.load({"a}b": [40, 41]})
+        assert await store.seen(["a}b", "a%7Db"]) == [{40, 41}, {1}]
+
+    with_store(scenario)
+
+
+def test_numpy_item_ids_are_accepted(with_store: Runner) -> None:
+    async def scenario(store: ProfileStore) -> None:
+        await store.add([Interaction("n", np.int64(5), event_id="e")])  # type: ignore[arg-type]
+        await store.load({"m": np.array([3, 4, 3])})  # type: ignore[dict-item]
+        assert await store.recent(["n", "m"]) == [[5], [4, 3]]
+        assert all(type(i) is int for i in (await store.seen(["m"]))[0])
+
+    with_store(scenario)
+
+
+def test_bad_settings_are_refused() -> None:
+    with pytest.raises(ValueError, match="max_recent"):
+        MemoryProfileStore(max_recent=0)
+    with pytest.raises(ValueError, match="event_ttl_s"):
+        MemoryProfileStore(event_ttl_s=0)
+    client = aioredis.Redis.from_url(REDIS_URL)  # connects lazily: no server needed here
+    with pytest.raises(ValueError, match="braces"):
+        RedisProfileStore(client, prefix="vis{rec}")
+    with pytest.raises(ValueError, match="max_recent"):
+        RedisProfileStore(client, max_recent=0)
+
+
+# --------------------------------------------------------------------------- in-process only
+
+
+def test_memory_store_applies_concurrent_adds_in_call_order() -> None:
+    async def scenario(store: MemoryProfileStore) -> None:
+        items = list(range(50))
+        await asyncio.gather(*(store.add(events("u", [i])) for i in items))
+        assert await store.recent(["u"]) == [items[-9:]]
+
+    _runner(open_memory)(scenario)
+
+
+# --------------------------------------------------------------------------- Redis only
+
+
+def test_redis_keeps_the_last_nine_in_server_order(with_redis: Runner) -> None:
+    """50 adds at once over one pool: `recent` holds the last 9 the server ran, in that order
+    (MONITOR reports commands in the order the server executes them)."""
+    items = list(range(200, 250))
+
+    async def scenario(store: RedisProfileStore) -> None:
+        watcher = aioredis.Redis.from_url(REDIS_URL)
+        recent_key = store.keys("u").recent
+        order: list[int] = []
+        connections: set[str] = set()
+        try:
+            async with watcher.monitor() as monitor:
+                await asyncio.gather(*(store.add(events("u", [i], ids=f"cc{i}")) for i in items))
+                sentinel = f"sentinel-{uuid.uuid4().hex}"
+                await watcher.echo(sentinel)
+                while sentinel not in (line := await monitor.next_command())["command"]:
+                    command = line["command"]
+                    if command.startswith("EVAL") and recent_key in command:
+                        order.append(int(re.findall(r"\bcc(\d+)-0\b", command)[0]))
+                        connections.add(line["client_port"])
+        finally:
+            await watcher.aclose()
+        assert sorted(order) == items
+        assert len(connections) > 1, "the adds did not run concurrently"
+        assert await store.recent(["u"]) == [order[-9:]]
+
+    with_redis(scenario)
+
+
+def test_redis_keys_of_a_user_share_one_slot(with_redis: Runner) -> None:
+    async def scenario(store: RedisProfileStore) -> None:
+        users = ["alice", *HOSTILE_IDS]
+        # Event ids make the third key (the event log) exist too.
+        await store.add([Interaction(u, 1, event_id="e") for u in users])
+        client = aioredis.Redis.from_url(REDIS_URL, decode_responses=True)
+        try:
+            found = {key async for key in client.scan_iter(match=f"{store.prefix}:*")}
+        finally:
+            await client.aclose()
+        expected = [store.keys(u).all for u in users]
+        assert found == {key for keys in expected for key in keys}  # no collisions either
+        for keys in expected:
+            tags = {key.split("{", 1)[1].split("}", 1)[0] for key in keys}  # as Redis reads it
+            assert len(tags) == 1 and next(iter(tags)).startswith("u:")
+            assert len({key_slot(key.encode()) for key in keys}) == 1
+        assert store.keys("alice").recent == f"{store.prefix}:{{u:alice}}:recent"
+
+    with_redis(scenario)
+
+
+def test_user_key_encoding_is_one_to_one() -> None:
+    ids = [*HOSTILE_IDS, "alice", "a", "a:recent", "u:a", "a}:seen"]
+    bases = {user_keys("p", u).recent for u in ids}
+    assert len(bases) == len(ids)
+    for u in ids:
+        body = user_keys("p", u).recent[len("p:{") : -len("}:recent")]
+        assert "{" not in body and "}" not in body
+
+
+def test_redis_memory_per_user(with_redis: Runner) -> None:
+    rng = random.Random(3)
+    histories = {f"m{u}": rng.sample(range(1, 1683), 100) for u in range(20)}
+
+    async def scenario(store: RedisProfileStore) -> None:
+        await store.load(histories)
+        per_user = await store.memory_per_user(list(histories))
+        # 9 recent + 100 seen ids: a few hundred bytes; kilobytes would mean a bloated layout.
+        assert 100 < per_user < 1024
+        assert await store.memory_per_user(["nobody"]) == 0
+        with pytest.raises(ValueError, match="at least one"):
+            await store.memory_per_user([])
+
+    with_redis(scenario)
+
+
+def test_redis_ping(with_redis: Runner) -> None:
+    async def scenario(store: RedisProfileStore) -> None:
+        assert await store.ping()
+        # Port 1 has no server: ping reports it instead of raising.
+        down = RedisProfileStore.from_url("redis://127.0.0.1:1", timeout_s=0.5)
+        try:
+            assert not await down.ping()
+        finally:
+            await down.close()
+
+    with_redis(scenario)
