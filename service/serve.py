@@ -60,7 +60,13 @@ def prepare_serving(data: Path | None, work: Path, device: torch.device) -> tupl
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="visrec-serve", description=__doc__)
-    parser.add_argument("data", type=Path, nargs="?", help="dataset folder (default: synthetic)")
+    parser.add_argument(
+        "data",
+        type=Path,
+        nargs="?",
+        default=Path(os.environ["VISREC_DATA"]) if os.environ.get("VISREC_DATA") else None,
+        help="dataset folder (default: $VISREC_DATA, else the synthetic world)",
+    )
     parser.add_argument("--work-dir", type=Path, default=Path("runs"))
     parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))

@@ -8,7 +8,9 @@ import torch
 
 from service.index.item_index import ItemIndex
 from service.model.acf import ACF, UNKNOWN_USER, ACFConfig
+from service.model.checkpoint import Checkpoint
 from service.model.serving import ServingModel
+from service.recommender import Query, Recommender
 
 N_ITEMS, K, C = 40, 49, 12
 
@@ -59,3 +61,28 @@ def test_an_anonymous_history_is_served(trained: ACF) -> None:
     q = model.queries(np.array([UNKNOWN_USER]), np.array([[3, 7, 0]]))
     assert q.shape == (1, model.item_vectors.shape[1])
     assert np.all(np.isfinite(q))
+
+
+def test_a_batch_of_requests_equals_one_at_a_time(trained: ACF) -> None:
+    ckpt = Checkpoint(
+        config=trained.config,
+        state=trained.state_dict(),
+        user_ids=[10, 11, 12, 13, 14],
+        item_ids=list(range(101, 101 + N_ITEMS)),
+        features={"inputs_hash": "h"},
+        item_popularity=list(range(N_ITEMS)),
+    )
+    engine = Recommender(ckpt, ServingModel(trained, device=torch.device("cpu")))
+    queries = [
+        Query("10", [101, 105, 109], {101, 105, 109, 120}, k=5),
+        Query("12", [130], set(), k=3, offset=4),
+        Query(None, [102, 103], {102, 103}, k=8, offset=1),
+        Query("never-seen", [], set(), k=4, offset=2),  # nothing known: popular items
+    ]
+    batched = engine.recommend(queries)
+    for query, answer in zip(queries, batched, strict=True):
+        assert engine.recommend([query])[0] == answer
+        assert len(answer.items) == query.k
+        assert not set(answer.items) & set(query.exclude)
+    assert [b.fallback for b in batched] == [False, False, False, True]
+    assert batched[3].items == [101 + i for i in (37, 36, 35, 34)]  # most popular, from offset 2

@@ -1,0 +1,68 @@
+"""There is no Docker engine here, so the images and compose file are checked statically."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKERFILES = sorted((ROOT / "docker").glob("Dockerfile.*"))
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    return data
+
+
+def test_there_is_a_cpu_and_a_cuda_image() -> None:
+    assert [p.name for p in DOCKERFILES] == ["Dockerfile.cpu", "Dockerfile.cuda"]
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_images_are_pinned_non_root_and_start_the_service(dockerfile: Path) -> None:
+    text = dockerfile.read_text()
+    bases = re.findall(r"^FROM\s+(\S+)", text, flags=re.M)
+    assert bases
+    for base in bases:
+        assert re.search(r":\d[\w.\-]*$", base), f"{base} is not pinned to a version"
+    users = re.findall(r"^USER\s+(\S+)", text, flags=re.M)
+    assert users and users[-1] not in {"root", "0"}
+    for source in re.findall(r"^COPY\s+(.+)\s+\S+$", text, flags=re.M):
+        for path in source.split():
+            assert (ROOT / path).exists(), f"{dockerfile.name} copies missing {path}"
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    entry = re.search(r'^ENTRYPOINT \["([^"]+)"', text, flags=re.M)
+    assert entry and entry.group(1) in scripts
+
+
+def test_redis_is_healthy_persistent_and_private(compose: dict[str, Any]) -> None:
+    redis = compose["services"]["redis"]
+    assert "ports" not in redis  # only reachable inside the compose network
+    assert "redis-cli" in " ".join(redis["healthcheck"]["test"])
+    assert "--appendonly" in redis["command"]
+    volume = redis["volumes"][0].split(":")[0]
+    assert volume in compose["volumes"]
+    assert not redis["image"].endswith(":latest")
+
+
+@pytest.mark.parametrize("name", ["api", "api-gpu"])
+def test_the_api_waits_for_a_healthy_redis(compose: dict[str, Any], name: str) -> None:
+    api = compose["services"][name]
+    assert api["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert api["environment"]["VISREC_REDIS_URL"].startswith("redis://redis:")
+    assert all(p.startswith("127.0.0.1:") for p in api["ports"])
+    assert (ROOT / api["build"]["dockerfile"]).is_file()
+
+
+def test_the_gpu_service_is_an_opt_in_profile(compose: dict[str, Any]) -> None:
+    gpu = compose["services"]["api-gpu"]
+    assert gpu["profiles"] == ["gpu"]
+    devices = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["capabilities"] == ["gpu"]
+    assert "profiles" not in compose["services"]["api"]
