@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -164,3 +165,18 @@ def test_settings_are_required(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("VISREC_CHECKPOINT", raising=False)
     with pytest.raises(ValueError, match="checkpoint"):
         Settings()  # type: ignore[call-arg]
+
+
+def test_concurrent_requests_get_the_answers_they_would_get_alone(client: TestClient) -> None:
+    users = [str(u) for u in range(0, 60, 3)]
+    alone = {u: client.get(f"/recommend/{u}", params={"k": 5}).json()["items"] for u in users}
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        together = list(
+            pool.map(lambda u: client.get(f"/recommend/{u}", params={"k": 5}).json(), users)
+        )
+    for u, body in zip(users, together, strict=True):
+        # batched matrix products may differ from single ones in the last bits
+        assert [x["item_id"] for x in body["items"]] == [x["item_id"] for x in alone[u]]
+        assert [x["score"] for x in body["items"]] == pytest.approx(
+            [x["score"] for x in alone[u]], rel=1e-5
+        )

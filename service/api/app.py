@@ -11,6 +11,7 @@ from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from service.api.batcher import MicroBatcher
 from service.api.schemas import (
     MAX_K,
     ExplainResponse,
@@ -43,6 +44,7 @@ class State:
     engine: Recommender
     store: ProfileStore
     store_name: str
+    batcher: MicroBatcher[RecQuery, Recommendation]
 
 
 def _load(settings: Settings) -> Recommender:
@@ -77,7 +79,8 @@ def create_app(
         if profiles:
             await store.load(profiles)
         try:
-            yield {"app_state": State(engine, store, name)}
+            async with MicroBatcher(engine.recommend) as batcher:
+                yield {"app_state": State(engine, store, name, batcher)}
         finally:
             await store.close()
 
@@ -135,8 +138,7 @@ def _routes(app: FastAPI) -> None:
     ) -> RecommendResponse:
         (history,) = await state.store.recent([user_id])
         seen = (await state.store.seen([user_id]))[0] if exclude_seen else set()
-        query = RecQuery(user_id, history, seen, k, offset)
-        (rec,) = await run_in_threadpool(state.engine.recommend, [query])
+        rec = await state.batcher.submit(RecQuery(user_id, history, seen, k, offset))
         return _response(user_id, rec, state.engine.version)
 
     @app.post("/recommend", response_model=RecommendResponse)
@@ -145,8 +147,7 @@ def _routes(app: FastAPI) -> None:
         if unknown:
             raise UnknownItemsError(unknown)
         seen = set(body.history) if body.exclude_seen else set()
-        query = RecQuery(None, body.history, seen, body.k, body.offset)
-        (rec,) = await run_in_threadpool(state.engine.recommend, [query])
+        rec = await state.batcher.submit(RecQuery(None, body.history, seen, body.k, body.offset))
         return _response(None, rec, state.engine.version)
 
     @app.post("/interactions", response_model=InteractionsResponse)
