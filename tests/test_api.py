@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -180,3 +181,17 @@ def test_concurrent_requests_get_the_answers_they_would_get_alone(client: TestCl
         assert [x["score"] for x in body["items"]] == pytest.approx(
             [x["score"] for x in alone[u]], rel=1e-5
         )
+
+
+def test_metrics_count_requests_per_endpoint_and_stage(client: TestClient) -> None:
+    client.get("/recommend/1", params={"k": 3})
+    client.get("/recommend/2", params={"k": 3})
+    text = client.get("/metrics").text
+    count = re.search(
+        r'visrec_request_seconds_count\{endpoint="/recommend/\{user_id\}",method="GET",'
+        r'status="200"\} (\d+)',
+        text,
+    )
+    assert count and int(float(count.group(1))) >= 2
+    assert 'visrec_stage_seconds_count{stage="model"}' in text
+    assert 'visrec_stage_seconds_count{stage="store"}' in text

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from service.api.batcher import MicroBatcher
+from service.api.metrics import Metrics
 from service.api.schemas import (
     MAX_K,
     ExplainResponse,
@@ -85,7 +86,9 @@ def create_app(
             await store.close()
 
     app = FastAPI(title="visrec", lifespan=lifespan)
-    _routes(app)
+    metrics = Metrics()
+    metrics.install(app)
+    _routes(app, metrics)
 
     @app.exception_handler(UnknownItemsError)
     async def unknown_items(request: Request, exc: UnknownItemsError) -> JSONResponse:
@@ -111,7 +114,9 @@ def _response(user_id: str | None, rec: Recommendation, version: str) -> Recomme
     )
 
 
-def _routes(app: FastAPI) -> None:
+def _routes(app: FastAPI, metrics: Metrics) -> None:
+    store_stage, model_stage = metrics.stages.labels("store"), metrics.stages.labels("model")
+
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
@@ -136,9 +141,11 @@ def _routes(app: FastAPI) -> None:
         offset: Annotated[int, Query(ge=0, le=MAX_K)] = 0,
         exclude_seen: bool = True,
     ) -> RecommendResponse:
-        (history,) = await state.store.recent([user_id])
-        seen = (await state.store.seen([user_id]))[0] if exclude_seen else set()
-        rec = await state.batcher.submit(RecQuery(user_id, history, seen, k, offset))
+        with store_stage.time():
+            (history,) = await state.store.recent([user_id])
+            seen = (await state.store.seen([user_id]))[0] if exclude_seen else set()
+        with model_stage.time():
+            rec = await state.batcher.submit(RecQuery(user_id, history, seen, k, offset))
         return _response(user_id, rec, state.engine.version)
 
     @app.post("/recommend", response_model=RecommendResponse)
