@@ -90,9 +90,10 @@ class Recommender:
         return [o for o in out if o is not None]
 
     def explain(self, user_id: str | None, history: Sequence[int], item: int) -> Explanation:
-        unknown = self.unknown_items([item, *history])
-        if unknown:
-            raise UnknownItemsError(unknown)
+        """The attentions behind ``item`` for this user, over the same profile ``recommend``
+        ranks with (history items the model does not know are left out there too)."""
+        if item not in self._item_index:
+            raise UnknownItemsError([item])
         profile = self._profile(history)
         return self.serving.explain(self._user(user_id), profile.tolist(), self._item_index[item])
 

@@ -38,8 +38,10 @@ def histories(dataset: Dataset) -> dict[str, list[int]]:
     return out
 
 
-def prepare_serving(data: Path | None, work: Path, device: torch.device) -> tuple[Path, Path, Path]:
-    """(dataset folder, features folder, checkpoint), building whatever does not exist yet."""
+def prepare_serving(
+    data: Path | None, work: Path, device: torch.device
+) -> tuple[Dataset, Path, Path]:
+    """(dataset, features folder, checkpoint), building whatever does not exist yet."""
     config = TrainConfig()
     if data is None:
         data, config = work / "world", WORLD_CONFIG
@@ -55,7 +57,7 @@ def prepare_serving(data: Path | None, work: Path, device: torch.device) -> tupl
         prepared = prepare(data, features)
         result = fit(prepared, config, device=device)
         save_checkpoint(checkpoint, to_checkpoint(prepared, result, config))
-    return data, features, checkpoint
+    return dataset, features, checkpoint
 
 
 def main() -> None:
@@ -81,11 +83,11 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     keep_freed_memory()
     device = pick_device(args.device)
-    data, features, checkpoint = prepare_serving(args.data, args.work_dir, device)
+    dataset, features, checkpoint = prepare_serving(args.data, args.work_dir, device)
     settings = Settings(checkpoint=checkpoint, features=features, device=str(device))
     # The in-process store starts from the dataset's histories; a Redis store keeps its own.
     load = args.load_profiles or not settings.redis_url
-    profiles = histories(load_dataset(data)) if load else None
+    profiles = histories(dataset) if load else None
     uvicorn.run(create_app(settings, profiles=profiles), host=args.host, port=args.port)
 
 

@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -169,8 +169,6 @@ def _routes(app: FastAPI, metrics: Metrics) -> None:
     @app.get("/explain/{user_id}", response_model=ExplainResponse)
     async def explain(user_id: str, item_id: int, state: StateDep) -> ExplainResponse:
         (history,) = await state.store.recent([user_id])
-        if state.engine.unknown_items([item_id]):
-            raise HTTPException(422, f"unknown item id: {item_id}")
         why = await run_in_threadpool(state.engine.explain, user_id, history, item_id)
         profile = [
             ProfileItem(item_id=raw, attention=float(a), components=c.tolist())

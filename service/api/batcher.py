@@ -30,7 +30,6 @@ class MicroBatcher(Generic[Q, R]):
         self._queue: asyncio.Queue[tuple[Q, asyncio.Future[R]]] = asyncio.Queue()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self._task: asyncio.Task[None] | None = None
-        self.batches = 0  # how many model calls were made (for metrics and tests)
 
     async def __aenter__(self) -> MicroBatcher[Q, R]:
         self._task = asyncio.create_task(self._run())
@@ -68,7 +67,6 @@ class MicroBatcher(Generic[Q, R]):
         self, loop: asyncio.AbstractEventLoop, batch: list[tuple[Q, asyncio.Future[R]]]
     ) -> None:
         queries = [q for q, _ in batch]
-        self.batches += 1
         try:
             results = await loop.run_in_executor(self._worker, self._fn, queries)
         except Exception as err:  # every caller of the batch gets the error, none hangs

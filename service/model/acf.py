@@ -131,8 +131,8 @@ class ACF(nn.Module):
         """User vectors with both attentions.
 
         users (B,) (``UNKNOWN_USER`` allowed), profiles (B, L) item indices with PAD for empty
-        slots; ``rows`` (B, L)
-        are the rows of ``tables`` holding each profile item (default: the item index).
+        slots; ``rows`` (B, L) are the rows of ``tables`` holding each profile item (default:
+        the item index).
         """
         rows = profiles if rows is None else rows
         mask = profiles != PAD  # (B, L)

@@ -36,7 +36,6 @@ class ServingModel:
         model.features = torch.empty(0, device=device)  # raw features are not needed any more
         self.model = model
         self.device = device
-        self.n_items = model.config.n_items
         self.grid = math.isqrt(model.config.n_components)
 
     @torch.inference_mode()
