@@ -8,30 +8,39 @@ each test opens and closes its store inside that one loop.
 from __future__ import annotations
 
 import asyncio
+import csv
 import random
 import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import pytest
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.connection import AbstractConnection
 from redis.crc import key_slot
 
 from service.store.profiles import (
+    MAX_ITEM_ID,
     Interaction,
     MemoryProfileStore,
+    Profile,
     ProfileStore,
     RedisProfileStore,
+    decode_profile,
+    encode_profile,
     redis_client,
     user_keys,
 )
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 HOSTILE_IDS = ["a}b", "a%7Db", "x:{y}", "x:", "", "%", "{", "}", "ü 🙂"]
+# Varint edges (1, 2 and 3 bytes), 0, and ids far beyond any catalogue.
+EDGE_IDS = [0, 1, 127, 128, 129, 2**14 - 1, 2**14, 2**21, 2**40, MAX_ITEM_ID - 1, MAX_ITEM_ID]
 
 
 class Runner(Protocol):
@@ -49,6 +58,25 @@ class FakeClock:
 def last_distinct(sequence: list[int], n: int = 9) -> list[int]:
     """Slow reference: items whose occurrence is their last one, in order, then the last n."""
     return [x for k, x in enumerate(sequence) if x not in sequence[k + 1 :]][-n:]
+
+
+def random_ids(rng: random.Random, n: int) -> list[int]:
+    """Ids from a mix of scales: small catalogues (one-byte gaps), large ones, and the edges."""
+    pools = [range(20), range(2000), range(2**40, 2**40 + 10**6), EDGE_IDS]
+    return [rng.choice(rng.choice(pools)) for _ in range(n)]
+
+
+def ml100k_histories(root: Path) -> dict[str, list[int]]:
+    """Every user's item ids, oldest first (ties in file order), as ``serve.histories``."""
+    with (root / "interactions.csv").open(newline="") as f:
+        rows = sorted(
+            (int(row["timestamp"]), k, row["user_id"], int(row["item_id"]))
+            for k, row in enumerate(csv.DictReader(f))
+        )
+    histories: dict[str, list[int]] = {}
+    for _, _, user, item in rows:
+        histories.setdefault(user, []).append(item)
+    return histories
 
 
 def events(user: str, items: list[int], ids: str | None = None) -> list[Interaction]:
@@ -286,9 +314,11 @@ def test_concurrent_adds_for_one_user(with_store: Runner) -> None:
             while not done.is_set():
                 (recent,) = await store.recent(["u"])
                 (seen,) = await store.seen(["u"])
-                assert len(recent) <= 9
-                assert len(set(recent)) == len(recent)
-                assert set(recent) <= seen
+                (profile,) = await store.profiles(["u"])  # one snapshot of both
+                for r, s in ((recent, seen), (profile.recent, profile.seen)):
+                    assert len(r) <= 9
+                    assert len(set(r)) == len(r)
+                    assert set(r) <= s
                 snapshots += 1
                 await asyncio.sleep(0)
 
@@ -341,6 +371,86 @@ def test_bad_settings_are_refused() -> None:
         RedisProfileStore(client, max_recent=0)
 
 
+def test_profiles_match_recent_and_seen(with_store: Runner) -> None:
+    rng = random.Random(4)
+    users = ["a", "b", "c", "nobody"]
+
+    async def scenario(store: ProfileStore) -> None:
+        await store.load({"a": random_ids(rng, 50), "b": [7]})
+        await store.add([Interaction(rng.choice(users[:3]), i) for i in random_ids(rng, 60)])
+        got = await store.profiles(users)
+        recent, seen = await store.recent(users), await store.seen(users)
+        assert got == [Profile(r, frozenset(s)) for r, s in zip(recent, seen, strict=True)]
+        assert got[3] == Profile([], frozenset())
+        assert all(set(p.recent) <= p.seen and len(p.recent) <= 9 for p in got)
+        assert await store.profiles([]) == []
+
+    with_store(scenario)
+
+
+def test_edge_item_ids(with_store: Runner) -> None:
+    async def scenario(store: ProfileStore) -> None:
+        await store.add(events("u", list(reversed(EDGE_IDS))))
+        await store.load({"v": [*EDGE_IDS, 5, 0]})
+        await store.add(events("v", [2**40 + 1, 3]))  # inserted between stored ids
+        u, v = await store.profiles(["u", "v"])
+        assert u == Profile(list(reversed(EDGE_IDS))[-9:], frozenset(EDGE_IDS))
+        assert v.recent == [*EDGE_IDS[-6:], 5, 0, 2**40 + 1, 3][-9:]
+        assert v.seen == {*EDGE_IDS, 5, 2**40 + 1, 3}
+        assert all(type(i) is int for i in [*v.recent, *v.seen])
+
+    with_store(scenario)
+
+
+@pytest.mark.parametrize("bad", [-1, -(2**40), MAX_ITEM_ID + 1, 2**64])
+def test_out_of_range_item_ids_are_refused(with_store: Runner, bad: int) -> None:
+    async def scenario(store: ProfileStore) -> None:
+        await store.add(events("u", [1]))
+        with pytest.raises(ValueError, match="item ids"):
+            await store.add([Interaction("u", 2), Interaction("w", bad)])
+        with pytest.raises(ValueError, match="item ids"):
+            await store.load({"u": [3], "w": [4, bad]})
+        # Nothing of a refused call is applied, for any user.
+        assert await store.profiles(["u", "w"]) == [
+            Profile([1], frozenset({1})),
+            Profile([], frozenset()),
+        ]
+
+    with_store(scenario)
+
+
+def test_non_integer_item_ids_are_refused(with_store: Runner) -> None:
+    async def scenario(store: ProfileStore) -> None:
+        with pytest.raises(TypeError):
+            await store.add([Interaction("u", 1.5)])  # type: ignore[arg-type]
+        assert await store.recent(["u"]) == [[]]
+
+    with_store(scenario)
+
+
+# --------------------------------------------------------------------------- the encoding
+
+
+def test_encoding_round_trips() -> None:
+    rng = random.Random(5)
+    for _ in range(2000):
+        seen = random_ids(rng, rng.randint(1, 60))
+        recent = rng.sample(seen, min(len(set(seen)), rng.randint(0, 9)))
+        recent = list(dict.fromkeys(recent))
+        data = encode_profile(recent, seen)
+        assert decode_profile(data) == Profile(recent, frozenset(seen))
+    assert encode_profile([], []) == b""
+    assert decode_profile(b"") == decode_profile(None) == Profile([], frozenset())
+
+
+def test_encoding_is_varints_of_gaps() -> None:
+    # n=2, recent 300 (2 bytes) and 5, then seen 5, 300 as gaps 5 and 295 (2 bytes).
+    assert encode_profile([300, 5], [300, 5, 5]) == bytes([2, 0xAC, 0x02, 5, 5, 0xA7, 0x02])
+    # Gaps below 128 take one byte whatever the ids: 100 ids near 2**40, about 100 bytes.
+    seen = range(2**40, 2**40 + 100 * 16, 16)
+    assert len(encode_profile([], seen)) == 1 + 6 + 99
+
+
 # --------------------------------------------------------------------------- in-process only
 
 
@@ -363,7 +473,7 @@ def test_redis_keeps_the_last_nine_in_server_order(with_redis: Runner) -> None:
 
     async def scenario(store: RedisProfileStore) -> None:
         watcher = aioredis.Redis.from_url(REDIS_URL)
-        recent_key = store.keys("u").recent
+        profile_key = store.keys("u").profile
         order: list[int] = []
         connections: set[str] = set()
         try:
@@ -373,7 +483,7 @@ def test_redis_keeps_the_last_nine_in_server_order(with_redis: Runner) -> None:
                 await watcher.echo(sentinel)
                 while sentinel not in (line := await monitor.next_command())["command"]:
                     command = line["command"]
-                    if command.startswith("EVAL") and recent_key in command:
+                    if command.startswith("EVAL") and profile_key in command:
                         order.append(int(re.findall(r"\bcc(\d+)-0\b", command)[0]))
                         connections.add(line["client_port"])
         finally:
@@ -401,17 +511,20 @@ def test_redis_keys_of_a_user_share_one_slot(with_redis: Runner) -> None:
             tags = {key.split("{", 1)[1].split("}", 1)[0] for key in keys}  # as Redis reads it
             assert len(tags) == 1 and next(iter(tags)).startswith("u:")
             assert len({key_slot(key.encode()) for key in keys}) == 1
-        assert store.keys("alice").recent == f"{store.prefix}:{{u:alice}}:recent"
+        assert store.keys("alice").all == (
+            f"{store.prefix}:{{u:alice}}:p",
+            f"{store.prefix}:{{u:alice}}:ev",
+        )
 
     with_redis(scenario)
 
 
 def test_user_key_encoding_is_one_to_one() -> None:
-    ids = [*HOSTILE_IDS, "alice", "a", "a:recent", "u:a", "a}:seen"]
-    bases = {user_keys("p", u).recent for u in ids}
+    ids = [*HOSTILE_IDS, "alice", "a", "a:p", "u:a", "a}:ev"]
+    bases = {user_keys("p", u).profile for u in ids}
     assert len(bases) == len(ids)
     for u in ids:
-        body = user_keys("p", u).recent[len("p:{") : -len("}:recent")]
+        body = user_keys("p", u).profile[len("p:{") : -len("}:p")]
         assert "{" not in body and "}" not in body
 
 
@@ -425,6 +538,10 @@ def test_redis_memory_per_user(with_redis: Runner) -> None:
         # 9 recent + 100 seen ids: a few hundred bytes; kilobytes would mean a bloated layout.
         assert 100 < per_user < 1024
         assert await store.memory_per_user(["nobody"]) == 0
+        # The event log is the user's too, and counted.
+        before = await store.memory_per_user(["m0"])
+        await store.add([Interaction("m0", 1, event_id="e")])
+        assert await store.memory_per_user(["m0"]) > before + 50
         with pytest.raises(ValueError, match="at least one"):
             await store.memory_per_user([])
 
@@ -442,3 +559,80 @@ def test_redis_ping(with_redis: Runner) -> None:
             await down.close()
 
     with_redis(scenario)
+
+
+def test_redis_memory_per_user_on_ml100k(with_redis: Runner, ml100k: Path) -> None:
+    """The goal: <= 0.25 GiB per million users, i.e. <= 268 bytes a user, on real histories
+    (about 106 items a user), with this suite's prefix (20 bytes longer than ``visrec``)."""
+    histories = ml100k_histories(ml100k)
+    assert len(histories) == 943
+
+    async def scenario(store: RedisProfileStore) -> None:
+        await store.load(histories)
+        assert await store.memory_per_user(list(histories)) <= 2**30 / 4 / 1e6
+        sample = ["1", "13", "405"]  # 405 has the longest history
+        assert await store.recent(sample) == [last_distinct(histories[u]) for u in sample]
+        assert await store.seen(sample) == [set(histories[u]) for u in sample]
+
+    with_redis(scenario)
+
+
+def test_redis_matches_memory_on_random_streams(with_redis: Runner) -> None:
+    """Both stores, same random loads and adds (ids of every scale, inserts anywhere in long
+    seen lists): same profiles, and the script writes byte for byte what ``load`` writes."""
+    rng = random.Random(6)
+    users = [f"r{k}" for k in range(12)]
+
+    async def scenario(store: RedisProfileStore) -> None:
+        memory = MemoryProfileStore()
+        client = aioredis.Redis.from_url(REDIS_URL)
+        try:
+            for step in range(300):
+                if step % 25 == 0:
+                    histories = {u: random_ids(rng, rng.randint(0, 400)) for u in users[:4]}
+                    await store.load(histories)
+                    await memory.load(histories)
+                batch = [Interaction(rng.choice(users), i) for i in random_ids(rng, 8)]
+                assert await store.add(batch) == await memory.add(batch)
+            expected = await memory.profiles(users)
+            assert await store.profiles(users) == expected
+            for user, profile in zip(users, expected, strict=True):
+                stored = await client.get(store.keys(user).profile)
+                assert stored == (encode_profile(profile.recent, profile.seen) or None)
+        finally:
+            await client.aclose()
+
+    with_redis(scenario)
+
+
+def test_redis_profiles_is_one_round_trip(
+    with_redis: Runner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sends: list[bytes] = []
+    original = AbstractConnection.send_packed_command
+
+    async def counting(self: AbstractConnection, command: Any, check_health: bool = True) -> None:
+        sends.append(command if isinstance(command, bytes) else b"".join(command))
+        await original(self, command, check_health)
+
+    async def scenario(store: RedisProfileStore) -> None:
+        await store.load({"a": [1, 2], "b": [3]})
+        await store.ping()  # the connection's handshake happens here, not below
+        monkeypatch.setattr(AbstractConnection, "send_packed_command", counting)
+        profiles = await store.profiles(["a", "b", "nobody"])
+        monkeypatch.undo()
+        assert profiles == [
+            Profile([1, 2], frozenset({1, 2})),
+            Profile([3], frozenset({3})),
+            Profile([], frozenset()),
+        ]
+        assert len(sends) == 1  # one write, then its replies: one round trip
+        assert sends[0].count(b"GET") == 3
+
+    with_redis(scenario)
+
+
+def test_redis_refuses_a_decoding_client() -> None:
+    client = aioredis.Redis.from_url(REDIS_URL, decode_responses=True)  # connects lazily
+    with pytest.raises(ValueError, match="decode"):
+        RedisProfileStore(client)

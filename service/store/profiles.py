@@ -3,13 +3,34 @@ have seen (excluded from recommendations).
 
 Two stores share one contract, :class:`ProfileStore`: :class:`MemoryProfileStore` in-process,
 and :class:`RedisProfileStore`, where several API workers share profiles. Item ids are the
-dataset's raw ids, not model indices.
+dataset's raw ids, not model indices: integers in ``[0, MAX_ITEM_ID]``. Both stores refuse
+others (``ValueError``; ``TypeError`` for non-integers) before changing anything.
 
 Redis key layout, for prefix ``visrec`` and user ``alice``::
 
-    visrec:{u:alice}:recent   list of the last ``max_recent`` item ids, oldest first
-    visrec:{u:alice}:seen     set of every item id
-    visrec:{u:alice}:ev       sorted set: applied event id -> time applied (seconds); with a TTL
+    visrec:{u:alice}:p    string: the profile, encoded as below
+    visrec:{u:alice}:ev   sorted set: applied event id -> time applied (seconds); with a TTL.
+                          Only exists while events with ids were applied in the last TTL.
+
+The profile is one string of unsigned LEB128 varints (7 bits a byte, low bits first, the high
+bit set on every byte but a number's last)::
+
+    n, recent_1 .. recent_n, seen_1, seen_2 - seen_1, seen_3 - seen_2, ...
+
+``recent`` oldest first; ``seen`` sorted ascending and stored as gaps. No user, no key (an empty
+profile is never stored). Why: a Redis key costs about 60 bytes of overhead (dict entry, key,
+object) before its value, and a set of small integers about 2 bytes an item (4 beyond 32767,
+a hash table of ~50 bytes an item beyond 512 items). One key whose gaps mostly fit one byte
+(a user's ~100 items out of 1682 are ~16 apart) is about 3x smaller on MovieLens-100K histories,
+and a read is one ``GET`` of one key. Lua numbers are doubles, hence ``MAX_ITEM_ID = 2**53 - 1``.
+
+An update is one Lua script (atomic: Redis runs it to completion before any other command).
+It decodes ``recent`` and walks ``seen`` only up to the last new item's place, copying the bytes
+before and after unchanged; so an update is O(seen) in the worst case (bytes copied, and
+varints decoded when a new item sorts last): about 0.2 us of Redis time per item walked, so
+~0.15 ms for MovieLens-100K's heaviest user (732 items) but ~2-4 ms for one with 20 000. Fine
+for profiles of a few thousand items; far heavier users would want ``seen`` split into blocks
+(each headed by its first id and byte length, so a walk skips whole blocks).
 
 The ``{u:...}`` hash tag puts all of a user's keys in one Redis Cluster slot, so the Lua script
 that updates them runs on one node. The user id inside it is percent-encoded, so ids holding
@@ -19,19 +40,20 @@ that updates them runs on one node. The user id inside it is percent-encoded, so
 from __future__ import annotations
 
 import asyncio
+import operator
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from itertools import islice
-from typing import Any, Protocol, TypeVar
+from itertools import accumulate, islice
+from typing import Protocol, SupportsIndex, TypeVar
 from urllib.parse import quote
 
 import redis.asyncio as aioredis
-from redis.asyncio.client import Pipeline
 from redis.exceptions import RedisError
 
 MAX_RECENT = 9
 EVENT_TTL_S = 7 * 24 * 3600
+MAX_ITEM_ID = 2**53 - 1  # the largest integer a Lua number (a double) holds exactly
 # Users per pipeline round trip in bulk calls: bounds the client's buffers, not correctness.
 BATCH_USERS = 1000
 
@@ -47,8 +69,18 @@ class Interaction:
     event_id: str | None = None  # retries with the same id are applied once; "" means none
 
 
+@dataclass(frozen=True)
+class Profile:
+    recent: list[int]  # the last <= max_recent distinct items, oldest first
+    seen: frozenset[int]  # every item interacted with
+
+
 class ProfileStore(Protocol):
     max_recent: int
+
+    async def profiles(self, user_ids: Sequence[str]) -> list[Profile]:
+        """Per user, their profile (empty for unknown users); one round trip per batch."""
+        ...
 
     async def recent(self, user_ids: Sequence[str]) -> list[list[int]]:
         """Per user, their last <= ``max_recent`` distinct item ids, oldest first."""
@@ -83,6 +115,25 @@ def recent_of(history: Iterable[int], max_recent: int) -> list[int]:
     return list(reversed(picked))
 
 
+def item_id(item: SupportsIndex) -> int:
+    """``item`` as an int (numpy integers welcome); a ``ValueError`` outside [0, MAX_ITEM_ID]."""
+    value = operator.index(item)
+    if not 0 <= value <= MAX_ITEM_ID:
+        raise ValueError(f"item ids must be integers in [0, 2**53 - 1], got {value}")
+    return value
+
+
+def _check_events(events: Iterable[Interaction]) -> None:
+    for event in events:
+        item_id(event.item_id)
+
+
+def _check_histories(histories: Mapping[str, Sequence[int]]) -> None:
+    for history in histories.values():
+        for item in history:
+            item_id(item)
+
+
 def _check_limits(max_recent: int, event_ttl_s: int) -> None:
     if max_recent < 1:
         raise ValueError(f"max_recent must be at least 1, got {max_recent}")
@@ -102,6 +153,56 @@ def _batches(items: Iterable[T], size: int) -> Iterator[list[T]]:
     it = iter(items)
     while batch := list(islice(it, size)):
         yield batch
+
+
+# --------------------------------------------------------------------------- the encoding
+
+
+def _put_varint(out: bytearray, value: int) -> None:
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+
+
+def _varints(data: bytes) -> list[int]:
+    """Every varint of ``data``. Most are one byte, so the loop's cheap branch comes first."""
+    values: list[int] = []
+    value = shift = 0
+    for byte in data:
+        if byte < 0x80:
+            values.append(value | byte << shift)
+            value = shift = 0
+        else:
+            value |= (byte & 0x7F) << shift
+            shift += 7
+    return values
+
+
+def encode_profile(recent: Sequence[int], seen: Iterable[int]) -> bytes:
+    """The stored form of a profile (see the module docstring); ``b""`` when it is empty.
+    ``seen`` may hold repeats; ids must already be checked (:func:`item_id`)."""
+    ordered = sorted(set(seen))
+    if not ordered and not recent:
+        return b""
+    out = bytearray()
+    _put_varint(out, len(recent))
+    for item in recent:
+        _put_varint(out, item)
+    previous = 0
+    for item in ordered:
+        _put_varint(out, item - previous)
+        previous = item
+    return bytes(out)
+
+
+def decode_profile(data: bytes | None) -> Profile:
+    """The profile stored as ``data`` (``None``, a missing key, is the empty profile)."""
+    if not data:
+        return Profile([], frozenset())
+    values = _varints(data)
+    end = values[0] + 1
+    return Profile(values[1:end], frozenset(accumulate(values[end:])))
 
 
 # --------------------------------------------------------------------------- in-process store
@@ -132,20 +233,24 @@ class MemoryProfileStore:
         # Updates have no await inside today, but the lock keeps them atomic if one ever does.
         self._lock = asyncio.Lock()
 
-    async def recent(self, user_ids: Sequence[str]) -> list[list[int]]:
+    async def profiles(self, user_ids: Sequence[str]) -> list[Profile]:
         async with self._lock:
-            return [list(self._get(u).recent) for u in user_ids]
+            return [self._snapshot(u) for u in user_ids]
+
+    async def recent(self, user_ids: Sequence[str]) -> list[list[int]]:
+        return [p.recent for p in await self.profiles(user_ids)]
 
     async def seen(self, user_ids: Sequence[str]) -> list[set[int]]:
-        async with self._lock:
-            return [set(self._get(u).seen) for u in user_ids]
+        return [set(p.seen) for p in await self.profiles(user_ids)]
 
     async def add(self, events: Sequence[Interaction]) -> int:
+        _check_events(events)
         async with self._lock:
             now = self._clock()
             return sum(self._apply(user, group, now) for user, group in _by_user(events).items())
 
     async def load(self, histories: Mapping[str, Sequence[int]]) -> None:
+        _check_histories(histories)
         async with self._lock:
             for user, history in histories.items():
                 recent = recent_of(history, self.max_recent)
@@ -157,10 +262,12 @@ class MemoryProfileStore:
     async def close(self) -> None:
         return None
 
-    def _get(self, user_id: str) -> _Profile:
+    def _snapshot(self, user_id: str) -> Profile:
         # Readers must not create profiles for unknown users (that would grow without bound).
         profile = self._profiles.get(user_id)
-        return profile if profile is not None else _Profile()
+        if profile is None:
+            return Profile([], frozenset())
+        return Profile(list(profile.recent), frozenset(profile.seen))
 
     def _apply(self, user_id: str, events: list[Interaction], now: float) -> int:
         profile = self._profiles.setdefault(user_id, _Profile())
@@ -185,21 +292,64 @@ class MemoryProfileStore:
 
 # --------------------------------------------------------------------------- Redis store
 
+# Varints in Lua: numbers are doubles, exact for the ids allowed (< 2^53).
+_VARINT_LUA = """
+local function varint(x)
+  local bytes = {}
+  while x >= 128 do
+    bytes[#bytes + 1] = x % 128 + 128
+    x = math.floor(x / 128)
+  end
+  bytes[#bytes + 1] = x
+  return string.char(unpack(bytes))
+end
+
+-- The varint starting at byte pos of s, and the position just after it.
+local function read(s, pos)
+  local x, scale, b = 0, 1, string.byte(s, pos)
+  while b >= 128 do
+    x = x + (b - 128) * scale
+    scale = scale * 128
+    pos = pos + 1
+    b = string.byte(s, pos)
+  end
+  return x + b * scale, pos + 1
+end
+"""
+
 # One user's events, atomically: Redis runs a script to completion before any other command,
 # so no reader sees half an update and concurrent adds for one user cannot interleave.
-# KEYS: recent, seen, events. ARGV: max_recent, event_ttl_s, now, then (item, event_id) pairs,
+# KEYS: profile, events. ARGV: max_recent, event_ttl_s, now, then (item, event_id) pairs,
 # event_id "" meaning none.
-_ADD_LUA = """
-local recent, seen, events = KEYS[1], KEYS[2], KEYS[3]
+_ADD_LUA = (
+    _VARINT_LUA
+    + """
+local key, events = KEYS[1], KEYS[2]
 local max_recent, ttl, now = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 redis.call('ZREMRANGEBYSCORE', events, '-inf', now - ttl)
-local applied, logged = 0, false
+local data = redis.call('GET', key) or ''
+
+-- recent: decoded in full (it is short); pos ends on the first byte of seen.
+local recent, pos = {}, 1
+if #data > 0 then
+  local n
+  n, pos = read(data, 1)
+  for i = 1, n do recent[i], pos = read(data, pos) end
+end
+
+local new, fresh, applied, logged = {}, {}, 0, false
 for i = 4, #ARGV, 2 do
-  local item, event_id = ARGV[i], ARGV[i + 1]
+  local item, event_id = tonumber(ARGV[i]), ARGV[i + 1]
   if event_id == '' or not redis.call('ZSCORE', events, event_id) then
-    redis.call('LREM', recent, 0, item)
-    redis.call('RPUSH', recent, item)
-    redis.call('SADD', seen, item)
+    for j = #recent, 1, -1 do
+      if recent[j] == item then table.remove(recent, j) end
+    end
+    recent[#recent + 1] = item
+    if #recent > max_recent then table.remove(recent, 1) end
+    if not fresh[item] then
+      fresh[item] = true
+      new[#new + 1] = item
+    end
     if event_id ~= '' then
       redis.call('ZADD', events, now, event_id)
       logged = true
@@ -207,45 +357,70 @@ for i = 4, #ARGV, 2 do
     applied = applied + 1
   end
 end
--- Trimming once at the end keeps the same items as trimming after every push.
-if applied > 0 then redis.call('LTRIM', recent, -max_recent, -1) end
 if logged then redis.call('EXPIRE', events, ttl) end
-return applied
-"""
+if applied == 0 then return 0 end
+table.sort(new)
 
-# Replace one user's profile atomically. KEYS: recent, seen, events.
-# ARGV: n_recent, the n_recent recent items (oldest first), then the distinct seen items.
-_LOAD_LUA = """
--- unpack() is bounded by Lua's C stack (about 8000 values), hence the chunks.
-local function push(command, key, first, last)
-  for i = first, last, 1000 do
-    redis.call(command, key, unpack(ARGV, i, math.min(i + 999, last)))
+-- seen: merge the sorted new items in one walk. Bytes from `from` to `at` - 1 are copied
+-- unchanged; `orig` is the last stored item walked past, `last` the last item written. A
+-- stored gap is relative to orig, so it is re-encoded only where an insert made last ~= orig.
+local out, from, at, orig, last = {}, pos, pos, 0, 0
+for _, x in ipairs(new) do
+  local v, nxt = nil, nil
+  while at <= #data do
+    local gap = string.byte(data, at)
+    if gap < 128 then nxt = at + 1 else gap, nxt = read(data, at) end
+    v = orig + gap
+    if v >= x then break end
+    if last ~= orig then
+      out[#out + 1] = varint(v - last)
+      from = nxt
+    end
+    orig, last, at, v = v, v, nxt, nil
+  end
+  if v ~= x then  -- not stored yet: insert it before the item at `at`
+    out[#out + 1] = string.sub(data, from, at - 1)
+    out[#out + 1] = varint(x - last)
+    last, from = x, at
   end
 end
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
-local n = tonumber(ARGV[1])
-push('RPUSH', KEYS[1], 2, n + 1)
-push('SADD', KEYS[2], n + 2, #ARGV)
+if at <= #data and last ~= orig then
+  local gap, nxt = read(data, at)
+  out[#out + 1] = string.sub(data, from, at - 1) .. varint(orig + gap - last)
+  from = nxt
+end
+out[#out + 1] = string.sub(data, from)
+
+local head = {varint(#recent)}
+for i = 1, #recent do head[i + 1] = varint(recent[i]) end
+redis.call('SET', key, table.concat(head) .. table.concat(out))
+return applied
+"""
+)
+
+# Replace one user's profile atomically. KEYS: profile, events. ARGV: the encoded profile.
+_LOAD_LUA = """
+redis.call('DEL', KEYS[1], KEYS[2])
+if ARGV[1] ~= '' then redis.call('SET', KEYS[1], ARGV[1]) end
 return 0
 """
 
 
 @dataclass(frozen=True)
 class UserKeys:
-    recent: str
-    seen: str
+    profile: str
     events: str
 
     @property
-    def all(self) -> tuple[str, str, str]:
-        return (self.recent, self.seen, self.events)
+    def all(self) -> tuple[str, str]:
+        return (self.profile, self.events)
 
 
 def user_keys(prefix: str, user_id: str) -> UserKeys:
     """The user's keys; see the module docstring. ``quote`` leaves only ``A-Za-z0-9_.-~``
     unescaped and escapes ``%`` itself, so the encoding is one-to-one and never holds ``}``."""
     base = f"{prefix}:{{u:{quote(user_id, safe='')}}}"
-    return UserKeys(recent=f"{base}:recent", seen=f"{base}:seen", events=f"{base}:ev")
+    return UserKeys(profile=f"{base}:p", events=f"{base}:ev")
 
 
 def _event_args(events: Iterable[Interaction]) -> list[str | int]:
@@ -267,9 +442,10 @@ def redis_client(url: str, *, timeout_s: float = 2.0, max_connections: int = 50)
 
 
 class RedisProfileStore:
-    """Profiles in Redis; owns ``client`` (``close`` closes it). The layout is ready for Redis
-    Cluster (each script touches one user's keys, one slot; reads use a non-transactional
-    pipeline), but this class is written for, and tested with, a standalone client."""
+    """Profiles in Redis; owns ``client`` (``close`` closes it), which must return bytes (no
+    ``decode_responses``: profiles are binary). The layout is ready for Redis Cluster (each
+    script touches one user's keys, one slot; reads use a non-transactional pipeline), but this
+    class is written for, and tested with, a standalone client."""
 
     def __init__(
         self,
@@ -282,6 +458,8 @@ class RedisProfileStore:
     ) -> None:
         if "{" in prefix or "}" in prefix:
             raise ValueError(f"the key prefix must not hold braces (hash tags), got {prefix!r}")
+        if client.get_connection_kwargs().get("decode_responses"):
+            raise ValueError("the Redis client must not decode responses: profiles are binary")
         _check_limits(max_recent, event_ttl_s)
         self.max_recent = max_recent
         self.event_ttl_s = event_ttl_s
@@ -309,15 +487,24 @@ class RedisProfileStore:
     def keys(self, user_id: str) -> UserKeys:
         return user_keys(self.prefix, user_id)
 
+    async def profiles(self, user_ids: Sequence[str]) -> list[Profile]:
+        """One ``GET`` per user, pipelined: one round trip per ``BATCH_USERS`` users."""
+        blobs: list[bytes | None] = []
+        for batch in _batches(user_ids, BATCH_USERS):
+            pipe = self._client.pipeline(transaction=False)
+            for user in batch:
+                pipe.get(self.keys(user).profile)
+            blobs.extend(await pipe.execute())
+        return [decode_profile(blob) for blob in blobs]
+
     async def recent(self, user_ids: Sequence[str]) -> list[list[int]]:
-        replies = await self._read(user_ids, lambda pipe, keys: pipe.lrange(keys.recent, 0, -1))
-        return [[int(item) for item in reply] for reply in replies]
+        return [p.recent for p in await self.profiles(user_ids)]
 
     async def seen(self, user_ids: Sequence[str]) -> list[set[int]]:
-        replies = await self._read(user_ids, lambda pipe, keys: pipe.smembers(keys.seen))
-        return [{int(item) for item in reply} for reply in replies]
+        return [set(p.seen) for p in await self.profiles(user_ids)]
 
     async def add(self, events: Sequence[Interaction]) -> int:
+        _check_events(events)
         head: list[str | int] = [self.max_recent, self.event_ttl_s, repr(float(self._clock()))]
         calls = [
             (self.keys(user).all, head + _event_args(group))
@@ -337,13 +524,13 @@ class RedisProfileStore:
         return applied
 
     async def load(self, histories: Mapping[str, Sequence[int]]) -> None:
+        _check_histories(histories)  # all of them first: a bad id must not leave half a load
         for batch in _batches(histories.items(), BATCH_USERS):
             pipe = self._client.pipeline(transaction=False)
             for user, history in batch:
-                recent = recent_of(history, self.max_recent)
-                seen = list(dict.fromkeys(int(i) for i in history))
-                args = [len(recent), *recent, *seen]
-                await self._load_script(keys=self.keys(user).all, args=args, client=pipe)
+                items = [int(i) for i in history]
+                blob = encode_profile(recent_of(items, self.max_recent), items)
+                await self._load_script(keys=self.keys(user).all, args=[blob], client=pipe)
             await pipe.execute()
 
     async def ping(self) -> bool:
@@ -356,8 +543,8 @@ class RedisProfileStore:
         await self._client.aclose()
 
     async def memory_per_user(self, sample: Sequence[str]) -> float:
-        """Mean bytes per user of ``sample`` (``MEMORY USAGE`` of their keys, every element
-        counted; a user without keys counts 0)."""
+        """Mean bytes per user of ``sample`` (``MEMORY USAGE`` of all their keys, the event log
+        included when it exists; a user without keys counts 0)."""
         if not sample:
             raise ValueError("memory_per_user needs at least one user id")
         pipe = self._client.pipeline(transaction=False)
@@ -366,15 +553,3 @@ class RedisProfileStore:
                 pipe.memory_usage(key, samples=0)
         sizes = await pipe.execute()
         return sum(int(size or 0) for size in sizes) / len(sample)
-
-    async def _read(
-        self, user_ids: Sequence[str], queue: Callable[[Pipeline, UserKeys], object]
-    ) -> list[Any]:
-        """Replies of ``queue``'s one command per user, one round trip per batch of users."""
-        replies: list[Any] = []
-        for batch in _batches(user_ids, BATCH_USERS):
-            pipe = self._client.pipeline(transaction=False)
-            for user in batch:
-                queue(pipe, self.keys(user))
-            replies.extend(await pipe.execute())
-        return replies
