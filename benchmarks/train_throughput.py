@@ -24,9 +24,9 @@ from service.offline.data import load_dataset
 from service.offline.evaluate import PROTOCOLS, evaluate, holdout_task, validation_task
 from service.offline.features import extract_features
 from service.offline.pipeline import prepare
-from service.offline.runtime import keep_freed_memory
 from service.offline.sampling import Batch, build_samples, epoch_batches
 from service.offline.train import TrainConfig, bpr_loss, build_model, train
+from service.runtime import keep_freed_memory
 
 
 def tutorial_step(model: ACF, batch: Batch) -> torch.Tensor:

@@ -21,9 +21,9 @@ from service.model.checkpoint import save_checkpoint
 from service.offline.data import Dataset, load_dataset
 from service.offline.features import extract_features
 from service.offline.pipeline import fit, prepare, to_checkpoint
-from service.offline.runtime import keep_freed_memory, pick_device
 from service.offline.synthetic import WorldSpec, make_world
 from service.offline.train import TrainConfig
+from service.runtime import keep_freed_memory, pick_device
 
 log = logging.getLogger("visrec.serve")
 WORLD_CONFIG = TrainConfig(dim=32, attention_dim=32, epochs=15, batch_size=256, lr=1e-2)

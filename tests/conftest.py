@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from service.model.feature_store import load_features
 from service.offline.data import load_dataset
-from service.offline.features import extract_features, load_features
+from service.offline.features import extract_features
 from service.offline.synthetic import World, WorldSpec, make_world
 
 ML100K = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "ml100k"

@@ -18,18 +18,20 @@ from PIL import Image
 from skimage import data as skdata
 from torch import nn
 
-from service.offline import backbones as bb
-from service.offline.backbones import BACKBONES, SPECS, Backbone, classify, load_backbone
-from service.offline.features import (
+from service.model.feature_store import (
     FEATURES_FILE,
     META_FILE,
     PROGRESS_FILE,
     FeatureError,
     FeatureMeta,
+    load_features,
+)
+from service.offline import backbones as bb
+from service.offline.backbones import BACKBONES, SPECS, Backbone, classify, load_backbone
+from service.offline.features import (
     compute_inputs_hash,
     extract_features,
     image_to_tensor,
-    load_features,
 )
 
 ML100K = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "ml100k"

@@ -1,5 +1,5 @@
-"""Dependencies point one way: model <- offline, model <- index <- (api); nothing below api
-imports a web framework."""
+"""Dependencies point one way: the offline path and the online service (api) both build on
+model, index and store, and never on each other; nothing below api imports a web framework."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ FORBIDDEN = {
     "model": ("service.offline", "service.index", "service.api", "fastapi", "starlette"),
     "index": ("service.offline", "service.api", "fastapi", "starlette"),
     "offline": ("service.api", "service.index", "fastapi", "starlette"),
+    "store": ("service.offline", "service.model", "service.index", "service.api", "fastapi"),
+    "api": ("service.offline",),
 }
 
 

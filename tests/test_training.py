@@ -3,21 +3,32 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from service.model.acf import ACF
 from service.model.checkpoint import load_checkpoint
+from service.model.feature_store import load_features
+from service.offline.attention import (
+    COMPONENT_ENTROPY,
+    COMPONENT_MAX,
+    FLAT,
+    ITEM_ENTROPY,
+    ITEM_MAX,
+    attention_probe,
+)
 from service.offline.cli import main
 from service.offline.evaluate import evaluate, holdout_task, validation_task
-from service.offline.features import load_features
 from service.offline.pipeline import Prepared, fit, prepare
+from service.offline.sampling import build_samples
 from service.offline.synthetic import World
-from service.offline.train import TrainConfig, TrainResult
+from service.offline.train import TrainConfig, TrainResult, build_model, train
 
 CPU = torch.device("cpu")
 SMALL = TrainConfig(dim=16, attention_dim=16, epochs=12, batch_size=128, lr=1e-2, patience=0)
@@ -69,10 +80,64 @@ def test_training_is_reproducible(prepared: Prepared) -> None:
     a = fit(prepared, config, device=CPU, progress=False)
     b = fit(prepared, config, device=CPU, progress=False)
     assert [h["loss"] for h in a.history] == [h["loss"] for h in b.history]
+    assert [h[ITEM_ENTROPY] for h in a.history] == [h[ITEM_ENTROPY] for h in b.history]
     for (name, x), y in zip(
         a.model.state_dict().items(), b.model.state_dict().values(), strict=True
     ):
         assert torch.equal(x, y), name
+
+
+def test_attention_statistics_are_kept_every_epoch(acf: TrainResult) -> None:
+    keys = (ITEM_ENTROPY, ITEM_MAX, COMPONENT_ENTROPY, COMPONENT_MAX)
+    assert len(acf.history) == SMALL.epochs
+    for row in acf.history:
+        assert all(0.0 <= row[k] <= 1.0 for k in keys), row
+        assert row[COMPONENT_MAX] >= 1 / 49 and row[ITEM_MAX] >= 1 / SMALL.profile_size
+    # The world has a right answer (one kind per user, the object in one part of the image),
+    # so both attentions move away from uniform as the model learns it.
+    first, kept = acf.history[0], acf.validation
+    assert kept[ITEM_ENTROPY] < min(first[ITEM_ENTROPY], FLAT)
+    assert kept[COMPONENT_ENTROPY] < min(first[COMPONENT_ENTROPY], FLAT)
+
+
+def _train_with_frozen_attention(prepared: Prepared, scale: float) -> TrainResult:
+    """One epoch of ACF whose attention logits are scaled by ``scale`` and then frozen:
+    0 makes both attentions exactly uniform, a large scale makes them peaked."""
+    config = replace(SMALL, epochs=1)
+    split = prepared.split
+    model = build_model(config, split, prepared.features)
+    assert isinstance(model, ACF)
+    with torch.no_grad():
+        for layer in (model.item_out, model.comp_out):
+            layer.weight.mul_(scale)
+            layer.bias.fill_(0.1).mul_(scale)
+            layer.requires_grad_(False)
+    validation = validation_task(split)
+    return train(
+        model,
+        build_samples(split.train_sequences(), n_items=split.n_items, profile_size=9),
+        validation,
+        config,
+        device=CPU,
+        rng=np.random.default_rng(0),
+        probe=attention_probe(validation, np.random.default_rng(1)),
+        progress=False,
+    )
+
+
+@pytest.mark.parametrize(("scale", "flat"), [(0.0, ["item", "component"]), (30.0, [])])
+def test_flat_attention_is_warned_about(
+    prepared: Prepared, caplog: pytest.LogCaptureFixture, scale: float, flat: list[str]
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="service.offline.train"):
+        result = _train_with_frozen_attention(prepared, scale)
+    warnings = [r.getMessage() for r in caplog.records if "attention is flat" in r.getMessage()]
+    assert [w.split(": ")[1].split("-level")[0] for w in warnings] == flat
+    if flat:
+        assert result.validation[ITEM_ENTROPY] == pytest.approx(1.0)
+        assert result.validation[COMPONENT_ENTROPY] == pytest.approx(1.0)
+    else:
+        assert result.validation[ITEM_ENTROPY] < 0.5 and result.validation[COMPONENT_ENTROPY] < 0.5
 
 
 @pytest.mark.parametrize("model", ["bpr_mf", "vbpr", "acf_mean_pool"])
@@ -121,7 +186,10 @@ def test_command_line_end_to_end(
         )
         == 0
     )
-    assert ckpt.is_file() and ckpt.with_suffix(".png").is_file()
+    assert ckpt.is_file()
+    with Image.open(ckpt.with_suffix(".png")) as plot:  # loss, validation and attention panels
+        assert plot.format == "PNG" and plot.size == (1200, 800)
+    assert ckpt.with_suffix(".png").stat().st_size > 20_000
     capsys.readouterr()
     assert (
         main(
@@ -144,6 +212,7 @@ def test_command_line_end_to_end(
     assert loaded.train_config["tied"] is False and loaded.config.item_term is True
     assert loaded.config.feature_dim == 1280
     assert loaded.features["backbone"] == "mobilenet_v2"
+    assert [ITEM_ENTROPY in h and COMPONENT_ENTROPY in h for h in loaded.history] == [True, True]
     assert sum(loaded.item_popularity) == len(prepared.split.train_items)
     assert len(loaded.item_popularity) == len(loaded.item_ids)
     features, meta = load_features(feats)

@@ -26,8 +26,7 @@ from service.api.schemas import (
 )
 from service.config import Settings
 from service.model.checkpoint import load_checkpoint
-from service.offline.features import load_features
-from service.offline.runtime import pick_device
+from service.model.feature_store import load_features
 from service.recommender import (
     Query as RecQuery,
 )
@@ -37,6 +36,7 @@ from service.recommender import (
     UnknownItemsError,
     load_recommender,
 )
+from service.runtime import pick_device
 from service.store.profiles import Interaction, MemoryProfileStore, ProfileStore, RedisProfileStore
 
 

@@ -17,16 +17,17 @@ from typing import Any
 import numpy as np
 
 from service.model.checkpoint import load_checkpoint, save_checkpoint
+from service.model.feature_store import FeatureError, load_features
 from service.offline.backbones import BACKBONES, DEFAULT_BACKBONE
 from service.offline.data import DatasetError, load_dataset
 from service.offline.evaluate import PROTOCOLS, evaluate, holdout_task
-from service.offline.features import FeatureError, extract_features, load_features
+from service.offline.features import extract_features
 from service.offline.metrics import summarise
 from service.offline.pipeline import PipelineError, fit, prepare, to_checkpoint
 from service.offline.report import ModelRun, plot_history
 from service.offline.reproduce import load_plan, reproduce
-from service.offline.runtime import keep_freed_memory, pick_device
 from service.offline.train import TrainConfig
+from service.runtime import keep_freed_memory, pick_device
 
 log = logging.getLogger("visrec")
 

@@ -1,13 +1,7 @@
 """Item images -> component features on disk: one 7x7 grid of CNN feature vectors per item.
 
-An output folder holds
-
-- ``features.npy``: float16 ``(N, 49, C)``, row ``i`` is ``item_ids[i]``, the 49 cells are the
-  7x7 grid in row-major order (``cell = row * 7 + col``). Written with ``open_memmap`` so readers
-  can memory-map it.
-- ``features.json``: ``FeatureMeta``, written when an extraction starts.
-- ``progress.json``: how many leading rows are finished, rewritten (atomically) after each
-  batch's rows are flushed. An extraction is complete when it counts all ``N`` rows.
+The folder layout (``features.npy``, ``features.json``, ``progress.json``) and its reader are in
+:mod:`service.model.feature_store`; this module writes it, batch by batch, resumably.
 
 ``inputs_hash`` covers everything the numbers depend on (backbone, input size, weights, every
 item id and image byte, and the layout version), so a checkpoint can refuse features that do
@@ -21,7 +15,7 @@ import json
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +24,15 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from service.model.feature_store import (
+    FEATURES_FILE,
+    META_FILE,
+    PROGRESS_FILE,
+    FeatureError,
+    FeatureMeta,
+    Progress,
+    read_progress,
+)
 from service.offline.backbones import (
     DEFAULT_BACKBONE,
     SPECS,
@@ -38,56 +41,13 @@ from service.offline.backbones import (
     load_backbone,
     weights_identity,
 )
-from service.offline.runtime import bar_interval
+from service.runtime import bar_interval
 
 logger = logging.getLogger(__name__)
 
-FEATURES_FILE = "features.npy"
-META_FILE = "features.json"
-PROGRESS_FILE = "progress.json"
 GRID = 7
 # Bump when preprocessing or the on-disk layout changes, so old folders stop matching.
 _LAYOUT_VERSION = 1
-
-
-class FeatureError(ValueError):
-    """A feature folder that is missing, incomplete or inconsistent with its metadata."""
-
-
-@dataclass(frozen=True)
-class FeatureMeta:
-    """What ``features.npy`` holds: ``(len(item_ids), grid * grid, feature_dim)`` of ``dtype``."""
-
-    backbone: str
-    input_size: int
-    feature_dim: int
-    grid: int
-    item_ids: list[int]
-    inputs_hash: str
-    dtype: str = "float16"
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return (len(self.item_ids), self.grid * self.grid, self.feature_dim)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> FeatureMeta:
-        """Parse ``to_json``'s output; raises FeatureError on missing or unknown fields."""
-        try:
-            raw = json.loads(text)
-            raw["item_ids"] = [int(i) for i in raw["item_ids"]]
-            return cls(**raw)
-        except (TypeError, ValueError, KeyError) as err:  # JSONDecodeError is a ValueError
-            raise FeatureError(f"not valid feature metadata: {err}") from err
-
-
-@dataclass(frozen=True)
-class _Progress:
-    inputs_hash: str
-    rows_done: int
 
 
 def compute_inputs_hash(
@@ -153,15 +113,7 @@ def _write_json_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _read_progress(out_dir: Path) -> _Progress | None:
-    try:
-        raw = json.loads((out_dir / PROGRESS_FILE).read_text())
-        return _Progress(inputs_hash=str(raw["inputs_hash"]), rows_done=int(raw["rows_done"]))
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def _write_progress(out_dir: Path, progress: _Progress) -> None:
+def _write_progress(out_dir: Path, progress: Progress) -> None:
     _write_json_atomic(out_dir / PROGRESS_FILE, json.dumps(asdict(progress)))
 
 
@@ -174,7 +126,7 @@ def _read_meta(out_dir: Path) -> FeatureMeta | None:
 
 def _resume_point(out_dir: Path, meta: FeatureMeta) -> int | None:
     """Finished rows of a matching extraction in ``out_dir``, or None if there is none to reuse."""
-    old_meta, progress = _read_meta(out_dir), _read_progress(out_dir)
+    old_meta, progress = _read_meta(out_dir), read_progress(out_dir)
     if old_meta != meta or progress is None or progress.inputs_hash != meta.inputs_hash:
         return None
     try:
@@ -189,7 +141,7 @@ def _resume_point(out_dir: Path, meta: FeatureMeta) -> int | None:
 def _start_fresh(out_dir: Path, meta: FeatureMeta) -> np.memmap:
     """Create an empty extraction; progress is reset first so no stale "complete" survives."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_progress(out_dir, _Progress(inputs_hash=meta.inputs_hash, rows_done=0))
+    _write_progress(out_dir, Progress(inputs_hash=meta.inputs_hash, rows_done=0))
     array = np.lib.format.open_memmap(
         out_dir / FEATURES_FILE, mode="w+", dtype=np.dtype(meta.dtype), shape=meta.shape
     )
@@ -270,7 +222,7 @@ def _run_batches(
             array[row : row + len(rows)] = rows
             array.flush()
             row += len(rows)
-            _write_progress(out_dir, _Progress(inputs_hash=meta.inputs_hash, rows_done=row))
+            _write_progress(out_dir, Progress(inputs_hash=meta.inputs_hash, rows_done=row))
             bar.update(len(rows))
 
 
@@ -357,34 +309,3 @@ def _plan(
         item_ids=[int(i) for i in item_ids],
         inputs_hash=inputs_hash,
     )
-
-
-def load_features(out_dir: Path) -> tuple[np.ndarray, FeatureMeta]:
-    """Read-only memory-mapped features ``(N, grid * grid, C)`` and their metadata.
-
-    Raises FeatureError when a file is missing, the extraction is incomplete or was made for
-    other inputs than the metadata describes, or the array disagrees with the metadata.
-    """
-    out_dir = Path(out_dir)
-    for file in (FEATURES_FILE, META_FILE, PROGRESS_FILE):
-        if not (out_dir / file).is_file():
-            raise FeatureError(f"{out_dir / file} is missing; run extract_features first")
-    meta = FeatureMeta.from_json((out_dir / META_FILE).read_text())
-    progress = _read_progress(out_dir)
-    if progress is None or progress.inputs_hash != meta.inputs_hash:
-        raise FeatureError(f"{out_dir}: progress does not belong to these features; re-extract")
-    if progress.rows_done < len(meta.item_ids):
-        raise FeatureError(
-            f"{out_dir}: extraction incomplete ({progress.rows_done} of {len(meta.item_ids)} "
-            "rows); run extract_features again to finish it"
-        )
-    try:
-        array = np.load(out_dir / FEATURES_FILE, mmap_mode="r")
-    except (OSError, ValueError) as err:
-        raise FeatureError(f"{out_dir / FEATURES_FILE} is not a readable .npy file: {err}") from err
-    if array.shape != meta.shape or array.dtype != np.dtype(meta.dtype):
-        raise FeatureError(
-            f"{out_dir}: array is {array.dtype} {array.shape}, "
-            f"metadata says {meta.dtype} {meta.shape}"
-        )
-    return array, meta

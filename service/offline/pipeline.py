@@ -11,9 +11,10 @@ import torch
 
 from service.model.acf import ACF
 from service.model.checkpoint import Checkpoint, code_version
+from service.model.feature_store import FeatureMeta, load_features
+from service.offline.attention import attention_probe
 from service.offline.data import Dataset, Split, leave_last_out, load_dataset
 from service.offline.evaluate import validation_task
-from service.offline.features import FeatureMeta, load_features
 from service.offline.sampling import build_samples
 from service.offline.train import TrainConfig, TrainResult, build_model, train
 
@@ -62,14 +63,17 @@ def fit(
         split.train_sequences(), n_items=split.n_items, profile_size=config.profile_size
     )
     model = build_model(config, split, prepared.features)
-    rng = np.random.default_rng(config.seed)
+    validation = validation_task(split, profile_size=config.profile_size)
+    # Its own generator, so the probe leaves the training shuffles as they were.
+    probe = attention_probe(validation, np.random.default_rng([config.seed, 1]))
     return train(
         model,
         samples,
-        validation_task(split, profile_size=config.profile_size),
+        validation,
         config,
         device=device,
-        rng=rng,
+        rng=np.random.default_rng(config.seed),
+        probe=probe,
         progress=progress,
     )
 

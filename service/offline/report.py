@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from service.offline.attention import COMPONENT_ENTROPY, ITEM_ENTROPY
 from service.offline.metrics import Interval
+
+log = logging.getLogger(__name__)
 
 # The VisRec tutorial's ACF on its Wikimedia Commons dataset (README of the tutorial), quoted for
 # reference only: another dataset, so the numbers are not comparable one to one.
@@ -22,6 +26,7 @@ TUTORIAL_WIKIMEDIA: dict[str, float] = {
     "nDCG@100": 0.03781,
 }
 DIFF_METRICS = ("R@20", "nDCG@20", "AUC", "RR", "R@100", "nDCG@100")
+ATTENTION_LINES = ((ITEM_ENTROPY, "item", "o-"), (COMPONENT_ENTROPY, "component", "s--"))
 
 
 @dataclass(frozen=True)
@@ -135,27 +140,42 @@ def _cell(iv: Interval) -> str:
 
 
 def plot_history(runs: Sequence[ModelRun], path: Path) -> None:
-    """Training loss and validation nDCG@20 / R@20 per epoch, one line per model."""
+    """Per epoch, one line per model: training loss, validation nDCG@20 and R@20, and how
+    peaked the attention is (normalised entropy; 1.0, drawn as "flat", is uniform weights)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; never needs a display
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for run in runs:
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    panels = {
+        "loss": ("training loss", axes[0, 0]),
+        "nDCG@20": ("validation nDCG@20", axes[0, 1]),
+        "R@20": ("validation R@20", axes[1, 0]),
+    }
+    attention = axes[1, 1]
+    for i, run in enumerate(runs):
         if not run.history:
-            continue
+            continue  # nothing trained (popularity)
         epochs = [h["epoch"] for h in run.history]
-        for ax, key in zip(axes, ("loss", "nDCG@20", "R@20"), strict=True):
-            ax.plot(epochs, [h[key] for h in run.history], marker="o", label=run.name)
-    for ax, title in zip(
-        axes, ("training loss", "validation nDCG@20", "validation R@20"), strict=True
-    ):
+        for key, (_, ax) in panels.items():
+            ax.plot(epochs, [h[key] for h in run.history], "o-", color=f"C{i}", label=run.name)
+        for key, level, style in ATTENTION_LINES:
+            if key in run.history[0]:
+                values = [h[key] for h in run.history]
+                attention.plot(epochs, values, style, color=f"C{i}", label=f"{run.name} {level}")
+    attention.axhline(1.0, color="grey", linestyle=":", label="flat")
+    attention.set_ylim(0.0, 1.05)  # 0 = all weight on one choice, 1 = uniform
+    panels["attention"] = ("attention: normalised entropy (1 = flat)", attention)
+    for title, ax in panels.values():
         ax.set_title(title)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize="small")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    log.info("training curves: %s", path)

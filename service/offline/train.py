@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import time
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
@@ -14,15 +15,18 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from service.model.acf import ACF, ACFConfig
+from service.offline.attention import LEVELS, Probe, attention_stats, flat_levels
 from service.offline.baselines import BPRMF, VBPR, Popularity
 from service.offline.data import Split
 from service.offline.evaluate import Task, evaluate
-from service.offline.runtime import bar_interval
 from service.offline.sampling import Batch, Samples, epoch_batches
+from service.runtime import bar_interval
 
 ModelName = Literal["acf", "acf_mean_pool", "bpr_mf", "vbpr", "popularity"]
 MODELS: tuple[ModelName, ...] = ("acf", "popularity", "bpr_mf", "vbpr", "acf_mean_pool")
 SELECTION_METRIC = "nDCG@20"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -156,10 +160,15 @@ def train(
     *,
     device: torch.device,
     rng: np.random.Generator,
+    probe: Probe | None = None,
     progress: bool = True,
 ) -> TrainResult:
     """Adam on the pairwise loss; keeps the weights of the epoch with the best validation
-    nDCG@20 (not the lowest loss) and stops after ``patience`` epochs without improvement."""
+    nDCG@20 (not the lowest loss) and stops after ``patience`` epochs without improvement.
+
+    With a ``probe``, every epoch's row of the history also holds ACF's attention statistics
+    (:func:`~service.offline.attention.attention_stats`), and a warning is logged when the kept
+    epoch's attention is flat."""
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -185,6 +194,8 @@ def train(
             "seconds": time.perf_counter() - started,
             **_validate(model, validation, device),
         }
+        if probe is not None and isinstance(model, ACF):
+            row |= attention_stats(model, probe)
         history.append(row)
         best = max(h[SELECTION_METRIC] for h in history)
         if row[SELECTION_METRIC] >= best:
@@ -193,12 +204,32 @@ def train(
             tqdm.write(
                 f"{config.model} epoch {epoch}: loss {loss:.4f}  "
                 f"val nDCG@20 {row['nDCG@20']:.4f}  R@20 {row['R@20']:.4f}  "
-                f"({row['seconds']:.1f} s)"
+                f"{_attention_note(row)}({row['seconds']:.1f} s)"
             )
         if config.patience and epoch - best_epoch >= config.patience:
             break
     model.load_state_dict(best_state)
+    _warn_if_flat(config.model, history[best_epoch - 1], best_epoch)
     return TrainResult(model.eval(), best_epoch, history)
+
+
+def _attention_note(row: dict[str, float]) -> str:
+    parts = [f"{level} {row[key]:.3f}" for level, key in LEVELS.items() if key in row]
+    return f"attention entropy {', '.join(parts)}  " if parts else ""
+
+
+def _warn_if_flat(model: str, row: dict[str, float], epoch: int) -> None:
+    for level in flat_levels(row):
+        log.warning(
+            "%s: %s-level attention is flat at the kept epoch %d (normalised entropy %.3f; "
+            "1.0 = uniform weights): the known failure of ACF without regularisation, the "
+            "%s are averaged rather than attended",
+            model,
+            level,
+            epoch,
+            row[LEVELS[level]],
+            "profile items" if level == "item" else "image components",
+        )
 
 
 def _run_epoch(

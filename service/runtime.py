@@ -1,4 +1,4 @@
-"""Process-level settings for the offline entry points."""
+"""Process-level settings shared by the entry points (offline commands and the service)."""
 
 from __future__ import annotations
 

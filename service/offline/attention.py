@@ -1,0 +1,82 @@
+"""How peaked ACF's attention is, measured after every epoch.
+
+Flat attention (every weight 1/n, so the profile is averaged rather than attended) is this
+model's known failure without regularisation, and the loss does not show it. The statistics are
+the normalised entropy (entropy / log n over the n real choices: 1.0 = uniform, 0.0 = one-hot)
+and the mean largest weight, for the item level (over the non-PAD profile items) and the
+component level (over the K components of each real profile item).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from service.model.acf import ACF, PAD
+from service.offline.evaluate import Task
+
+PROBE_USERS = 256  # enough for means to two decimals; a fraction of one validation pass
+FLAT = 0.98  # normalised entropy above this counts as flat
+ITEM_ENTROPY = "item_attention_entropy"
+ITEM_MAX = "item_attention_max"
+COMPONENT_ENTROPY = "component_attention_entropy"
+COMPONENT_MAX = "component_attention_max"
+LEVELS = {"item": ITEM_ENTROPY, "component": COMPONENT_ENTROPY}
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A fixed sample of validation users and their profiles, looked at after every epoch."""
+
+    users: Tensor  # (B,)
+    profiles: Tensor  # (B, L) items, PAD-filled
+
+
+def attention_probe(task: Task, rng: np.random.Generator, *, size: int = PROBE_USERS) -> Probe:
+    """Up to ``size`` users of ``task``, drawn once so every epoch sees the same ones."""
+    rows = np.sort(rng.choice(len(task.users), size=min(size, len(task.users)), replace=False))
+    return Probe(torch.as_tensor(task.users[rows]), torch.as_tensor(task.profiles[rows]))
+
+
+def peakedness(weights: Tensor, support: Tensor) -> tuple[float, float]:
+    """Mean normalised entropy and mean largest weight of distributions over the last dim.
+
+    ``weights`` (..., n) sum to 1 over ``support`` (..., n, bool) and are 0 elsewhere. Rows with
+    fewer than two supported entries have no choice to make and are left out; NaN if none is left.
+    """
+    count = support.sum(-1)
+    rows = count >= 2
+    if not bool(rows.any()):
+        return math.nan, math.nan
+    entropy = -torch.special.xlogy(weights, weights).sum(-1)  # 0 log 0 = 0
+    normalised = entropy[rows] / count[rows].double().log()
+    return float(normalised.mean()), float(weights.amax(-1)[rows].mean())
+
+
+@torch.no_grad()
+def attention_stats(model: ACF, probe: Probe) -> dict[str, float]:
+    """Item- and component-level peakedness on ``probe``; no component statistics for the
+    mean-pool ablation, whose component weights are fixed at 1/K."""
+    device = model.features.device
+    users, profiles = probe.users.to(device), probe.profiles.to(device)
+    items, rows = torch.unique(profiles, return_inverse=True)  # encode the probe's items only
+    attended = model.attend(users, profiles, model.encode_items(model.features[items]), rows)
+    mask = profiles != PAD  # (B, L)
+    item_entropy, item_max = peakedness(attended.item_attention, mask)
+    stats = {ITEM_ENTROPY: item_entropy, ITEM_MAX: item_max}
+    if model.config.component_pool == "attention":
+        slots = attended.component_attention[mask]  # (S, K), real profile items only
+        entropy, largest = peakedness(slots, torch.ones_like(slots, dtype=torch.bool))
+        stats |= {COMPONENT_ENTROPY: entropy, COMPONENT_MAX: largest}
+    return stats
+
+
+def flat_levels(stats: Mapping[str, float], *, threshold: float = FLAT) -> list[str]:
+    """The attention levels ("item", "component") whose normalised entropy is above
+    ``threshold``; NaN or missing statistics never count as flat."""
+    return [level for level, key in LEVELS.items() if stats.get(key, math.nan) > threshold]
