@@ -9,7 +9,7 @@ SERVE_DATA := $(if $(filter command line,$(origin DATA)),$(DATA),)
 # which nothing here needs, hence --no-deps.
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install serve test lint reproduce bench clean
+.PHONY: install serve test lint reproduce bench bench-serve clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ reproduce: install
 
 bench: install
 	$(BIN)/python benchmarks/train_throughput.py $(DATA)
+
+# wrk (Debian's package) is the load generator; the benchmark starts its own servers.
+bench-serve: install
+	command -v wrk >/dev/null || apt-get install -y wrk
+	$(BIN)/python benchmarks/serve_load.py $(DATA)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -17,3 +18,8 @@ class Settings(BaseSettings):
     redis_prefix: str = "visrec"
     device: str = "auto"
     index: Literal["flat", "ivf", "hnsw"] = "flat"
+    # How long a request waits for others to share its model call. Requests that queue while
+    # a call runs share the next one anyway; a 1.5 ms window added 1.6 ms at one connection and
+    # gave no clear gain under load (benchmarks/serve_load.py, 2 cores), hence 0.
+    batch_window_ms: Annotated[float, Field(ge=0, le=50)] = 0.0
+    cpu_threads: Annotated[int, Field(ge=1)] = 1  # torch threads for the model on the CPU

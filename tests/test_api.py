@@ -134,6 +134,18 @@ def test_an_anonymous_history_is_recommended_for(client: TestClient, world: Worl
     assert np.mean(world.item_kinds[items - 1] == 0) > 0.5
 
 
+def test_an_anonymous_history_is_explained_as_it_is_ranked(
+    client: TestClient, world: World
+) -> None:
+    history = (np.flatnonzero(world.item_kinds == 2) + 1)[:12].tolist()
+    top = client.post("/recommend", json={"history": history, "k": 1}).json()["items"][0]
+    why = client.post("/explain", json={"history": history, "item_id": top["item_id"]}).json()
+    assert [p["item_id"] for p in why["profile"]] == history[-9:]
+    assert sum(p["attention"] for p in why["profile"]) == pytest.approx(1.0, abs=1e-5)
+    assert why["user_id"] is None
+    assert why["score"] == pytest.approx(top["score"], rel=1e-4)
+
+
 @pytest.mark.parametrize(
     ("method", "url", "kwargs"),
     [
@@ -152,6 +164,8 @@ def test_an_anonymous_history_is_recommended_for(client: TestClient, world: Worl
         ("post", "/recommend", {"json": {"history": [1, 2, 424242]}}),
         ("get", "/explain/1", {"params": {"item_id": 424242}}),
         ("get", "/explain/1", {}),
+        ("post", "/explain", {"json": {"history": [1, 424242], "item_id": 1}}),
+        ("post", "/explain", {"json": {"history": [1, 2]}}),
     ],
 )
 def test_bad_input_is_a_4xx_with_a_reason(
@@ -195,3 +209,13 @@ def test_metrics_count_requests_per_endpoint_and_stage(client: TestClient) -> No
     assert count and int(float(count.group(1))) >= 2
     assert 'visrec_stage_seconds_count{stage="model"}' in text
     assert 'visrec_stage_seconds_count{stage="store"}' in text
+
+
+def test_metrics_label_refused_requests_with_their_status(client: TestClient) -> None:
+    client.get("/recommend/1", params={"k": 0})
+    text = client.get("/metrics").text
+    assert re.search(
+        r'visrec_request_seconds_count\{endpoint="/recommend/\{user_id\}",method="GET",'
+        r'status="422"\} [1-9]',
+        text,
+    )

@@ -70,3 +70,23 @@ def test_submitting_to_a_stopped_batcher_fails_clearly() -> None:
 
     with pytest.raises(RuntimeError, match="not running"):
         asyncio.run(main())
+
+
+def test_requests_that_arrive_during_a_call_form_the_next_batch() -> None:
+    calls: list[list[int]] = []
+    started = threading.Event()
+
+    def slow(xs: Sequence[int]) -> list[int]:
+        calls.append(list(xs))
+        started.set()
+        threading.Event().wait(0.05)  # the model is busy
+        return list(xs)
+
+    async def main() -> None:
+        async with MicroBatcher(slow, window_s=0.0) as batcher:
+            first = asyncio.create_task(batcher.submit(0))
+            await asyncio.to_thread(started.wait)
+            await asyncio.gather(first, *(batcher.submit(x) for x in range(1, 21)))
+
+    asyncio.run(main())
+    assert calls == [[0], list(range(1, 21))]  # no window, yet one call for the queued twenty

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any
 
+import torch
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
@@ -15,6 +17,7 @@ from service.api.batcher import MicroBatcher
 from service.api.metrics import Metrics
 from service.api.schemas import (
     MAX_K,
+    ExplainRequest,
     ExplainResponse,
     HistoryRequest,
     InteractionsRequest,
@@ -50,6 +53,10 @@ class State:
 
 def _load(settings: Settings) -> Recommender:
     device = pick_device(settings.device)
+    if device.type == "cpu":
+        # A request's model work is a few small ops: extra intra-op threads only add hand-off
+        # latency, and the web server needs the other cores.
+        torch.set_num_threads(settings.cpu_threads)
     features, meta = load_features(settings.features)
     ckpt = load_checkpoint(settings.checkpoint, map_location=device)
     return load_recommender(
@@ -79,8 +86,12 @@ def create_app(
             store, name = MemoryProfileStore(), "memory"
         if profiles:
             await store.load(profiles)
+        # Everything loaded so far lives as long as the app: keep it out of the cyclic garbage
+        # collector's full passes, whose pauses were the p99 of a loaded server.
+        gc.freeze()
         try:
-            async with MicroBatcher(engine.recommend) as batcher:
+            window = settings.batch_window_ms / 1000
+            async with MicroBatcher(engine.recommend, window_s=window) as batcher:
                 yield {"app_state": State(engine, store, name, batcher)}
         finally:
             await store.close()
@@ -142,10 +153,10 @@ def _routes(app: FastAPI, metrics: Metrics) -> None:
         exclude_seen: bool = True,
     ) -> RecommendResponse:
         with store_stage.time():
-            (history,) = await state.store.recent([user_id])
-            seen = (await state.store.seen([user_id]))[0] if exclude_seen else set()
+            (profile,) = await state.store.profiles([user_id])
+        seen = profile.seen if exclude_seen else frozenset()
         with model_stage.time():
-            rec = await state.batcher.submit(RecQuery(user_id, history, seen, k, offset))
+            rec = await state.batcher.submit(RecQuery(user_id, profile.recent, seen, k, offset))
         return _response(user_id, rec, state.engine.version)
 
     @app.post("/recommend", response_model=RecommendResponse)
@@ -167,22 +178,36 @@ def _routes(app: FastAPI, metrics: Metrics) -> None:
         return InteractionsResponse(received=len(events), applied=applied)
 
     @app.get("/explain/{user_id}", response_model=ExplainResponse)
-    async def explain(user_id: str, item_id: int, state: StateDep) -> ExplainResponse:
+    async def explain_user(user_id: str, item_id: int, state: StateDep) -> ExplainResponse:
         (history,) = await state.store.recent([user_id])
-        why = await run_in_threadpool(state.engine.explain, user_id, history, item_id)
-        profile = [
-            ProfileItem(item_id=raw, attention=float(a), components=c.tolist())
-            for raw, a, c in zip(
-                state.engine.raw_ids(why.profile),
-                why.item_attention,
-                why.component_attention,
-                strict=True,
-            )
-        ]
-        return ExplainResponse(
-            user_id=user_id,
-            item_id=item_id,
-            score=why.score,
-            profile=profile,
-            model_version=state.engine.version,
+        return await _explain(state, user_id, history, item_id)
+
+    @app.post("/explain", response_model=ExplainResponse)
+    async def explain_history(body: ExplainRequest, state: StateDep) -> ExplainResponse:
+        unknown = state.engine.unknown_items(body.history)
+        if unknown:
+            raise UnknownItemsError(unknown)
+        return await _explain(state, None, body.history, body.item_id)
+
+
+async def _explain(
+    state: State, user_id: str | None, history: Sequence[int], item_id: int
+) -> ExplainResponse:
+    """The attentions behind ``item_id`` over the profile that ``/recommend`` ranks with."""
+    why = await run_in_threadpool(state.engine.explain, user_id, history, item_id)
+    profile = [
+        ProfileItem(item_id=raw, attention=float(a), components=c.tolist())
+        for raw, a, c in zip(
+            state.engine.raw_ids(why.profile),
+            why.item_attention,
+            why.component_attention,
+            strict=True,
         )
+    ]
+    return ExplainResponse(
+        user_id=user_id,
+        item_id=item_id,
+        score=why.score,
+        profile=profile,
+        model_version=state.engine.version,
+    )

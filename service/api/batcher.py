@@ -1,8 +1,9 @@
-"""Micro-batching: requests arriving within a short window share one model call.
+"""Micro-batching: concurrent requests share one model call.
 
-One attention forward and one FAISS search for 32 users cost little more than for one, so
-concurrent requests wait up to ``window_s`` for company. The batch function runs on a single
-worker thread, never on the event loop, and calls into torch/FAISS one batch at a time.
+One attention forward and one FAISS search for 32 users cost little more than for one. A batch
+is every request that queued while the previous call ran, plus those arriving within
+``window_s`` of its first request (0: no waiting, only what has queued). The batch function runs
+on a single worker thread, never on the event loop, one batch at a time.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ class MicroBatcher(Generic[Q, R]):
         self,
         fn: Callable[[Sequence[Q]], Sequence[R]],
         *,
-        window_s: float = 0.0015,
+        window_s: float = 0.0,
         max_batch: int = 256,
     ) -> None:
         self._fn = fn
@@ -52,16 +53,19 @@ class MicroBatcher(Generic[Q, R]):
         loop = asyncio.get_running_loop()
         while True:
             batch = [await self._queue.get()]
+            self._take_waiting(batch)  # requests that queued while the last batch ran
             deadline = loop.time() + self._window_s
-            while len(batch) < self._max_batch:
-                timeout = deadline - loop.time()
-                if timeout <= 0:
-                    break
+            while len(batch) < self._max_batch and (timeout := deadline - loop.time()) > 0:
                 try:
                     batch.append(await asyncio.wait_for(self._queue.get(), timeout))
                 except TimeoutError:
                     break
+                self._take_waiting(batch)
             await self._call(loop, batch)
+
+    def _take_waiting(self, batch: list[tuple[Q, asyncio.Future[R]]]) -> None:
+        while len(batch) < self._max_batch and not self._queue.empty():
+            batch.append(self._queue.get_nowait())
 
     async def _call(
         self, loop: asyncio.AbstractEventLoop, batch: list[tuple[Q, asyncio.Future[R]]]

@@ -50,6 +50,11 @@ class ProfileItem(BaseModel):
     components: list[list[float]] = Field(description="7x7 component attention, sums to 1")
 
 
+class ExplainRequest(BaseModel):
+    history: list[int] = Field(max_length=MAX_HISTORY, description="raw item ids, oldest first")
+    item_id: int
+
+
 class ExplainResponse(BaseModel):
     user_id: str | None
     item_id: int
