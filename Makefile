@@ -9,7 +9,7 @@ SERVE_DATA := $(if $(filter command line,$(origin DATA)),$(DATA),)
 # which nothing here needs, hence --no-deps.
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install serve test lint reproduce bench bench-serve clean
+.PHONY: install browser serve test lint reproduce bench bench-serve clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +24,12 @@ install: $(BIN)/python
 serve: install
 	$(BIN)/visrec-serve $(SERVE_DATA)
 
-test: install
+# tests/test_ui.py drives Debian's headless chromium through chromedriver.
+browser:
+	@[ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ] || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
+
+test: install browser
 	$(BIN)/python -m pytest -q
 
 lint:

@@ -23,3 +23,6 @@ class Settings(BaseSettings):
     # gave no clear gain under load (benchmarks/serve_load.py, 2 cores), hence 0.
     batch_window_ms: Annotated[float, Field(ge=0, le=50)] = 0.0
     cpu_threads: Annotated[int, Field(ge=1)] = 1  # torch threads for the model on the CPU
+    # The dataset folder whose items.csv titles and images the explanation page shows; without
+    # one the page shows item ids instead of images.
+    data: Path | None = None

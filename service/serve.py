@@ -84,7 +84,9 @@ def main() -> None:
     keep_freed_memory()
     device = pick_device(args.device)
     dataset, features, checkpoint = prepare_serving(args.data, args.work_dir, device)
-    settings = Settings(checkpoint=checkpoint, features=features, device=str(device))
+    settings = Settings(
+        checkpoint=checkpoint, features=features, device=str(device), data=dataset.root
+    )
     # The in-process store starts from the dataset's histories; a Redis store keeps its own.
     load = args.load_profiles or not settings.redis_url
     profiles = histories(dataset) if load else None

@@ -27,6 +27,8 @@ from service.api.schemas import (
     RecommendResponse,
     ScoredItem,
 )
+from service.api.ui import install_ui
+from service.catalogue import load_catalogue
 from service.config import Settings
 from service.model.checkpoint import load_checkpoint
 from service.model.feature_store import load_features
@@ -77,6 +79,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         engine = await run_in_threadpool(_load, settings)
+        catalogue = await run_in_threadpool(load_catalogue, settings.data)  # titles, images
         if settings.redis_url:
             store: ProfileStore = RedisProfileStore.from_url(
                 settings.redis_url, prefix=settings.redis_prefix
@@ -92,7 +95,7 @@ def create_app(
         try:
             window = settings.batch_window_ms / 1000
             async with MicroBatcher(engine.recommend, window_s=window) as batcher:
-                yield {"app_state": State(engine, store, name, batcher)}
+                yield {"app_state": State(engine, store, name, batcher), "catalogue": catalogue}
         finally:
             await store.close()
 
@@ -100,6 +103,7 @@ def create_app(
     metrics = Metrics()
     metrics.install(app)
     _routes(app, metrics)
+    install_ui(app)
 
     @app.exception_handler(UnknownItemsError)
     async def unknown_items(request: Request, exc: UnknownItemsError) -> JSONResponse:

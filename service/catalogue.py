@@ -1,0 +1,70 @@
+"""Item titles and images of a dataset folder, for the explanation page.
+
+Read from the folder's ``items.csv`` (``item_id,title,genres,image``; ``image`` relative to the
+folder). An image path is kept only when it resolves, symlinks followed, to an image file inside
+the folder: whatever a row says, nothing outside the dataset folder is ever served.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+log = logging.getLogger("visrec.catalogue")
+IMAGE_TYPES = {
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".png": "image/png",
+    ".gif": "image/gif",
+    ".webp": "image/webp",
+}
+
+
+@dataclass(frozen=True)
+class CatalogueItem:
+    item_id: int
+    title: str
+    image: Path | None  # absolute, inside the dataset folder; None when missing or unsafe
+
+    @property
+    def media_type(self) -> str | None:
+        return IMAGE_TYPES.get(self.image.suffix.lower()) if self.image else None
+
+
+@dataclass(frozen=True)
+class Catalogue:
+    items: dict[int, CatalogueItem] = field(default_factory=dict)
+
+    def get(self, item_id: int) -> CatalogueItem | None:
+        return self.items.get(item_id)
+
+
+def safe_image_path(root: Path, relative: str) -> Path | None:
+    """``root / relative`` resolved, or None unless it is an existing image file inside ``root``
+    (no absolute paths, no ``..``, no symlink leading out, no other file types)."""
+    parts = PurePosixPath(relative.replace("\\", "/"))
+    if not relative or parts.is_absolute() or ".." in parts.parts:
+        return None
+    base = root.resolve()
+    path = (base / parts).resolve()
+    if not path.is_relative_to(base) or not path.is_file():
+        return None
+    return path if path.suffix.lower() in IMAGE_TYPES else None
+
+
+def load_catalogue(folder: Path | None) -> Catalogue:
+    """The items of ``folder/items.csv``; an empty catalogue when ``folder`` is None."""
+    if folder is None:
+        return Catalogue()
+    items: dict[int, CatalogueItem] = {}
+    with (folder / "items.csv").open(newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            item_id = int(row["item_id"])
+            image = safe_image_path(folder, row.get("image") or "")
+            items[item_id] = CatalogueItem(item_id, row.get("title") or "", image)
+    missing = sum(item.image is None for item in items.values())
+    if missing:
+        log.warning("%d of %d items have no image inside %s", missing, len(items), folder)
+    return Catalogue(items)

@@ -1,0 +1,213 @@
+"""The explanation page in a real browser: a uvicorn server on the synthetic world, opened in
+Debian's headless Chromium through chromedriver. Saves screenshots to test-artifacts/."""
+
+from __future__ import annotations
+
+import http.client
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import torch
+import uvicorn
+from selenium import webdriver
+from selenium.webdriver.chrome.options import Options
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.wait import WebDriverWait
+
+from service.api.app import create_app
+from service.config import Settings
+from service.model.checkpoint import save_checkpoint
+from service.offline.data import load_dataset
+from service.offline.pipeline import fit, prepare, to_checkpoint
+from service.offline.synthetic import World
+from service.offline.train import TrainConfig
+from service.serve import histories
+
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+CONFIG = TrainConfig(dim=16, attention_dim=16, epochs=6, batch_size=128, lr=1e-2)
+USER = "7"
+# Everything the test reads off the page, in one round trip; numbers are the ones shown.
+PAGE = """
+const all = (sel, root = document) => [...root.querySelectorAll(sel)];
+const ids = (sel) => all(sel).map((e) => Number(e.dataset.itemId));
+const number = (e) => parseFloat(e.textContent.split(" ").pop());
+const rect = (e) => { const r = e.getBoundingClientRect(); return [r.x, r.y, r.width, r.height]; };
+return {
+  busy: document.body.dataset.busy,
+  status: document.getElementById("status").textContent,
+  url: location.href,
+  target: Number(document.getElementById("target").dataset.itemId),
+  targetText: document.getElementById("target").textContent,
+  profile: ids("#profile .profile-item"),
+  attention: all("#profile .attention").map(number),
+  heatmaps: all("#profile .profile-item").map((card) => ({
+    opacity: all(".heatmap .cell", card).map((c) => parseFloat(getComputedStyle(c).opacity)),
+    heatmap: rect(card.querySelector(".heatmap")),
+    image: rect(card.querySelector("img")),
+  })),
+  recs: ids("#recommendations .rec"),
+  scores: all("#recommendations .score").map(number),
+  selected: ids("#recommendations .rec.selected"),
+  images: all("img").map((i) => ({ src: i.src, loaded: i.complete && i.naturalWidth > 0 })),
+};
+"""
+
+
+@pytest.fixture(scope="module")
+def server(
+    world: World, world_features: tuple[Path, np.ndarray], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """The service on a free loopback port, in a thread; its base URL."""
+    prepared = prepare(world.root, world_features[0])
+    result = fit(prepared, CONFIG, device=torch.device("cpu"), progress=False)
+    ckpt = tmp_path_factory.mktemp("ui") / "acf.pt"
+    save_checkpoint(ckpt, to_checkpoint(prepared, result, CONFIG))
+    settings = Settings(checkpoint=ckpt, features=world_features[0], device="cpu", data=world.root)
+    app = create_app(settings, profiles=histories(load_dataset(world.root)))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[webdriver.Chrome]:
+    missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.is_file()]
+    if missing:
+        pytest.fail(
+            f"the browser test needs Debian's chromium and chromium-driver; missing: {missing}. "
+            "Install them with `apt-get install -y chromium chromium-driver` (.ci/run does)."
+        )
+    options = Options()
+    options.binary_location = str(CHROMIUM)
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        options.add_argument(arg)
+    options.add_argument("--window-size=1400,1300")
+    driver = webdriver.Chrome(options=options, service=Service(str(CHROMEDRIVER)))
+    yield driver
+    driver.quit()
+
+
+def _page(browser: webdriver.Chrome) -> dict[str, Any]:
+    state: dict[str, Any] = browser.execute_script(PAGE)
+    return state
+
+
+def _settled(browser: webdriver.Chrome, done: Any, what: str) -> dict[str, Any]:
+    """Wait until the page is idle, every image has loaded and ``done(page)`` holds."""
+
+    def ready(driver: webdriver.Chrome) -> dict[str, Any] | None:
+        page = _page(driver)
+        idle = page["busy"] == "false" and all(i["loaded"] for i in page["images"])
+        return page if idle and done(page) else None
+
+    try:
+        page: dict[str, Any] = WebDriverWait(browser, 30, poll_frequency=0.1).until(ready)
+    except Exception as exc:
+        raise AssertionError(f"page never showed {what}; last state: {_page(browser)}") from exc
+    return page
+
+
+def _check_against_api(page: dict[str, Any], api: httpx.Client, target: int) -> None:
+    """The page shows what the JSON API says: profile, both attentions, recommendations."""
+    why = api.get(f"/explain/{USER}", params={"item_id": target}).json()
+    recs = api.get(f"/recommend/{USER}", params={"k": 10}).json()["items"]
+    assert page["status"] == ""
+    assert page["target"] == target
+    assert f"score {why['score']:.3f}" in page["targetText"]
+    assert page["profile"] == [p["item_id"] for p in why["profile"]]
+    assert page["attention"] == pytest.approx([p["attention"] for p in why["profile"]], abs=1e-3)
+    for shown, p in zip(page["heatmaps"], why["profile"], strict=True):
+        weights = np.ravel(p["components"])  # row by row, as the CSS grid fills its cells
+        assert shown["opacity"] == pytest.approx(0.75 * weights / weights.max(), abs=2e-3)
+        assert shown["heatmap"] == pytest.approx(shown["image"], abs=1)  # covers the image
+        assert shown["image"][2] > 50  # drawn at a visible size
+    assert page["recs"] == [r["item_id"] for r in recs]
+    assert page["scores"] == pytest.approx([r["score"] for r in recs], abs=1e-3)
+    assert page["selected"] == ([target] if target in page["recs"] else [])
+    srcs = {i["src"].removeprefix(str(api.base_url)) for i in page["images"]}
+    assert {f"/items/{i}/image" for i in page["profile"] + page["recs"]} <= srcs
+
+
+def test_the_page_explains_and_follows_new_interactions(
+    server: str, browser: webdriver.Chrome
+) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    api = httpx.Client(base_url=server)
+    browser.get(f"{server}/ui/users/{USER}")
+    page = _settled(browser, lambda p: len(p["profile"]) == 9 and len(p["recs"]) == 10, "items")
+    assert len(page["images"]) == 9 + 10 + 1  # profile, recommendations, the explained item
+    assert all(len(h["opacity"]) == 49 for h in page["heatmaps"])
+    _check_against_api(page, api, target=page["recs"][0])  # by default: the top one
+    browser.save_screenshot(str(ARTIFACTS / "ui.png"))
+
+    clicked = page["recs"][2]
+    browser.find_elements(By.CSS_SELECTOR, "#recommendations .rec")[2].click()
+    page = _settled(browser, lambda p: p["target"] == clicked, f"the explanation of {clicked}")
+    assert page["url"].endswith(f"?item_id={clicked}")
+    _check_against_api(page, api, target=clicked)
+
+    before = page
+    added = page["recs"][1]
+    field = browser.find_element(By.CSS_SELECTOR, "#add-interaction input[name=item_id]")
+    field.send_keys(str(added))
+    browser.find_element(By.CSS_SELECTOR, "#add-interaction button").click()
+    page = _settled(browser, lambda p: p["profile"][-1:] == [added], f"item {added} added")
+    assert page["profile"] == [*before["profile"][1:], added]  # the oldest one made room
+    assert added not in page["recs"]  # seen now
+    assert len(page["heatmaps"][-1]["opacity"]) == 49
+    assert sum(page["attention"]) == pytest.approx(1, abs=5e-3)
+    _check_against_api(page, api, target=clicked)  # still the item chosen by the click
+    browser.save_screenshot(str(ARTIFACTS / "ui-after-adding.png"))
+
+
+def test_an_unknown_item_is_refused_on_the_page(server: str, browser: webdriver.Chrome) -> None:
+    browser.get(f"{server}/ui/users/someone-new")
+    _settled(browser, lambda p: len(p["recs"]) == 10, "popular items")
+    browser.find_element(By.CSS_SELECTOR, "#add-interaction input[name=item_id]").send_keys("9999")
+    browser.find_element(By.CSS_SELECTOR, "#add-interaction button").click()
+    page = _settled(browser, lambda p: "9999" in p["status"], "an error")
+    assert page["profile"] == []
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/items/..%2f..%2f..%2f..%2fetc%2fpasswd/image",
+        "/items/%2e%2e%2f%2e%2e%2fetc%2fpasswd/image",
+        "/items/../../../../etc/passwd",
+        "/items/1/../../../../etc/passwd",
+        "/items/424242/image",
+        "/items/1.5/image",
+        "/ui/static/..%2f..%2f..%2fconfig.py",
+        "/ui/static/../../../../etc/passwd",
+        "/ui/static/%2e%2e/app.py",
+    ],
+)
+def test_no_path_leaves_the_dataset_folder(server: str, path: str) -> None:
+    """Raw request lines, so that no client normalises the path first."""
+    host, port = server.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    conn.request("GET", path)
+    r = conn.getresponse()
+    body = r.read()
+    assert 400 <= r.status < 500
+    assert b"root:" not in body
+    assert b"import" not in body
