@@ -9,7 +9,7 @@ SERVE_DATA := $(if $(filter command line,$(origin DATA)),$(DATA),)
 # which nothing here needs, hence --no-deps.
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install browser serve test lint reproduce bench bench-serve clean
+.PHONY: install browser serve test lint reproduce bench bench-serve bench-reload bench-faults bench-soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +21,9 @@ install: $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[test,lint]'
 
 # With no DATA on the command line: a generated synthetic world (trained in a minute or two).
+# A local run: development mode (no API keys) unless VISREC_ENVIRONMENT says otherwise.
 serve: install
-	$(BIN)/visrec-serve $(SERVE_DATA)
+	VISREC_ENVIRONMENT=$${VISREC_ENVIRONMENT:-development} $(BIN)/visrec-serve $(SERVE_DATA)
 
 # tests/test_ui.py drives Debian's headless chromium through chromedriver.
 browser:
@@ -46,6 +47,20 @@ bench: install
 bench-serve: install
 	command -v wrk >/dev/null || apt-get install -y wrk
 	$(BIN)/python benchmarks/serve_load.py $(DATA)
+
+# Model swaps (POST /admin/reload, SIGHUP) while wrk drives a real server: no request may fail.
+bench-reload: install
+	command -v wrk >/dev/null || apt-get install -y wrk
+	$(BIN)/python benchmarks/reload_load.py $(DATA)
+
+# Redis and the API killed and restarted under a steady load: nothing acknowledged may be lost.
+bench-faults: install
+	$(BIN)/python -m benchmarks.fault_injection
+
+# Several minutes at about 1,000 requests/s: errors, and the server's memory at start and end.
+bench-soak: install
+	command -v wrk >/dev/null || apt-get install -y wrk
+	$(BIN)/python benchmarks/soak.py $(DATA)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

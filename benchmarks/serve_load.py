@@ -128,38 +128,35 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def wait_healthy(url: str, proc: subprocess.Popen[bytes], *, timeout_s: float = 300) -> None:
+    """Return once ``url``/healthz answers (the lifespan has loaded everything)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode}")
+        try:
+            urllib.request.urlopen(f"{url}/healthz", timeout=1).read()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
 @contextmanager
-def server(kind: str, settings: Settings, histories: Path) -> Iterator[str]:
-    """A server subprocess; yields its base URL once /healthz answers."""
+def server(
+    kind: str, settings: Settings, histories: Path
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """A server subprocess (this script with ``--serve``); yields its URL and process once
+    /healthz answers."""
     port = free_port()
     env = {**os.environ, **{f"VISREC_{k.upper()}": str(v) for k, v in settings if v is not None}}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            __file__,
-            "--serve",
-            kind,
-            "--histories",
-            str(histories),
-            "--port",
-            str(port),
-        ],
-        env=env,
-    )
+    cmd = [sys.executable, __file__, "--serve", kind, "--histories", str(histories)]
+    proc = subprocess.Popen([*cmd, "--port", str(port)], env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the {kind} server exited with {proc.returncode}")
-            try:
-                urllib.request.urlopen(f"{url}/healthz", timeout=1).read()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.3)
-        yield url
+        wait_healthy(url, proc)
+        yield url, proc
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -269,7 +266,13 @@ def dataset_catalogue(data: Path, work: Path) -> Catalogue:
     from service.serve import histories, prepare_serving
 
     dataset, features, checkpoint = prepare_serving(data, work, torch.device("cpu"))
-    settings = Settings(checkpoint=checkpoint, features=features, device="cpu")
+    settings = Settings(
+        checkpoint=checkpoint,
+        features=features,
+        device="cpu",
+        environment="development",
+        rate_limit_per_s=0,
+    )
     return Catalogue(data.resolve().name, settings, histories(dataset))
 
 
@@ -313,7 +316,13 @@ def synthetic_catalogue(
     histories = {
         str(u): (rng.choice(n_items, size=30, replace=False) + 1).tolist() for u in range(n_users)
     }
-    settings = Settings(checkpoint=folder / "acf.pt", features=folder, device="cpu")
+    settings = Settings(
+        checkpoint=folder / "acf.pt",
+        features=folder,
+        device="cpu",
+        environment="development",
+        rate_limit_per_s=0,
+    )
     return Catalogue(f"synthetic {n_items:,} items", settings, histories)
 
 
@@ -413,7 +422,7 @@ def recommend_sweep(
 ) -> list[Load]:
     """``GET /recommend`` at each connection count against one fresh server."""
     loads = []
-    with server(kind, settings, hist) as url:
+    with server(kind, settings, hist) as (url, _):
         wrk(url, script, connections=4, seconds=2)  # warm-up
         for c in args.connections:
             loads.append(wrk(url, script, connections=c, seconds=args.seconds))
@@ -426,7 +435,7 @@ def interactions_sweep(
 ) -> None:
     users = list(catalogue.histories)
     items = sorted({i for h in catalogue.histories.values() for i in h})
-    with server("ours", settings, hist) as url:
+    with server("ours", settings, hist) as (url, _):
         for per_request in (1, 20):
             script = interactions_script(users, items, per_request)
             load = wrk(url, script, connections=8, seconds=args.seconds)

@@ -5,12 +5,30 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Keys that appear in examples and templates; a real deployment never uses them.
+PLACEHOLDER_KEYS = frozenset({"changeme", "change-me", "secret", "password", "placeholder", "dev"})
+MIN_KEY_LENGTH = 16
+
+
+def key_list(text: str) -> tuple[str, ...]:
+    """Comma-separated keys, blanks dropped."""
+    return tuple(k.strip() for k in text.split(",") if k.strip())
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="VISREC_")
+
+    # "production" refuses to start without real keys; "development" runs without any.
+    environment: Literal["development", "production"] = "production"
+    api_keys: str = ""  # comma-separated keys that may write (POST /interactions)
+    admin_keys: str = ""  # comma-separated keys for admin calls (and writes)
+    auth_reads: bool = False  # whether reads (/recommend, /explain, the page) need a key too
+    rate_limit_per_s: Annotated[float, Field(ge=0)] = 1000.0  # per key or client; 0 = off
+    rate_burst: Annotated[int, Field(ge=1)] = 2000
+    max_body_bytes: Annotated[int, Field(ge=1024)] = 1_048_576
 
     checkpoint: Path
     features: Path
@@ -26,3 +44,32 @@ class Settings(BaseSettings):
     # The dataset folder whose items.csv titles and images the explanation page shows; without
     # one the page shows item ids instead of images.
     data: Path | None = None
+    # Faults of the Redis store: the most a request waits for Redis (a pooled connection,
+    # connecting, the reply). A read past it answers from the profile cache, marked degraded;
+    # a write past it answers 503 with Retry-After. The clock runs on the event loop, which a
+    # saturated server keeps busy: at 64 connections on 2 cores 50 ms degraded ~0.5-5% of
+    # reads, so writes, whose refusal costs the client a retry, get longer.
+    redis_timeout_ms: Annotated[float, Field(gt=0, le=10_000)] = 50.0
+    redis_write_timeout_ms: Annotated[float, Field(gt=0, le=10_000)] = 250.0
+    # Profiles of the users this process read or wrote most recently, for reads while Redis
+    # cannot answer: ~100-300 bytes each (stored encoded), so 50,000 take ~20 MB.
+    profile_cache_size: Annotated[int, Field(ge=0)] = 50_000
+
+    @model_validator(mode="after")
+    def _no_usable_default_secrets(self) -> Settings:
+        if self.environment == "development":
+            return self
+        writers = key_list(self.api_keys) + key_list(self.admin_keys)
+        if not writers:
+            raise ValueError(
+                "refusing to start in production without API keys: set VISREC_API_KEYS (and "
+                "VISREC_ADMIN_KEYS), or VISREC_ENVIRONMENT=development for a local run"
+            )
+        weak = [k for k in writers if k.lower() in PLACEHOLDER_KEYS or len(k) < MIN_KEY_LENGTH]
+        if weak:
+            raise ValueError(
+                f"refusing to start in production with {len(weak)} placeholder or short API "
+                f"key(s) (fewer than {MIN_KEY_LENGTH} characters); use random keys, e.g. "
+                "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+            )
+        return self

@@ -32,6 +32,7 @@ class Recommendation:
     items: list[int]  # raw item ids, best first
     scores: list[float]
     fallback: bool  # popular items: nothing was known about the user
+    version: str  # of the model that ranked it (a reload may swap models between requests)
 
 
 class UnknownItemsError(ValueError):
@@ -83,7 +84,7 @@ class Recommender:
                 items, scores = hits.items[j][page], hits.scores[j][page]
                 keep = items > 0
                 out[r] = Recommendation(
-                    self.raw_ids(items[keep]), scores[keep].tolist(), fallback=False
+                    self.raw_ids(items[keep]), scores[keep].tolist(), False, self.version
                 )
         for r in np.flatnonzero(~personal).tolist():
             out[r] = self._popular_answer(queries[r])
@@ -122,6 +123,7 @@ class Recommender:
             self.raw_ids(page) if len(page) else [],
             self._popularity[page - 1].astype(float).tolist() if len(page) else [],
             True,
+            self.version,
         )
 
 
@@ -133,6 +135,8 @@ def load_recommender(
     item_ids: Sequence[int],
     device: torch.device,
     index: IndexKind = "flat",
+    version: str = "",
 ) -> Recommender:
+    """``version``: what answers name the model by (default: the checkpoint's code version)."""
     model = checkpoint.build_model(features, inputs_hash=inputs_hash, item_ids=item_ids)
-    return Recommender(checkpoint, ServingModel(model, device=device), index=index)
+    return Recommender(checkpoint, ServingModel(model, device=device), index=index, version=version)

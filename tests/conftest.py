@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,8 @@ from service.offline.features import extract_features
 from service.offline.synthetic import World, WorldSpec, make_world
 
 ML100K = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "ml100k"
+# Apps built by tests run without API keys unless a test configures them (tests/test_security.py).
+os.environ.setdefault("VISREC_ENVIRONMENT", "development")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -45,7 +45,10 @@ def test_redis_is_healthy_persistent_and_private(compose: dict[str, Any]) -> Non
     redis = compose["services"]["redis"]
     assert "ports" not in redis  # only reachable inside the compose network
     assert "redis-cli" in " ".join(redis["healthcheck"]["test"])
-    assert "--appendonly" in redis["command"]
+    command = redis["command"]
+    # An acknowledged write must be on disk: AOF on, fsynced before every reply.
+    assert command[command.index("--appendonly") + 1] == "yes"
+    assert command[command.index("--appendfsync") + 1] == "always"
     volume = redis["volumes"][0].split(":")[0]
     assert volume in compose["volumes"]
     assert not redis["image"].endswith(":latest")

@@ -36,6 +36,7 @@ from service.store.profiles import (
     redis_client,
     user_keys,
 )
+from service.store.resilient import ResilientStore
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 HOSTILE_IDS = ["a}b", "a%7Db", "x:{y}", "x:", "", "%", "{", "}", "ü 🙂"]
@@ -134,6 +135,14 @@ async def open_memory(**options: Any) -> AsyncIterator[MemoryProfileStore]:
         await store.close()
 
 
+@asynccontextmanager
+async def open_resilient(**options: Any) -> AsyncIterator[ResilientStore]:
+    """The Redis store behind the cache that serves reads during outages: it must keep the
+    contract while Redis answers (its cache filled on every read and write)."""
+    async with open_redis(**options) as store:
+        yield ResilientStore(store, cache_size=1000)
+
+
 def _runner(opener: Callable[..., AbstractAsyncContextManager[Any]]) -> Runner:
     def run(scenario: Callable[[Any], Awaitable[None]], **options: Any) -> None:
         async def main() -> None:
@@ -145,13 +154,13 @@ def _runner(opener: Callable[..., AbstractAsyncContextManager[Any]]) -> Runner:
     return run
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "resilient"])
 def with_store(request: pytest.FixtureRequest) -> Runner:
     """Runs an async scenario against a fresh store of each kind."""
-    if request.param == "redis":
-        request.getfixturevalue("redis_up")
-        return _runner(open_redis)
-    return _runner(open_memory)
+    if request.param == "memory":
+        return _runner(open_memory)
+    request.getfixturevalue("redis_up")
+    return _runner(open_redis if request.param == "redis" else open_resilient)
 
 
 @pytest.fixture

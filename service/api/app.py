@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Annotated, Any
 
 import torch
@@ -13,10 +15,16 @@ from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from service.api.admin import install_admin
 from service.api.batcher import MicroBatcher
 from service.api.metrics import Metrics
+from service.api.reload import ModelSlot, Source, load_engine, reload_on_hangup
 from service.api.schemas import (
+    GUARDED,
+    JSON_BODY,
     MAX_K,
+    STORE_NEEDED,
+    UNKNOWN_ITEMS,
     ExplainRequest,
     ExplainResponse,
     HistoryRequest,
@@ -27,11 +35,10 @@ from service.api.schemas import (
     RecommendResponse,
     ScoredItem,
 )
+from service.api.security import BodyLimit, Keys, RateLimiter, Role, guard
 from service.api.ui import install_ui
 from service.catalogue import load_catalogue
-from service.config import Settings
-from service.model.checkpoint import load_checkpoint
-from service.model.feature_store import load_features
+from service.config import Settings, key_list
 from service.recommender import (
     Query as RecQuery,
 )
@@ -39,36 +46,43 @@ from service.recommender import (
     Recommendation,
     Recommender,
     UnknownItemsError,
-    load_recommender,
 )
 from service.runtime import pick_device
-from service.store.profiles import Interaction, MemoryProfileStore, ProfileStore, RedisProfileStore
+from service.store.profiles import (
+    Interaction,
+    MemoryProfileStore,
+    ProfileStore,
+    RedisProfileStore,
+    StoreUnavailable,
+)
+from service.store.resilient import ResilientStore
+
+RETRY_AFTER_S = 1  # what a refused write is told to wait: Redis restarts take about a second
 
 
 @dataclass
 class State:
-    engine: Recommender
-    store: ProfileStore
+    models: ModelSlot  # the serving engine, which POST /admin/reload and SIGHUP replace
+    store: ResilientStore
     store_name: str
     batcher: MicroBatcher[RecQuery, Recommendation]
 
+    @property
+    def engine(self) -> Recommender:
+        """The engine serving now: a request that needs it twice reads it once (a swap may
+        come in between)."""
+        return self.models.engine
 
-def _load(settings: Settings) -> Recommender:
+
+def _load(settings: Settings) -> ModelSlot:
     device = pick_device(settings.device)
     if device.type == "cpu":
         # A request's model work is a few small ops: extra intra-op threads only add hand-off
         # latency, and the web server needs the other cores.
         torch.set_num_threads(settings.cpu_threads)
-    features, meta = load_features(settings.features)
-    ckpt = load_checkpoint(settings.checkpoint, map_location=device)
-    return load_recommender(
-        ckpt,
-        features,
-        inputs_hash=meta.inputs_hash,
-        item_ids=meta.item_ids,
-        device=device,
-        index=settings.index,
-    )
+    source = Source(settings.checkpoint, settings.features)
+    load = partial(load_engine, device=device, index=settings.index)
+    return ModelSlot(load(source), source, load)
 
 
 def create_app(
@@ -78,15 +92,19 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
-        engine = await run_in_threadpool(_load, settings)
+        models = await run_in_threadpool(_load, settings)
         catalogue = await run_in_threadpool(load_catalogue, settings.data)  # titles, images
         if settings.redis_url:
-            store: ProfileStore = RedisProfileStore.from_url(
-                settings.redis_url, prefix=settings.redis_prefix
+            inner: ProfileStore = RedisProfileStore.from_url(
+                settings.redis_url,
+                prefix=settings.redis_prefix,
+                deadline_s=settings.redis_timeout_ms / 1000,
+                write_deadline_s=settings.redis_write_timeout_ms / 1000,
             )
-            name = "redis"
+            name, cache_size = "redis", settings.profile_cache_size
         else:
-            store, name = MemoryProfileStore(), "memory"
+            inner, name, cache_size = MemoryProfileStore(), "memory", 0  # it never fails
+        store = ResilientStore(inner, cache_size=cache_size)
         if profiles:
             await store.load(profiles)
         # Everything loaded so far lives as long as the app: keep it out of the cyclic garbage
@@ -94,15 +112,23 @@ def create_app(
         gc.freeze()
         try:
             window = settings.batch_window_ms / 1000
-            async with MicroBatcher(engine.recommend, window_s=window) as batcher:
-                yield {"app_state": State(engine, store, name, batcher), "catalogue": catalogue}
+            with reload_on_hangup(models, asyncio.get_running_loop()):
+                # The batcher asks the slot, so a batch runs on the engine current at its start.
+                async with MicroBatcher(models.recommend, window_s=window) as batcher:
+                    state = State(models, store, name, batcher)
+                    yield {"app_state": state, "catalogue": catalogue, "models": models}
         finally:
             await store.close()
 
     app = FastAPI(title="visrec", lifespan=lifespan)
     metrics = Metrics()
     metrics.install(app)
-    _routes(app, metrics)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    keys = Keys(key_list(settings.api_keys), key_list(settings.admin_keys), settings.auth_reads)
+    limiter = RateLimiter(settings.rate_limit_per_s, settings.rate_burst)
+    guards = Guards.of(keys, limiter)
+    _routes(app, metrics, guards)
+    install_admin(app, dependencies=guards.admin)
     install_ui(app)
 
     @app.exception_handler(UnknownItemsError)
@@ -111,10 +137,19 @@ def create_app(
             status_code=422, content={"detail": str(exc), "unknown_item_ids": exc.items}
         )
 
+    @app.exception_handler(StoreUnavailable)
+    async def store_unavailable(request: Request, exc: StoreUnavailable) -> JSONResponse:
+        detail = (
+            "the profile store is unavailable, nothing was acknowledged; retry later: events "
+            "sent again with the same event_id are applied once"
+        )
+        headers = {"Retry-After": str(RETRY_AFTER_S)}
+        return JSONResponse(status_code=503, content={"detail": detail}, headers=headers)
+
     return app
 
 
-def _state(request: Request) -> State:
+async def _state(request: Request) -> State:  # async: no thread-pool hand-off per request
     state: State = request.state.app_state
     return state
 
@@ -122,14 +157,36 @@ def _state(request: Request) -> State:
 StateDep = Annotated[State, Depends(_state)]
 
 
-def _response(user_id: str | None, rec: Recommendation, version: str) -> RecommendResponse:
+def _response(
+    user_id: str | None, rec: Recommendation, *, degraded: bool = False
+) -> RecommendResponse:
     items = [ScoredItem(item_id=i, score=s) for i, s in zip(rec.items, rec.scores, strict=True)]
     return RecommendResponse(
-        user_id=user_id, items=items, model_version=version, fallback=rec.fallback
+        user_id=user_id,
+        items=items,
+        model_version=rec.version,  # of the engine that answered, also across a reload
+        fallback=rec.fallback,
+        degraded=degraded,
     )
 
 
-def _routes(app: FastAPI, metrics: Metrics) -> None:
+@dataclass(frozen=True)
+class Guards:
+    """Route dependencies per role (see ``service.api.security``)."""
+
+    read: list[Any]
+    write: list[Any]
+    admin: list[Any]
+
+    @classmethod
+    def of(cls, keys: Keys, limiter: RateLimiter) -> Guards:
+        def deps(role: Role) -> list[Any]:
+            return [Depends(guard(keys, limiter, role))]
+
+        return cls(deps("read"), deps("write"), deps("admin"))
+
+
+def _routes(app: FastAPI, metrics: Metrics, guards: Guards) -> None:
     store_stage, model_stage = metrics.stages.labels("store"), metrics.stages.labels("model")
 
     @app.get("/healthz")
@@ -137,18 +194,27 @@ def _routes(app: FastAPI, metrics: Metrics) -> None:
         return {"status": "ok"}
 
     @app.get("/readyz", response_model=Ready)
-    async def readyz(state: StateDep) -> Ready | JSONResponse:
+    async def readyz(state: StateDep) -> Ready:
+        """200 once the model is loaded, also while the store is down (``degraded``): reads are
+        still answered, and the store is shared, so failing every instance's check at once would
+        turn a degraded service into none. Writes answer 503 on their own meanwhile."""
         store_ok = await state.store.ping()
-        ready = Ready(
-            ready=store_ok,
+        return Ready(
+            ready=True,
+            degraded=not store_ok,
+            durable=await state.store.durable() if store_ok else None,
             model_version=state.engine.version,
             items=len(state.engine.item_ids),
             index=state.engine.index.kind,
             store=f"{state.store_name}: {'ok' if store_ok else 'unreachable'}",
         )
-        return ready if store_ok else JSONResponse(status_code=503, content=ready.model_dump())
 
-    @app.get("/recommend/{user_id}", response_model=RecommendResponse)
+    @app.get(
+        "/recommend/{user_id}",
+        response_model=RecommendResponse,
+        dependencies=guards.read,
+        responses=GUARDED,
+    )
     async def recommend_user(
         user_id: str,
         state: StateDep,
@@ -157,22 +223,33 @@ def _routes(app: FastAPI, metrics: Metrics) -> None:
         exclude_seen: bool = True,
     ) -> RecommendResponse:
         with store_stage.time():
-            (profile,) = await state.store.profiles([user_id])
+            read = await state.store.read([user_id])  # cached or empty when the store is down
+        (profile,) = read.profiles
         seen = profile.seen if exclude_seen else frozenset()
         with model_stage.time():
             rec = await state.batcher.submit(RecQuery(user_id, profile.recent, seen, k, offset))
-        return _response(user_id, rec, state.engine.version)
+        return _response(user_id, rec, degraded=read.degraded)
 
-    @app.post("/recommend", response_model=RecommendResponse)
+    @app.post(
+        "/recommend",
+        response_model=RecommendResponse,
+        dependencies=guards.read,
+        responses=GUARDED | JSON_BODY | UNKNOWN_ITEMS,
+    )
     async def recommend_history(body: HistoryRequest, state: StateDep) -> RecommendResponse:
         unknown = state.engine.unknown_items(body.history)
         if unknown:
             raise UnknownItemsError(unknown)
         seen = set(body.history) if body.exclude_seen else set()
         rec = await state.batcher.submit(RecQuery(None, body.history, seen, body.k, body.offset))
-        return _response(None, rec, state.engine.version)
+        return _response(None, rec)
 
-    @app.post("/interactions", response_model=InteractionsResponse)
+    @app.post(
+        "/interactions",
+        response_model=InteractionsResponse,
+        dependencies=guards.write,
+        responses=GUARDED | JSON_BODY | UNKNOWN_ITEMS | STORE_NEEDED,
+    )
     async def interactions(body: InteractionsRequest, state: StateDep) -> InteractionsResponse:
         unknown = state.engine.unknown_items([e.item_id for e in body.events])
         if unknown:  # nothing of the batch is applied
@@ -181,12 +258,22 @@ def _routes(app: FastAPI, metrics: Metrics) -> None:
         applied = await state.store.add(events)
         return InteractionsResponse(received=len(events), applied=applied)
 
-    @app.get("/explain/{user_id}", response_model=ExplainResponse)
+    @app.get(
+        "/explain/{user_id}",
+        response_model=ExplainResponse,
+        dependencies=guards.read,
+        responses=GUARDED | UNKNOWN_ITEMS | STORE_NEEDED,
+    )
     async def explain_user(user_id: str, item_id: int, state: StateDep) -> ExplainResponse:
         (history,) = await state.store.recent([user_id])
         return await _explain(state, user_id, history, item_id)
 
-    @app.post("/explain", response_model=ExplainResponse)
+    @app.post(
+        "/explain",
+        response_model=ExplainResponse,
+        dependencies=guards.read,
+        responses=GUARDED | JSON_BODY | UNKNOWN_ITEMS,
+    )
     async def explain_history(body: ExplainRequest, state: StateDep) -> ExplainResponse:
         unknown = state.engine.unknown_items(body.history)
         if unknown:
@@ -198,11 +285,12 @@ async def _explain(
     state: State, user_id: str | None, history: Sequence[int], item_id: int
 ) -> ExplainResponse:
     """The attentions behind ``item_id`` over the profile that ``/recommend`` ranks with."""
-    why = await run_in_threadpool(state.engine.explain, user_id, history, item_id)
+    engine = state.engine  # one model for the whole answer, also across a reload
+    why = await run_in_threadpool(engine.explain, user_id, history, item_id)
     profile = [
         ProfileItem(item_id=raw, attention=float(a), components=c.tolist())
         for raw, a, c in zip(
-            state.engine.raw_ids(why.profile),
+            engine.raw_ids(why.profile),
             why.item_attention,
             why.component_attention,
             strict=True,
@@ -213,5 +301,5 @@ async def _explain(
         item_id=item_id,
         score=why.score,
         profile=profile,
-        model_version=state.engine.version,
+        model_version=engine.version,
     )

@@ -2,11 +2,31 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from collections.abc import Mapping
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 MAX_K = 1000
 MAX_BATCH = 1000
 MAX_HISTORY = 1000
+
+
+class Body(BaseModel):
+    """A request body, validated strictly: JSON types are taken as the schema states them, not
+    coerced (``0`` is not ``false``, ``"5"`` is not ``5``), so the service accepts exactly what its
+    schema documents. Integer fields are ``Integer``."""
+
+    model_config = ConfigDict(strict=True)
+
+
+def _whole_number(value: object) -> object:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# JSON Schema's integer: a number without a fraction, ``2.0`` included, which strict ``int``
+# refuses (lax ``int`` takes ``"2"`` and ``true`` as well).
+Integer = Annotated[int, BeforeValidator(_whole_number)]
 
 
 class ScoredItem(BaseModel):
@@ -19,23 +39,28 @@ class RecommendResponse(BaseModel):
     items: list[ScoredItem]
     model_version: str
     fallback: bool = Field(description="popular items: nothing was known about the user")
+    degraded: bool = Field(
+        False,
+        description="the profile store did not answer in time: ranked from this server's cached "
+        "copy of the user's profile, or popular items when it has none (then fallback is true)",
+    )
 
 
-class HistoryRequest(BaseModel):
-    history: list[int] = Field(default_factory=list, max_length=MAX_HISTORY)
-    k: int = Field(20, ge=1, le=MAX_K)
-    offset: int = Field(0, ge=0, le=MAX_K)
+class HistoryRequest(Body):
+    history: list[Integer] = Field(default_factory=list, max_length=MAX_HISTORY)
+    k: Integer = Field(20, ge=1, le=MAX_K)
+    offset: Integer = Field(0, ge=0, le=MAX_K)
     exclude_seen: bool = True
 
 
-class InteractionIn(BaseModel):
+class InteractionIn(Body):
     user_id: str = Field(min_length=1, max_length=128)
-    item_id: int
+    item_id: Integer
     timestamp: float | None = None
     event_id: str | None = Field(None, min_length=1, max_length=128)
 
 
-class InteractionsRequest(BaseModel):
+class InteractionsRequest(Body):
     events: list[InteractionIn] = Field(min_length=1, max_length=MAX_BATCH)
 
 
@@ -50,9 +75,9 @@ class ProfileItem(BaseModel):
     components: list[list[float]] = Field(description="7x7 component attention, sums to 1")
 
 
-class ExplainRequest(BaseModel):
-    history: list[int] = Field(max_length=MAX_HISTORY, description="raw item ids, oldest first")
-    item_id: int
+class ExplainRequest(Body):
+    history: list[Integer] = Field(max_length=MAX_HISTORY, description="raw item ids, oldest first")
+    item_id: Integer
 
 
 class ExplainResponse(BaseModel):
@@ -69,3 +94,103 @@ class Ready(BaseModel):
     items: int
     index: str
     store: str
+    degraded: bool = Field(
+        False,
+        description="the profile store does not answer: reads are served from cached profiles "
+        "or popular items, writes are refused with 503 until it is back",
+    )
+    durable: bool | None = Field(
+        None,
+        description="whether an acknowledged write survives a crash of the store (Redis with "
+        "appendonly yes and appendfsync always); null when unknown",
+    )
+
+
+# What a route may refuse with, for its ``responses=``: the schema then documents every status a
+# client can get, so a fuzzer (tests/test_fuzz.py) can hold the service to it.
+Responses = dict[int | str, dict[str, Any]]
+
+
+class Problem(BaseModel):
+    """Why a request was refused: the body of FastAPI's ``HTTPException``."""
+
+    detail: str
+
+
+class FieldError(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class InvalidFields(BaseModel):
+    """FastAPI's own 422 body: the fields that failed validation, and why."""
+
+    detail: list[FieldError]
+
+
+class UnknownItems(Problem):
+    """A well-formed request that names items the model does not know; none of it is applied."""
+
+    unknown_item_ids: list[int]
+
+
+UNKNOWN_ITEMS: Responses = {
+    422: {
+        "model": InvalidFields | UnknownItems,
+        "description": "invalid fields, or item ids the model does not know",
+    }
+}
+
+
+def refusals(reasons: Mapping[int, str]) -> Responses:
+    """Statuses answered with a ``Problem`` body, each with what it means."""
+    return {status: {"model": Problem, "description": why} for status, why in reasons.items()}
+
+
+# Routes that read a JSON body (``BodyLimit`` in ``service.api.security`` caps its size).
+JSON_BODY = refusals(
+    {
+        400: "the body could not be read as JSON text (it is not UTF-8)",
+        413: "the body is over the size limit",
+    }
+)
+
+# Routes behind ``service.api.security.guard``.
+GUARDED = refusals(
+    {
+        401: "this call needs a valid API key in the X-API-Key header",
+        429: "over the caller's rate limit: retry after Retry-After seconds",
+    }
+)
+
+# Routes that need the profile store to answer (reads of /recommend do not: they degrade).
+STORE_NEEDED = refusals(
+    {
+        503: "the profile store is unavailable and nothing was applied: retry after Retry-After "
+        "seconds; events sent again with the same event_id are applied once",
+    }
+)
+
+
+class ReloadRequest(BaseModel):
+    checkpoint: str | None = Field(
+        None, description="checkpoint file on the server; default: the serving one, read again"
+    )
+    features: str | None = Field(
+        None, description="feature folder on the server; default: the serving one, read again"
+    )
+
+
+class ReloadResponse(BaseModel):
+    previous_version: str
+    model_version: str = Field(description="what every answer from now on names the model by")
+    checkpoint: str
+    features: str
+    seconds: float = Field(description="to load the new model and try it")
+
+
+class ReloadRefused(Problem):
+    """The model was not replaced; ``model_version`` is the one still serving."""
+
+    model_version: str

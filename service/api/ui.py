@@ -15,6 +15,7 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 
+from service.api.schemas import refusals
 from service.catalogue import Catalogue, CatalogueItem
 
 STATIC = Path(__file__).parent / "static"
@@ -27,7 +28,7 @@ class ItemInfo(BaseModel):
     image_url: str | None
 
 
-def _catalogue(request: Request) -> Catalogue:
+async def _catalogue(request: Request) -> Catalogue:
     catalogue: Catalogue = request.state.catalogue
     return catalogue
 
@@ -48,14 +49,18 @@ async def user_page(user_id: str) -> FileResponse:
     return FileResponse(STATIC / "user.html", media_type="text/html")
 
 
-@router.get("/items/{item_id}", response_model=ItemInfo)
+@router.get("/items/{item_id}", response_model=ItemInfo, responses=refusals({404: "no such item"}))
 async def item_info(item_id: int, catalogue: CatalogueDep) -> ItemInfo:
     item = _item(catalogue, item_id)
     url = f"/items/{item_id}/image" if item.image else None
     return ItemInfo(item_id=item_id, title=item.title, image_url=url)
 
 
-@router.get("/items/{item_id}/image", response_class=FileResponse)
+@router.get(
+    "/items/{item_id}/image",
+    response_class=FileResponse,
+    responses=refusals({404: "no such item, or it has no image"}),
+)
 async def item_image(item_id: int, catalogue: CatalogueDep) -> FileResponse:
     item = _item(catalogue, item_id)
     if item.image is None:

@@ -8,6 +8,8 @@ loads with ``weights_only=True`` (no pickled code).
 
 from __future__ import annotations
 
+import hashlib
+import io
 import subprocess
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -67,14 +69,30 @@ def save_checkpoint(path: Path, ckpt: Checkpoint) -> None:
 
 
 def load_checkpoint(path: Path, *, map_location: str | torch.device = "cpu") -> Checkpoint:
+    return read_checkpoint(path, map_location=map_location)[0]
+
+
+def read_checkpoint(
+    path: Path, *, map_location: str | torch.device = "cpu"
+) -> tuple[Checkpoint, str]:
+    """The checkpoint and the sha256 (hex) of the bytes it was read from: checkpoints trained by
+    the same code share ``code_version``, the digest tells them apart."""
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
-    payload = torch.load(path, map_location=map_location, weights_only=True)
+    data = path.read_bytes()  # read once: the digest names exactly what was loaded
+    try:
+        payload = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except Exception as err:  # torch raises many kinds for bytes that are not a torch file
+        raise CheckpointError(f"{path} is not a readable checkpoint: {err}") from err
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a {FORMAT} checkpoint")
     payload.pop("format")
-    payload["config"] = ACFConfig(**payload["config"])
-    return Checkpoint(**payload)
+    try:
+        payload["config"] = ACFConfig(**payload["config"])
+        ckpt = Checkpoint(**payload)
+    except (KeyError, TypeError) as err:
+        raise CheckpointError(f"{path} is an incomplete {FORMAT} checkpoint: {err}") from err
+    return ckpt, hashlib.sha256(data).hexdigest()
 
 
 def code_version() -> str:

@@ -7,18 +7,24 @@ from service.store.profiles import (
     Profile,
     ProfileStore,
     RedisProfileStore,
+    StoreUnavailable,
     decode_profile,
     encode_profile,
     recent_of,
 )
+from service.store.resilient import ProfileCache, ProfileRead, ResilientStore
 
 __all__ = [
     "MAX_ITEM_ID",
     "Interaction",
     "MemoryProfileStore",
     "Profile",
+    "ProfileCache",
+    "ProfileRead",
     "ProfileStore",
     "RedisProfileStore",
+    "ResilientStore",
+    "StoreUnavailable",
     "decode_profile",
     "encode_profile",
     "recent_of",

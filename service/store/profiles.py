@@ -35,6 +35,20 @@ for profiles of a few thousand items; far heavier users would want ``seen`` spli
 The ``{u:...}`` hash tag puts all of a user's keys in one Redis Cluster slot, so the Lua script
 that updates them runs on one node. The user id inside it is percent-encoded, so ids holding
 ``{``, ``}``, ``:`` or ``%`` can neither break the tag nor collide with another user's keys.
+
+Faults: when Redis cannot answer now (down, refusing connections, slower than the deadline, out
+of pooled connections, loading, refusing writes), a call raises :class:`StoreUnavailable`
+(``ping`` and ``durable`` say so instead); other errors, those of a bad call, stay what they
+are. ``RedisProfileStore`` bounds ``profiles``, ``ping`` and ``durable`` by one deadline
+(``deadline_s``) and ``add`` by another (``write_deadline_s``), each covering the wait for a
+pooled connection, connecting and the reply, so a slow Redis costs a caller at most that long.
+The deadlines run on the event loop, so a loop busy with other requests eats into them: a write,
+whose refusal costs the client a retry, may be given longer than a read, whose fallback is cheap.
+
+A write that timed out may still have been applied. Sent again with the same event ids, each
+event is applied once. Events without ids are applied again, which leaves the same profile only
+if nothing else reached the user in between (then ``recent`` and ``seen`` are unchanged): give
+events ids.
 """
 
 from __future__ import annotations
@@ -42,14 +56,15 @@ from __future__ import annotations
 import asyncio
 import operator
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from itertools import accumulate, islice
 from typing import Protocol, SupportsIndex, TypeVar
 from urllib.parse import quote
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis import exceptions as rx
 
 MAX_RECENT = 9
 EVENT_TTL_S = 7 * 24 * 3600
@@ -59,6 +74,11 @@ BATCH_USERS = 1000
 
 T = TypeVar("T")
 Clock = Callable[[], float]
+
+
+class StoreUnavailable(Exception):
+    """The store cannot answer now (see the module docstring): reads may fall back to what the
+    caller has, writes should be refused (their effect is unknown) and retried later."""
 
 
 @dataclass(frozen=True)
@@ -99,7 +119,14 @@ class ProfileStore(Protocol):
         """Replace each given user's profile by their history (raw item ids, oldest first)."""
         ...
 
-    async def ping(self) -> bool: ...
+    async def ping(self) -> bool:
+        """Whether the store answers; never raises."""
+        ...
+
+    async def durable(self) -> bool | None:
+        """Whether an acknowledged write survives a crash of the store's process or machine
+        (None: unknown); never raises."""
+        ...
 
     async def close(self) -> None: ...
 
@@ -258,6 +285,9 @@ class MemoryProfileStore:
 
     async def ping(self) -> bool:
         return True
+
+    async def durable(self) -> bool | None:
+        return False  # lost with the process
 
     async def close(self) -> None:
         return None
@@ -428,6 +458,28 @@ def _event_args(events: Iterable[Interaction]) -> list[str | int]:
     return [arg for e in events for arg in (int(e.item_id), e.event_id or "")]
 
 
+# Replies that mean "not now" rather than "wrong call": a failed disk write (MISCONF), a script
+# running too long (BUSY), too few replicas acknowledging (NOREPLICAS).
+_NOT_NOW_REPLIES = ("MISCONF", "BUSY", "NOREPLICAS")
+_NOT_NOW = (
+    OSError,  # refused or reset connections, and the deadline (TimeoutError is an OSError)
+    rx.ConnectionError,  # also a pool without a free connection, and LOADING after a restart
+    rx.TimeoutError,
+    rx.OutOfMemoryError,
+    rx.ReadOnlyError,
+    rx.TryAgainError,
+    rx.ClusterDownError,
+)
+
+
+def is_outage(exc: BaseException) -> bool:
+    """Whether ``exc`` says Redis cannot answer now, as opposed to a bad call (a script error,
+    a wrong argument), which should stay an error."""
+    if isinstance(exc, _NOT_NOW):
+        return True
+    return isinstance(exc, rx.ResponseError) and str(exc).startswith(_NOT_NOW_REPLIES)
+
+
 def redis_client(url: str, *, timeout_s: float = 2.0, max_connections: int = 50) -> aioredis.Redis:
     """A client whose pool makes callers wait (up to ``timeout_s``) for a free connection: the
     default pool raises "Too many connections" once a burst of requests exceeds its size."""
@@ -455,7 +507,12 @@ class RedisProfileStore:
         max_recent: int = MAX_RECENT,
         event_ttl_s: int = EVENT_TTL_S,
         clock: Clock = time.time,
+        deadline_s: float | None = None,
+        write_deadline_s: float | None = None,
     ) -> None:
+        """``deadline_s``: the most ``profiles``, ``ping`` and ``durable`` wait in all (None:
+        only the client's socket timeouts bound them); ``write_deadline_s``: the same for
+        ``add`` (None: ``deadline_s``). ``load`` has none: it is bulk work."""
         if "{" in prefix or "}" in prefix:
             raise ValueError(f"the key prefix must not hold braces (hash tags), got {prefix!r}")
         if client.get_connection_kwargs().get("decode_responses"):
@@ -466,6 +523,8 @@ class RedisProfileStore:
         self.prefix = prefix
         self._client = client
         self._clock = clock
+        self.deadline_s = deadline_s
+        self.write_deadline_s = deadline_s if write_deadline_s is None else write_deadline_s
         self._add_script = client.register_script(_ADD_LUA)
         self._load_script = client.register_script(_LOAD_LUA)
 
@@ -479,22 +538,47 @@ class RedisProfileStore:
         event_ttl_s: int = EVENT_TTL_S,
         timeout_s: float = 2.0,
         max_connections: int = 50,
+        deadline_s: float | None = None,
+        write_deadline_s: float | None = None,
     ) -> RedisProfileStore:
-        """A store on ``redis://host:port/db``; connects lazily, on the first call."""
+        """A store on ``redis://host:port/db``; connects lazily, on the first call.
+        ``timeout_s`` bounds each socket operation, the deadlines each request-path call."""
         client = redis_client(url, timeout_s=timeout_s, max_connections=max_connections)
-        return cls(client, prefix=prefix, max_recent=max_recent, event_ttl_s=event_ttl_s)
+        return cls(
+            client,
+            prefix=prefix,
+            max_recent=max_recent,
+            event_ttl_s=event_ttl_s,
+            deadline_s=deadline_s,
+            write_deadline_s=write_deadline_s,
+        )
 
     def keys(self, user_id: str) -> UserKeys:
         return user_keys(self.prefix, user_id)
 
+    @asynccontextmanager
+    async def _reaching(self, deadline_s: float | None) -> AsyncIterator[None]:
+        """Within ``deadline_s`` (None: no deadline), with outages raised as StoreUnavailable.
+        A call cut off by the deadline leaves no half-read reply behind: redis-py closes a
+        connection interrupted mid-command instead of returning it to the pool."""
+        try:
+            async with asyncio.timeout(deadline_s):
+                yield
+        except Exception as exc:
+            if is_outage(exc):
+                why = f"{type(exc).__name__}: {exc}"
+                raise StoreUnavailable(f"Redis did not answer: {why}") from exc
+            raise
+
     async def profiles(self, user_ids: Sequence[str]) -> list[Profile]:
         """One ``GET`` per user, pipelined: one round trip per ``BATCH_USERS`` users."""
         blobs: list[bytes | None] = []
-        for batch in _batches(user_ids, BATCH_USERS):
-            pipe = self._client.pipeline(transaction=False)
-            for user in batch:
-                pipe.get(self.keys(user).profile)
-            blobs.extend(await pipe.execute())
+        async with self._reaching(self.deadline_s):
+            for batch in _batches(user_ids, BATCH_USERS):
+                pipe = self._client.pipeline(transaction=False)
+                for user in batch:
+                    pipe.get(self.keys(user).profile)
+                blobs.extend(await pipe.execute())
         return [decode_profile(blob) for blob in blobs]
 
     async def recent(self, user_ids: Sequence[str]) -> list[list[int]]:
@@ -510,6 +594,10 @@ class RedisProfileStore:
             (self.keys(user).all, head + _event_args(group))
             for user, group in _by_user(events).items()
         ]
+        async with self._reaching(self.write_deadline_s):
+            return await self._run_adds(calls)
+
+    async def _run_adds(self, calls: list[tuple[tuple[str, str], list[str | int]]]) -> int:
         if len(calls) == 1:
             # The usual call: one user. A plain EVALSHA is one round trip; a pipeline with a
             # script costs a second one (SCRIPT EXISTS) before it runs.
@@ -525,19 +613,33 @@ class RedisProfileStore:
 
     async def load(self, histories: Mapping[str, Sequence[int]]) -> None:
         _check_histories(histories)  # all of them first: a bad id must not leave half a load
-        for batch in _batches(histories.items(), BATCH_USERS):
-            pipe = self._client.pipeline(transaction=False)
-            for user, history in batch:
-                items = [int(i) for i in history]
-                blob = encode_profile(recent_of(items, self.max_recent), items)
-                await self._load_script(keys=self.keys(user).all, args=[blob], client=pipe)
-            await pipe.execute()
+        async with self._reaching(None):
+            for batch in _batches(histories.items(), BATCH_USERS):
+                pipe = self._client.pipeline(transaction=False)
+                for user, history in batch:
+                    items = [int(i) for i in history]
+                    blob = encode_profile(recent_of(items, self.max_recent), items)
+                    await self._load_script(keys=self.keys(user).all, args=[blob], client=pipe)
+                await pipe.execute()
 
     async def ping(self) -> bool:
         try:
-            return bool(await self._client.ping())
-        except (RedisError, OSError):  # OSError covers refused connections and timeouts
+            async with self._reaching(self.deadline_s):
+                return bool(await self._client.ping())
+        except StoreUnavailable:
             return False
+
+    async def durable(self) -> bool | None:
+        """True when Redis appends every write to its AOF and fsyncs it before replying
+        (``appendonly yes``, ``appendfsync always``): then an acknowledged write survives a
+        crash of Redis or of its machine. None when Redis does not answer or hides its
+        configuration (``CONFIG`` renamed away, as on some managed services)."""
+        try:
+            async with self._reaching(self.deadline_s):
+                config = await self._client.config_get("append*")  # decoded, to str
+        except (StoreUnavailable, rx.ResponseError):
+            return None
+        return config.get("appendonly") == "yes" and config.get("appendfsync") == "always"
 
     async def close(self) -> None:
         await self._client.aclose()

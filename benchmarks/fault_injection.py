@@ -1,0 +1,438 @@
+"""Fault injection: a steady load against a real API and a real Redis while both are killed.
+
+The API (uvicorn, the real app) and a redis-server of its own (AOF, ``appendfsync always``, in a
+temporary folder on disk) run on loopback. A fixed rate of ``GET /recommend/{user}`` and
+``POST /interactions`` (one event each, with a unique event id) runs throughout, while:
+
+    t = 1/6 of the run   Redis is SIGKILLed          (reads degrade, writes answer 503)
+    t = 2/6              Redis restarts on its files (the service recovers by itself)
+    t = 1/2              the API is SIGKILLed and restarted at once
+    end                  every acknowledged (2xx) interaction is looked up in Redis
+
+It reports requests sent, answers by status code (reads and writes apart, per phase),
+acknowledged interactions, interactions found afterwards, and lost ones; it exits with 1 if any
+acknowledged interaction is lost or any read answered 5xx.
+
+    .venv/bin/python -m benchmarks.fault_injection [DATA] [--seconds 30] [--rate 90]
+    .venv/bin/python -m benchmarks.fault_injection --cost   # events/s per fsync policy
+
+``--cost`` measures what durability costs: for Redis with ``appendfsync always``,
+``everysec`` and no AOF, events/s of the store's add script run by ``redis-benchmark`` (Redis
+and its disk alone, 1 and 32 clients), and through ``POST /interactions`` (wrk, one event a
+request, 16 connections).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import redis
+import torch
+from fastapi import FastAPI
+
+from benchmarks.serve_load import free_port, wait_healthy, wrk
+from service.api.app import create_app
+from service.config import Settings
+from service.store.profiles import (
+    _ADD_LUA,  # the add script itself: --cost times what the service runs
+    EVENT_TTL_S,
+    RedisProfileStore,
+    decode_profile,
+    user_keys,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+FSYNC_POLICIES = ("always", "everysec", "off")  # "off": no AOF (nor snapshots) at all
+
+
+def app() -> FastAPI:
+    """The child's app (``uvicorn --factory``): settings from the ``VISREC_*`` environment."""
+    return create_app(Settings())  # type: ignore[call-arg]
+
+
+# --------------------------------------------------------------------------- the processes
+
+
+@dataclass
+class RedisServer:
+    """A redis-server of our own on loopback, its files in ``folder``; ``start`` again after a
+    kill restarts it on the same port and files."""
+
+    folder: Path
+    fsync: str = "always"  # appendfsync always / everysec / no, or "off": no AOF
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout_s: float = 20) -> None:
+        aof = ["--appendonly", "no"] if self.fsync == "off" else ["--appendonly", "yes"]
+        fsync = [] if self.fsync == "off" else ["--appendfsync", self.fsync]
+        folder = self.folder.resolve()  # redis-server changes into it before opening its log
+        where = ["--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(folder)]
+        log = ["--logfile", str(folder / "redis.log")]
+        self.proc = subprocess.Popen(["redis-server", *where, "--save", "", *aof, *fsync, *log])
+        client = redis.Redis(port=self.port, socket_timeout=1, socket_connect_timeout=1)
+        deadline = time.monotonic() + timeout_s
+        try:
+            while True:  # until it answers (a restart answers LOADING while it reads its AOF)
+                try:
+                    client.ping()
+                    return
+                except redis.RedisError:
+                    if self.proc.poll() is not None or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.02)
+        finally:
+            client.close()
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no final write; only what Redis wrote before survives."""
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+            self.proc = None
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port)
+
+
+def api_env(
+    *, checkpoint: Path, features: Path, redis_url: str, prefix: str, timeout_ms: float = 50
+) -> dict[str, str]:
+    """The ``VISREC_*`` settings of a child API: no keys, no rate limit (one load client)."""
+    return {
+        "VISREC_CHECKPOINT": str(checkpoint),
+        "VISREC_FEATURES": str(features),
+        "VISREC_REDIS_URL": redis_url,
+        "VISREC_REDIS_PREFIX": prefix,
+        "VISREC_REDIS_TIMEOUT_MS": str(timeout_ms),
+        "VISREC_DEVICE": "cpu",
+        "VISREC_ENVIRONMENT": "development",
+        "VISREC_RATE_LIMIT_PER_S": "0",
+    }
+
+
+@dataclass
+class ApiServer:
+    """The real app under uvicorn in a child process; ``start`` again after a kill restarts it."""
+
+    env: dict[str, str]
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 300) -> None:
+        """Start it and wait until ``/healthz`` answers (after the lifespan loaded everything)."""
+        uvicorn = ["-m", "uvicorn", "benchmarks.fault_injection:app", "--factory"]
+        where = ["--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"]
+        self.proc = subprocess.Popen(
+            [sys.executable, *uvicorn, *where],
+            cwd=ROOT,
+            env={**os.environ, **self.env},
+        )
+        wait_healthy(self.url, self.proc, timeout_s=timeout_s)
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+            self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+            self.proc = None
+
+
+# --------------------------------------------------------------------------- the load
+
+
+@dataclass(frozen=True)
+class Acked:
+    user_id: str
+    item_id: int
+    event_id: str
+
+
+@dataclass
+class Tally:
+    answers: Counter[tuple[str, str, str]] = field(default_factory=Counter)  # phase, kind, code
+    acked: list[Acked] = field(default_factory=list)
+    phase: str = "steady"
+    started: float = field(default_factory=time.monotonic)
+
+    def count(self, kind: str, outcome: str) -> None:
+        self.answers[(self.phase, kind, outcome)] += 1
+
+
+async def read(client: httpx.AsyncClient, tally: Tally, user: str) -> None:
+    try:
+        r = await client.get(f"/recommend/{user}", params={"k": 10})
+    except httpx.HTTPError as exc:
+        tally.count("read", f"no answer ({type(exc).__name__})")
+        return
+    degraded = r.status_code == 200 and r.json()["degraded"]
+    tally.count("read", f"{r.status_code} degraded" if degraded else str(r.status_code))
+
+
+async def write(client: httpx.AsyncClient, tally: Tally, event: Acked) -> None:
+    body = {"user_id": event.user_id, "item_id": event.item_id, "event_id": event.event_id}
+    try:
+        r = await client.post("/interactions", json={"events": [body]})
+    except httpx.HTTPError as exc:
+        tally.count("write", f"no answer ({type(exc).__name__})")
+        return
+    tally.count("write", str(r.status_code))
+    if r.is_success:
+        tally.acked.append(event)
+
+
+async def steady_load(
+    url: str,
+    tally: Tally,
+    stop: asyncio.Event,
+    *,
+    rate: float,
+    users: Sequence[str],
+    items: Sequence[int],
+) -> None:
+    """``rate`` requests a second (two reads for each write) until ``stop`` is set; each
+    request is sent on time, whether or not earlier ones were answered."""
+    rng = random.Random(0)
+    limits = httpx.Limits(max_connections=64)
+    async with httpx.AsyncClient(base_url=url, timeout=5, limits=limits) as client:
+        tasks: set[asyncio.Task[None]] = set()
+        started = time.monotonic()
+        for n in itertools.count():
+            if stop.is_set():
+                break
+            if n % 3 == 2:
+                event = Acked(rng.choice(users), rng.choice(items), f"fi-{n}")
+                task = asyncio.create_task(write(client, tally, event))
+            else:
+                task = asyncio.create_task(read(client, tally, rng.choice(users)))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            await asyncio.sleep(max(0.0, started + (n + 1) / rate - time.monotonic()))
+        await asyncio.gather(*tasks)
+
+
+async def inject_faults(server: RedisServer, api: ApiServer, tally: Tally, seconds: float) -> None:
+    """The faults of the module docstring, in order; the phase names label the answers."""
+    step = seconds / 6
+    await asyncio.sleep(step)
+    tally.phase = "redis killed"
+    await asyncio.to_thread(server.kill)
+    await asyncio.sleep(step)
+    await asyncio.to_thread(server.start)
+    tally.phase = "redis back"
+    await asyncio.sleep(step)
+    tally.phase = "api killed"
+    await asyncio.to_thread(api.kill)
+    await asyncio.to_thread(api.start)
+    tally.phase = "api back"
+    await asyncio.sleep(max(step, seconds - (time.monotonic() - tally.started)))
+
+
+def found_afterwards(server: RedisServer, prefix: str, acked: Sequence[Acked]) -> int:
+    """How many acknowledged interactions Redis holds: the event id in the user's event log
+    and the item in their profile."""
+    client = server.client()
+    pipe = client.pipeline(transaction=False)
+    for event in acked:
+        keys = user_keys(prefix, event.user_id)
+        pipe.zscore(keys.events, event.event_id)
+        pipe.get(keys.profile)
+    replies = pipe.execute()
+    client.close()
+    pairs = zip(acked, replies[::2], replies[1::2], strict=True)
+    return sum(
+        logged is not None and e.item_id in decode_profile(blob).seen for e, logged, blob in pairs
+    )
+
+
+def report(tally: Tally) -> int:
+    """Print the answers by kind and code, per phase and in all; returns reads answered 5xx."""
+    phases = list(dict.fromkeys(phase for phase, _, _ in tally.answers))
+    totals: Counter[tuple[str, str]] = Counter()
+    for (_, kind, code), n in tally.answers.items():
+        totals[(kind, code)] += n
+    print(f"requests sent: {sum(totals.values())}")
+    for kind in ("read", "write"):
+        print(f"{kind}s, answers by code:")
+        for phase in phases:
+            codes = sorted(
+                (c, n) for (p, k, c), n in tally.answers.items() if (p, k) == (phase, kind)
+            )
+            print(f"  {phase:13s} " + ", ".join(f"{c}: {n}" for c, n in codes))
+        codes = sorted((c, n) for (k, c), n in totals.items() if k == kind)
+        print(f"  {'in all':13s} " + ", ".join(f"{c}: {n}" for c, n in codes))
+    return sum(n for (k, c), n in totals.items() if k == "read" and c.startswith("5"))
+
+
+def fault_run(args: argparse.Namespace) -> int:
+    """The run of the module docstring; the exit status."""
+    from service.serve import histories, prepare_serving
+
+    dataset, features, checkpoint = prepare_serving(args.data, args.work_dir, torch.device("cpu"))
+    history = histories(dataset)
+    users, items = sorted(history), sorted({i for h in history.values() for i in h})
+    prefix = f"fault-{os.getpid()}"
+    with tempfile.TemporaryDirectory(dir=args.work_dir) as folder:
+        server = RedisServer(Path(folder))
+        server.start()
+        asyncio.run(load_profiles(server.url, prefix, history))
+        env = api_env(checkpoint=checkpoint, features=features, redis_url=server.url, prefix=prefix)
+        api = ApiServer(env)
+        api.start()
+        try:
+            tally = asyncio.run(faulty_load(server, api, args.seconds, args.rate, users, items))
+            time.sleep(0.5)  # the first ping after a restart may still be reconnecting
+            ready = httpx.get(f"{api.url}/readyz").json()
+            found = found_afterwards(server, prefix, tally.acked)
+        finally:
+            api.stop()
+            server.kill()
+    reads_5xx = report(tally)
+    lost = len(tally.acked) - found
+    print(f"/readyz at the end: degraded {ready['degraded']}, durable {ready['durable']}")
+    print(f"acknowledged interactions: {len(tally.acked)}; found afterwards: {found}; lost: {lost}")
+    print(f"reads answered 5xx: {reads_5xx}")
+    return 1 if lost or reads_5xx else 0
+
+
+async def load_profiles(url: str, prefix: str, history: dict[str, list[int]]) -> None:
+    store = RedisProfileStore.from_url(url, prefix=prefix)
+    try:
+        await store.load(history)
+    finally:
+        await store.close()
+
+
+async def faulty_load(
+    server: RedisServer,
+    api: ApiServer,
+    seconds: float,
+    rate: float,
+    users: Sequence[str],
+    items: Sequence[int],
+) -> Tally:
+    tally, stop = Tally(), asyncio.Event()
+    load = asyncio.create_task(
+        steady_load(api.url, tally, stop, rate=rate, users=users, items=items)
+    )
+    await inject_faults(server, api, tally, seconds)
+    stop.set()
+    await load
+    return tally
+
+
+# --------------------------------------------------------------------------- the cost
+
+
+def interactions_lua(items: Sequence[int]) -> str:
+    """wrk: one event a request, for 1000 users, each with a new event id."""
+    return f"""
+local items = {{{",".join(map(str, items))}}}
+local headers = {{["Content-Type"] = "application/json"}}
+local n = 0
+request = function()
+  n = n + 1
+  local body = string.format(
+    '{{"events":[{{"user_id":"u%d","item_id":%d,"event_id":"w%d"}}]}}',
+    n % 1000, items[n % #items + 1], n)
+  return wrk.format("POST", "/interactions", headers, body)
+end
+"""
+
+
+def redis_benchmark(port: int, *, clients: int, requests: int) -> tuple[float, float]:
+    """(events/s, p50 ms) of the store's own add script, one event a call, run by Redis's C
+    client ``redis-benchmark``: Redis and its disk alone, without Python in the way."""
+    keys = ["cost:{u:__rand_int__}:p", "cost:{u:__rand_int__}:ev"]
+    args = ["9", str(EVENT_TTL_S), "1000000000", "__rand_int__", "e__rand_int__"]
+    load = ["-q", "-c", str(clients), "-n", str(requests), "-r", "1000000"]
+    out = subprocess.run(
+        ["redis-benchmark", "-p", str(port), *load, "EVAL", _ADD_LUA, "2", *keys, *args],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    found = re.search(r"([\d.]+) requests per second, p50=([\d.]+) msec", out)
+    if found is None:
+        raise RuntimeError(f"could not read redis-benchmark's output:\n{out[-500:]}")
+    return float(found.group(1)), float(found.group(2))
+
+
+def cost_run(args: argparse.Namespace) -> int:
+    from service.serve import prepare_serving
+
+    dataset, features, checkpoint = prepare_serving(args.data, args.work_dir, torch.device("cpu"))
+    items = dataset.item_ids.tolist()
+    where = args.work_dir.resolve()
+    print(f"{os.cpu_count()} CPUs; Redis files in {where}; wrk for {args.seconds:.0f} s")
+    for policy in FSYNC_POLICIES:
+        with tempfile.TemporaryDirectory(dir=args.work_dir) as folder:
+            server = RedisServer(Path(folder), fsync=policy)
+            server.start()
+            try:
+                one = redis_benchmark(server.port, clients=1, requests=3000)
+                many = redis_benchmark(server.port, clients=32, requests=30000)
+                env = api_env(
+                    checkpoint=checkpoint, features=features, redis_url=server.url, prefix="api"
+                )
+                api = ApiServer(env)
+                api.start()
+                try:
+                    script = interactions_lua(items)
+                    http = wrk(api.url, script, connections=16, seconds=int(args.seconds))
+                finally:
+                    api.stop()
+            finally:
+                server.kill()
+        name = "no AOF" if policy == "off" else f"appendfsync {policy}"
+        print(
+            f"  {name:21s} Redis alone: {one[0]:6.0f} events/s at 1 client (p50 {one[1]:.2f} ms),"
+            f" {many[0]:6.0f} at 32; HTTP: {http.requests_per_s:5.0f} events/s "
+            f"(p50 {http.p50_ms:.1f} ms, p99 {http.p99_ms:.1f} ms, {http.errors} errors)"
+        )
+    return 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("data", type=Path, nargs="?", default=Path("../shared/datasets/ml100k"))
+    parser.add_argument("--work-dir", type=Path, default=Path("runs"))
+    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--rate", type=float, default=90.0, help="requests/s, 2 reads a write")
+    parser.add_argument("--cost", action="store_true", help="events/s per fsync policy instead")
+    args = parser.parse_args()
+    if args.cost:
+        args.seconds = min(args.seconds, 5.0)
+    sys.exit(cost_run(args) if args.cost else fault_run(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Admin routes: replace the serving model without a restart."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import Body, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from service.api.reload import ModelSlot, ReloadBusy, ReloadFailed
+from service.api.schemas import (
+    GUARDED,
+    JSON_BODY,
+    InvalidFields,
+    ReloadRefused,
+    ReloadRequest,
+    ReloadResponse,
+    Responses,
+)
+
+RELOAD_RESPONSES: Responses = {
+    **GUARDED,
+    **JSON_BODY,
+    409: {"model": ReloadRefused, "description": "another reload is running; retry later"},
+    422: {
+        "model": InvalidFields | ReloadRefused,
+        "description": "invalid fields, or files that cannot be served (missing, not a "
+        "checkpoint, checkpoint and features that do not match); the old model still serves",
+    },
+}
+
+
+async def _models(request: Request) -> ModelSlot:
+    models: ModelSlot = request.state.models  # from the lifespan state
+    return models
+
+
+ModelsDep = Annotated[ModelSlot, Depends(_models)]
+
+
+def install_admin(app: FastAPI, *, dependencies: list[Any]) -> None:
+    """``dependencies``: the admin guard."""
+
+    @app.post(
+        "/admin/reload",
+        response_model=ReloadResponse,
+        responses=RELOAD_RESPONSES,
+        dependencies=dependencies,
+    )
+    async def reload(
+        slot: ModelsDep,
+        body: Annotated[ReloadRequest | None, Body()] = None,
+    ) -> ReloadResponse | JSONResponse:
+        """Load a checkpoint (and its features) in the background and swap it in; requests are
+        answered by the old model until the swap and by the new one after it. Without a body,
+        or for a path left out, the serving files are read again (e.g. replaced in place)."""
+        checkpoint, features = (body.checkpoint, body.features) if body else (None, None)
+        try:
+            swap = await slot.reload(_path(checkpoint), _path(features))
+        except ReloadBusy as err:
+            return _refused(409, str(err), slot)
+        except ReloadFailed as err:
+            return _refused(422, f"the model was not replaced: {err}", slot)
+        return ReloadResponse(
+            previous_version=swap.previous,
+            model_version=swap.current,
+            checkpoint=str(swap.source.checkpoint),
+            features=str(swap.source.features),
+            seconds=round(swap.seconds, 3),
+        )
+
+
+def _path(text: str | None) -> Path | None:
+    return Path(text) if text else None
+
+
+def _refused(status: int, detail: str, slot: ModelSlot) -> JSONResponse:
+    body = ReloadRefused(detail=detail, model_version=slot.engine.version)
+    return JSONResponse(status_code=status, content=body.model_dump())
