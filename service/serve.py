@@ -81,6 +81,12 @@ def main() -> None:
     )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Fail fast on the environment's settings (e.g. no API keys in production) before what may
+    # be minutes of building; the paths are filled in below.
+    try:
+        Settings(checkpoint=Path(), features=Path())
+    except ValueError as err:  # pydantic's ValidationError: say it without a traceback
+        parser.error(str(err))
     keep_freed_memory()
     device = pick_device(args.device)
     dataset, features, checkpoint = prepare_serving(args.data, args.work_dir, device)

@@ -150,3 +150,18 @@ def test_keys_compare_every_key_and_admin_implies_write() -> None:
     assert keys.allows("a" * 20, "write") and keys.allows("a" * 20, "admin")
     assert keys.allows("w" * 20, "write") and not keys.allows("w" * 20, "admin")
     assert not keys.allows("w" * 19, "write")
+
+
+def test_visrec_serve_refuses_production_without_keys_before_building(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from service import serve
+
+    monkeypatch.setenv("VISREC_ENVIRONMENT", "production")
+    monkeypatch.delenv("VISREC_API_KEYS", raising=False)
+    monkeypatch.setattr("sys.argv", ["visrec-serve", "--work-dir", str(tmp_path)])
+    with pytest.raises(SystemExit) as exited:
+        serve.main()
+    assert exited.value.code == 2
+    assert "without API keys" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # nothing was built
