@@ -65,6 +65,12 @@ class Recommender:
     def unknown_items(self, raw_ids: Collection[int]) -> list[int]:
         return sorted({i for i in raw_ids if i not in self._item_index})
 
+    def require_known(self, raw_ids: Collection[int]) -> None:
+        """Raise UnknownItemsError naming every id of ``raw_ids`` the model does not know."""
+        unknown = self.unknown_items(raw_ids)
+        if unknown:
+            raise UnknownItemsError(unknown)
+
     def recommend(self, queries: Sequence[Query]) -> list[Recommendation]:
         """One attention forward and one index search for the whole batch."""
         users = np.array([self._user(q.user_id) for q in queries], dtype=np.int64)

@@ -237,9 +237,7 @@ def _routes(app: FastAPI, metrics: Metrics, guards: Guards) -> None:
         responses=GUARDED | JSON_BODY | UNKNOWN_ITEMS,
     )
     async def recommend_history(body: HistoryRequest, state: StateDep) -> RecommendResponse:
-        unknown = state.engine.unknown_items(body.history)
-        if unknown:
-            raise UnknownItemsError(unknown)
+        state.engine.require_known(body.history)
         seen = set(body.history) if body.exclude_seen else set()
         rec = await state.batcher.submit(RecQuery(None, body.history, seen, body.k, body.offset))
         return _response(None, rec)
@@ -251,9 +249,7 @@ def _routes(app: FastAPI, metrics: Metrics, guards: Guards) -> None:
         responses=GUARDED | JSON_BODY | UNKNOWN_ITEMS | STORE_NEEDED,
     )
     async def interactions(body: InteractionsRequest, state: StateDep) -> InteractionsResponse:
-        unknown = state.engine.unknown_items([e.item_id for e in body.events])
-        if unknown:  # nothing of the batch is applied
-            raise UnknownItemsError(unknown)
+        state.engine.require_known([e.item_id for e in body.events])  # else none is applied
         events = [Interaction(e.user_id, e.item_id, e.timestamp, e.event_id) for e in body.events]
         applied = await state.store.add(events)
         return InteractionsResponse(received=len(events), applied=applied)
@@ -275,9 +271,7 @@ def _routes(app: FastAPI, metrics: Metrics, guards: Guards) -> None:
         responses=GUARDED | JSON_BODY | UNKNOWN_ITEMS,
     )
     async def explain_history(body: ExplainRequest, state: StateDep) -> ExplainResponse:
-        unknown = state.engine.unknown_items(body.history)
-        if unknown:
-            raise UnknownItemsError(unknown)
+        state.engine.require_known(body.history)
         return await _explain(state, None, body.history, body.item_id)
 
 

@@ -131,6 +131,19 @@ class ProfileStore(Protocol):
     async def close(self) -> None: ...
 
 
+class ProfileReads:
+    """``recent`` and ``seen`` derived from ``profiles``, the one read a store implements."""
+
+    async def profiles(self, user_ids: Sequence[str]) -> list[Profile]:
+        raise NotImplementedError
+
+    async def recent(self, user_ids: Sequence[str]) -> list[list[int]]:
+        return [p.recent for p in await self.profiles(user_ids)]
+
+    async def seen(self, user_ids: Sequence[str]) -> list[set[int]]:
+        return [set(p.seen) for p in await self.profiles(user_ids)]
+
+
 def recent_of(history: Iterable[int], max_recent: int) -> list[int]:
     """The last ``max_recent`` distinct items of ``history``, oldest first, each at its latest
     occurrence: exactly what replaying ``history`` through ``add`` leaves in ``recent``."""
@@ -242,7 +255,7 @@ class _Profile:
     events: dict[str, float] = field(default_factory=dict)  # event id -> time applied
 
 
-class MemoryProfileStore:
+class MemoryProfileStore(ProfileReads):
     """Profiles in a dict: the default when no Redis is configured (one process, lost on exit)."""
 
     def __init__(
@@ -263,12 +276,6 @@ class MemoryProfileStore:
     async def profiles(self, user_ids: Sequence[str]) -> list[Profile]:
         async with self._lock:
             return [self._snapshot(u) for u in user_ids]
-
-    async def recent(self, user_ids: Sequence[str]) -> list[list[int]]:
-        return [p.recent for p in await self.profiles(user_ids)]
-
-    async def seen(self, user_ids: Sequence[str]) -> list[set[int]]:
-        return [set(p.seen) for p in await self.profiles(user_ids)]
 
     async def add(self, events: Sequence[Interaction]) -> int:
         _check_events(events)
@@ -493,7 +500,7 @@ def redis_client(url: str, *, timeout_s: float = 2.0, max_connections: int = 50)
     return aioredis.Redis.from_pool(pool)
 
 
-class RedisProfileStore:
+class RedisProfileStore(ProfileReads):
     """Profiles in Redis; owns ``client`` (``close`` closes it), which must return bytes (no
     ``decode_responses``: profiles are binary). The layout is ready for Redis Cluster (each
     script touches one user's keys, one slot; reads use a non-transactional pipeline), but this
@@ -580,12 +587,6 @@ class RedisProfileStore:
                     pipe.get(self.keys(user).profile)
                 blobs.extend(await pipe.execute())
         return [decode_profile(blob) for blob in blobs]
-
-    async def recent(self, user_ids: Sequence[str]) -> list[list[int]]:
-        return [p.recent for p in await self.profiles(user_ids)]
-
-    async def seen(self, user_ids: Sequence[str]) -> list[set[int]]:
-        return [set(p.seen) for p in await self.profiles(user_ids)]
 
     async def add(self, events: Sequence[Interaction]) -> int:
         _check_events(events)

@@ -27,6 +27,7 @@ from typing import TypeVar
 from service.store.profiles import (
     Interaction,
     Profile,
+    ProfileReads,
     ProfileStore,
     StoreUnavailable,
     decode_profile,
@@ -82,7 +83,7 @@ def with_items(profile: Profile, items: Sequence[int], max_recent: int) -> Profi
     return Profile(recent, profile.seen | frozenset(int(i) for i in items))
 
 
-class ResilientStore:
+class ResilientStore(ProfileReads):
     """``store``, whose reads fall back to a cache of recent profiles while it is unreachable."""
 
     def __init__(self, store: ProfileStore, *, cache_size: int) -> None:
@@ -105,12 +106,6 @@ class ResilientStore:
             if profile.recent or profile.seen:  # an unknown user's empty profile is no news
                 self.cache.put(user, profile)
         return found
-
-    async def recent(self, user_ids: Sequence[str]) -> list[list[int]]:
-        return [p.recent for p in await self.profiles(user_ids)]
-
-    async def seen(self, user_ids: Sequence[str]) -> list[set[int]]:
-        return [set(p.seen) for p in await self.profiles(user_ids)]
 
     async def add(self, events: Sequence[Interaction]) -> int:
         """The store's ``add``; cached profiles of its users follow when all events applied.
