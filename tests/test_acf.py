@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from service.model.acf import ACF, PAD, UNKNOWN_USER, ACFConfig
+from service.model.acf import ACF, ITEM_ROWS, PAD, UNKNOWN_USER, ACFConfig
 from service.model.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -24,7 +24,13 @@ VARIANTS = [
     replace(BASE, item_term=True),
     replace(BASE, item_bias=True, score_scale=0.5),
     replace(BASE, component_pool="mean"),
+    replace(BASE, visual="score", item_bias=True, score_scale=1.0),
+    replace(BASE, visual="score", component_pool="mean", tied=False),
+    replace(BASE, visual="none", item_bias=True),
+    replace(BASE, visual="score", recency=3, item_bias=True),
+    replace(BASE, visual="score", newest=True, item_bias=True),
 ]
+ORDER_BLIND = [c for c in VARIANTS if not (c.recency or c.newest)]
 
 
 def _model(config: ACFConfig, seed: int = 0) -> ACF:
@@ -43,11 +49,20 @@ PROFILES = torch.tensor([[3, 5, 7, 0], [1, 0, 0, 0], [2, 4, 6, 8], [0, 0, 0, 0]]
 USERS = torch.tensor([0, 3, 6, 2])
 
 
-@pytest.fixture(
-    params=VARIANTS,
-    ids=lambda c: f"tied={c.tied},W1v={c.item_term},bias={c.item_bias},pool={c.component_pool}",
-)
+def _name(c: ACFConfig) -> str:
+    return (
+        f"visual={c.visual},tied={c.tied},W1v={c.item_term},bias={c.item_bias},"
+        f"pool={c.component_pool},recency={c.recency},newest={c.newest}"
+    )
+
+
+@pytest.fixture(params=VARIANTS, ids=_name)
 def model(request: pytest.FixtureRequest) -> ACF:
+    return _model(request.param)
+
+
+@pytest.fixture(params=ORDER_BLIND, ids=_name)
+def order_blind(request: pytest.FixtureRequest) -> ACF:
     return _model(request.param)
 
 
@@ -61,7 +76,8 @@ def test_shapes_and_attention_sums(model: ACF) -> None:
     torch.testing.assert_close(sums[:3], torch.ones(3))
     assert sums[3] == 0  # an empty profile attends to nothing (and gives no NaN)
     comp = out.component_attention.sum(-1)
-    torch.testing.assert_close(comp[mask], torch.ones(int(mask.sum())))
+    expected = 1.0 if model.uses_images else 0.0  # no image, nothing to attend to
+    torch.testing.assert_close(comp[mask], torch.full((int(mask.sum()),), expected))
     assert torch.all(comp[~mask] == 0)
     assert torch.all(out.item_attention[~mask] == 0)
     assert model.score_all(USERS, PROFILES).shape == (4, N_ITEMS)
@@ -86,11 +102,23 @@ def test_padded_positions_change_nothing(model: ACF) -> None:
     )
 
 
-def test_profile_order_does_not_matter(model: ACF) -> None:
-    tables = model.catalogue_tables()
-    a = model.attend(USERS[2:3], torch.tensor([[2, 4, 6, 8]]), tables).user
-    b = model.attend(USERS[2:3], torch.tensor([[8, 2, 6, 4]]), tables).user
+def test_profile_order_does_not_matter_without_recency(order_blind: ACF) -> None:
+    tables = order_blind.catalogue_tables()
+    a = order_blind.attend(USERS[2:3], torch.tensor([[2, 4, 6, 8]]), tables).user
+    b = order_blind.attend(USERS[2:3], torch.tensor([[8, 2, 6, 4]]), tables).user
     torch.testing.assert_close(a, b)
+
+
+def test_recency_makes_the_newest_items_count_by_position() -> None:
+    model = _model(replace(BASE, recency=4))
+    with torch.no_grad():  # the newest position strongly preferred, whatever the item
+        model.recency.weight.zero_()  # type: ignore[union-attr]
+        model.recency.weight[0] = 5.0 * model.item_out.weight[0].sign()  # type: ignore[union-attr]
+    tables = model.catalogue_tables()
+    for profile in ([2, 4, 6, 8], [8, 2, 6, 4], [0, 4, 0, 6]):
+        out = model.attend(USERS[2:3], torch.tensor([profile]), tables)
+        newest = max(i for i, item in enumerate(profile) if item != PAD)
+        assert int(out.item_attention[0].argmax()) == newest
 
 
 def test_batch_equals_one_at_a_time(model: ACF) -> None:
@@ -101,21 +129,48 @@ def test_batch_equals_one_at_a_time(model: ACF) -> None:
         torch.testing.assert_close(single[0], batched[i], rtol=1e-5, atol=1e-6)
 
 
-def test_forward_scores_match_score_all(model: ACF) -> None:
-    pos, neg = torch.tensor([1, 2, 3, 12]), torch.tensor([12, 11, 4, 1])
-    p, n = model(USERS, PROFILES, pos, neg)
-    full = model.score_all(USERS, PROFILES)
-    rows = torch.arange(4)
-    torch.testing.assert_close(p, full[rows, pos - 1])
-    torch.testing.assert_close(n, full[rows, neg - 1])
-
-
-def test_inner_product_over_item_vectors_is_the_model_score(model: ACF) -> None:
+def test_queries_match_the_whole_catalogue_way(model: ACF) -> None:
+    """``queries`` encodes only the batch's distinct profile items; the same user vectors
+    come out of the catalogue's tables."""
     user = model.attend(USERS, PROFILES, model.catalogue_tables()).user
-    by_index = model.query_vectors(user) @ model.item_vectors().T
-    items = torch.arange(1, N_ITEMS + 1)
-    direct = torch.stack([model.score_items(user, items.new_full((4,), j)) for j in items], 1)
-    torch.testing.assert_close(by_index, direct)
+    torch.testing.assert_close(model.queries(USERS, PROFILES), model.query_vectors(user))
+
+
+def test_item_vectors_of_some_items_are_rows_of_all(model: ACF) -> None:
+    items = torch.tensor([5, 1, 12, 5])
+    torch.testing.assert_close(model.item_vectors(items), model.item_vectors()[items - 1])
+
+
+def test_a_new_item_starts_from_the_given_rows_and_is_scored_with_its_image(model: ACF) -> None:
+    """Items added while serving: the grown model keeps every trained row, and a new item's
+    vector is its starting rows plus its image vector."""
+    rows = {
+        name: torch.randn(2, *p.shape[1:])
+        for name, p in model.state_dict().items()
+        if name in ITEM_ROWS
+    }
+    if model.config.tied:  # one parameter under two names: one row for both
+        rows["profile_embedding.weight"] = rows["item_embedding.weight"]
+    grown = model.with_new_items(rows)
+    assert grown.config.n_items == N_ITEMS + 2 and len(grown.features) == 0  # no features held
+    torch.testing.assert_close(
+        grown.attend(USERS, PROFILES, model.catalogue_tables()).user,
+        model.attend(USERS, PROFILES, model.catalogue_tables()).user,
+    )
+    new = torch.tensor([N_ITEMS + 1, N_ITEMS + 2])
+    torch.testing.assert_close(grown.profile_embedding(new), rows["profile_embedding.weight"])
+    if model.config.visual != "score":
+        with pytest.raises(ValueError, match="cannot score new items"):
+            model.image_vectors(model.features[1:3])
+        return
+    image = model.image_vectors(model.features[1:3])
+    expected = (rows["item_embedding.weight"] + image) * model.config.scale
+    vectors = grown.vectors_with_image(new, image)
+    torch.testing.assert_close(vectors[:, : model.config.dim], expected)
+    # an item's own image gives its own image vector: trained items go through the same map
+    torch.testing.assert_close(
+        model.vectors_with_image(torch.tensor([1, 2]), image), model.item_vectors()[:2]
+    )
 
 
 def test_tutorial_way_of_reducing_gives_the_same_user(model: ACF) -> None:
@@ -128,14 +183,21 @@ def test_tutorial_way_of_reducing_gives_the_same_user(model: ACF) -> None:
     torch.testing.assert_close(a, b)
 
 
-def test_gradients_reach_every_parameter() -> None:
-    model = _model(replace(BASE, tied=False, item_term=True, item_bias=True)).train()
-    p, n = model(USERS, PROFILES, torch.tensor([1, 2, 3, 4]), torch.tensor([5, 6, 7, 8]))
-    (n - p).sum().backward()
+@pytest.mark.parametrize("visual", ["attention", "score"])
+def test_gradients_reach_every_parameter(visual: str) -> None:
+    config = replace(
+        BASE, tied=False, item_term=True, item_bias=True, recency=4, newest=True, visual=visual
+    )
+    model = _model(config).train()  # type: ignore[arg-type]
+    scores = model.queries(USERS, PROFILES) @ model.item_vectors().T
+    scores.logsumexp(-1).sum().backward()
+    # The attention logits' output biases (c1, c2) shift every logit of a softmax alike, so
+    # they have no gradient in exact arithmetic (float noise may give them one).
+    softmax_shifts = {"item_out.bias", "comp_out.bias"}
     missing = [
         name
         for name, prm in model.named_parameters()
-        if prm.grad is None or not prm.grad.abs().sum() > 0
+        if name not in softmax_shifts and (prm.grad is None or not prm.grad.abs().sum() > 0)
     ]
     assert missing == []
 
@@ -198,6 +260,10 @@ def test_an_unknown_user_is_their_profile_alone(model: ACF) -> None:
     profiles = torch.tensor([[3, 5, 0], [0, 0, 0], [3, 5, 0]])
     out = model.attend(unknown, profiles, tables)
     assert torch.all(out.user[1] == 0)  # no embedding, no profile: nothing to go on
-    expected = (out.item_attention[0].unsqueeze(-1) * model.profile_embedding(profiles[0])).sum(0)
+    content = model.profile_embedding(profiles[0])  # (L, D)
+    if model.config.visual == "score":  # the attended image content is part of each item
+        beta = out.component_attention[0]  # (L, K)
+        content = content + (beta.unsqueeze(1) @ tables.reduced[profiles[0]]).squeeze(1)
+    expected = (out.item_attention[0].unsqueeze(-1) * content).sum(0)
     torch.testing.assert_close(out.user[0], expected)
     assert not torch.allclose(out.user[0], out.user[2])  # user 0's own embedding counts

@@ -18,6 +18,15 @@ from PIL import Image
 from skimage import data as skdata
 from torch import nn
 
+from service.model import backbones as bb
+from service.model.backbones import (
+    BACKBONES,
+    SPECS,
+    Backbone,
+    classify,
+    image_to_tensor,
+    load_backbone,
+)
 from service.model.feature_store import (
     FEATURES_FILE,
     META_FILE,
@@ -26,13 +35,7 @@ from service.model.feature_store import (
     FeatureMeta,
     load_features,
 )
-from service.offline import backbones as bb
-from service.offline.backbones import BACKBONES, SPECS, Backbone, classify, load_backbone
-from service.offline.features import (
-    compute_inputs_hash,
-    extract_features,
-    image_to_tensor,
-)
+from service.offline.features import compute_inputs_hash, extract_features
 
 ML100K = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "ml100k"
 BLOCK = 32  # 224 / 7: one grid cell of the block-mean backbone

@@ -140,17 +140,33 @@ def test_flat_attention_is_warned_about(
         assert result.validation[ITEM_ENTROPY] < 0.5 and result.validation[COMPONENT_ENTROPY] < 0.5
 
 
-@pytest.mark.parametrize("model", ["bpr_mf", "vbpr", "acf_mean_pool"])
-def test_every_baseline_learns_something(prepared: Prepared, model: str) -> None:
-    result = fit(prepared, replace(SMALL, model=model, epochs=4), device=CPU, progress=False)
-    losses = [h["loss"] for h in result.history]
-    assert losses[-1] < losses[0]
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"model": "bpr_mf"},
+        {"model": "vbpr"},
+        {"model": "sasrec"},
+        {"component_pool": "mean"},
+        {"visual": "none"},
+        {"visual": "attention", "loss": "bpr", "centre_components": False, "feature_rank": 0},
+        {"loss": "softmax", "full_softmax_items": 1, "negatives": 64},  # sampled softmax
+        {"model": "transitions"},
+        {"model": "ease"},
+    ],
+    ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()),
+)
+def test_every_model_and_loss_learns_something(prepared: Prepared, changes: dict) -> None:
+    config = replace(SMALL, epochs=4, **changes)
+    result = fit(prepared, config, device=CPU, progress=False)
+    if result.best_epoch:  # trained, not fitted
+        losses = [h["loss"] for h in result.history]
+        assert losses[-1] < losses[0]
     pop = fit(prepared, replace(SMALL, model="popularity"), device=CPU, progress=False)
     popular = evaluate(pop.model, validation_task(prepared.split), device=CPU)  # type: ignore[arg-type]
     assert result.validation["R@20"] > popular["R@20"].mean() + 0.05
-    if model == "acf_mean_pool":
-        assert isinstance(result.model, ACF)
-        assert result.model.config.component_pool == "mean"
+    if isinstance(result.model, ACF):
+        assert result.model.config.component_pool == config.component_pool
+        assert result.model.config.visual == config.visual
 
 
 def test_command_line_end_to_end(
@@ -210,7 +226,8 @@ def test_command_line_end_to_end(
     assert set(printed) == {"standard"}
     loaded = load_checkpoint(ckpt)
     assert loaded.train_config["tied"] is False and loaded.config.item_term is True
-    assert loaded.config.feature_dim == 1280
+    assert loaded.config.feature_dim == 128  # centred, then projected from 1280 raw dims
+    assert loaded.projection is not None and loaded.projection["basis"].shape == (1280, 128)
     assert loaded.features["backbone"] == "mobilenet_v2"
     assert [ITEM_ENTROPY in h and COMPONENT_ENTROPY in h for h in loaded.history] == [True, True]
     assert sum(loaded.item_popularity) == len(prepared.split.train_items)

@@ -1,22 +1,39 @@
 """Attentive Collaborative Filtering (Chen et al., SIGIR 2017) on image components.
 
-Faithful to the VisRec tutorial's PyTorch reimplementation, with the paper's options it dropped
-(the ``W1v v_l`` term, untied ``v``/``p``) available in :class:`ACFConfig`.
+The VisRec tutorial's PyTorch reimplementation is ``visual="attention"``; the paper's options it
+dropped (the ``W1v v_l`` term, untied ``v``/``p``) are available in :class:`ACFConfig`, and so is
+this project's variant (``visual="score"``), in which the attended image content reaches the
+score instead of only shaping the item-level weights.
 
-Notation (B users, L profile items, K components, C raw feature dim, D model dim, A attention dim):
+Notation (B users, L profile items, K components, C feature dim, D model dim, A attention dim):
 - component attention ``b(i,l,m) = w2ᵀ ReLU(W2u u_i + W2x x_lm + b2) + c2``, softmax over K;
-- item attention ``a(i,l) = w1ᵀ ReLU(W1u u_i + W1p p_l [+ W1v v_l] + W1x x̄_l + b1) + c1``,
-  masked softmax over the profile;
-- user vector ``u_i + Σ_l α(i,l) p_l``; score ``scale · (user · v_j) [+ b_j]``.
+  ``x̄(i,l) = Σ_m β(i,l,m) x_lm``;
+- item attention ``a(i,l) = w1ᵀ ReLU(W1u u_i + W1p p_l [+ W1v v_l] + W1x x̄(i,l) [+ r_pos]
+  [+ W1n c_newest] + b1) + c1``, masked softmax over the profile; ``r_pos`` (``recency``) is a
+  learned vector per position counted back from the newest item, and ``W1n c_newest``
+  (``newest``) lets the weights depend on the newest item, so a new interest that shows up in
+  the profile can draw the weight onto the items that share it;
+- user vector ``u_i + Σ_l α(i,l) c_l`` with ``c_l = p_l`` (``visual="attention"``, the tutorial)
+  or ``c_l = p_l + x̄(i,l)`` (``visual="score"``);
+- item vector ``v_j`` or, with ``visual="score"``, ``v_j + x̃_j`` where ``x̃_j`` is the mean of
+  the item's reduced components; score ``scale · (user · item) [+ b_j]``.
+
+With ``visual="score"`` the gradient of the score reaches the component attention directly, so
+looking at the part of an image that predicts preference is rewarded; with
+``visual="attention"`` the image only re-weights profile items, and nothing rewards attending to
+the object (measured: the attention then sits on image corners). ``visual="none"`` is the
+ablation without images. An item with no trained embedding (a new item: zero rows) still has a
+vector from its image under ``visual="score"``.
 
 Everything that does not depend on the user (the reduced components ``x`` and their attention
-keys ``W2x x + b2``) is computed once per catalogue in :meth:`ACF.encode_items`, so a batch of
-users never touches raw C-dimensional features.
+keys ``W2x x + b2``) is computed once per distinct item in :meth:`ACF.encode_items`, so a batch
+of users never touches raw C-dimensional features more than once per item.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -25,6 +42,8 @@ from torch import Tensor, nn
 
 PAD = 0  # item index 0 is padding; real items are 1..N
 UNKNOWN_USER = -1  # user index of someone the model has no embedding for
+
+Visual = Literal["attention", "score", "none"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +58,9 @@ class ACFConfig:
     item_term: bool = False  # the paper's W1v v_l term in the item attention
     item_bias: bool = False
     component_pool: Literal["attention", "mean"] = "attention"  # "mean": ablation
+    visual: Visual = "attention"  # where the image acts; "attention" is the tutorial's ACF
+    recency: int = 0  # > 0: learned recency vectors for this many newest profile positions
+    newest: bool = False  # the item attention also asks how each item relates to the newest
     score_scale: float | None = None  # None: 1 / dim, as in the tutorial
 
     @property
@@ -64,23 +86,30 @@ class Attended:
 class ACF(nn.Module):
     """ACF with the item features held as a (non-persistent) buffer.
 
-    ``features``: (N, K, C) raw component features of items 1..N, any float dtype.
+    ``features``: (N, K, C) component features of items 1..N, any float dtype; None for a
+    model that is only given tables (:meth:`with_new_items`).
     """
 
     features: Tensor  # (N+1, K, C) float32 buffer, row 0 = padding
+    pooled: Tensor  # (N+1, C) mean over K of ``features``
 
-    def __init__(self, config: ACFConfig, features: Tensor) -> None:
+    def __init__(self, config: ACFConfig, features: Tensor | None) -> None:
         super().__init__()
-        n, k, c = features.shape
-        if (n, k, c) != (config.n_items, config.n_components, config.feature_dim):
+        k, c = config.n_components, config.feature_dim
+        if features is not None and tuple(features.shape) != (config.n_items, k, c):
             raise ValueError(
-                f"features have shape {(n, k, c)}, the model expects "
-                f"{(config.n_items, config.n_components, config.feature_dim)}"
+                f"features have shape {tuple(features.shape)}, the model expects "
+                f"{(config.n_items, k, c)}"
             )
         self.config = config
         d, a = config.dim, config.attention_dim
-        padded = torch.cat([torch.zeros(1, k, c), features.float()])  # (N+1, K, C)
+        padded = (  # (N+1, K, C), or no rows at all
+            torch.empty(0, k, c)
+            if features is None
+            else torch.cat([torch.zeros(1, k, c), features.float()])
+        )
         self.register_buffer("features", padded, persistent=False)
+        self.register_buffer("pooled", padded.mean(1), persistent=False)
         self.user_embedding = nn.Embedding(config.n_users, d)
         self.item_embedding = nn.Embedding(config.n_items + 1, d, padding_idx=PAD)  # v
         self.profile_embedding = (  # p
@@ -96,6 +125,8 @@ class ACF(nn.Module):
         self.item_profile = nn.Linear(d, a)  # W1p, b1
         self.item_component = nn.Linear(d, a, bias=False)  # W1x
         self.item_self = nn.Linear(d, a, bias=False) if config.item_term else None  # W1v
+        self.recency = nn.Embedding(config.recency, a) if config.recency else None  # r_pos
+        self.item_newest = nn.Linear(d, a, bias=False) if config.newest else None  # W1n
         self.item_out = nn.Linear(a, 1)  # w1, c1
         self.bias = (
             nn.Embedding(config.n_items + 1, 1, padding_idx=PAD) if config.item_bias else None
@@ -113,10 +144,16 @@ class ACF(nn.Module):
                 emb.weight[PAD].zero_()
             if self.bias is not None:
                 self.bias.weight.zero_()
+            if self.recency is not None:
+                self.recency.weight.zero_()  # starts order-blind, as the tutorial's model
+
+    @property
+    def uses_images(self) -> bool:
+        return self.config.visual != "none"
 
     # --- user-independent part -------------------------------------------------------------
     def encode_items(self, features: Tensor) -> ItemTables:
-        """Raw features (M, K, C) -> reduced components and their attention keys."""
+        """Features (M, K, C) -> reduced components and their attention keys."""
         x = self.reduce(features)  # (M, K, D)
         return ItemTables(reduced=x, keys=self.comp_key(x))
 
@@ -126,24 +163,37 @@ class ACF(nn.Module):
 
     # --- user-dependent part ---------------------------------------------------------------
     def attend(
-        self, users: Tensor, profiles: Tensor, tables: ItemTables, rows: Tensor | None = None
+        self,
+        users: Tensor,
+        profiles: Tensor,
+        tables: ItemTables,
+        rows: Tensor | None = None,
     ) -> Attended:
         """User vectors with both attentions.
 
         users (B,) (``UNKNOWN_USER`` allowed), profiles (B, L) item indices with PAD for empty
-        slots; ``rows`` (B, L) are the rows of ``tables`` holding each profile item (default:
-        the item index).
+        slots, oldest first; ``rows`` (B, L) are the rows of ``tables`` holding each profile
+        item (default: the item index).
         """
         rows = profiles if rows is None else rows
         mask = profiles != PAD  # (B, L)
         u = self.user_vectors(users)  # (B, D)
-        beta, x_bar = self._pool_components(users, u, tables, rows)  # (B, L, K), (B, L, D)
         p = self.profile_embedding(profiles)  # (B, L, D)
-        h = self.item_user(u).unsqueeze(1) + self.item_profile(p) + self.item_component(x_bar)
+        h = self.item_user(u).unsqueeze(1) + self.item_profile(p)  # (B, L, A)
+        if self.uses_images:
+            beta, x_bar = self._pool_components(users, u, tables, rows)  # (B, L, K), (B, L, D)
+            h = h + self.item_component(x_bar)
+        else:
+            beta, x_bar = p.new_zeros(*profiles.shape, self.config.n_components), None
         if self.item_self is not None:
             h = h + self.item_self(self.item_embedding(profiles))
+        if self.recency is not None:
+            h = h + self.recency(_positions_back(mask, self.config.recency))
+        content = p + x_bar if self.config.visual == "score" and x_bar is not None else p
+        if self.item_newest is not None:
+            h = h + self.item_newest(_newest(content, mask)).unsqueeze(1)
         alpha = _masked_softmax(self.item_out(F.relu(h)).squeeze(-1), mask)  # (B, L)
-        user = u + (alpha.unsqueeze(-2) @ p).squeeze(-2)  # (B, D)
+        user = u + (alpha.unsqueeze(-2) @ content).squeeze(-2)  # (B, D)
         return Attended(user, alpha, beta * mask.unsqueeze(-1))
 
     def user_vectors(self, users: Tensor) -> Tensor:
@@ -185,12 +235,50 @@ class ACF(nn.Module):
         )
 
     # --- scoring ---------------------------------------------------------------------------
-    def item_vectors(self) -> Tensor:
-        """(N, D[+1]) so that ``query_vectors(user) @ item_vectors().T`` is the model's score."""
-        v = self.item_embedding.weight[1:] * self.config.scale
-        if self.bias is None:
-            return v
-        return torch.cat([v, self.bias.weight[1:]], dim=1)
+    def item_vectors(self, items: Tensor | None = None) -> Tensor:
+        """(M, D[+1]) vectors of ``items`` (default: all of 1..N, in order) such that
+        ``query_vectors(user) @ item_vectors().T`` is the model's score.
+
+        Under ``visual="score"`` an item's vector is its embedding plus its image vector x̃
+        (the mean of its reduced components), so an item is also scored by what it shows."""
+        if items is None:
+            items = torch.arange(1, self.config.n_items + 1, device=self.pooled.device)
+        image = self.reduce(self.pooled[items]) if self.config.visual == "score" else None
+        return self.vectors_with_image(items, image)  # mean of reduced = reduced of mean
+
+    def vectors_with_image(self, items: Tensor, image: Tensor | None) -> Tensor:
+        """Item vectors from the items' embedding rows and the given (M, D) image vectors."""
+        v = self.item_embedding(items)  # (M, D)
+        if image is not None:
+            v = v + image
+        v = v * self.config.scale
+        return v if self.bias is None else torch.cat([v, self.bias(items)], dim=1)
+
+    def image_vectors(self, features: Tensor) -> Tensor:
+        """(M, K, C) component features -> x̃ (M, D), as :meth:`item_vectors` adds them. Only a
+        ``visual="score"`` model scores with it, so only it can score an item it was not
+        trained on (ValueError otherwise)."""
+        if self.config.visual != "score":
+            raise ValueError(
+                f"a model with visual={self.config.visual!r} scores items by their trained "
+                "embedding only; it cannot score new items from their images"
+            )
+        return self.reduce(features.float().mean(1))
+
+    def with_new_items(self, rows: Mapping[str, Tensor]) -> ACF:
+        """The same model for a catalogue of N + M items, the new ones (N+1..) starting from the
+        given embedding rows (``rows[name]``: (M, ...) for each of the model's
+        ``ITEM_ROWS`` it has; zeros where missing). It holds no features: its tables come from
+        :meth:`encode_items`."""
+        count = len(next(iter(rows.values())))
+        grown = ACF(replace(self.config, n_items=self.config.n_items + count), None)
+        state = self.state_dict()
+        for name in ITEM_ROWS:
+            if name in state:
+                new = rows.get(name, state[name].new_zeros(count, *state[name].shape[1:]))
+                state[name] = torch.cat([state[name], new.to(state[name])])
+        grown.load_state_dict(state)
+        return grown.to(self.reduce.weight.device).eval()
 
     def query_vectors(self, user: Tensor) -> Tensor:
         """(B, D) user vectors -> (B, D[+1]) inner-product queries."""
@@ -198,22 +286,39 @@ class ACF(nn.Module):
             return user
         return torch.cat([user, user.new_ones(len(user), 1)], dim=1)
 
-    def score_items(self, user: Tensor, items: Tensor) -> Tensor:
-        """user (B, D), items (B,) -> (B,)."""
-        s = (user * self.item_embedding(items)).sum(-1) * self.config.scale
-        return s if self.bias is None else s + self.bias(items).squeeze(-1)
+    def attend_profiles(self, users: Tensor, profiles: Tensor) -> Attended:
+        """:meth:`attend` with tables of the batch's distinct profile items only, so the cost
+        does not grow with the catalogue."""
+        items, rows = torch.unique(profiles, return_inverse=True)
+        tables = self.encode_items(self.features[items]) if self.uses_images else _NO_TABLES
+        return self.attend(users, profiles, tables, rows)
 
-    def forward(
-        self, users: Tensor, profiles: Tensor, pos: Tensor, neg: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """Training scores of (B,) positives and negatives for users with (B, L) profiles."""
-        user = self.attend(users, profiles, self.catalogue_tables()).user
-        return self.score_items(user, pos), self.score_items(user, neg)
+    def queries(self, users: Tensor, profiles: Tensor) -> Tensor:
+        """(B,) users, (B, L) profiles -> (B, D[+1]) inner-product queries."""
+        return self.query_vectors(self.attend_profiles(users, profiles).user)
 
     def score_all(self, users: Tensor, profiles: Tensor) -> Tensor:
         """(B, N) scores of items 1..N."""
-        user = self.attend(users, profiles, self.catalogue_tables()).user
-        return self.query_vectors(user) @ self.item_vectors().T
+        return self.queries(users, profiles) @ self.item_vectors().T
+
+
+_NO_TABLES = ItemTables(torch.empty(0), torch.empty(0))
+# parameters with one row per item (row 0 = PAD); a tied model has the first two the same
+ITEM_ROWS = ("item_embedding.weight", "profile_embedding.weight", "bias.weight")
+
+
+def _newest(content: Tensor, mask: Tensor) -> Tensor:
+    """(B, L, D), (B, L) -> (B, D) the newest real item's row (zeros for an empty profile)."""
+    last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(-1)  # (B,)
+    rows = content[torch.arange(len(content), device=content.device), last]
+    return rows * mask.any(-1, keepdim=True)
+
+
+def _positions_back(mask: Tensor, size: int) -> Tensor:
+    """(B, L) position of each real profile item counted back from the newest (0 = newest),
+    ignoring padding wherever it is; capped at ``size - 1``."""
+    after = mask.flip(-1).cumsum(-1).flip(-1) - mask.long()  # real items newer than this one
+    return after.clamp(max=size - 1)
 
 
 def _masked_softmax(logits: Tensor, mask: Tensor) -> Tensor:

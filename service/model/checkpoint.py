@@ -21,8 +21,11 @@ import numpy as np
 import torch
 
 from service.model.acf import ACF, ACFConfig
+from service.model.projection import Projection
 
-FORMAT = "visrec-acf/1"
+FORMAT = "visrec-acf/2"
+# /1 had no feature projection; its checkpoints load as ones without it.
+READABLE = (FORMAT, "visrec-acf/1")
 
 
 class CheckpointError(ValueError):
@@ -41,11 +44,19 @@ class Checkpoint:
     validation: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, float]] = field(default_factory=list)
     code_version: str = ""
+    projection: dict[str, torch.Tensor] | None = None  # Projection.as_state(); None: raw
+
+    def project(self, features: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Raw (N, K, C) features -> what the model takes, (N, K, feature_dim) float32."""
+        if self.projection is None:
+            return torch.as_tensor(np.asarray(features, dtype=np.float32))
+        return Projection.from_state(self.projection).apply(features)
 
     def build_model(
         self, features: np.ndarray | torch.Tensor, *, inputs_hash: str, item_ids: Sequence[int]
     ) -> ACF:
-        """The trained model on ``features`` (N, K, C), which must be the ones it was trained on."""
+        """The trained model on raw ``features`` (N, K, C), which must be the ones it was trained
+        on."""
         if inputs_hash != self.features.get("inputs_hash"):
             raise CheckpointError(
                 f"features do not match the checkpoint: inputs hash {inputs_hash[:12]}… "
@@ -55,7 +66,7 @@ class Checkpoint:
             )
         if list(item_ids) != self.item_ids:
             raise CheckpointError("features list items in another order than the checkpoint")
-        model = ACF(self.config, torch.as_tensor(np.asarray(features, dtype=np.float32)))
+        model = ACF(self.config, self.project(features))
         model.load_state_dict(self.state)
         return model.eval()
 
@@ -84,7 +95,7 @@ def read_checkpoint(
         payload = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises many kinds for bytes that are not a torch file
         raise CheckpointError(f"{path} is not a readable checkpoint: {err}") from err
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+    if not isinstance(payload, dict) or payload.get("format") not in READABLE:
         raise CheckpointError(f"{path} is not a {FORMAT} checkpoint")
     payload.pop("format")
     try:

@@ -80,3 +80,60 @@ def flat_levels(stats: Mapping[str, float], *, threshold: float = FLAT) -> list[
     """The attention levels ("item", "component") whose normalised entropy is above
     ``threshold``; NaN or missing statistics never count as flat."""
     return [level for level, key in LEVELS.items() if stats.get(key, math.nan) > threshold]
+
+
+ON_OBJECT = 0.25  # a grid cell is "on the object" when the object covers this share of it
+
+
+def grid_regions(n_components: int) -> tuple[np.ndarray, np.ndarray]:
+    """(K,) bool masks of the border cells and the four corner cells of a square grid."""
+    g = math.isqrt(n_components)
+    r, c = np.divmod(np.arange(n_components), g)
+    border = (r == 0) | (c == 0) | (r == g - 1) | (c == g - 1)
+    corner = ((r == 0) | (r == g - 1)) & ((c == 0) | (c == g - 1))
+    return border, corner
+
+
+@torch.no_grad()
+def heatmap_stats(
+    model: ACF, users: Tensor, profiles: Tensor, *, object_cover: np.ndarray | None = None
+) -> dict[str, float]:
+    """Where the component attention of these users' real profile items goes, against chance.
+
+    - ``component_entropy``: mean normalised entropy (1 = flat);
+    - ``strongest_on_border`` / ``strongest_in_corner``: share of heatmaps whose strongest cell
+      is on the grid's border / in a corner, with the shares of such cells (``*_chance``);
+    - ``item_top_weight_median``: median largest item weight, profiles of 2+ items;
+    - with ``object_cover`` ((N, K) share of each cell on the object, items 1..N): the mean
+      attention mass on the object's cells (``object_mass``) against their mean share of the
+      grid (``object_area``), and the share of heatmaps whose strongest cell is on the object.
+    """
+    device = model.features.device
+    users, profiles = users.to(device), profiles.to(device)
+    items, rows = torch.unique(profiles, return_inverse=True)
+    attended = model.attend(users, profiles, model.encode_items(model.features[items]), rows)
+    mask = profiles != PAD
+    beta = attended.component_attention[mask].double().cpu().numpy()  # (S, K)
+    slot_items = profiles[mask].cpu().numpy()  # (S,)
+    k = beta.shape[1]
+    border, corner = grid_regions(k)
+    strongest = beta.argmax(1)
+    entropy, _ = peakedness(torch.as_tensor(beta), torch.ones(beta.shape, dtype=torch.bool))
+    several = mask.sum(1) >= 2
+    top_item = attended.item_attention[several].amax(1)
+    stats = {
+        "component_entropy": entropy,
+        "strongest_on_border": float(border[strongest].mean()),
+        "border_chance": float(border.mean()),
+        "strongest_in_corner": float(corner[strongest].mean()),
+        "corner_chance": float(corner.mean()),
+        "item_top_weight_median": float(top_item.median()) if len(top_item) else math.nan,
+    }
+    if object_cover is not None:
+        on_object = object_cover[slot_items - 1] >= ON_OBJECT  # (S, K)
+        stats |= {
+            "object_mass": float((beta * on_object).sum(1).mean()),
+            "object_area": float(on_object.mean()),
+            "strongest_on_object": float(on_object[np.arange(len(strongest)), strongest].mean()),
+        }
+    return stats

@@ -16,16 +16,18 @@ from typing import Any
 
 import numpy as np
 
+from service.model.backbones import BACKBONES, DEFAULT_BACKBONE
 from service.model.checkpoint import load_checkpoint, save_checkpoint
 from service.model.feature_store import FeatureError, load_features
-from service.offline.backbones import BACKBONES, DEFAULT_BACKBONE
 from service.offline.data import DatasetError, load_dataset
 from service.offline.evaluate import PROTOCOLS, evaluate, holdout_task
 from service.offline.features import extract_features
 from service.offline.metrics import summarise
 from service.offline.pipeline import PipelineError, fit, prepare, to_checkpoint
+from service.offline.plan import load_plan
 from service.offline.report import ModelRun, plot_history
-from service.offline.reproduce import load_plan, reproduce
+from service.offline.reproduce import reproduce
+from service.offline.sweep import best_settings, load_sweep, sweep
 from service.offline.train import TrainConfig
 from service.runtime import keep_freed_memory, pick_device
 
@@ -81,6 +83,9 @@ def _train(args: argparse.Namespace) -> None:
     work = _default_work_dir(args.data)
     prepared = prepare(args.data, args.features or work / f"features-{DEFAULT_BACKBONE}")
     result = fit(prepared, config, device=pick_device(args.device))
+    if config.model != "acf":  # baselines are for comparison; only ACF is served
+        print(f"{config.model}: validation {_figures(result.validation)} (no checkpoint)")
+        return
     out = args.out or work / f"{config.model}.pt"
     save_checkpoint(out, to_checkpoint(prepared, result, config))
     plot_history(
@@ -88,12 +93,13 @@ def _train(args: argparse.Namespace) -> None:
         out.with_suffix(".png"),
     )
     print(
-        f"checkpoint: {out} (best epoch {result.best_epoch}: "
-        + ", ".join(
-            f"{k} {v:.4f}" for k, v in result.validation.items() if k in ("nDCG@20", "R@20")
-        )
-        + f"); curves: {out.with_suffix('.png')}"
+        f"checkpoint: {out} (best epoch {result.best_epoch}: {_figures(result.validation)}); "
+        f"curves: {out.with_suffix('.png')}"
     )
+
+
+def _figures(validation: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in validation.items() if k in ("nDCG@20", "R@20"))
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -123,13 +129,30 @@ def _reproduce(args: argparse.Namespace) -> None:
         device=pick_device(args.device),
     )
     for protocol, models in payload["protocols"].items():
-        print(f"[{protocol}]")
+        print(f"[{protocol}] mean over seeds {payload['seeds']}")
         for name, metrics in models.items():
             print(
                 f"  {name:14s} "
                 + "  ".join(f"{k} {metrics[k]:.4f}" for k in ("AUC", "R@20", "nDCG@20"))
             )
-    print(f"results: {args.docs / 'results.md'}, {args.docs / 'results.json'}")
+    print(
+        f"results: {args.docs / 'results.md'}, {args.docs / 'results.json'} "
+        f"({payload['timings']['total_s'] / 60:.1f} min)"
+    )
+
+
+def _sweep(args: argparse.Namespace) -> None:
+    work = args.work_dir or _default_work_dir(args.data)
+    trials = sweep(
+        args.data,
+        plan=load_sweep(args.config),
+        work_dir=work,
+        docs_dir=args.docs,
+        device=pick_device(args.device),
+    )
+    for row, changes in best_settings(trials).items():
+        print(f"  {row:14s} best: {changes or '(as planned)'}")
+    print(f"sweep: {args.docs / 'sweep.md'}, {args.docs / 'sweep.json'}")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -167,6 +190,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--docs", type=Path, default=Path("docs"))
     p.set_defaults(run=_reproduce)
+
+    p = sub.add_parser("sweep", help="equal-budget search of every model's settings, validation")
+    _data_arg(p)
+    p.add_argument("--config", type=Path, default=Path("configs/sweep.toml"), help="sweep plan")
+    p.add_argument(
+        "--work-dir", type=Path, help="features and checkpoints (default runs/<dataset>)"
+    )
+    p.add_argument("--docs", type=Path, default=Path("docs"))
+    p.set_defaults(run=_sweep)
     return parser
 
 

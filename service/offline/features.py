@@ -24,6 +24,17 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from service.model.backbones import (
+    DEFAULT_BACKBONE,
+    GRID,
+    SPECS,
+    Backbone,
+    BackboneSpec,
+    grid_rows,
+    image_to_tensor,
+    load_backbone,
+    weights_identity,
+)
 from service.model.feature_store import (
     FEATURES_FILE,
     META_FILE,
@@ -33,19 +44,11 @@ from service.model.feature_store import (
     Progress,
     read_progress,
 )
-from service.offline.backbones import (
-    DEFAULT_BACKBONE,
-    SPECS,
-    Backbone,
-    BackboneSpec,
-    load_backbone,
-    weights_identity,
-)
 from service.runtime import bar_interval
 
 logger = logging.getLogger(__name__)
 
-GRID = 7
+
 # Bump when preprocessing or the on-disk layout changes, so old folders stop matching.
 _LAYOUT_VERSION = 1
 
@@ -69,22 +72,6 @@ def compute_inputs_hash(
         digest.update(len(data).to_bytes(8, "little"))
         digest.update(data)
     return digest.hexdigest()
-
-
-def image_to_tensor(
-    image: Image.Image, *, input_size: int, mean: Sequence[float], std: Sequence[float]
-) -> torch.Tensor:
-    """A PIL image -> normalised float ``(3, input_size, input_size)``.
-
-    Squashed, not cropped: the 7x7 grid must cover the whole poster, since attention heatmaps
-    are drawn over it. Greyscale, palette and CMYK images become RGB.
-    """
-    rgb = image.convert("RGB").resize((input_size, input_size), Image.Resampling.BILINEAR)
-    pixels = torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0)  # (S, S, 3)
-    chw = pixels.permute(2, 0, 1)  # (3, S, S)
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-    return (chw - mean_t) / std_t
 
 
 class _ImageDataset(Dataset[torch.Tensor]):
@@ -166,15 +153,6 @@ def _check_inputs(item_ids: Sequence[int], image_paths: Sequence[Path], batch_si
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
 
 
-def _to_grid_rows(feature_map: torch.Tensor, grid: int) -> np.ndarray:
-    """``(B, C, grid, grid)`` -> float16 ``(B, grid * grid, C)``, cells in row-major order."""
-    height, width = feature_map.shape[2:]
-    if (height, width) != (grid, grid):
-        raise FeatureError(f"backbone gave a {height}x{width} map, expected {grid}x{grid}")
-    cells = feature_map.flatten(2).transpose(1, 2)  # (B, grid * grid, C)
-    return cells.to(torch.float16).cpu().numpy()
-
-
 def _run_batches(
     backbone: Backbone,
     image_paths: Sequence[Path],
@@ -218,7 +196,7 @@ def _run_batches(
         for batch in loader:
             batch = batch.to(device, non_blocking=True, memory_format=memory_format)
             feature_map = module(batch)  # (B, C, 7, 7)
-            rows = _to_grid_rows(feature_map, meta.grid)  # (B, 49, C)
+            rows = grid_rows(feature_map, meta.grid)  # (B, 49, C)
             array[row : row + len(rows)] = rows
             array.flush()
             row += len(rows)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +12,7 @@ import torch
 from service.model.acf import ACF
 from service.model.checkpoint import Checkpoint, code_version
 from service.model.feature_store import FeatureMeta, load_features
+from service.model.projection import Projection, fit_projection
 from service.offline.attention import attention_probe
 from service.offline.data import Dataset, Split, leave_last_out, load_dataset
 from service.offline.evaluate import validation_task
@@ -62,11 +63,13 @@ def fit(
     samples = build_samples(
         split.train_sequences(), n_items=split.n_items, profile_size=config.profile_size
     )
-    model = build_model(config, split, prepared.features)
+    projection = feature_projection(prepared.features, config)
+    features = prepared.features if projection is None else projection.apply(prepared.features)
+    model = build_model(config, split, features)
     validation = validation_task(split, profile_size=config.profile_size)
     # Its own generator, so the probe leaves the training shuffles as they were.
     probe = attention_probe(validation, np.random.default_rng([config.seed, 1]))
-    return train(
+    result = train(
         model,
         samples,
         validation,
@@ -75,6 +78,20 @@ def fit(
         rng=np.random.default_rng(config.seed),
         probe=probe,
         progress=progress,
+    )
+    return replace(result, projection=projection)
+
+
+def feature_projection(features: np.ndarray, config: TrainConfig) -> Projection | None:
+    """ACF's fixed feature map (see :mod:`service.model.projection`), or None for raw features
+    (and for every other model)."""
+    if config.model != "acf" or not (config.centre_components or config.feature_rank):
+        return None
+    return fit_projection(
+        features,
+        per_component=config.centre_components,
+        rank=config.feature_rank or None,
+        generator=np.random.default_rng([config.seed, 2]),
     )
 
 
@@ -100,4 +117,5 @@ def to_checkpoint(prepared: Prepared, result: TrainResult, config: TrainConfig) 
         validation=result.validation,
         history=result.history,
         code_version=code_version(),
+        projection=None if result.projection is None else result.projection.as_state(),
     )

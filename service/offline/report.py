@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from service.offline.attention import COMPONENT_ENTROPY, ITEM_ENTROPY
 from service.offline.metrics import Interval
+
+if TYPE_CHECKING:
+    from service.offline.plan import Plan
+    from service.offline.reproduce import Comparison
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +29,8 @@ TUTORIAL_WIKIMEDIA: dict[str, float] = {
     "P@100": 0.00149,
     "nDCG@100": 0.03781,
 }
-DIFF_METRICS = ("R@20", "nDCG@20", "AUC", "RR", "R@100", "nDCG@100")
+PAGE_METRICS = ("R@20", "nDCG@20", "AUC", "RR", "R@100", "nDCG@100")
+HEADLINE = ("R@20", "nDCG@20")  # what "wins" means on the page
 ATTENTION_LINES = ((ITEM_ENTROPY, "item", "o-"), (COMPONENT_ENTROPY, "component", "s--"))
 
 
@@ -36,107 +41,299 @@ class ModelRun:
     seconds: float
     best_epoch: int
     history: list[dict[str, float]] = field(default_factory=list)
+    seed: int = 0
 
 
-Summary = Mapping[str, Mapping[str, Mapping[str, Interval]]]  # protocol -> model -> metric
+@dataclass(frozen=True)
+class Report:
+    main: Comparison
+    synthetic: Comparison | None
+    plan: Plan
+    n_users: int
+    n_items: int
+    timings: dict[str, float]
+    device: str
 
 
-def results_json(
-    *,
-    dataset: str,
-    summary: Summary,
-    diffs: Summary,
-    runs: Sequence[ModelRun],
-    extra: Mapping[str, Any],
-) -> dict[str, Any]:
-    """``{"dataset", "protocols": {protocol: {model: {metric: mean}}}, ...}`` plus intervals."""
+def results_json(report: Report) -> dict[str, Any]:
+    """Every figure of the page: means, intervals, spreads, differences, runs, timings."""
+
+    def dump(c: Comparison) -> dict[str, Any]:
+        return {
+            "dataset": c.dataset,
+            "protocols": {
+                p: {m: {k: iv.mean for k, iv in t.items()} for m, t in rows.items()}
+                for p, rows in c.summary.items()
+            },
+            "intervals_95": {
+                p: {m: {k: [iv.low, iv.high] for k, iv in t.items()} for m, t in rows.items()}
+                for p, rows in c.summary.items()
+            },
+            "spread_over_seeds": c.spread,
+            "difference_to_reference_95": {
+                p: {
+                    m: {k: [iv.mean, iv.low, iv.high] for k, iv in t.items()}
+                    for m, t in rows.items()
+                }
+                for p, rows in c.diffs.items()
+            },
+            "heatmaps": {r.name: r.heatmaps for r in c.rows if r.heatmaps},
+            "runs": [
+                {
+                    "row": run.name,
+                    "seed": run.seed,
+                    "seconds": run.seconds,
+                    "best_epoch": run.best_epoch,
+                    "epochs_run": len(run.history) if run.best_epoch else 0,
+                    "config": run.config,
+                    "history": run.history,
+                }
+                for r in c.rows
+                for run in r.runs
+            ],
+        }
+
     return {
-        "dataset": dataset,
-        "protocols": {
-            p: {m: {k: iv.mean for k, iv in t.items()} for m, t in models.items()}
-            for p, models in summary.items()
-        },
-        "intervals_95": {
-            p: {m: {k: [iv.low, iv.high] for k, iv in t.items()} for m, t in models.items()}
-            for p, models in summary.items()
-        },
-        "difference_to_acf_95": {
-            p: {
-                m: {k: [iv.mean, iv.low, iv.high] for k, iv in t.items()} for m, t in models.items()
-            }
-            for p, models in diffs.items()
-        },
-        "runs": [
-            {"model": r.name, "seconds": r.seconds, "best_epoch": r.best_epoch, "config": r.config}
-            for r in runs
-        ],
-        **extra,
+        **dump(report.main),
+        "reference": report.plan.reference,
+        "seeds": list(report.plan.seeds),
+        "synthetic": dump(report.synthetic) if report.synthetic else None,
+        "features": {"backbone": report.plan.backbone},
+        "timings": report.timings,
+        "bootstrap_seed": report.plan.bootstrap_seed,
+        "device": report.device,
     }
 
 
-def results_markdown(
-    *,
-    dataset: str,
-    summary: Summary,
-    diffs: Summary,
-    runs: Sequence[ModelRun],
-    defaults: Mapping[str, Any],
-    notes: Sequence[str],
-) -> str:
-    lines = [f"# Results on `{dataset}`", "", *notes, ""]
-    for protocol, models in summary.items():
-        metrics = list(next(iter(models.values())))
-        lines += [
-            f"## Protocol `{protocol}`",
-            "",
-            "Mean over users [95% bootstrap interval].",
-            "",
-            "| model | " + " | ".join(metrics) + " |",
-            "|---|" + "---|" * len(metrics),
-        ]
-        for name, table in models.items():
-            lines.append(f"| {name} | " + " | ".join(_cell(table[k]) for k in metrics) + " |")
-        if protocol == "seed":
-            lines.append(
-                "| *tutorial ACF, Wikimedia (reference)* | "
-                + " | ".join(
-                    f"*{TUTORIAL_WIKIMEDIA[k]:.5f}*" if k in TUTORIAL_WIKIMEDIA else ""
-                    for k in metrics
-                )
-                + " |"
-            )
-        lines += [
-            "",
-            f"Difference ACF − model, paired bootstrap over users ({protocol}):",
-            "",
-            "| model | " + " | ".join(DIFF_METRICS) + " |",
-            "|---|" + "---|" * len(DIFF_METRICS),
-        ]
-        for name, table in diffs[protocol].items():
-            lines.append(f"| {name} | " + " | ".join(_cell(table[k]) for k in DIFF_METRICS) + " |")
-        lines.append("")
-    shared = ", ".join(f"{k}={v}" for k, v in defaults.items() if k != "model")
-    lines += [
-        "## Training runs",
-        "",
-        f"Defaults: {shared}. Each run lists what it changes.",
-        "",
-        "| model | best epoch | epochs run | wall time (s) | settings changed |",
-        "|---|---|---|---|---|",
-    ]
-    for run in runs:
-        changed = ", ".join(
-            f"{k}={v}" for k, v in run.config.items() if k != "model" and v != defaults.get(k)
-        )
-        lines.append(
-            f"| {run.name} | {run.best_epoch} | {len(run.history)} | {run.seconds:.1f} | "
-            f"{changed or '-'} |"
-        )
+def results_markdown(report: Report) -> str:
+    main, plan = report.main, report.plan
+    ref = plan.reference
+    lines = [f"# Results on `{main.dataset}`", "", *_notes(report), ""]
+    lines += ["## What wins", ""]
+    for protocol in ("standard", "seed"):
+        lines += [f"**Protocol `{protocol}`.** " + " ".join(_verdict(main, protocol, ref)), ""]
+    for protocol in ("standard", "seed"):
+        lines += _protocol_section(main, protocol, ref)
+    lines += _ablation_section(report)
+    lines += _heatmap_section(report)
+    lines += _runs_section(report)
     return "\n".join(lines) + "\n"
 
 
-def _cell(iv: Interval) -> str:
-    return f"{iv.mean:.5f} [{iv.low:.5f}, {iv.high:.5f}]"
+def _notes(report: Report) -> list[str]:
+    plan, t = report.plan, report.timings
+    seeds = ", ".join(map(str, plan.seeds))
+    return [
+        f"{report.n_users} users, {report.n_items} items; leave-last-out split (last interaction "
+        "= test, the one before = validation). Every model is ranked over the whole catalogue; "
+        f"ties count against the model. Backbone: `{plan.backbone}`.",
+        "",
+        "`standard` gives the last 9 training items as the profile and removes all training and "
+        "validation items from the ranking; `seed` is the VisRec tutorial's protocol (profile = "
+        "last 10 training items, only those removed, AUC over the whole catalogue). As before, "
+        "the validation item is not part of the `standard` profile, so figures compare with "
+        "earlier pages. Models with per-user state (ACF's and BPR-MF's user embeddings, EASE's "
+        "row of all training items) see more than the profile; SASRec and the transition "
+        "counter see the profile alone.",
+        "",
+        f"Every row is trained with seeds {seeds}; the fitted baselines (popularity, "
+        "transitions, EASE) have no randomness and are fitted once. A figure is the mean over "
+        "seeds of the mean over users, ± the standard deviation over seeds, [the 95% bootstrap "
+        f"interval over users of their metric averaged over seeds] ({plan.n_resamples} "
+        f"resamples, seed {plan.bootstrap_seed}). Differences pair the same users. Settings "
+        "of every row were chosen on validation by `make sweep` ([sweep.md](sweep.md)).",
+        "",
+        f"Wall times on `{report.device}`: features {t['features_s']:.0f} s, training and "
+        f"evaluation {t['training_and_evaluation_s']:.0f} s, synthetic world "
+        f"{t['synthetic_s']:.0f} s, whole run {t['total_s']:.0f} s "
+        f"({t['total_s'] / 60:.1f} min). Training curves (first seed): `training.png`.",
+    ]
+
+
+def _verdict(c: Comparison, protocol: str, ref: str) -> list[str]:
+    """Sentences: who the reference beats, matches and loses to on the headline metrics."""
+    ahead, level, behind = [], [], []
+    for name, diffs in c.diffs[protocol].items():
+        ivs = [diffs[k] for k in HEADLINE]
+        if all(iv.low > 0 for iv in ivs):
+            ahead.append(name)
+        elif any(iv.high < 0 for iv in ivs):
+            behind.append(name)
+        else:
+            level.append(name)
+    out = []
+    if ahead:
+        out.append(
+            f"`{ref}` is ahead of {_names(ahead)} on both R@20 and nDCG@20, with the 95% "
+            "paired interval of the difference above zero."
+        )
+    if level:
+        out.append(
+            f"`{ref}` cannot be told apart from {_names(level)} on at least one of them (the "
+            "interval includes zero)."
+        )
+    if behind:
+        details = "; ".join(
+            f"`{n}` by "
+            + ", ".join(
+                f"{-c.diffs[protocol][n][k].mean:.4f} {k}"
+                for k in HEADLINE
+                if c.diffs[protocol][n][k].high < 0
+            )
+            for n in behind
+        )
+        out.append(f"`{ref}` loses to {_names(behind)}: {details}.")
+    best = max(c.summary[protocol], key=lambda n: c.summary[protocol][n]["nDCG@20"].mean)
+    out.append(f"Highest mean nDCG@20: `{best}`.")
+    return out
+
+
+def _names(names: Sequence[str]) -> str:
+    quoted = [f"`{n}`" for n in names]
+    return quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " and " + quoted[-1]
+
+
+def _protocol_section(c: Comparison, protocol: str, ref: str) -> list[str]:
+    lines = [
+        f"## Protocol `{protocol}`",
+        "",
+        "Mean over seeds ± sd over seeds [95% bootstrap interval over users].",
+        "",
+        "| row | " + " | ".join(PAGE_METRICS) + " |",
+        "|---|" + "---|" * len(PAGE_METRICS),
+    ]
+    for name, table in c.summary[protocol].items():
+        spread = c.spread[protocol][name]
+        cells = [_cell(table[k], spread[k]) for k in PAGE_METRICS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if protocol == "seed":
+        lines.append(
+            "| *tutorial ACF, Wikimedia (reference)* | "
+            + " | ".join(f"*{TUTORIAL_WIKIMEDIA[k]:.5f}*" for k in PAGE_METRICS)
+            + " |"
+        )
+    lines += [
+        "",
+        f"Difference `{ref}` − row, paired bootstrap over users ({protocol}):",
+        "",
+        "| row | " + " | ".join(PAGE_METRICS) + " |",
+        "|---|" + "---|" * len(PAGE_METRICS),
+    ]
+    for name, table in c.diffs[protocol].items():
+        lines.append(f"| {name} | " + " | ".join(_diff(table[k]) for k in PAGE_METRICS) + " |")
+    return [*lines, ""]
+
+
+def _ablation_section(report: Report) -> list[str]:
+    """The ACF rows side by side on the real data and the synthetic world (standard)."""
+    comparisons = _comparisons(report)
+    acf_rows = [r.name for r in report.main.rows if r.runs[0].config.get("model") == "acf"]
+    ref = report.plan.reference
+    header = "| row | " + " | ".join(
+        f"{c.dataset} {k} | {c.dataset} Δ {k}" for c in comparisons for k in HEADLINE
+    )
+    lines = [
+        "## The visual half: ablations (protocol `standard`)",
+        "",
+        f"Each ACF row, and `{ref}` − row paired over users (Δ). `acf_mean_pool` averages the 49 "
+        "components instead of attending to them; `acf_no_visual` uses no image at all; "
+        "`acf_tutorial` is the VisRec tutorial's ACF, in which the image only re-weights the "
+        "profile items.",
+        "",
+        header + " |",
+        "|---|" + "---|---|" * len(HEADLINE) * len(comparisons),
+    ]
+    for name in acf_rows:
+        cells = []
+        for c in comparisons:
+            for k in HEADLINE:
+                if name not in c.summary["standard"]:
+                    cells += ["", ""]
+                    continue
+                cells.append(f"{c.summary['standard'][name][k].mean:.4f}")
+                diff = c.diffs["standard"].get(name)
+                cells.append(_diff(diff[k]) if diff else "—")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def _heatmap_section(report: Report) -> list[str]:
+    lines = [
+        "## Where the component attention looks",
+        "",
+        "Over the standard protocol's profiles (every real profile item of every test user), "
+        "mean over seeds: normalised entropy of the 7x7 heatmap (1 = flat), where its strongest "
+        "cell lies against the share of such cells (chance), and the median largest item "
+        "weight of profiles of two or more items. In the synthetic world the object's cells "
+        "(covered at least a quarter by the object) are known: the attention mass on them "
+        "against their share of the grid, and how often the strongest cell is on them.",
+        "",
+        "| data | row | entropy | strongest on border (chance) | strongest in a corner (chance)"
+        " | top item weight (median) | mass on object (area) | strongest on object |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for c in _comparisons(report):
+        for row in c.rows:
+            if not row.heatmaps:
+                continue
+            h = {k: sum(s[k] for s in row.heatmaps) / len(row.heatmaps) for k in row.heatmaps[0]}
+            obj = (
+                (
+                    f"{h['object_mass']:.3f} ({h['object_area']:.3f})",
+                    f"{h['strongest_on_object']:.3f}",
+                )
+                if "object_mass" in h
+                else ("", "")
+            )
+            lines.append(
+                f"| {c.dataset} | {row.name} | {h['component_entropy']:.3f} | "
+                f"{h['strongest_on_border']:.3f} ({h['border_chance']:.3f}) | "
+                f"{h['strongest_in_corner']:.3f} ({h['corner_chance']:.3f}) | "
+                f"{h['item_top_weight_median']:.3f} | {obj[0]} | {obj[1]} |"
+            )
+    return [*lines, ""]
+
+
+def _runs_section(report: Report) -> list[str]:
+    from service.offline.train import TrainConfig  # settings shown against the defaults
+
+    defaults = TrainConfig().__dict__
+    lines = [
+        "## Training runs",
+        "",
+        "Settings are shown where they differ from `TrainConfig`'s defaults: "
+        + ", ".join(f"{k}={v}" for k, v in defaults.items() if k not in ("model", "seed"))
+        + ".",
+        "",
+        "| data | row | seed | best epoch | epochs run | wall time (s) | settings changed |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for c in _comparisons(report):
+        for row in c.rows:
+            for run in row.runs:
+                changed = ", ".join(
+                    f"{k}={v}"
+                    for k, v in run.config.items()
+                    if k != "seed" and v != defaults.get(k)
+                )
+                epochs = len(run.history) if run.best_epoch else 0
+                lines.append(
+                    f"| {c.dataset} | {row.name} | {run.seed} | {run.best_epoch} | {epochs} | "
+                    f"{run.seconds:.1f} | {changed or '-'} |"
+                )
+    return [*lines, ""]
+
+
+def _comparisons(report: Report) -> list[Comparison]:
+    return [c for c in (report.main, report.synthetic) if c is not None]
+
+
+def _cell(iv: Interval, sd: float) -> str:
+    return f"{iv.mean:.4f} ± {sd:.4f} [{iv.low:.4f}, {iv.high:.4f}]"
+
+
+def _diff(iv: Interval) -> str:
+    return f"{iv.mean:+.4f} [{iv.low:+.4f}, {iv.high:+.4f}]"
 
 
 def plot_history(runs: Sequence[ModelRun], path: Path) -> None:
@@ -156,8 +353,8 @@ def plot_history(runs: Sequence[ModelRun], path: Path) -> None:
     }
     attention = axes[1, 1]
     for i, run in enumerate(runs):
-        if not run.history:
-            continue  # nothing trained (popularity)
+        if not run.best_epoch:
+            continue  # nothing trained (a fitted baseline)
         epochs = [h["epoch"] for h in run.history]
         for key, (_, ax) in panels.items():
             ax.plot(epochs, [h[key] for h in run.history], "o-", color=f"C{i}", label=run.name)

@@ -1,11 +1,18 @@
-"""``make reproduce``: features -> ACF and baselines -> both protocols -> docs/results.*"""
+"""``make reproduce``: features -> every row of the plan with every seed -> both protocols ->
+``docs/results.md``, ``docs/results.json`` and ``docs/training.png``.
+
+Each row is trained once per seed; the fitted baselines (popularity, transitions, EASE) have no
+randomness and are fitted once. A row's figures are the mean over seeds of the per-seed means
+over users, with the spread over seeds; its 95% interval and the paired comparison with the
+reference row (ACF) bootstrap users' metrics averaged over the seeds. The same rows listed in
+the plan's ``[synthetic]`` table run again on a generated world whose right answer is known.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import time
-import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,63 +20,106 @@ from typing import Any
 import numpy as np
 import torch
 
+from service.model.acf import ACF
 from service.model.checkpoint import save_checkpoint
+from service.offline.attention import heatmap_stats
 from service.offline.data import load_dataset
 from service.offline.evaluate import PROTOCOLS, evaluate, holdout_task
 from service.offline.features import extract_features
-from service.offline.metrics import Interval, paired_bootstrap, summarise
-from service.offline.pipeline import fit, prepare, to_checkpoint
-from service.offline.report import (
-    DIFF_METRICS,
-    ModelRun,
-    plot_history,
-    results_json,
-    results_markdown,
-)
-from service.offline.train import MODELS, TrainConfig
+from service.offline.metrics import Interval, bootstrap, paired_bootstrap
+from service.offline.pipeline import Prepared, fit, prepare, to_checkpoint
+from service.offline.plan import Plan, Row, seeded
+from service.offline.report import ModelRun, Report, plot_history, results_json, results_markdown
+from service.offline.synthetic import make_world
+from service.offline.train import SELECTION_METRIC, TrainResult
 
 log = logging.getLogger(__name__)
 
+Table = dict[str, np.ndarray]  # metric -> (U,) per-user values
+
+
+@dataclass
+class RowResult:
+    """One row's runs: a table per seed and protocol, and its heatmap statistics."""
+
+    name: str
+    runs: list[ModelRun] = field(default_factory=list)
+    tables: dict[str, list[Table]] = field(default_factory=dict)  # protocol -> per seed
+    heatmaps: list[dict[str, float]] = field(default_factory=list)  # per seed (ACF)
+
+    def pooled(self, protocol: str) -> Table:
+        """Per-user metrics averaged over seeds."""
+        per_seed = self.tables[protocol]
+        return {k: np.mean([t[k] for t in per_seed], axis=0) for k in per_seed[0]}
+
+    def seed_means(self, protocol: str) -> dict[str, list[float]]:
+        per_seed = self.tables[protocol]
+        return {k: [float(t[k].mean()) for t in per_seed] for k in per_seed[0]}
+
 
 @dataclass(frozen=True)
-class Plan:
-    """What to run: the backbone and one training config per model."""
+class Comparison:
+    """Everything the page says about one dataset."""
 
-    backbone: str = "efficientnet_lite0"
-    weights: Path | None = None
-    configs: dict[str, TrainConfig] = field(default_factory=dict)
-    n_resamples: int = 1000
-    seed: int = 0
-
-
-def load_plan(path: Path | None) -> Plan:
-    """A TOML file with ``[features]``, ``[train]`` (shared) and ``[models.<name>]`` tables."""
-    raw: dict[str, Any] = tomllib.loads(path.read_text()) if path else {}
-    shared = raw.get("train", {})
-    per_model = raw.get("models", {})
-    unknown = sorted(set(per_model) - set(MODELS))
-    if unknown:
-        raise ValueError(f"{path}: unknown model(s) {', '.join(unknown)}")
-    configs: dict[str, TrainConfig] = {
-        m: TrainConfig.from_dict({**shared, **per_model.get(m, {}), "model": m}) for m in MODELS
-    }
-    feats = raw.get("features", {})
-    weights = feats.get("weights")
-    return Plan(
-        backbone=feats.get("backbone", Plan.backbone),
-        weights=Path(weights) if weights else None,
-        configs=configs,
-        seed=int(raw.get("seed", 0)),
-    )
+    dataset: str
+    rows: list[RowResult]
+    summary: dict[str, dict[str, dict[str, Interval]]]  # protocol -> row -> metric
+    spread: dict[str, dict[str, dict[str, float]]]  # protocol -> row -> metric: sd over seeds
+    diffs: dict[str, dict[str, dict[str, Interval]]]  # protocol -> row -> metric: ref - row
 
 
 def reproduce(
-    data_dir: Path, *, plan: Plan, work_dir: Path, docs_dir: Path, device: torch.device
+    data_dir: Path,
+    *,
+    plan: Plan,
+    work_dir: Path,
+    docs_dir: Path,
+    device: torch.device,
+    progress: bool = True,
 ) -> dict[str, Any]:
     started = time.perf_counter()
+    t0 = time.perf_counter()
+    prepared = _prepare(data_dir, work_dir, plan, device)
+    feature_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    results, best = run_rows(prepared, plan, plan.rows, device=device, progress=progress)
+    main = compare(data_dir.resolve().name, results, plan)
+    training_seconds = time.perf_counter() - t0
+    if best is not None:
+        save_checkpoint(work_dir / f"{plan.reference}.pt", to_checkpoint(prepared, *best))
+    synthetic, world_seconds = None, 0.0
+    if plan.synthetic is not None:
+        t0 = time.perf_counter()
+        synthetic = _synthetic(plan, work_dir, device, progress)
+        world_seconds = time.perf_counter() - t0
+    timings = {
+        "features_s": feature_seconds,
+        "training_and_evaluation_s": training_seconds,
+        "synthetic_s": world_seconds,
+        "total_s": time.perf_counter() - started,
+    }
+    report = Report(
+        main=main,
+        synthetic=synthetic,
+        plan=plan,
+        n_users=prepared.split.n_users,
+        n_items=prepared.split.n_items,
+        timings=timings,
+        device=str(device),
+    )
+    plot_history(
+        [r for row in results for r in row.runs if r.seed == plan.seeds[0]],
+        docs_dir / "training.png",
+    )
+    payload = results_json(report)
+    (docs_dir / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (docs_dir / "results.md").write_text(results_markdown(report))
+    return payload
+
+
+def _prepare(data_dir: Path, work_dir: Path, plan: Plan, device: torch.device) -> Prepared:
     dataset = load_dataset(data_dir)
     features_dir = work_dir / f"features-{plan.backbone}"
-    t0 = time.perf_counter()
     extract_features(
         dataset.item_ids.tolist(),
         list(dataset.image_paths),
@@ -78,99 +128,106 @@ def reproduce(
         weights=plan.weights,
         device=device,
     )
-    feature_seconds = time.perf_counter() - t0
-    prepared = prepare(data_dir, features_dir)
-    runs, models = [], {}
-    for name, config in plan.configs.items():
-        t0 = time.perf_counter()
-        result = fit(prepared, config, device=device)
-        runs.append(
-            ModelRun(
-                name, asdict(config), time.perf_counter() - t0, result.best_epoch, result.history
+    return prepare(data_dir, features_dir)
+
+
+def run_rows(
+    prepared: Prepared,
+    plan: Plan,
+    rows: tuple[Row, ...],
+    *,
+    device: torch.device,
+    progress: bool = True,
+    object_cover: np.ndarray | None = None,
+) -> tuple[list[RowResult], tuple[TrainResult, Any] | None]:
+    """Every row with every seed, evaluated under both protocols. Also returns the reference
+    row's run with the best validation nDCG@20 and its config, for the checkpoint."""
+    tasks = {p: holdout_task(prepared.split, p) for p in PROTOCOLS}
+    results, best = [], None
+    for row in rows:
+        result = RowResult(row.name, tables={p: [] for p in PROTOCOLS})
+        fitted: TrainResult | None = None
+        for seed in plan.seeds:
+            config = seeded(row.config, seed)
+            t0 = time.perf_counter()
+            if fitted is None or fitted.best_epoch:  # fitted baselines: once, no randomness
+                fitted = fit(prepared, config, device=device, progress=progress)
+            seconds = time.perf_counter() - t0
+            result.runs.append(
+                ModelRun(row.name, asdict(config), seconds, fitted.best_epoch, fitted.history, seed)
             )
-        )
-        models[name] = result.model
-        if name == "acf":
-            save_checkpoint(work_dir / "acf.pt", to_checkpoint(prepared, result, config))
-    t0 = time.perf_counter()
-    tables = {
+            for p, task in tasks.items():
+                result.tables[p].append(evaluate(fitted.model, task, device=device))  # type: ignore[arg-type]
+            model = fitted.model
+            if isinstance(model, ACF) and model.uses_images:
+                standard = tasks["standard"]
+                result.heatmaps.append(
+                    heatmap_stats(
+                        model,
+                        torch.as_tensor(standard.users),
+                        torch.as_tensor(standard.profiles),
+                        object_cover=object_cover,
+                    )
+                )
+            if row.name == plan.reference and (
+                best is None
+                or fitted.validation[SELECTION_METRIC] > best[0].validation[SELECTION_METRIC]
+            ):
+                best = (fitted, config)
+            log.info("%s seed %d: %.0f s", row.name, seed, seconds)
+        results.append(result)
+    return results, best
+
+
+def compare(dataset: str, results: list[RowResult], plan: Plan) -> Comparison:
+    rng = np.random.default_rng(plan.bootstrap_seed)
+    reference = next(r for r in results if r.name == plan.reference)
+    protocols: list[str] = list(PROTOCOLS)
+    summary = {
         p: {
-            name: evaluate(m, holdout_task(prepared.split, p), device=device)  # type: ignore[arg-type]
-            for name, m in models.items()
+            r.name: {
+                k: bootstrap(v, rng=rng, n_resamples=plan.n_resamples)
+                for k, v in r.pooled(p).items()
+            }
+            for r in results
         }
-        for p in PROTOCOLS
+        for p in protocols
     }
-    eval_seconds = time.perf_counter() - t0
-    rng = np.random.default_rng(plan.seed)
-    summary: dict[str, dict[str, dict[str, Interval]]] = {
-        p: {m: summarise(t, rng=rng, n_resamples=plan.n_resamples) for m, t in by_model.items()}
-        for p, by_model in tables.items()
+    spread = {
+        p: {r.name: {k: float(np.std(v)) for k, v in r.seed_means(p).items()} for r in results}
+        for p in protocols
     }
-    diffs: dict[str, dict[str, dict[str, Interval]]] = {
-        p: _differences(by_model, rng, plan.n_resamples) for p, by_model in tables.items()
-    }
-    timings = {
-        "features_s": feature_seconds,
-        "evaluation_s": eval_seconds,
-        "total_s": time.perf_counter() - started,
-    }
-    name = data_dir.resolve().name
-    plot_history(runs, docs_dir / "training.png")
-    payload = results_json(
-        dataset=name,
-        summary=summary,
-        diffs=diffs,
-        runs=runs,
-        extra={
-            "features": {"backbone": plan.backbone, "dir": str(features_dir)},
-            "timings": timings,
-            "bootstrap_seed": plan.seed,
-            "device": str(device),
-        },
-    )
-    notes = _notes(prepared.split.n_users, prepared.split.n_items, plan, timings, device)
-    (docs_dir / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
-    (docs_dir / "results.md").write_text(
-        results_markdown(
-            dataset=name,
-            summary=summary,
-            diffs=diffs,
-            runs=runs,
-            defaults=asdict(TrainConfig()),
-            notes=notes,
-        )
-    )
-    return payload
-
-
-def _differences(
-    tables: dict[str, dict[str, np.ndarray]], rng: np.random.Generator, n_resamples: int
-) -> dict[str, dict[str, Interval]]:
-    acf = tables["acf"]
-    return {
-        m: {
-            k: paired_bootstrap(acf[k], t[k], rng=rng, n_resamples=n_resamples)
-            for k in DIFF_METRICS
+    for p in protocols:  # the point estimate is the mean of the seeds' means
+        for r in results:
+            for k, v in r.seed_means(p).items():
+                iv = summary[p][r.name][k]
+                summary[p][r.name][k] = Interval(float(np.mean(v)), iv.low, iv.high)
+    diffs = {
+        p: {
+            r.name: {
+                k: paired_bootstrap(
+                    reference.pooled(p)[k], v, rng=rng, n_resamples=plan.n_resamples
+                )
+                for k, v in r.pooled(p).items()
+            }
+            for r in results
+            if r.name != plan.reference
         }
-        for m, t in tables.items()
-        if m != "acf"
+        for p in protocols
     }
+    return Comparison(dataset, results, summary, spread, diffs)
 
 
-def _notes(
-    n_users: int, n_items: int, plan: Plan, timings: dict[str, float], device: torch.device
-) -> list[str]:
-    return [
-        f"{n_users} users, {n_items} items; leave-last-out split (last interaction = test, the "
-        "one before = validation). Every model is ranked over the whole catalogue; ties count "
-        "against the model. Backbone: "
-        f"`{plan.backbone}`. Bootstrap: {plan.n_resamples} resamples of users, seed {plan.seed}.",
-        "",
-        "`seed` is the VisRec tutorial's protocol (profile = last 10 training items, only those "
-        "removed from the ranking, AUC over the whole catalogue); `standard` gives the last 9 "
-        "training items as the profile and removes all training and validation items.",
-        "",
-        f"Wall times on `{device}`: features {timings['features_s']:.0f} s, evaluation of all "
-        f"models {timings['evaluation_s']:.1f} s, whole run {timings['total_s']:.0f} s. "
-        "Training curves: `training.png`.",
-    ]
+def _synthetic(plan: Plan, work_dir: Path, device: torch.device, progress: bool) -> Comparison:
+    assert plan.synthetic is not None
+    root = work_dir / "synthetic-world"
+    world = make_world(root, plan.synthetic.spec)  # deterministic: the same bytes each time
+    prepared = _prepare(root, root, plan, device)
+    rows = tuple(
+        Row(name, seeded(plan.row(name).config, 0, **plan.synthetic.train))
+        for name in plan.synthetic.rows
+    )
+    results, _ = run_rows(
+        prepared, plan, rows, device=device, progress=progress, object_cover=world.object_cover
+    )
+    return compare("synthetic world", results, plan)

@@ -1,8 +1,8 @@
-"""Training samples for pairwise (BPR-style) learning with profiles.
+"""Training samples with profiles.
 
 Every training interaction is a positive once per epoch; its profile is the ≤ L items the user
-interacted with just before it, and its negative is drawn uniformly from the items the user has
-no training interaction with.
+interacted with just before it, and, for pairwise losses, its negative is drawn uniformly from
+the items the user has no training interaction with.
 """
 
 from __future__ import annotations
@@ -88,9 +88,15 @@ def _shuffled_runs(users: np.ndarray, run: int, rng: np.random.Generator) -> np.
 
 
 def epoch_batches(
-    samples: Samples, batch_size: int, rng: np.random.Generator, *, run: int = 1
+    samples: Samples,
+    batch_size: int,
+    rng: np.random.Generator,
+    *,
+    run: int = 1,
+    negatives: bool = True,
 ) -> Iterator[Batch]:
-    """One epoch: every sample once, shuffled without replacement, with fresh negatives.
+    """One epoch: every sample once, shuffled without replacement, with fresh negatives (an
+    empty array when ``negatives`` is false: softmax losses need none).
 
     With ``run`` > 1, what is shuffled are runs of up to ``run`` consecutive samples of one user
     (their profiles are overlapping windows), so a batch holds fewer distinct (user, item)
@@ -104,5 +110,5 @@ def epoch_batches(
             users,
             samples.profiles[idx],
             samples.positives[idx],
-            sample_negatives(users, samples, rng),
+            sample_negatives(users, samples, rng) if negatives else np.zeros(0, dtype=np.int64),
         )

@@ -1,9 +1,11 @@
 """A small synthetic visual world with a known answer.
 
-Items are generated images: one shape (its *kind*) in a random colour at a random place on a
-textured background. Each user prefers one kind: most of their interactions are items of that
-kind, the rest are random. A good model therefore recommends a user's kind, and its component
-attention should sit on the object rather than the background.
+Items are generated images: one shape (its *kind*) in a random colour, at a random place and of
+a random size, on a textured background. Each user prefers one kind: most of their
+interactions are items of that kind, the rest are random. A good model therefore recommends a
+user's kind, and its component attention should sit on the object rather than the background:
+``World.object_cover`` says, for every item and every cell of the 7x7 grid the CNN sees, which
+share of the cell the object covers.
 """
 
 from __future__ import annotations
@@ -15,15 +17,25 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-KINDS = ("circle", "square", "triangle", "cross")
+KINDS = ("circle", "square", "triangle", "cross", "ring", "diamond", "bar", "star")
+GRID = 7  # the feature map's grid (service.offline.features.GRID)
 
 
 @dataclass(frozen=True)
 class WorldSpec:
     n_users: int = 60
     n_items: int = 80
+    kinds: int = 4  # shapes in play: the first ones of KINDS
     interactions_per_user: int = 20
-    taste: float = 0.9  # share of a user's interactions that are of their favourite kind
+    taste: float = 0.9  # share of a user's interactions (or runs) of their favourite kind
+    # Mean length of a run of same-kind items. 1: every interaction is drawn on its own (taste
+    # is static, order carries nothing); above 1: users go through runs (a run of the
+    # favourite kind with probability ``taste``, else of another kind), so the newest items
+    # tell what comes next, and a model should follow a new kind as soon as it shows up.
+    run_length: float = 1.0
+    # Items of each kind drawn after the catalogue, with ids N+1.., in ``new/`` and listed
+    # nowhere: images of items no model has seen, to add while serving (cold start).
+    new_per_kind: int = 0
     image_size: int = 112
     seed: int = 0
 
@@ -34,21 +46,25 @@ class World:
     item_kinds: np.ndarray  # (N,) index into KINDS, for item ids 1..N
     user_kinds: np.ndarray  # (U,) favourite kind of user ids 0..U-1
     object_boxes: np.ndarray  # (N, 4) x0, y0, x1, y1 of the object, in pixels
+    object_cover: np.ndarray  # (N, GRID * GRID) share of each grid cell (row-major) on the object
+    new_kinds: np.ndarray  # (M,) kinds of the unlisted items N+1..N+M, images new/<id>.png
 
 
 def make_world(root: Path, spec: WorldSpec = WorldSpec()) -> World:
     """Write ``items.csv``, ``interactions.csv`` and ``images/`` into ``root``."""
     rng = np.random.default_rng(spec.seed)
     (root / "images").mkdir(parents=True, exist_ok=True)
-    item_kinds = np.arange(spec.n_items) % len(KINDS)
+    if not 2 <= spec.kinds <= len(KINDS):
+        raise ValueError(f"kinds must be in 2..{len(KINDS)}, got {spec.kinds}")
+    item_kinds = np.arange(spec.n_items) % spec.kinds
     rng.shuffle(item_kinds)
-    boxes = np.stack(
-        [
-            _draw_item(root / "images" / f"{i + 1}.png", int(k), spec.image_size, rng)
-            for i, k in enumerate(item_kinds)
-        ]
-    )
-    user_kinds = rng.integers(0, len(KINDS), size=spec.n_users)
+    drawn = [
+        _draw_item(root / "images" / f"{i + 1}.png", int(k), spec.image_size, rng)
+        for i, k in enumerate(item_kinds)
+    ]
+    boxes = np.stack([box for box, _ in drawn])
+    cover = np.stack([cell_cover(mask) for _, mask in drawn])
+    user_kinds = rng.integers(0, spec.kinds, size=spec.n_users)
     with (root / "items.csv").open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["item_id", "title", "genres", "image"])
@@ -60,12 +76,34 @@ def make_world(root: Path, spec: WorldSpec = WorldSpec()) -> World:
         for u, kind in enumerate(user_kinds):
             for t, item in enumerate(_history(item_kinds, int(kind), spec, rng)):
                 w.writerow([u, item, 1_000_000 + 60 * t])
-    return World(root, item_kinds, user_kinds, boxes)
+    new_kinds = np.repeat(np.arange(spec.kinds), spec.new_per_kind)
+    if len(new_kinds):
+        (root / "new").mkdir(exist_ok=True)
+    for j, kind in enumerate(new_kinds):
+        _draw_item(root / "new" / f"{spec.n_items + j + 1}.png", int(kind), spec.image_size, rng)
+    return World(root, item_kinds, user_kinds, boxes, cover, new_kinds)
+
+
+def cell_cover(mask: np.ndarray, grid: int = GRID) -> np.ndarray:
+    """(S, S) bool object mask -> (grid * grid,) share of each cell's pixels on the object;
+    cell (r, c) spans rows [r S / grid, (r + 1) S / grid) of the image, as the squashed
+    image the CNN sees."""
+    size = mask.shape[0]
+    edges = np.linspace(0, size, grid + 1).round().astype(int)
+    return np.array(
+        [
+            mask[edges[r] : edges[r + 1], edges[c] : edges[c + 1]].mean()
+            for r in range(grid)
+            for c in range(grid)
+        ]
+    )
 
 
 def _history(
     item_kinds: np.ndarray, kind: int, spec: WorldSpec, rng: np.random.Generator
 ) -> list[int]:
+    if spec.run_length > 1:
+        return _runs(item_kinds, kind, spec, rng)
     liked = np.flatnonzero(item_kinds == kind) + 1
     others = np.flatnonzero(item_kinds != kind) + 1
     n_liked = min(round(spec.interactions_per_user * spec.taste), len(liked))
@@ -77,8 +115,26 @@ def _history(
     return items.tolist()
 
 
-def _draw_item(path: Path, kind: int, size: int, rng: np.random.Generator) -> np.ndarray:
-    """Draw one item; returns the object's bounding box."""
+def _runs(
+    item_kinds: np.ndarray, favourite: int, spec: WorldSpec, rng: np.random.Generator
+) -> list[int]:
+    """Runs of one kind each, of geometric length with mean ``run_length``."""
+    kinds = range(spec.kinds)
+    unseen = [list(rng.permutation(np.flatnonzero(item_kinds == k) + 1)) for k in kinds]
+    items: list[int] = []
+    while len(items) < spec.interactions_per_user and any(unseen):
+        others = [k for k in kinds if k != favourite]
+        kind = favourite if rng.random() < spec.taste else int(rng.choice(others))
+        length = int(rng.geometric(1.0 / spec.run_length))
+        take = min(length, len(unseen[kind]), spec.interactions_per_user - len(items))
+        items += [int(unseen[kind].pop()) for _ in range(take)]
+    return items
+
+
+def _draw_item(
+    path: Path, kind: int, size: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Draw one item; returns the object's bounding box and its (size, size) bool mask."""
     background = rng.integers(40, 216, size=3)
     noise = rng.normal(0, 18, size=(size, size, 3))
     pixels = np.clip(background + noise, 0, 255).astype(np.uint8)
@@ -87,16 +143,45 @@ def _draw_item(path: Path, kind: int, size: int, rng: np.random.Generator) -> np
     x0, y0 = (int(v) for v in rng.integers(0, size - side, size=2))
     box = (x0, y0, x0 + side, y0 + side)
     colour = tuple(int(c) for c in (255 - background + rng.integers(-30, 30, size=3)).clip(0, 255))
-    draw = ImageDraw.Draw(img)
-    if KINDS[kind] == "circle":
-        draw.ellipse(box, fill=colour)
-    elif KINDS[kind] == "square":
-        draw.rectangle(box, fill=colour)
-    elif KINDS[kind] == "triangle":
-        draw.polygon([(x0, y0 + side), (x0 + side // 2, y0), (x0 + side, y0 + side)], fill=colour)
-    else:
-        bar = side // 3
-        draw.rectangle((x0 + bar, y0, x0 + 2 * bar, y0 + side), fill=colour)
-        draw.rectangle((x0, y0 + bar, x0 + side, y0 + 2 * bar), fill=colour)
+    mask = Image.new("L", (size, size), 0)
+    _draw_shape(ImageDraw.Draw(img), KINDS[kind], box, colour)
+    _draw_shape(ImageDraw.Draw(mask), KINDS[kind], box, 255)
     img.save(path)
-    return np.array(box)
+    return np.array(box), np.asarray(mask) > 0
+
+
+def _draw_shape(
+    draw: ImageDraw.ImageDraw,
+    kind: str,
+    box: tuple[int, int, int, int],
+    fill: int | tuple[int, ...],
+) -> None:
+    x0, y0, x1, _ = box
+    side = x1 - x0
+    third, half = side // 3, side // 2
+    if kind == "circle":
+        draw.ellipse(box, fill=fill)
+    elif kind == "square":
+        draw.rectangle(box, fill=fill)
+    elif kind == "triangle":
+        draw.polygon([(x0, y0 + side), (x0 + half, y0), (x0 + side, y0 + side)], fill=fill)
+    elif kind == "cross":
+        draw.rectangle((x0 + third, y0, x0 + 2 * third, y0 + side), fill=fill)
+        draw.rectangle((x0, y0 + third, x0 + side, y0 + 2 * third), fill=fill)
+    elif kind == "ring":
+        draw.ellipse(box, outline=fill, width=max(side // 6, 2))
+    elif kind == "diamond":
+        draw.polygon(
+            [(x0 + half, y0), (x0 + side, y0 + half), (x0 + half, y0 + side), (x0, y0 + half)],
+            fill=fill,
+        )
+    elif kind == "bar":
+        draw.rectangle((x0, y0 + third, x0 + side, y0 + 2 * third), fill=fill)
+    else:  # a five-pointed star
+        angles = np.pi / 2 + np.arange(10) * np.pi / 5
+        radii = np.where(np.arange(10) % 2 == 0, half, half * 0.4)
+        cx, cy = x0 + half, y0 + half
+        draw.polygon(
+            [(cx + r * np.cos(a), cy - r * np.sin(a)) for r, a in zip(radii, angles, strict=True)],
+            fill=fill,
+        )

