@@ -27,10 +27,19 @@ class CatalogueItem:
     item_id: int
     title: str
     image: Path | None  # absolute, inside the dataset folder; None when missing or unsafe
+    # the image itself, for items added while serving (POST /items), which have no file
+    data: bytes | None = None
+    data_type: str | None = None
 
     @property
     def media_type(self) -> str | None:
+        if self.data is not None:
+            return self.data_type
         return IMAGE_TYPES.get(self.image.suffix.lower()) if self.image else None
+
+    @property
+    def has_image(self) -> bool:
+        return self.image is not None or self.data is not None
 
 
 @dataclass(frozen=True)
@@ -39,6 +48,11 @@ class Catalogue:
 
     def get(self, item_id: int) -> CatalogueItem | None:
         return self.items.get(item_id)
+
+    def add(self, item: CatalogueItem) -> None:
+        """An item added while serving; the dict is replaced, not changed, so a reader never
+        sees it half-way."""
+        object.__setattr__(self, "items", {**self.items, item.item_id: item})
 
 
 def safe_image_path(root: Path, relative: str) -> Path | None:

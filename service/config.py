@@ -54,6 +54,13 @@ class Settings(BaseSettings):
     # Profiles of the users this process read or wrote most recently, for reads while Redis
     # cannot answer: ~100-300 bytes each (stored encoded), so 50,000 take ~20 MB.
     profile_cache_size: Annotated[int, Field(ge=0)] = 50_000
+    # Items added while serving (POST /items) are kept in Redis when there is one, else in
+    # this folder (None: in this process only, gone with it). Replicas look for items added
+    # elsewhere every items_sync_s seconds (0: only at start-up).
+    items_dir: Path | None = None
+    items_sync_s: Annotated[float, Field(ge=0)] = 2.0
+    max_image_bytes: Annotated[int, Field(ge=1024)] = 10 * 1_048_576
+    max_image_pixels: Annotated[int, Field(ge=1)] = 40_000_000
 
     @model_validator(mode="after")
     def _no_usable_default_secrets(self) -> Settings:

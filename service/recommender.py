@@ -15,6 +15,7 @@ import torch
 from service.index.item_index import IndexKind, ItemIndex
 from service.model.acf import PAD, UNKNOWN_USER
 from service.model.checkpoint import Checkpoint
+from service.model.projection import Projection
 from service.model.serving import Explanation, ServingModel
 
 
@@ -35,6 +36,12 @@ class Recommendation:
     version: str  # of the model that ranked it (a reload may swap models between requests)
 
 
+class ItemExistsError(ValueError):
+    def __init__(self, items: Sequence[int]) -> None:
+        super().__init__(f"item id(s) already in the catalogue: {', '.join(map(str, items))}")
+        self.items = list(items)
+
+
 class UnknownItemsError(ValueError):
     def __init__(self, items: Sequence[int]) -> None:
         super().__init__(f"unknown item id(s): {', '.join(map(str, items))}")
@@ -42,11 +49,16 @@ class UnknownItemsError(ValueError):
 
 
 class Recommender:
+    """``item_ids``: raw id of item index i + 1; ``user_ids``: raw id of user index u;
+    ``popularity``: training interactions per item, for users with nothing to go on."""
+
     def __init__(
         self,
-        ckpt: Checkpoint,
         serving: ServingModel,
         *,
+        item_ids: Sequence[int],
+        user_ids: Sequence[int | str],
+        popularity: Sequence[float] | np.ndarray,
         index: IndexKind = "flat",
         profile_size: int = 9,
         version: str = "",
@@ -54,13 +66,60 @@ class Recommender:
         self.serving = serving
         self.index = ItemIndex(serving.item_vectors, kind=index)
         self.profile_size = profile_size
-        self.version = version or ckpt.code_version
-        self.item_ids = np.asarray(ckpt.item_ids, dtype=np.int64)
-        self._item_index = {int(raw): i + 1 for i, raw in enumerate(ckpt.item_ids)}
-        self._user_index = {str(raw): u for u, raw in enumerate(ckpt.user_ids)}
-        counts = np.asarray(ckpt.item_popularity or np.zeros(len(ckpt.item_ids)))
+        self.version = version
+        self.item_ids = np.asarray(item_ids, dtype=np.int64)
+        self._user_ids = list(user_ids)
+        self._item_index = {int(raw): i + 1 for i, raw in enumerate(self.item_ids.tolist())}
+        self._user_index = {str(raw): u for u, raw in enumerate(self._user_ids)}
+        counts = np.asarray(popularity, dtype=np.float64)
         self._popular = np.argsort(-counts, kind="stable") + 1  # item indices, most popular first
         self._popularity = counts
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        ckpt: Checkpoint,
+        serving: ServingModel,
+        *,
+        index: IndexKind = "flat",
+        profile_size: int = 9,
+        version: str = "",
+    ) -> Recommender:
+        return cls(
+            serving,
+            item_ids=ckpt.item_ids,
+            user_ids=ckpt.user_ids,
+            popularity=ckpt.item_popularity or np.zeros(len(ckpt.item_ids)),
+            index=index,
+            profile_size=profile_size,
+            version=version or ckpt.code_version,
+        )
+
+    def with_items(self, raw_ids: Sequence[int], features: np.ndarray) -> Recommender:
+        """A new engine whose catalogue also holds these items, scored from their (M, K, C)
+        raw image features alone; this one is left as it is (requests in flight keep it).
+        Raises ItemExistsError for ids it has, ValueError when the model cannot score new
+        items."""
+        taken = sorted(i for i in raw_ids if i in self._item_index)
+        if taken or len(set(raw_ids)) != len(raw_ids):
+            raise ItemExistsError(taken or sorted(raw_ids))
+        return Recommender(
+            self.serving.with_items(features),
+            item_ids=[*self.item_ids.tolist(), *raw_ids],
+            user_ids=self._user_ids,
+            popularity=np.concatenate([self._popularity, np.zeros(len(raw_ids))]),
+            index=self.index.kind,
+            profile_size=self.profile_size,
+            version=self.version,
+        )
+
+    def knows(self, raw_id: int) -> bool:
+        return raw_id in self._item_index
+
+    @property
+    def takes_new_items(self) -> bool:
+        """Whether items it was not trained on can be scored from their image."""
+        return self.serving.model.config.visual == "score"
 
     def unknown_items(self, raw_ids: Collection[int]) -> list[int]:
         return sorted({i for i in raw_ids if i not in self._item_index})
@@ -145,4 +204,6 @@ def load_recommender(
 ) -> Recommender:
     """``version``: what answers name the model by (default: the checkpoint's code version)."""
     model = checkpoint.build_model(features, inputs_hash=inputs_hash, item_ids=item_ids)
-    return Recommender(checkpoint, ServingModel(model, device=device), index=index, version=version)
+    projection = Projection.from_state(checkpoint.projection) if checkpoint.projection else None
+    serving = ServingModel(model, device=device, projection=projection)
+    return Recommender.from_checkpoint(checkpoint, serving, index=index, version=version)

@@ -26,7 +26,9 @@ from service.offline.train import TrainConfig
 from service.runtime import keep_freed_memory, pick_device
 
 log = logging.getLogger("visrec.serve")
-WORLD_CONFIG = TrainConfig(dim=32, attention_dim=32, epochs=15, batch_size=256, lr=1e-2)
+# The built-in world: users go through runs of one shape, mostly their favourite, so both the
+# image (which shape) and the order (which run) matter; see service/offline/synthetic.py.
+WORLD = WorldSpec(n_users=300, n_items=400, interactions_per_user=30, taste=0.7, run_length=4.0)
 
 
 def histories(dataset: Dataset) -> dict[str, list[int]]:
@@ -44,10 +46,10 @@ def prepare_serving(
     """(dataset, features folder, checkpoint), building whatever does not exist yet."""
     config = TrainConfig()
     if data is None:
-        data, config = work / "world", WORLD_CONFIG
+        data = work / "world"
         if not (data / "items.csv").is_file():
             log.info("no DATA given: generating the synthetic visual world in %s", data)
-            make_world(data, WorldSpec(n_users=300, n_items=400, interactions_per_user=30))
+            make_world(data, WORLD)
     run_dir = work / data.resolve().name
     features, checkpoint = run_dir / "features-efficientnet_lite0", run_dir / "acf.pt"
     dataset = load_dataset(data)
@@ -93,6 +95,8 @@ def main() -> None:
     settings = Settings(
         checkpoint=checkpoint, features=features, device=str(device), data=dataset.root
     )
+    if settings.items_dir is None:  # without Redis, added items live next to the checkpoint
+        settings = settings.model_copy(update={"items_dir": checkpoint.parent / "added-items"})
     # The in-process store starts from the dataset's histories; a Redis store keeps its own.
     load = args.load_profiles or not settings.redis_url
     profiles = histories(dataset) if load else None

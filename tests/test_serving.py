@@ -72,7 +72,7 @@ def test_a_batch_of_requests_equals_one_at_a_time(trained: ACF) -> None:
         features={"inputs_hash": "h"},
         item_popularity=list(range(N_ITEMS)),
     )
-    engine = Recommender(ckpt, ServingModel(trained, device=torch.device("cpu")))
+    engine = Recommender.from_checkpoint(ckpt, ServingModel(trained, device=torch.device("cpu")))
     queries = [
         Query("10", [101, 105, 109], {101, 105, 109, 120}, k=5),
         Query("12", [130], set(), k=3, offset=4),

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import gc
-from collections.abc import AsyncIterator, Mapping, Sequence
+import logging
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -17,6 +18,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.api.admin import install_admin
 from service.api.batcher import MicroBatcher
+from service.api.items import Items, install_items
 from service.api.metrics import Metrics
 from service.api.reload import ModelSlot, Source, load_engine, reload_on_hangup
 from service.api.schemas import (
@@ -37,8 +39,9 @@ from service.api.schemas import (
 )
 from service.api.security import BodyLimit, Keys, RateLimiter, Role, guard
 from service.api.ui import install_ui
-from service.catalogue import load_catalogue
+from service.catalogue import Catalogue, load_catalogue
 from service.config import Settings, key_list
+from service.model.feature_store import load_features
 from service.recommender import (
     Query as RecQuery,
 )
@@ -48,6 +51,7 @@ from service.recommender import (
     UnknownItemsError,
 )
 from service.runtime import pick_device
+from service.store.items import DirectoryItemStore, ItemStore, MemoryItemStore, RedisItemStore
 from service.store.profiles import (
     Interaction,
     MemoryProfileStore,
@@ -57,6 +61,7 @@ from service.store.profiles import (
 )
 from service.store.resilient import ResilientStore
 
+log = logging.getLogger("visrec.api")
 RETRY_AFTER_S = 1  # what a refused write is told to wait: Redis restarts take about a second
 
 
@@ -74,15 +79,54 @@ class State:
         return self.models.engine
 
 
-def _load(settings: Settings) -> ModelSlot:
+def _load(settings: Settings, finish: Callable[[Recommender], Recommender]) -> ModelSlot:
+    """The slot, with every engine it loads (at start, on reload) passed through ``finish``
+    (which adds the items added while serving)."""
     device = pick_device(settings.device)
     if device.type == "cpu":
         # A request's model work is a few small ops: extra intra-op threads only add hand-off
         # latency, and the web server needs the other cores.
         torch.set_num_threads(settings.cpu_threads)
     source = Source(settings.checkpoint, settings.features)
-    load = partial(load_engine, device=device, index=settings.index)
+    build = partial(load_engine, device=device, index=settings.index)
+
+    def load(source: Source) -> Recommender:
+        return finish(build(source))
+
     return ModelSlot(load(source), source, load)
+
+
+def _items(settings: Settings) -> Items:
+    """Where added items live: Redis when the profiles do, else a folder, else this process."""
+    store: ItemStore
+    if settings.redis_url:
+        store = RedisItemStore.from_url(
+            settings.redis_url,
+            prefix=settings.redis_prefix,
+            deadline_s=settings.redis_write_timeout_ms / 1000,
+        )
+    elif settings.items_dir is not None:
+        store = DirectoryItemStore(settings.items_dir)
+    else:
+        store = MemoryItemStore()
+    _, meta = load_features(settings.features)
+    return Items(
+        store,
+        backbone_name=meta.backbone,
+        device=pick_device(settings.device),
+        max_image_bytes=settings.max_image_bytes,
+        max_image_pixels=settings.max_image_pixels,
+    )
+
+
+async def _sync_items(items: Items, slot: ModelSlot, catalogue: Catalogue, every_s: float) -> None:
+    """Pick up items added by other replicas, for as long as the app runs."""
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            await items.sync(slot, catalogue)
+        except StoreUnavailable as err:
+            log.warning("added items not synchronised this time: %s", err)
 
 
 def create_app(
@@ -92,8 +136,10 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
-        models = await run_in_threadpool(_load, settings)
+        items = await run_in_threadpool(_items, settings)
+        models = await run_in_threadpool(_load, settings, items.added_to)
         catalogue = await run_in_threadpool(load_catalogue, settings.data)  # titles, images
+        await items.sync(models, catalogue)  # added by an earlier run or another replica
         if settings.redis_url:
             inner: ProfileStore = RedisProfileStore.from_url(
                 settings.redis_url,
@@ -110,25 +156,41 @@ def create_app(
         # Everything loaded so far lives as long as the app: keep it out of the cyclic garbage
         # collector's full passes, whose pauses were the p99 of a loaded server.
         gc.freeze()
+        syncing = (
+            asyncio.create_task(_sync_items(items, models, catalogue, settings.items_sync_s))
+            if settings.items_sync_s
+            else None
+        )
         try:
             window = settings.batch_window_ms / 1000
             with reload_on_hangup(models, asyncio.get_running_loop()):
                 # The batcher asks the slot, so a batch runs on the engine current at its start.
                 async with MicroBatcher(models.recommend, window_s=window) as batcher:
                     state = State(models, store, name, batcher)
-                    yield {"app_state": state, "catalogue": catalogue, "models": models}
+                    yield {
+                        "app_state": state,
+                        "catalogue": catalogue,
+                        "models": models,
+                        "items": items,
+                    }
         finally:
+            if syncing is not None:
+                syncing.cancel()
             await store.close()
+            await items.store.close()
 
     app = FastAPI(title="visrec", lifespan=lifespan)
     metrics = Metrics()
     metrics.install(app)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    # an image upload's form: the image and a few short fields
+    upload = settings.max_image_bytes + 65_536
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, per_path={"/items": upload})
     keys = Keys(key_list(settings.api_keys), key_list(settings.admin_keys), settings.auth_reads)
     limiter = RateLimiter(settings.rate_limit_per_s, settings.rate_burst)
     guards = Guards.of(keys, limiter)
     _routes(app, metrics, guards)
     install_admin(app, dependencies=guards.admin)
+    install_items(app, dependencies=guards.admin)
     install_ui(app)
 
     @app.exception_handler(UnknownItemsError)

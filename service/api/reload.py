@@ -106,6 +106,16 @@ class ModelSlot:
         log.info("model %s replaced %s (%.2f s)", swap.current, swap.previous, swap.seconds)
         return swap
 
+    async def update(self, change: Callable[[Recommender], Recommender]) -> Recommender:
+        """Build the next engine from the serving one with ``change`` (e.g. items added) off
+        the event loop and swap it in. Waits for a reload or another update to finish first,
+        so neither is lost; an exception leaves the serving engine as it was."""
+        async with self._reloading:
+            engine = await asyncio.to_thread(change, self.engine)
+            self.engine = engine
+            gc.freeze()
+        return engine
+
     def _build(self, source: Source) -> Recommender:
         engine = self._load(source)
         # One real query (attention, index search) before any request gets it: a model that

@@ -12,7 +12,7 @@ import hmac
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -112,20 +112,26 @@ def guard(keys: Keys, limiter: RateLimiter, role: Role) -> Callable[..., object]
 
 
 class BodyLimit:
-    """413 with a JSON reason for a body over ``max_bytes``: at once when the declared
-    ``Content-Length`` says so, else as soon as the bytes read pass it."""
+    """413 with a JSON reason for a body over ``max_bytes`` (or over ``per_path[path]`` for
+    those paths, e.g. image uploads): at once when the declared ``Content-Length`` says so,
+    else as soon as the bytes read pass it."""
 
-    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, *, max_bytes: int, per_path: Mapping[str, int] | None = None
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.per_path = dict(per_path or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.per_path.get(scope["path"], self.max_bytes)
+        reason = f"the request body is over {limit} bytes"
         declared = dict(scope["headers"]).get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > self.max_bytes:
-            await JSONResponse({"detail": self._reason}, status_code=413)(scope, receive, send)
+        if declared.isdigit() and int(declared) > limit:
+            await JSONResponse({"detail": reason}, status_code=413)(scope, receive, send)
             return
         received = 0
 
@@ -133,12 +139,8 @@ class BodyLimit:
             nonlocal received
             message = await receive()
             received += len(message.get("body", b""))
-            if received > self.max_bytes:  # raised inside the app: its handler answers JSON
-                raise HTTPException(status_code=413, detail=self._reason)
+            if received > limit:  # raised inside the app: its handler answers JSON
+                raise HTTPException(status_code=413, detail=reason)
             return message
 
         await self.app(scope, limited, send)
-
-    @property
-    def _reason(self) -> str:
-        return f"the request body is over {self.max_bytes} bytes"

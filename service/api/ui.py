@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 
@@ -52,7 +52,7 @@ async def user_page(user_id: str) -> FileResponse:
 @router.get("/items/{item_id}", response_model=ItemInfo, responses=refusals({404: "no such item"}))
 async def item_info(item_id: int, catalogue: CatalogueDep) -> ItemInfo:
     item = _item(catalogue, item_id)
-    url = f"/items/{item_id}/image" if item.image else None
+    url = f"/items/{item_id}/image" if item.has_image else None
     return ItemInfo(item_id=item_id, title=item.title, image_url=url)
 
 
@@ -61,8 +61,10 @@ async def item_info(item_id: int, catalogue: CatalogueDep) -> ItemInfo:
     response_class=FileResponse,
     responses=refusals({404: "no such item, or it has no image"}),
 )
-async def item_image(item_id: int, catalogue: CatalogueDep) -> FileResponse:
+async def item_image(item_id: int, catalogue: CatalogueDep) -> Response:
     item = _item(catalogue, item_id)
+    if item.data is not None:  # added while serving
+        return Response(item.data, media_type=item.media_type)
     if item.image is None:
         raise HTTPException(status_code=404, detail=f"item {item_id} has no image")
     return FileResponse(item.image, media_type=item.media_type)

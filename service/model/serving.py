@@ -13,8 +13,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from service.model.acf import ACF, PAD, Attended, ItemTables
+from service.model.acf import ACF, ITEM_ROWS, PAD, Attended, ItemTables
+from service.model.projection import Projection
 
 
 @dataclass(frozen=True)
@@ -27,16 +29,86 @@ class Explanation:
     score: float
 
 
+NEIGHBOURS = 10  # trained items whose embeddings a new item starts from
+
+
 class ServingModel:
-    def __init__(self, model: ACF, *, device: torch.device) -> None:
+    """``projection``: what raw features go through before the model (from the checkpoint),
+    for the images of items added while serving.
+
+    A new item (:meth:`with_items`) is scored and explained from its image: its image vector
+    and components come from its features, and its embedding rows (collaborative part, bias)
+    start as the mean of those of the ``NEIGHBOURS`` trained items whose image vectors are
+    closest to its own (cosine). Zero rows would rank it below every trained item of its kind,
+    which all carry a learned share of the kind in their embeddings; its visual neighbours'
+    mean places it among them."""
+
+    def __init__(
+        self, model: ACF, *, device: torch.device, projection: Projection | None = None
+    ) -> None:
         model = model.to(device).eval()
         with torch.inference_mode():
-            self.tables: ItemTables = model.catalogue_tables()
-            self.item_vectors = model.item_vectors().float().cpu().numpy()  # (N, D')
-        model.features = torch.empty(0, device=device)  # raw features are not needed any more
+            tables = model.catalogue_tables()
+            vectors = model.item_vectors().float().cpu().numpy()  # (N, D')
+            items = torch.arange(1, model.config.n_items + 1, device=device)
+            images = (
+                F.normalize(model.image_vectors(model.features[items]), dim=1)
+                if model.config.visual == "score"
+                else None
+            )
+        # the features are not needed any more: only the tables and vectors are
+        model.features = model.pooled = torch.empty(0, device=device)
+        self._set(model, tables, vectors, images, device=device, projection=projection)
+
+    def _set(
+        self,
+        model: ACF,
+        tables: ItemTables,
+        vectors: np.ndarray,
+        images: torch.Tensor | None,
+        *,
+        device: torch.device,
+        projection: Projection | None,
+    ) -> None:
         self.model = model
+        self.tables = tables
+        self.item_vectors = vectors
+        self.trained_images = images  # (N_trained, D) unit image vectors: neighbours of new items
         self.device = device
+        self.projection = projection
         self.grid = math.isqrt(model.config.n_components)
+
+    def with_items(self, features: np.ndarray) -> ServingModel:
+        """A new serving model whose catalogue also holds items N+1..N+M with these raw
+        (M, K, C) features (see the class doc). Raises ValueError when the model cannot score
+        items from their images. This one is left as it is (requests in flight keep it)."""
+        raw = torch.as_tensor(np.asarray(features, dtype=np.float32))
+        projected = (raw if self.projection is None else self.projection.apply(raw)).to(self.device)
+        model, n = self.model, self.model.config.n_items
+        with torch.inference_mode():
+            image = model.image_vectors(projected)  # (M, D); ValueError for other models
+            assert self.trained_images is not None
+            similar = F.normalize(image, dim=1) @ self.trained_images.T  # (M, N_trained)
+            near = similar.topk(min(NEIGHBOURS, similar.shape[1]), dim=1).indices + 1  # (M, k)
+            state = model.state_dict()
+            rows = {name: state[name][near].mean(1) for name in ITEM_ROWS if name in state}
+            grown = model.with_new_items(rows)
+            new = torch.arange(n + 1, n + len(raw) + 1, device=self.device)
+            added = grown.encode_items(projected)
+            vectors = grown.vectors_with_image(new, image).float().cpu().numpy()
+        out = ServingModel.__new__(ServingModel)
+        out._set(
+            grown,
+            ItemTables(
+                torch.cat([self.tables.reduced, added.reduced]),
+                torch.cat([self.tables.keys, added.keys]),
+            ),
+            np.concatenate([self.item_vectors, vectors]),
+            self.trained_images,
+            device=self.device,
+            projection=self.projection,
+        )
+        return out
 
     @torch.inference_mode()
     def attend(self, users: np.ndarray, profiles: np.ndarray) -> Attended:

@@ -1,0 +1,191 @@
+"""Items added while serving, from their image (cold start): ``POST /items``.
+
+The image goes through the checkpoint's own backbone and feature projection, the item gets
+the model's tables and a vector from its image alone (no trained embedding), and a new engine
+with it is swapped in, as a reload would: it is recommendable, explainable and on the page at
+once. What is stored (:mod:`service.store.items`) is the image and its raw features, so every
+replica picks the item up (:class:`ItemSync` polls the store) and a restart or a reloaded
+model rebuilds it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+import numpy as np
+import torch
+from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
+from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
+
+from service.api.reload import ModelSlot
+from service.api.schemas import GUARDED, refusals
+from service.catalogue import Catalogue, CatalogueItem
+from service.model.backbones import Backbone, component_features, load_backbone
+from service.recommender import Recommender
+from service.store.items import AddedItem, ItemStore
+from service.store.profiles import MAX_ITEM_ID, StoreUnavailable
+
+log = logging.getLogger("visrec.items")
+FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "GIF": "image/gif", "WEBP": "image/webp"}
+
+
+class AddedItemResponse(BaseModel):
+    item_id: int
+    title: str
+    model_version: str
+    items: int  # in the catalogue now
+    seconds: float  # image to servable
+
+
+@dataclass
+class Items:
+    """The added items this process knows, the store they live in, and how to make more."""
+
+    store: ItemStore
+    backbone_name: str
+    device: torch.device
+    max_image_bytes: int
+    max_image_pixels: int
+    known: dict[int, AddedItem] = field(default_factory=dict)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one addition at a time
+    _backbone: Backbone | None = None
+
+    def backbone(self) -> Backbone:
+        """The serving backbone, loaded on first use (a second or two, weights from disk)."""
+        if self._backbone is None:
+            self._backbone = load_backbone(self.backbone_name)
+        return self._backbone
+
+    def added_to(self, engine: Recommender) -> Recommender:
+        """``engine`` with every known added item it does not have yet (a reload's engine).
+        Runs on worker threads: ``known`` is replaced, never changed, so it reads one state."""
+        known = self.known
+        return _with(engine, [i for i in known.values() if not engine.knows(i.item_id)])
+
+    async def sync(self, slot: ModelSlot, catalogue: Catalogue) -> int:
+        """Pick up items other replicas (or an earlier run) added; how many were new."""
+        fresh = [i for i in await self.store.ids() if i not in self.known]
+        if not fresh:
+            return 0
+        items = await self.store.get(fresh)
+        async with self.lock:
+            self.known = {**self.known, **{i.item_id: i for i in items}}
+            await slot.update(self.added_to)
+        for item in items:
+            catalogue.add(_catalogue_item(item))
+        log.info("picked up %d added item(s): %s", len(items), [i.item_id for i in items])
+        return len(items)
+
+
+def _with(engine: Recommender, items: Iterable[AddedItem]) -> Recommender:
+    items = list(items)
+    if not items:
+        return engine
+    features = np.stack([i.features for i in items]).astype(np.float32)  # (M, K, C)
+    return engine.with_items([i.item_id for i in items], features)
+
+
+def _catalogue_item(item: AddedItem) -> CatalogueItem:
+    return CatalogueItem(item.item_id, item.title, None, item.image, item.media_type)
+
+
+async def _items(request: Request) -> Items:
+    items: Items = request.state.items
+    return items
+
+
+ADD_RESPONSES = {
+    **GUARDED,
+    **refusals(
+        {
+            409: "an item with this id exists, or the serving model cannot score items it was "
+            "not trained on; nothing was changed",
+            413: "the image is over the size limit (bytes or pixels); nothing was changed",
+            415: "the file is not an image this service reads (JPEG, PNG, GIF, WebP); nothing "
+            "was changed",
+            503: "the item store is unavailable; nothing was changed, retry later",
+        }
+    ),
+}
+
+
+def install_items(app: FastAPI, *, dependencies: list[Any]) -> None:
+    """``dependencies``: the admin guard. The lifespan state must hold ``items`` (:class:`Items`),
+    ``models`` and ``catalogue``."""
+
+    @app.post(
+        "/items",
+        status_code=201,
+        response_model=AddedItemResponse,
+        responses=ADD_RESPONSES,
+        dependencies=dependencies,
+    )
+    async def add_item(
+        request: Request,
+        item_id: Annotated[int, Form(ge=0, le=MAX_ITEM_ID)],
+        image: Annotated[UploadFile, File(description="the item's image: JPEG, PNG, GIF or WebP")],
+        title: Annotated[str, Form(max_length=1000)] = "",
+    ) -> AddedItemResponse:
+        """Add an item from its image (multipart form: ``item_id``, ``image``, optional
+        ``title``; admin key). The serving backbone turns the image into the model's
+        components, the item is scored from its image alone, and it is recommendable,
+        explainable and on the page as soon as this answers 201; it is stored so that a
+        restart, a reloaded model and every replica have it too."""
+        started = time.perf_counter()
+        items: Items = await _items(request)
+        slot: ModelSlot = request.state.models
+        catalogue: Catalogue = request.state.catalogue
+        data = await image.read(items.max_image_bytes + 1)
+        if len(data) > items.max_image_bytes:
+            raise HTTPException(413, f"the image is over {items.max_image_bytes} bytes")
+        picture, media_type = await run_in_threadpool(_open, data, items.max_image_pixels)
+        if not slot.engine.takes_new_items:
+            raise HTTPException(409, "the serving model cannot score items it was not trained on")
+        async with items.lock:
+            if slot.engine.knows(item_id) or item_id in items.known:
+                raise HTTPException(409, f"item {item_id} is already in the catalogue")
+            features = await run_in_threadpool(
+                lambda: component_features(items.backbone(), [picture], device=items.device)[0]
+            )
+            added = AddedItem(item_id, title, media_type, data, features)
+            try:
+                stored = await items.store.add(added)
+            except StoreUnavailable as err:
+                raise HTTPException(503, f"the item store is unavailable: {err}") from err
+            if not stored:  # another replica took the id meanwhile; its item will sync
+                raise HTTPException(409, f"item {item_id} is already in the catalogue")
+            items.known = {**items.known, item_id: added}
+            await slot.update(items.added_to)
+        catalogue.add(_catalogue_item(added))
+        log.info("item %d added from its image", item_id)
+        return AddedItemResponse(
+            item_id=item_id,
+            title=title,
+            model_version=slot.engine.version,
+            items=len(slot.engine.item_ids),
+            seconds=round(time.perf_counter() - started, 3),
+        )
+
+
+def _open(data: bytes, max_pixels: int) -> tuple[Image.Image, str]:
+    """The decoded image and its media type; 415 for what is not a readable image, 413 for one
+    over ``max_pixels`` (checked from the header, before the pixels are decoded)."""
+    try:
+        picture = Image.open(io.BytesIO(data))
+        if picture.format not in FORMATS:
+            raise HTTPException(415, f"{picture.format} images are not accepted")
+        width, height = picture.size
+        if width * height > max_pixels:
+            raise HTTPException(413, f"the image is {width}x{height}, over {max_pixels} pixels")
+        picture.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as err:
+        raise HTTPException(415, f"the file is not a readable image: {err}") from err
+    return picture, FORMATS[picture.format or ""]

@@ -1,0 +1,185 @@
+"""Items added while serving (``POST /items``): their image and raw component features, kept
+where every replica and every restart finds them.
+
+Three stores share one contract, :class:`ItemStore`: in process (gone with it), a directory
+(one process; survives restarts), and Redis (shared by replicas; as durable as the profiles).
+What is stored is what the image was, not what one model made of it: the raw (K, C) features
+of the serving backbone, so a reloaded model builds its own tables for the added items.
+
+Redis layout, for prefix ``visrec``: one hash ``visrec:items`` from item id to the item
+encoded as below. ``HSETNX`` adds an item only when its id is free, atomically, so two
+replicas adding the same id at once cannot both succeed.
+
+Encoding: a 4-byte little-endian length, a JSON header (title, media type, feature shape and
+dtype, image length), the feature bytes, then the image bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, TypeVar
+
+import numpy as np
+import redis.asyncio as aioredis
+import redis.exceptions as rx
+
+from service.store.profiles import StoreUnavailable
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class AddedItem:
+    item_id: int
+    title: str
+    media_type: str  # of ``image``, e.g. image/png
+    image: bytes
+    features: np.ndarray  # (K, C) float16 raw component features of the image
+
+
+class ItemStore(Protocol):
+    async def add(self, item: AddedItem) -> bool:
+        """Store ``item``; False, changing nothing, when its id is already stored."""
+        ...
+
+    async def ids(self) -> list[int]: ...
+
+    async def get(self, ids: list[int]) -> list[AddedItem]: ...
+
+    async def close(self) -> None: ...
+
+
+def encode_item(item: AddedItem) -> bytes:
+    features = np.ascontiguousarray(item.features, dtype=np.float16)
+    header = json.dumps(
+        {
+            "item_id": item.item_id,
+            "title": item.title,
+            "media_type": item.media_type,
+            "shape": list(features.shape),
+            "image_bytes": len(item.image),
+        }
+    ).encode()
+    return len(header).to_bytes(4, "little") + header + features.tobytes() + item.image
+
+
+def decode_item(blob: bytes) -> AddedItem:
+    size = int.from_bytes(blob[:4], "little")
+    header = json.loads(blob[4 : 4 + size])
+    start = 4 + size
+    count = int(np.prod(header["shape"]))
+    features = np.frombuffer(blob, dtype=np.float16, count=count, offset=start)
+    image = blob[start + 2 * count :]
+    if len(image) != header["image_bytes"]:
+        raise ValueError(f"stored item {header['item_id']} is truncated")
+    return AddedItem(
+        header["item_id"],
+        header["title"],
+        header["media_type"],
+        image,
+        features.reshape(header["shape"]),
+    )
+
+
+class MemoryItemStore:
+    """In this process only: added items are gone when it stops."""
+
+    def __init__(self) -> None:
+        self._items: dict[int, AddedItem] = {}
+
+    async def add(self, item: AddedItem) -> bool:
+        if item.item_id in self._items:
+            return False
+        self._items[item.item_id] = item
+        return True
+
+    async def ids(self) -> list[int]:
+        return list(self._items)
+
+    async def get(self, ids: list[int]) -> list[AddedItem]:
+        return [self._items[i] for i in ids if i in self._items]
+
+    async def close(self) -> None:
+        pass
+
+
+class DirectoryItemStore:
+    """One file per item, ``<id>.item`` (encoded as above), in ``folder``. A file is written
+    under a temporary name and linked to its final name only if that name is free, so an
+    item is either whole or absent, and an id is taken once."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+
+    async def add(self, item: AddedItem) -> bool:
+        return await asyncio.to_thread(self._add, item)
+
+    def _add(self, item: AddedItem) -> bool:
+        final = self.folder / f"{item.item_id}.item"
+        tmp = self.folder / f".{item.item_id}.{os.getpid()}.tmp"
+        tmp.write_bytes(encode_item(item))
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, final)  # fails if the id is taken
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink()
+        return True
+
+    async def ids(self) -> list[int]:
+        return sorted(int(p.stem) for p in self.folder.glob("*.item"))
+
+    async def get(self, ids: list[int]) -> list[AddedItem]:
+        paths = [self.folder / f"{i}.item" for i in ids]
+        return [decode_item(await asyncio.to_thread(p.read_bytes)) for p in paths if p.is_file()]
+
+    async def close(self) -> None:
+        pass
+
+
+class RedisItemStore:
+    """Shared by every replica; Redis's own persistence (AOF) keeps it across restarts."""
+
+    def __init__(self, client: aioredis.Redis, *, prefix: str, deadline_s: float) -> None:
+        self._client = client
+        self._key = f"{prefix}:items"
+        self._deadline_s = deadline_s
+
+    @classmethod
+    def from_url(cls, url: str, *, prefix: str, deadline_s: float) -> RedisItemStore:
+        return cls(aioredis.Redis.from_url(url), prefix=prefix, deadline_s=deadline_s)
+
+    async def add(self, item: AddedItem) -> bool:
+        added = await self._call(
+            self._client.hsetnx(self._key, str(item.item_id), encode_item(item))
+        )
+        return bool(added)
+
+    async def ids(self) -> list[int]:
+        return sorted(int(k) for k in await self._call(self._client.hkeys(self._key)))
+
+    async def get(self, ids: list[int]) -> list[AddedItem]:
+        if not ids:
+            return []
+        blobs = await self._call(self._client.hmget(self._key, [str(i) for i in ids]))
+        return [decode_item(b) for b in blobs if isinstance(b, bytes)]
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    async def _call(self, pending: Awaitable[T]) -> T:
+        try:
+            async with asyncio.timeout(self._deadline_s):
+                return await pending
+        except (OSError, rx.ConnectionError, rx.TimeoutError, rx.BusyLoadingError) as err:
+            raise StoreUnavailable(f"the item store cannot answer: {err}") from err
+        except rx.ResponseError as err:  # OOM, a read-only replica: cannot write now
+            raise StoreUnavailable(f"the item store refused: {err}") from err

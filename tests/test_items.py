@@ -1,0 +1,219 @@
+"""``POST /items``: a never-trained item served from its image alone (cold start).
+
+The world has eight shapes of 25 items each, so a user's unseen items of their current kind
+about fit in a top 20: the known answer for a new item is "ranked with its kind, above the
+others". (With hundreds of items a kind, no model could put one particular new item in every
+such user's top 20: within a kind the world's items are interchangeable.)
+"""
+
+from __future__ import annotations
+
+import io
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+from redis import Redis
+
+from service.api.app import create_app
+from service.config import Settings
+from service.model.checkpoint import save_checkpoint
+from service.offline.data import load_dataset
+from service.offline.evaluate import holdout_task
+from service.offline.features import extract_features
+from service.offline.pipeline import Prepared, fit, prepare, to_checkpoint
+from service.offline.synthetic import World, WorldSpec, make_world
+from service.offline.train import TrainConfig
+from service.serve import histories
+
+COLD_WORLD = WorldSpec(
+    n_users=300,
+    n_items=200,
+    kinds=8,
+    interactions_per_user=16,
+    taste=0.7,
+    run_length=4.0,
+    new_per_kind=2,
+    seed=11,
+)
+ADMIN = "admin-key-0123456789abcdef"
+WRITER = "write-key-0123456789abcdef"
+REDIS = "redis://127.0.0.1:6379/0"
+
+
+@pytest.fixture(scope="module")
+def cold(tmp_path_factory: pytest.TempPathFactory) -> tuple[World, Prepared, Path]:
+    world = make_world(tmp_path_factory.mktemp("cold-world"), COLD_WORLD)
+    data = load_dataset(world.root)
+    features = world.root / "features"
+    extract_features(data.item_ids.tolist(), list(data.image_paths), features, progress=False)
+    prepared = prepare(world.root, features)
+    result = fit(prepared, TrainConfig(), device=torch.device("cpu"), progress=False)
+    ckpt = world.root / "acf.pt"
+    save_checkpoint(ckpt, to_checkpoint(prepared, result, TrainConfig()))
+    return world, prepared, ckpt
+
+
+def _settings(cold: tuple[World, Prepared, Path], **extra: object) -> Settings:
+    world, _, ckpt = cold
+    return Settings(
+        environment="production",
+        api_keys=WRITER,
+        admin_keys=ADMIN,
+        checkpoint=ckpt,
+        features=world.root / "features",
+        device="cpu",
+        data=world.root,
+        **extra,  # type: ignore[arg-type]
+    )
+
+
+@pytest.fixture
+def client(cold: tuple[World, Prepared, Path]) -> Iterator[TestClient]:
+    app = create_app(_settings(cold), profiles=histories(cold[1].dataset))
+    with TestClient(app) as c:
+        yield c
+
+
+def _new_ids(world: World) -> list[int]:
+    return [COLD_WORLD.n_items + j + 1 for j in range(len(world.new_kinds))]
+
+
+def _add(client: TestClient, world: World, item_id: int, key: str = ADMIN, **form: str):  # type: ignore[no-untyped-def]
+    image = (world.root / "new" / f"{item_id}.png").read_bytes()
+    return client.post(
+        "/items",
+        data={"item_id": str(item_id), "title": f"new #{item_id}", **form},
+        files={"image": (f"{item_id}.png", image, "image/png")},
+        headers={"X-API-Key": key},
+    )
+
+
+def test_a_new_item_is_recommended_to_users_of_its_kind_from_its_image(
+    cold: tuple[World, Prepared, Path], client: TestClient
+) -> None:
+    world, prepared, _ = cold
+    for item in _new_ids(world):
+        answer = _add(client, world, item)
+        assert answer.status_code == 201, answer.text
+        assert answer.json()["items"] == item  # ids N+1.. are added in order
+    # Who wants kind A now: the users whose next item (the held-out test item) is of kind A.
+    task = holdout_task(prepared.split, "standard")
+    wants = world.item_kinds[task.targets - 1]
+    user_ids = prepared.dataset.user_ids[task.users]
+    tops = [
+        {x["item_id"] for x in client.get(f"/recommend/{u}", params={"k": 20}).json()["items"]}
+        for u in user_ids
+    ]
+    same, others = [], []
+    for item, kind in zip(_new_ids(world), world.new_kinds, strict=True):
+        inside = np.array([item in top for top in tops])
+        same.append(inside[wants == kind].mean())
+        others.append(inside[wants != kind].mean())
+    assert np.median(same) >= 0.7 and min(same) >= 0.6, np.round(same, 2)
+    assert max(others) < 0.1, np.round(others, 3)
+    item = _new_ids(world)[0]
+    why = client.get(f"/explain/{user_ids[0]}", params={"item_id": item})
+    assert why.status_code == 200 and np.isfinite(why.json()["score"])
+    assert client.get(f"/items/{item}").json()["image_url"] == f"/items/{item}/image"
+    image = client.get(f"/items/{item}/image")
+    assert image.content == (world.root / "new" / f"{item}.png").read_bytes()
+    assert image.headers["content-type"] == "image/png"
+    history = client.post("/recommend", json={"history": [item], "k": 5})
+    assert history.status_code == 200  # a profile can hold it too
+
+
+def test_bad_uploads_are_refused_and_change_nothing(
+    cold: tuple[World, Prepared, Path], client: TestClient
+) -> None:
+    world, _, _ = cold
+    item = _new_ids(world)[0]
+    before = client.get("/readyz").json()["items"]
+    refused = [
+        _add(client, world, item, key=WRITER),  # a writer is not an admin
+        client.post(
+            "/items",
+            data={"item_id": str(item)},
+            files={"image": ("x.png", b"not an image")},
+            headers={"X-API-Key": ADMIN},
+        ),
+        client.post(
+            "/items",
+            data={"item_id": "1"},
+            files={"image": ("x.png", _png(8, 8))},
+            headers={"X-API-Key": ADMIN},
+        ),  # item 1 exists
+        client.post("/items", data={"item_id": str(item)}, headers={"X-API-Key": ADMIN}),
+    ]
+    assert [r.status_code for r in refused] == [401, 415, 409, 422]
+    assert "already in the catalogue" in refused[2].json()["detail"]
+    assert client.get("/readyz").json()["items"] == before
+    assert client.post("/recommend", json={"history": [item]}).status_code == 422
+
+
+def test_images_over_the_limits_are_refused(cold: tuple[World, Prepared, Path]) -> None:
+    world, prepared, _ = cold
+    settings = _settings(cold, max_image_bytes=4096, max_image_pixels=10_000)
+    with TestClient(create_app(settings, profiles=histories(prepared.dataset))) as c:
+        item = str(_new_ids(world)[0])
+        big = c.post(
+            "/items",
+            data={"item_id": item},
+            files={"image": ("a.png", _png(200, 200, noise=True))},
+            headers={"X-API-Key": ADMIN},
+        )
+        wide = c.post(
+            "/items",
+            data={"item_id": item},
+            files={"image": ("a.png", _png(101, 100))},
+            headers={"X-API-Key": ADMIN},
+        )
+        assert (big.status_code, wide.status_code) == (413, 413), (big.text, wide.text)
+        assert "101x100" in wide.json()["detail"]
+        assert c.get("/readyz").json()["items"] == COLD_WORLD.n_items
+
+
+def test_added_items_survive_a_restart_a_reload_and_reach_every_replica(
+    cold: tuple[World, Prepared, Path], tmp_path: Path
+) -> None:
+    world, _, _ = cold
+    item = _new_ids(world)[1]
+    prefix = f"test-items-{uuid.uuid4().hex}"
+    shared = {"redis_url": REDIS, "redis_prefix": prefix, "items_sync_s": 0.2}
+    try:
+        with (
+            TestClient(create_app(_settings(cold, **shared))) as a,
+            TestClient(create_app(_settings(cold, **shared))) as b,
+        ):
+            assert _add(a, world, item).status_code == 201
+            deadline = time.monotonic() + 10
+            while b.post("/recommend", json={"history": [item]}).status_code != 200:
+                assert time.monotonic() < deadline, "the other replica never got the item"
+                time.sleep(0.1)
+            assert _add(b, world, item).status_code == 409  # one id, once, across replicas
+            assert a.post("/admin/reload", headers={"X-API-Key": ADMIN}).status_code == 200
+            assert a.post("/recommend", json={"history": [item]}).status_code == 200
+        with TestClient(create_app(_settings(cold, **shared))) as restarted:
+            assert restarted.post("/recommend", json={"history": [item]}).status_code == 200
+    finally:
+        Redis.from_url(REDIS).delete(f"{prefix}:items")
+    folder = {"items_dir": tmp_path / "added"}
+    with TestClient(create_app(_settings(cold, **folder))) as c:
+        assert _add(c, world, item).status_code == 201
+    with TestClient(create_app(_settings(cold, **folder))) as c:
+        assert c.post("/recommend", json={"history": [item]}).status_code == 200
+        assert c.get(f"/items/{item}").json()["title"] == f"new #{item}"
+
+
+def _png(width: int, height: int, *, noise: bool = False) -> bytes:
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 255, (height, width, 3)) if noise else np.zeros((height, width, 3))
+    out = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8)).save(out, format="PNG")
+    return out.getvalue()
