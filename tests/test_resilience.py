@@ -31,6 +31,7 @@ from service.store.profiles import (
     StoreUnavailable,
     decode_profile,
     is_outage,
+    nothing_applied,
     user_keys,
 )
 from service.store.resilient import ProfileCache, ResilientStore, with_items
@@ -270,6 +271,10 @@ def test_with_items_is_the_stores_rule() -> None:
         (rx.TimeoutError("Timeout reading from socket"), True),
         (rx.OutOfMemoryError("command not allowed when used memory > 'maxmemory'."), True),
         (rx.ResponseError("MISCONF Errors writing to the AOF file"), True),
+        (
+            rx.ResponseError("Command # 2 (EVALSHA ab 2) of pipeline caused error: ('MISCONF x',)"),
+            True,
+        ),
         (rx.ReadOnlyError("You can't write against a read only replica."), True),
         (rx.ResponseError("Error running script (call to f_0): bad argument"), False),
         (rx.ResponseError("WRONGTYPE Operation against a key holding the wrong kind"), False),
@@ -278,6 +283,23 @@ def test_with_items_is_the_stores_rule() -> None:
 )
 def test_outages_are_told_apart_from_bad_calls(error: Exception, outage: bool) -> None:
     assert is_outage(error) is outage
+
+
+@pytest.mark.parametrize(
+    ("error", "nothing"),
+    [
+        (rx.OutOfMemoryError("command not allowed when used memory > 'maxmemory'."), True),
+        (rx.ReadOnlyError("You can't write against a read only replica."), True),
+        (rx.ConnectionError("Error 111 connecting to 127.0.0.1:1. Connection refused."), True),
+        (rx.ConnectionError("No connection available."), True),
+        (rx.ResponseError("MISCONF Errors writing to the AOF file"), True),
+        (rx.ConnectionError("Connection closed by server."), False),  # maybe mid-reply
+        (TimeoutError(), False),  # the deadline: the call may have run
+        (rx.TimeoutError("Timeout reading from socket"), False),
+    ],
+)
+def test_refusals_that_applied_nothing_are_told_apart(error: Exception, nothing: bool) -> None:
+    assert nothing_applied(error) is nothing
 
 
 def test_a_store_past_its_deadline_is_unavailable(tmp_path: Path) -> None:
@@ -304,3 +326,174 @@ def test_a_store_past_its_deadline_is_unavailable(tmp_path: Path) -> None:
     finally:
         redis.close()
         server.kill()
+
+
+# --------------------------------------------------------------------------- faults in batches
+
+POOL = 4  # pooled connections of the stores below: few, so a leak empties the pool at once
+
+
+def batch_of(n: int, users: int, *, tag: str = "b") -> list[Interaction]:
+    """A batch of ``users`` new users, one event each (with an id)."""
+    return [Interaction(f"{tag}{n}-{u}", 1 + u % 200, None, f"{tag}{n}-{u}") for u in range(users)]
+
+
+async def outcomes(store: RedisProfileStore, batches: Sequence[list[Interaction]]) -> list[str]:
+    """Each batch added concurrently: "ok", or the reason it was refused."""
+
+    async def one(events: list[Interaction]) -> str:
+        try:
+            await store.add(events)
+        except StoreUnavailable as exc:
+            return str(exc)
+        return "ok"
+
+    return list(await asyncio.gather(*(one(b) for b in batches)))
+
+
+@pytest.mark.parametrize("fault", ["pause", "kill"])
+def test_faults_during_multi_user_batches_leave_the_pool_whole(tmp_path: Path, fault: str) -> None:
+    """redis-py's ``Pipeline.execute`` runs SCRIPT EXISTS before its own clean-up: a fault or the
+    deadline there kept the pooled connection for good, until no write could get one."""
+    server = RedisServer(tmp_path)
+    server.start()
+    admin = server.client()
+
+    async def scenario() -> None:
+        store = RedisProfileStore.from_url(
+            server.url, max_connections=POOL, deadline_s=0.1, write_deadline_s=0.1
+        )
+        try:
+            warm = await outcomes(store, [batch_of(n, 20) for n in range(POOL)])
+            assert warm == ["ok"] * POOL  # every pooled connection is open
+            if fault == "pause":
+                admin.execute_command("CLIENT", "PAUSE", 1500, "ALL")  # one 1.5 s hang
+            else:
+                server.kill()
+            # Batches in flight when the fault hits: each has a pooled connection, most are in
+            # SCRIPT EXISTS when the deadline or the broken connection ends them.
+            refused = await outcomes(store, [batch_of(100 + n, 20) for n in range(3 * POOL)])
+            assert "ok" not in refused
+            if fault == "kill":
+                server.start()  # returns once it answers
+            else:
+                admin.ping()  # answered once the pause is over
+            pool = store._client.connection_pool
+            assert len(pool._in_use_connections) == 0  # type: ignore[attr-defined]
+            after = await outcomes(store, [batch_of(200 + n, 20) for n in range(2 * POOL)])
+            assert after == ["ok"] * (2 * POOL)
+        finally:
+            await store.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        admin.close()
+        server.kill()
+
+
+def used_memory(redis: Any) -> int:
+    return int(redis.info("memory")["used_memory"])
+
+
+def test_an_out_of_memory_redis_refuses_whole_batches_and_says_why(tmp_path: Path) -> None:
+    """A script without declared flags was let past maxmemory after its first write command;
+    without a transaction, a batch crossing the limit was applied in part."""
+    server = RedisServer(tmp_path)
+    server.start()
+    admin = server.client()
+    limit = used_memory(admin) + 1_000_000
+    admin.config_set("maxmemory", limit)
+    admin.config_set("maxmemory-policy", "noeviction")
+
+    async def scenario() -> None:
+        store = RedisProfileStore.from_url(server.url, deadline_s=2, write_deadline_s=2)
+        try:
+            assert await store.write_refusal() is None
+            accepted: list[list[Interaction]] = []
+            refused: StoreUnavailable | None = None
+            for n in range(40):
+                batch = batch_of(n, 1000, tag="oom")
+                try:
+                    await store.add(batch)
+                except StoreUnavailable as exc:
+                    refused = exc
+                    break
+                accepted.append(batch)
+            assert refused is not None, "40 batches of 1,000 new users fitted into 1 MB"
+            assert refused.maybe_applied is False
+            assert "out of memory" in refused.reason
+            assert used_memory(admin) < limit + 400_000  # at most the batch that crossed it
+            # Whole batches or nothing: every user of an accepted batch, none of the refused one.
+            found = await store.profiles([e.user_id for b in accepted for e in b])
+            assert all(p.seen for p in found)
+            found = await store.profiles([e.user_id for e in batch])
+            assert not any(p.seen for p in found)
+            # A client's query buffer counts as used memory: the refused batch's own size may
+            # have tipped it. Below the limit for good, one user's write is refused as well.
+            admin.config_set("maxmemory", used_memory(admin) // 2)
+            with pytest.raises(StoreUnavailable, match="out of memory"):
+                await store.add(batch_of(999, 1, tag="one"))  # one user: one script, refused
+            assert "out of memory" in (await store.write_refusal() or "")
+            admin.config_set("maxmemory", 0)
+            assert await store.write_refusal() is None
+            assert await store.add(batch) == len(batch)
+        finally:
+            await store.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        admin.close()
+        server.kill()
+
+
+def test_out_of_memory_is_a_503_saying_nothing_was_applied_and_readyz_says_why(
+    client: TestClient, redis_running: RedisServer
+) -> None:
+    admin = redis_running.client()
+    admin.config_set("maxmemory", used_memory(admin) + 300_000)
+    try:
+        for n in range(40):
+            body = {
+                "events": [
+                    {"user_id": e.user_id, "item_id": e.item_id, "event_id": e.event_id}
+                    for e in batch_of(n, 1000, tag="api-oom")
+                ]
+            }
+            r = client.post("/interactions", json=body)
+            if r.status_code != 200:
+                break
+        assert r.status_code == 503
+        assert r.json()["nothing_applied"] is True
+        assert "out of memory" in r.json()["reason"]
+        assert "Nothing was applied" in r.json()["detail"]
+        # The refused batch's own query buffer may have tipped Redis over: below the limit for
+        # good (data over maxmemory), /readyz says why writes are refused.
+        admin.config_set("maxmemory", used_memory(admin) // 2)
+        ready = client.get("/readyz").json()
+        assert ready["degraded"] is True
+        assert "out of memory" in ready["store"]
+        assert client.get("/recommend/3").json()["degraded"] is False  # reads still work
+    finally:
+        admin.config_set("maxmemory", 0)
+        admin.close()
+    assert client.get("/readyz").json()["store"] == "redis: ok"
+
+
+def test_a_timed_out_write_says_it_may_have_been_applied(
+    client: TestClient, redis_running: RedisServer
+) -> None:
+    admin = redis_running.client()
+    admin.execute_command("CLIENT", "PAUSE", 1000, "ALL")
+    try:
+        events = [{"user_id": f"late-{u}", "item_id": 1, "event_id": f"late-{u}"} for u in range(3)]
+        r = client.post("/interactions", json={"events": events})
+    finally:
+        admin.execute_command("CLIENT", "UNPAUSE")
+        admin.close()
+    assert r.status_code == 503
+    assert r.json()["nothing_applied"] is False
+    assert "same event_ids" in r.json()["detail"]
+    again = client.post("/interactions", json={"events": events}).json()
+    assert again["applied"] in (0, 3)  # whole or nothing, never in part

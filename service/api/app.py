@@ -34,6 +34,7 @@ from service.api.schemas import (
     Ready,
     RecommendResponse,
     ScoredItem,
+    StoreRefused,
 )
 from service.api.security import BodyLimit, Keys, RateLimiter, Role, guard
 from service.api.ui import install_ui
@@ -139,14 +140,26 @@ def create_app(
 
     @app.exception_handler(StoreUnavailable)
     async def store_unavailable(request: Request, exc: StoreUnavailable) -> JSONResponse:
-        detail = (
-            "the profile store is unavailable, nothing was acknowledged; retry later: events "
-            "sent again with the same event_id are applied once"
-        )
         headers = {"Retry-After": str(RETRY_AFTER_S)}
-        return JSONResponse(status_code=503, content={"detail": detail}, headers=headers)
+        body = StoreRefused(
+            detail=f"the profile store is unavailable: {exc.reason}. {_outcome(exc)}",
+            reason=exc.reason,
+            nothing_applied=not exc.maybe_applied,
+        )
+        return JSONResponse(status_code=503, content=body.model_dump(), headers=headers)
 
     return app
+
+
+def _outcome(exc: StoreUnavailable) -> str:
+    """What a client refused with 503 should know about its request (README: "Durability")."""
+    if not exc.maybe_applied:
+        return "Nothing was applied; retry later (with event_ids, a retry is always safe)."
+    return (
+        "The request reached the store but its answer did not come back in time: a batch is "
+        "applied whole or not at all, and which is unknown. Send it again with the same "
+        "event_ids: each event is applied at most once."
+    )
 
 
 async def _state(request: Request) -> State:  # async: no thread-pool hand-off per request
@@ -199,14 +212,16 @@ def _routes(app: FastAPI, metrics: Metrics, guards: Guards) -> None:
         still answered, and the store is shared, so failing every instance's check at once would
         turn a degraded service into none. Writes answer 503 on their own meanwhile."""
         store_ok = await state.store.ping()
+        refusal = await state.store.write_refusal() if store_ok else None
+        health = refusal or ("ok" if store_ok else "unreachable")
         return Ready(
             ready=True,
-            degraded=not store_ok,
+            degraded=not store_ok or refusal is not None,
             durable=await state.store.durable() if store_ok else None,
             model_version=state.engine.version,
             items=len(state.engine.item_ids),
             index=state.engine.index.kind,
-            store=f"{state.store_name}: {'ok' if store_ok else 'unreachable'}",
+            store=f"{state.store_name}: {health}",
         )
 
     @app.get(

@@ -93,11 +93,14 @@ class Ready(BaseModel):
     model_version: str
     items: int
     index: str
-    store: str
+    store: str = Field(
+        description="the store's kind and health: ok, unreachable, or why it refuses writes"
+    )
     degraded: bool = Field(
         False,
-        description="the profile store does not answer: reads are served from cached profiles "
-        "or popular items, writes are refused with 503 until it is back",
+        description="the profile store does not answer (reads are served from cached profiles "
+        "or popular items) or refuses writes (e.g. Redis out of memory); `store` says which. "
+        "Writes are refused with 503 until it is back",
     )
     durable: bool | None = Field(
         None,
@@ -164,13 +167,27 @@ GUARDED = refusals(
     }
 )
 
+
+class StoreRefused(Problem):
+    """The profile store could not take the call now; retry after ``Retry-After`` seconds."""
+
+    reason: str = Field(description="why, e.g. Redis out of memory, unreachable, or too slow")
+    nothing_applied: bool = Field(
+        description="true: certainly nothing was applied. false: the request reached the store "
+        "and its answer was lost or late, so a batch may have been applied (whole, never in "
+        "part); send it again with the same event_ids, each event is applied at most once"
+    )
+
+
 # Routes that need the profile store to answer (reads of /recommend do not: they degrade).
-STORE_NEEDED = refusals(
-    {
-        503: "the profile store is unavailable and nothing was applied: retry after Retry-After "
-        "seconds; events sent again with the same event_id are applied once",
+STORE_NEEDED: Responses = {
+    503: {
+        "model": StoreRefused,
+        "description": "the profile store is unavailable: nothing was applied, or (when "
+        "nothing_applied is false) the whole batch may have been; retry after Retry-After "
+        "seconds with the same event_ids, each event is applied at most once",
     }
-)
+}
 
 
 class ReloadRequest(BaseModel):

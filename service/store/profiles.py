@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import asyncio
 import operator
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -78,7 +79,17 @@ Clock = Callable[[], float]
 
 class StoreUnavailable(Exception):
     """The store cannot answer now (see the module docstring): reads may fall back to what the
-    caller has, writes should be refused (their effect is unknown) and retried later."""
+    caller has, writes should be refused and retried later.
+
+    ``maybe_applied``: whether a refused write may have been applied all the same (the call
+    reached the store and its reply was lost or late). False when the store certainly applied
+    nothing: it refused the call (out of memory, read-only, loading, ...) or was never reached.
+    """
+
+    def __init__(self, reason: str, *, maybe_applied: bool = True) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.maybe_applied = maybe_applied
 
 
 @dataclass(frozen=True)
@@ -126,6 +137,11 @@ class ProfileStore(Protocol):
     async def durable(self) -> bool | None:
         """Whether an acknowledged write survives a crash of the store's process or machine
         (None: unknown); never raises."""
+        ...
+
+    async def write_refusal(self) -> str | None:
+        """Why the store would refuse a write now (out of memory, read-only), or None when it
+        would take one or cannot tell; never raises."""
         ...
 
     async def close(self) -> None: ...
@@ -296,6 +312,9 @@ class MemoryProfileStore(ProfileReads):
     async def durable(self) -> bool | None:
         return False  # lost with the process
 
+    async def write_refusal(self) -> str | None:
+        return None
+
     async def close(self) -> None:
         return None
 
@@ -329,6 +348,13 @@ class MemoryProfileStore(ProfileReads):
 
 # --------------------------------------------------------------------------- Redis store
 
+# Redis 7 script flags. A script with a shebang and without ``no-writes`` is known to write
+# before it runs: Redis refuses it whole (OOM) when used memory is over maxmemory. Without one,
+# Redis checks only the first write command, and after it lets every later write of the script
+# through: the add script's first command, ZREMRANGEBYSCORE, made every script run past
+# maxmemory (40 batches of 1,000 new users acknowledged and 10 MB over a 1 MB limit).
+_SHEBANG = "#!lua\n"
+
 # Varints in Lua: numbers are doubles, exact for the ids allowed (< 2^53).
 _VARINT_LUA = """
 local function varint(x)
@@ -359,7 +385,8 @@ end
 # KEYS: profile, events. ARGV: max_recent, event_ttl_s, now, then (item, event_id) pairs,
 # event_id "" meaning none.
 _ADD_LUA = (
-    _VARINT_LUA
+    _SHEBANG
+    + _VARINT_LUA
     + """
 local key, events = KEYS[1], KEYS[2]
 local max_recent, ttl, now = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -436,11 +463,14 @@ return applied
 )
 
 # Replace one user's profile atomically. KEYS: profile, events. ARGV: the encoded profile.
-_LOAD_LUA = """
+_LOAD_LUA = (
+    _SHEBANG
+    + """
 redis.call('DEL', KEYS[1], KEYS[2])
 if ARGV[1] ~= '' then redis.call('SET', KEYS[1], ARGV[1]) end
 return 0
 """
+)
 
 
 @dataclass(frozen=True)
@@ -466,8 +496,9 @@ def _event_args(events: Iterable[Interaction]) -> list[str | int]:
 
 
 # Replies that mean "not now" rather than "wrong call": a failed disk write (MISCONF), a script
-# running too long (BUSY), too few replicas acknowledging (NOREPLICAS).
-_NOT_NOW_REPLIES = ("MISCONF", "BUSY", "NOREPLICAS")
+# running too long (BUSY), too few replicas acknowledging (NOREPLICAS). A pipeline's error text is
+# "Command # n (...) of pipeline caused error: ('MISCONF ...',)": the code is looked for after it.
+_NOT_NOW_REPLY = re.compile(r"(?:^|caused error: \(['\"])(MISCONF|BUSY|NOREPLICAS)\b")
 _NOT_NOW = (
     OSError,  # refused or reset connections, and the deadline (TimeoutError is an OSError)
     rx.ConnectionError,  # also a pool without a free connection, and LOADING after a restart
@@ -484,7 +515,60 @@ def is_outage(exc: BaseException) -> bool:
     a wrong argument), which should stay an error."""
     if isinstance(exc, _NOT_NOW):
         return True
-    return isinstance(exc, rx.ResponseError) and str(exc).startswith(_NOT_NOW_REPLIES)
+    return isinstance(exc, rx.ResponseError) and _NOT_NOW_REPLY.search(str(exc)) is not None
+
+
+# Refusals after which the store certainly applied nothing: it said no before running anything
+# (a script declared as writing is refused whole when Redis is out of memory, read-only or
+# loading; a transaction refused at EXEC runs none of its commands), or it was never reached.
+_REFUSED = (
+    rx.OutOfMemoryError,
+    rx.ReadOnlyError,
+    rx.BusyLoadingError,
+    rx.TryAgainError,
+    ConnectionRefusedError,
+)
+
+
+def nothing_applied(exc: BaseException) -> bool:
+    """Whether a write that failed with ``exc`` (an outage) certainly changed nothing."""
+    if isinstance(exc, (*_REFUSED, rx.ResponseError)):
+        return True  # a ResponseError here is MISCONF, BUSY or NOREPLICAS: refused up front
+    text = str(exc)
+    return isinstance(exc, rx.ConnectionError) and (
+        (text.startswith("Error ") and " connecting to " in text)  # never connected
+        or text == "No connection available."  # waited for the pool, sent nothing
+    )
+
+
+def why_refused(exc: BaseException) -> str:
+    """A short reason for an outage, in words an operator can act on."""
+    if isinstance(exc, rx.OutOfMemoryError):
+        return "Redis is out of memory (used_memory over maxmemory, noeviction): writes refused"
+    if isinstance(exc, rx.ReadOnlyError):
+        return "Redis is a read-only replica: writes refused"
+    if isinstance(exc, rx.BusyLoadingError):
+        return "Redis is loading its data after a restart"
+    if isinstance(exc, TimeoutError | rx.TimeoutError):
+        return "Redis did not answer within the deadline"
+    return "Redis did not answer"
+
+
+def write_refusal(info: Mapping[str, object]) -> str | None:
+    """Why a Redis whose ``INFO`` reads ``info`` refuses writes, or None."""
+    used, limit = _int(info.get("used_memory")), _int(info.get("maxmemory"))
+    if limit and used >= limit and info.get("maxmemory_policy") == "noeviction":
+        return (
+            f"Redis is out of memory ({used:,} bytes used of maxmemory {limit:,}, noeviction): "
+            "writes are refused until memory is freed or maxmemory raised"
+        )
+    if info.get("role") == "slave" and _int(info.get("slave_read_only")):
+        return "Redis is a read-only replica: writes are refused"
+    return None
+
+
+def _int(value: object) -> int:
+    return int(value) if isinstance(value, int | str) and str(value).isdigit() else 0
 
 
 def redis_client(url: str, *, timeout_s: float = 2.0, max_connections: int = 50) -> aioredis.Redis:
@@ -573,8 +657,8 @@ class RedisProfileStore(ProfileReads):
                 yield
         except Exception as exc:
             if is_outage(exc):
-                why = f"{type(exc).__name__}: {exc}"
-                raise StoreUnavailable(f"Redis did not answer: {why}") from exc
+                cause = f"{why_refused(exc)} ({type(exc).__name__}: {exc})"
+                raise StoreUnavailable(cause, maybe_applied=not nothing_applied(exc)) from exc
             raise
 
     async def profiles(self, user_ids: Sequence[str]) -> list[Profile]:
@@ -582,10 +666,10 @@ class RedisProfileStore(ProfileReads):
         blobs: list[bytes | None] = []
         async with self._reaching(self.deadline_s):
             for batch in _batches(user_ids, BATCH_USERS):
-                pipe = self._client.pipeline(transaction=False)
-                for user in batch:
-                    pipe.get(self.keys(user).profile)
-                blobs.extend(await pipe.execute())
+                async with self._client.pipeline(transaction=False) as pipe:
+                    for user in batch:
+                        pipe.get(self.keys(user).profile)
+                    blobs.extend(await pipe.execute())
         return [decode_profile(blob) for blob in blobs]
 
     async def add(self, events: Sequence[Interaction]) -> int:
@@ -604,24 +688,26 @@ class RedisProfileStore(ProfileReads):
             # script costs a second one (SCRIPT EXISTS) before it runs.
             keys, args = calls[0]
             return int(await self._add_script(keys=keys, args=args))
-        applied = 0
-        for batch in _batches(calls, BATCH_USERS):
-            pipe = self._client.pipeline(transaction=False)
-            for keys, args in batch:
+        # Several users: one MULTI/EXEC, so the batch is applied whole or not at all (Redis runs
+        # a transaction without interleaving, refuses it whole when out of memory, and an EXEC
+        # that never arrived runs nothing). ``async with`` returns the connection to the pool
+        # whatever happens: ``execute`` runs SCRIPT EXISTS before its own clean-up, so a fault
+        # or the deadline there used to keep the connection out of the pool for good.
+        async with self._client.pipeline(transaction=True) as pipe:
+            for keys, args in calls:
                 await self._add_script(keys=keys, args=args, client=pipe)
-            applied += sum(int(n) for n in await pipe.execute())
-        return applied
+            return sum(int(n) for n in await pipe.execute())
 
     async def load(self, histories: Mapping[str, Sequence[int]]) -> None:
         _check_histories(histories)  # all of them first: a bad id must not leave half a load
         async with self._reaching(None):
             for batch in _batches(histories.items(), BATCH_USERS):
-                pipe = self._client.pipeline(transaction=False)
-                for user, history in batch:
-                    items = [int(i) for i in history]
-                    blob = encode_profile(recent_of(items, self.max_recent), items)
-                    await self._load_script(keys=self.keys(user).all, args=[blob], client=pipe)
-                await pipe.execute()
+                async with self._client.pipeline(transaction=False) as pipe:
+                    for user, history in batch:
+                        items = [int(i) for i in history]
+                        blob = encode_profile(recent_of(items, self.max_recent), items)
+                        await self._load_script(keys=self.keys(user).all, args=[blob], client=pipe)
+                    await pipe.execute()
 
     async def ping(self) -> bool:
         try:
@@ -642,6 +728,16 @@ class RedisProfileStore(ProfileReads):
             return None
         return config.get("appendonly") == "yes" and config.get("appendfsync") == "always"
 
+    async def write_refusal(self) -> str | None:
+        """From ``INFO memory replication``: out of memory under ``noeviction``, or a read-only
+        replica. None when Redis does not answer (``ping`` says that) or hides INFO."""
+        try:
+            async with self._reaching(self.deadline_s):
+                info = await self._client.execute_command("INFO", "memory", "replication")
+        except (StoreUnavailable, rx.ResponseError):
+            return None
+        return write_refusal(info)
+
     async def close(self) -> None:
         await self._client.aclose()
 
@@ -650,9 +746,9 @@ class RedisProfileStore(ProfileReads):
         included when it exists; a user without keys counts 0)."""
         if not sample:
             raise ValueError("memory_per_user needs at least one user id")
-        pipe = self._client.pipeline(transaction=False)
-        for user in sample:
-            for key in self.keys(user).all:
-                pipe.memory_usage(key, samples=0)
-        sizes = await pipe.execute()
+        async with self._client.pipeline(transaction=False) as pipe:
+            for user in sample:
+                for key in self.keys(user).all:
+                    pipe.memory_usage(key, samples=0)
+            sizes = await pipe.execute()
         return sum(int(size or 0) for size in sizes) / len(sample)

@@ -136,6 +136,9 @@ class ResilientStore(ProfileReads):
     async def durable(self) -> bool | None:
         return await self.store.durable()
 
+    async def write_refusal(self) -> str | None:
+        return await self.store.write_refusal()
+
     async def close(self) -> None:
         await self.store.close()
 
@@ -154,5 +157,5 @@ class ResilientStore(ProfileReads):
             if reachable:
                 log.warning("the profile store answers again")
             else:
-                log.warning("the profile store is unreachable: %s", why or "ping failed")
+                log.warning("the profile store is unavailable: %s", why or "ping failed")
         self._reachable = reachable
