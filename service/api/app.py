@@ -99,6 +99,7 @@ def create_app(
             inner: ProfileStore = RedisProfileStore.from_url(
                 settings.redis_url,
                 prefix=settings.redis_prefix,
+                max_connections=settings.redis_max_connections,
                 deadline_s=settings.redis_timeout_ms / 1000,
                 write_deadline_s=settings.redis_write_timeout_ms / 1000,
             )

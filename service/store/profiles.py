@@ -42,8 +42,8 @@ of pooled connections, loading, refusing writes), a call raises :class:`StoreUna
 are. ``RedisProfileStore`` bounds ``profiles``, ``ping`` and ``durable`` by one deadline
 (``deadline_s``) and ``add`` by another (``write_deadline_s``), each covering the wait for a
 pooled connection, connecting and the reply, so a slow Redis costs a caller at most that long.
-The deadlines run on the event loop, so a loop busy with other requests eats into them: a write,
-whose refusal costs the client a retry, may be given longer than a read, whose fallback is cheap.
+Only the time the event loop was free to read Redis's reply counts (``service.store.deadline``):
+a loop busy with other requests does not turn a healthy Redis's prompt reply into a timeout.
 
 A write that timed out may still have been applied. Sent again with the same event ids, each
 event is applied once. Events without ids are applied again, which leaves the same profile only
@@ -66,6 +66,8 @@ from urllib.parse import quote
 
 import redis.asyncio as aioredis
 from redis import exceptions as rx
+
+from service.store.deadline import LoopLag, deadline
 
 MAX_RECENT = 9
 EVENT_TTL_S = 7 * 24 * 3600
@@ -571,7 +573,7 @@ def _int(value: object) -> int:
     return int(value) if isinstance(value, int | str) and str(value).isdigit() else 0
 
 
-def redis_client(url: str, *, timeout_s: float = 2.0, max_connections: int = 50) -> aioredis.Redis:
+def redis_client(url: str, *, timeout_s: float = 2.0, max_connections: int = 200) -> aioredis.Redis:
     """A client whose pool makes callers wait (up to ``timeout_s``) for a free connection: the
     default pool raises "Too many connections" once a burst of requests exceeds its size."""
     pool = aioredis.BlockingConnectionPool.from_url(
@@ -616,6 +618,7 @@ class RedisProfileStore(ProfileReads):
         self._clock = clock
         self.deadline_s = deadline_s
         self.write_deadline_s = deadline_s if write_deadline_s is None else write_deadline_s
+        self._lag = LoopLag()  # the deadlines count Redis's time, not a busy loop's
         self._add_script = client.register_script(_ADD_LUA)
         self._load_script = client.register_script(_LOAD_LUA)
 
@@ -628,7 +631,7 @@ class RedisProfileStore(ProfileReads):
         max_recent: int = MAX_RECENT,
         event_ttl_s: int = EVENT_TTL_S,
         timeout_s: float = 2.0,
-        max_connections: int = 50,
+        max_connections: int = 200,
         deadline_s: float | None = None,
         write_deadline_s: float | None = None,
     ) -> RedisProfileStore:
@@ -653,7 +656,7 @@ class RedisProfileStore(ProfileReads):
         A call cut off by the deadline leaves no half-read reply behind: redis-py closes a
         connection interrupted mid-command instead of returning it to the pool."""
         try:
-            async with asyncio.timeout(deadline_s):
+            async with deadline(deadline_s, self._lag):
                 yield
         except Exception as exc:
             if is_outage(exc):
@@ -739,6 +742,7 @@ class RedisProfileStore(ProfileReads):
         return write_refusal(info)
 
     async def close(self) -> None:
+        await self._lag.stop()
         await self._client.aclose()
 
     async def memory_per_user(self, sample: Sequence[str]) -> float:
