@@ -219,3 +219,65 @@ def test_metrics_label_refused_requests_with_their_status(client: TestClient) ->
         r'status="422"\} [1-9]',
         text,
     )
+
+
+@pytest.mark.parametrize(
+    ("url", "body", "field"),
+    [
+        ("/recommend", b'{"history": [NaN]}', "history"),
+        ("/recommend", b'{"history": [Infinity]}', "history"),
+        ("/recommend", b'{"history": [1e400]}', "history"),
+        ("/recommend", b'{"history": [1], "k": NaN}', "k"),
+        ("/recommend", b'{"history": [1], "offset": -Infinity}', "offset"),
+        ("/interactions", b'{"events": [{"user_id": "u", "item_id": 1e400}]}', "item_id"),
+        ("/interactions", b'{"events": [{"user_id": "u", "item_id": NaN}]}', "item_id"),
+        ("/interactions", b'{"events": [{"user_id": "\\ud800", "item_id": 1}]}', "user_id"),
+        (
+            "/interactions",
+            b'{"events": [{"user_id": "u", "item_id": 1, "event_id": "e\\udfff"}]}',
+            "event_id",
+        ),
+        ("/explain", b'{"history": [1], "item_id": Infinity}', "item_id"),
+    ],
+)
+def test_non_finite_numbers_and_lone_surrogates_are_a_422_naming_the_field(
+    client: TestClient, url: str, body: bytes, field: str
+) -> None:
+    """The default 422 handler echoed the input, which JSON cannot carry: a 500 instead."""
+    r = client.post(url, content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert any(field in e["loc"] for e in r.json()["detail"]), r.json()
+
+
+def test_user_ids_are_the_ones_get_can_reach(client: TestClient) -> None:
+    slash = {"events": [{"user_id": "team/alice", "item_id": 3}]}
+    r = client.post("/interactions", json=slash)
+    assert r.status_code == 422
+    assert r.json()["detail"][0]["loc"][-1] == "user_id"
+    control = {"events": [{"user_id": "a\nb", "item_id": 3}]}
+    assert client.post("/interactions", json=control).status_code == 422
+    # dataset user ids are integers: 987654 is the user "987654"
+    number = {"events": [{"user_id": 987654, "item_id": 3, "event_id": "int-1"}]}
+    assert client.post("/interactions", json=number).json()["applied"] == 1
+    body = client.get("/recommend/987654").json()
+    assert body["fallback"] is False
+    assert 3 not in [x["item_id"] for x in body["items"]]
+    again = {"events": [{"user_id": "987654", "item_id": 3, "event_id": "int-1"}]}
+    assert client.post("/interactions", json=again).json()["applied"] == 0  # the same user
+    for bad in (True, -1, 2**64, 1.5):
+        r = client.post("/interactions", json={"events": [{"user_id": bad, "item_id": 3}]})
+        assert r.status_code == 422, bad
+
+
+def test_a_body_that_is_not_json_by_its_content_type_is_told_so(client: TestClient) -> None:
+    """``curl -d`` sends a form: FastAPI answered "Input should be a valid dictionary"."""
+    r = client.post(
+        "/interactions",
+        content=b'{"events": [{"user_id": "u", "item_id": 1}]}',
+        headers={"content-type": "application/x-www-form-urlencoded"},
+    )
+    assert r.status_code == 415
+    assert "application/json" in r.json()["detail"]
+    untyped = client.post("/recommend", content=b'{"history": [1]}')
+    assert untyped.status_code == 415
+    assert "without a Content-Type" in untyped.json()["detail"]

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 
 import torch
 from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -139,6 +140,10 @@ def create_app(
             status_code=422, content={"detail": str(exc), "unknown_item_ids": exc.items}
         )
 
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _invalid_request(request, exc)
+
     @app.exception_handler(StoreUnavailable)
     async def store_unavailable(request: Request, exc: StoreUnavailable) -> JSONResponse:
         headers = {"Retry-After": str(RETRY_AFTER_S)}
@@ -150,6 +155,41 @@ def create_app(
         return JSONResponse(status_code=503, content=body.model_dump(), headers=headers)
 
     return app
+
+
+def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's 422, without echoing the input: a NaN, an infinity or a lone surrogate in it
+    cannot be written as JSON, and the default handler answered 500 instead. A body that is not
+    JSON by its Content-Type (``curl -d`` sends a form) is told so, with 415."""
+    errors = exc.errors()
+    content_type = request.headers.get("content-type", "")
+    if not _is_json(content_type) and any(e["loc"] == ("body",) for e in errors):
+        detail = (
+            "the body must be JSON sent with Content-Type: application/json, not "
+            f"{content_type or 'without a Content-Type'}"
+        )
+        return JSONResponse(status_code=415, content={"detail": _printable(detail)})
+    fields = [
+        {
+            "loc": [_printable(x) if isinstance(x, str) else x for x in e["loc"]],
+            "msg": _printable(e["msg"]),
+            "type": e["type"],
+        }
+        for e in errors
+    ]
+    return JSONResponse(status_code=422, content={"detail": fields})
+
+
+def _is_json(content_type: str) -> bool:
+    kind = content_type.split(";", 1)[0].strip().lower()
+    return kind == "application/json" or (
+        kind.startswith("application/") and kind.endswith("+json")
+    )
+
+
+def _printable(text: str) -> str:
+    """``text`` with lone surrogates escaped, so it can be encoded as UTF-8."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _outcome(exc: StoreUnavailable) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 
 MAX_K = 1000
 MAX_BATCH = 1000
@@ -53,8 +53,36 @@ class HistoryRequest(Body):
     exclude_seen: bool = True
 
 
+MAX_USER_ID = 2**63 - 1
+
+
+def _decimal_user_id(value: object) -> object:
+    """Dataset user ids are integers: ``7`` is taken as ``"7"`` (other types stay refused)."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_USER_ID:
+        return str(value)
+    return value
+
+
+# A user id must be usable in the URL path of GET /recommend/{user_id}: no "/" (a path
+# separator, even percent-encoded once decoded) and no control characters.
+UserIdText = Annotated[
+    str, StringConstraints(min_length=1, max_length=128, pattern=r"^[^/\x00-\x1f\x7f]+$")
+]
+UserId = Annotated[
+    UserIdText,
+    BeforeValidator(
+        _decimal_user_id,
+        json_schema_input_type=UserIdText | Annotated[int, Field(ge=0, le=MAX_USER_ID)],
+    ),
+    Field(
+        description="1-128 characters without '/' or control characters, or a non-negative "
+        'integer (taken as its decimal string: 7 and "7" are the same user)'
+    ),
+]
+
+
 class InteractionIn(Body):
-    user_id: str = Field(min_length=1, max_length=128)
+    user_id: UserId
     item_id: Integer
     timestamp: float | None = None
     event_id: str | None = Field(None, min_length=1, max_length=128)
@@ -156,6 +184,7 @@ JSON_BODY = refusals(
     {
         400: "the body could not be read as JSON text (it is not UTF-8)",
         413: "the body is over the size limit",
+        415: "the body was sent with a Content-Type other than application/json",
     }
 )
 
