@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -281,3 +282,50 @@ def test_a_body_that_is_not_json_by_its_content_type_is_told_so(client: TestClie
     untyped = client.post("/recommend", content=b'{"history": [1]}')
     assert untyped.status_code == 415
     assert "without a Content-Type" in untyped.json()["detail"]
+
+
+def test_an_event_id_reused_for_another_event_is_a_409_naming_it(client: TestClient) -> None:
+    first = {"events": [{"user_id": "u-409", "item_id": 3, "event_id": "same"}]}
+    assert client.post("/interactions", json=first).json()["applied"] == 1
+    other = {
+        "events": [
+            {"user_id": "u-409b", "item_id": 4, "event_id": "fresh"},
+            {"user_id": "u-409", "item_id": 5, "event_id": "same"},
+        ]
+    }
+    r = client.post("/interactions", json=other)
+    assert r.status_code == 409
+    assert r.json()["event_ids"] == ["same"] and "same" in r.json()["detail"]
+    assert client.get("/recommend/u-409b").json()["fallback"] is True  # nothing applied
+    assert client.post("/interactions", json=first).json()["applied"] == 0  # a true retry
+
+
+@pytest.mark.parametrize(
+    "timestamp",
+    [b"NaN", b"Infinity", b"-Infinity", b"1e300", b"-1e300", b"-1", b"1e400", b'"soon"'],
+)
+def test_absurd_timestamps_are_a_422(client: TestClient, timestamp: bytes) -> None:
+    body = b'{"events": [{"user_id": "u-ts", "item_id": 3, "timestamp": %s}]}' % timestamp
+    r = client.post("/interactions", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"][0]["loc"][-1] == "timestamp"
+
+
+def test_a_timestamp_from_the_future_is_a_422(client: TestClient) -> None:
+    ahead = time.time() + 3 * 24 * 3600
+    event = {"user_id": "u-future", "item_id": 3, "timestamp": ahead}
+    r = client.post("/interactions", json={"events": [event]})
+    assert r.status_code == 422
+    assert r.json()["timestamps"] == [ahead]
+    assert client.get("/recommend/u-future").json()["fallback"] is True
+
+
+def test_a_late_event_takes_its_place_in_time(client: TestClient) -> None:
+    now = time.time()
+    events = [{"user_id": "u-late", "item_id": i, "timestamp": now - 100 + i} for i in range(1, 10)]
+    client.post("/interactions", json={"events": events})
+    late = {"user_id": "u-late", "item_id": 20, "timestamp": now - 1000}  # sent last, oldest
+    client.post("/interactions", json={"events": [late]})
+    item = client.get("/recommend/u-late", params={"k": 1}).json()["items"][0]["item_id"]
+    why = client.get("/explain/u-late", params={"item_id": item}).json()
+    assert [p["item_id"] for p in why["profile"]] == list(range(1, 10))

@@ -36,7 +36,7 @@ from service.store.profiles import (
     nothing_applied,
     user_keys,
 )
-from service.store.resilient import ProfileCache, ResilientStore, with_items
+from service.store.resilient import ProfileCache, ResilientStore, with_events
 
 TIMEOUT_MS = 100  # the service default is 50; more room here on a busy test machine
 # What a request may take while Redis hangs: the timeout plus the app's own work, with room
@@ -226,12 +226,12 @@ def test_cached_profiles_follow_writes_exactly_as_the_store_does() -> None:
         for step in range(300):
             if rng.random() < 0.3:
                 await store.read([rng.choice(users)])  # caches it
-            batch = [
-                Interaction(
-                    rng.choice(users), rng.randrange(12), None, rng.choice(["", f"e{step}", "dup"])
-                )
-                for _ in range(rng.randint(1, 4))
-            ]
+            batch = []
+            for _ in range(rng.randint(1, 4)):
+                item = rng.randrange(12)
+                when = rng.choice([None, float(rng.randrange(100))])  # late and untimed events
+                event_id = rng.choice(["", f"e{step}-{item}-{when}", f"dup-{item}-{when}"])
+                batch.append(Interaction(rng.choice(users), item, when, event_id))
             await store.add(batch)
             truth = await inner.profiles(users)
             for user, profile in zip(users, truth, strict=True):
@@ -256,11 +256,12 @@ def test_the_cache_keeps_the_most_recent_users_only() -> None:
         ProfileCache(-1)
 
 
-def test_with_items_is_the_stores_rule() -> None:
-    profile = Profile([1, 2, 3], frozenset({1, 2, 3, 9}))
-    assert with_items(profile, [2, 5], max_recent=3) == Profile(
-        [3, 2, 5], frozenset({1, 2, 3, 5, 9})
-    )
+def test_with_events_is_the_stores_rule() -> None:
+    profile = Profile([1, 2, 3], frozenset({1, 2, 3, 9}), (10_000, 20_000, 30_000))
+    new = [Interaction("u", 2, None), Interaction("u", 5, 25.0), Interaction("u", 7, 1.0)]
+    after = with_events(profile, new, max_recent=3, now=40.0)
+    assert after == Profile([5, 3, 2], frozenset({1, 2, 3, 5, 7, 9}))  # 7 came too late
+    assert after.times == (25_000, 30_000, 40_000)
 
 
 @pytest.mark.parametrize(

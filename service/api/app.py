@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -21,13 +22,17 @@ from service.api.batcher import MicroBatcher
 from service.api.metrics import Metrics
 from service.api.reload import ModelSlot, Source, load_engine, reload_on_hangup
 from service.api.schemas import (
+    EVENTS_REFUSED,
     GUARDED,
     JSON_BODY,
+    MAX_CLOCK_SKEW_S,
     MAX_K,
     STORE_NEEDED,
     UNKNOWN_ITEMS,
+    ConflictingEvents,
     ExplainRequest,
     ExplainResponse,
+    FutureEvents,
     HistoryRequest,
     InteractionsRequest,
     InteractionsResponse,
@@ -51,6 +56,7 @@ from service.recommender import (
 )
 from service.runtime import pick_device
 from service.store.profiles import (
+    EventConflict,
     Interaction,
     MemoryProfileStore,
     ProfileStore,
@@ -140,6 +146,16 @@ def create_app(
             status_code=422, content={"detail": str(exc), "unknown_item_ids": exc.items}
         )
 
+    @app.exception_handler(EventConflict)
+    async def event_conflict(request: Request, exc: EventConflict) -> JSONResponse:
+        body = ConflictingEvents(detail=str(exc), event_ids=exc.event_ids)
+        return JSONResponse(status_code=409, content=body.model_dump())
+
+    @app.exception_handler(FutureTimestamps)
+    async def future_timestamps(request: Request, exc: FutureTimestamps) -> JSONResponse:
+        body = FutureEvents(detail=str(exc), timestamps=exc.timestamps)
+        return JSONResponse(status_code=422, content=body.model_dump())
+
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         return _invalid_request(request, exc)
@@ -155,6 +171,23 @@ def create_app(
         return JSONResponse(status_code=503, content=body.model_dump(), headers=headers)
 
     return app
+
+
+class FutureTimestamps(ValueError):
+    def __init__(self, timestamps: list[float]) -> None:
+        super().__init__(
+            f"event timestamp(s) more than {MAX_CLOCK_SKEW_S // 3600} h ahead of the server's "
+            f"clock: {', '.join(map(str, timestamps))}; nothing was applied"
+        )
+        self.timestamps = timestamps
+
+
+def _require_present(body: InteractionsRequest) -> None:
+    """Refuse events from the future: one would stay a user's newest item for good."""
+    latest = time.time() + MAX_CLOCK_SKEW_S
+    ahead = [e.timestamp for e in body.events if e.timestamp is not None and e.timestamp > latest]
+    if ahead:
+        raise FutureTimestamps(ahead)
 
 
 def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -302,10 +335,11 @@ def _routes(app: FastAPI, metrics: Metrics, guards: Guards) -> None:
         "/interactions",
         response_model=InteractionsResponse,
         dependencies=guards.write,
-        responses=GUARDED | JSON_BODY | UNKNOWN_ITEMS | STORE_NEEDED,
+        responses=GUARDED | JSON_BODY | EVENTS_REFUSED | STORE_NEEDED,
     )
     async def interactions(body: InteractionsRequest, state: StateDep) -> InteractionsResponse:
         state.engine.require_known([e.item_id for e in body.events])  # else none is applied
+        _require_present(body)
         events = [Interaction(e.user_id, e.item_id, e.timestamp, e.event_id) for e in body.events]
         applied = await state.store.add(events)
         return InteractionsResponse(received=len(events), applied=applied)

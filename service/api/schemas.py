@@ -7,7 +7,10 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 
+from service.store.profiles import MAX_TIMESTAMP_S
+
 MAX_K = 1000
+MAX_CLOCK_SKEW_S = 24 * 3600  # how far ahead of the server's clock an event's time may be
 MAX_BATCH = 1000
 MAX_HISTORY = 1000
 
@@ -53,13 +56,14 @@ class HistoryRequest(Body):
     exclude_seen: bool = True
 
 
-MAX_USER_ID = 2**63 - 1
+MAX_USER_ID = 2**53 - 1  # exact in a double, as JSON tools read numbers
 
 
 def _decimal_user_id(value: object) -> object:
     """Dataset user ids are integers: ``7`` is taken as ``"7"`` (other types stay refused)."""
-    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_USER_ID:
-        return str(value)
+    number = _whole_number(value)  # 7.0 is the integer 7, as JSON Schema reads it
+    if isinstance(number, int) and not isinstance(number, bool) and 0 <= number <= MAX_USER_ID:
+        return str(number)
     return value
 
 
@@ -84,7 +88,15 @@ UserId = Annotated[
 class InteractionIn(Body):
     user_id: UserId
     item_id: Integer
-    timestamp: float | None = None
+    timestamp: float | None = Field(
+        None,
+        ge=0,
+        le=MAX_TIMESTAMP_S,
+        allow_inf_nan=False,
+        description="when it happened, seconds since the epoch (default: when received); at "
+        f"most {MAX_CLOCK_SKEW_S // 3600} h ahead of the server's clock. A user's last items "
+        "are the latest by this time, ties in the order received",
+    )
     event_id: str | None = Field(None, min_length=1, max_length=128)
 
 
@@ -160,6 +172,19 @@ class InvalidFields(BaseModel):
     detail: list[FieldError]
 
 
+class ConflictingEvents(Problem):
+    """Event ids already applied with another item or timestamp (or repeated so within the
+    request); nothing of the request was applied."""
+
+    event_ids: list[str]
+
+
+class FutureEvents(Problem):
+    """Event timestamps too far ahead of the server's clock; nothing was applied."""
+
+    timestamps: list[float]
+
+
 class UnknownItems(Problem):
     """A well-formed request that names items the model does not know; none of it is applied."""
 
@@ -171,6 +196,19 @@ UNKNOWN_ITEMS: Responses = {
         "model": InvalidFields | UnknownItems,
         "description": "invalid fields, or item ids the model does not know",
     }
+}
+
+# POST /interactions: what UNKNOWN_ITEMS says, and event times and ids it refuses.
+EVENTS_REFUSED: Responses = {
+    422: {
+        "model": InvalidFields | UnknownItems | FutureEvents,
+        "description": "invalid fields, item ids the model does not know, or timestamps more "
+        "than a day ahead of the server's clock; nothing was applied",
+    },
+    409: {
+        "model": ConflictingEvents,
+        "description": "event ids already used for another item or timestamp; nothing was applied",
+    },
 }
 
 
