@@ -11,6 +11,16 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 # Keys that appear in examples and templates; a real deployment never uses them.
 PLACEHOLDER_KEYS = frozenset({"changeme", "change-me", "secret", "password", "placeholder", "dev"})
 MIN_KEY_LENGTH = 16
+MIN_KEY_DISTINCT = 10  # a 16-character key of one repeated character is no secret
+
+
+def weak_key(key: str) -> bool:
+    """A placeholder, or too short or too repetitive to be a random secret."""
+    return (
+        key.lower() in PLACEHOLDER_KEYS
+        or len(key) < MIN_KEY_LENGTH
+        or len(set(key)) < MIN_KEY_DISTINCT
+    )
 
 
 def key_list(text: str) -> tuple[str, ...]:
@@ -28,10 +38,20 @@ class Settings(BaseSettings):
     auth_reads: bool = False  # whether reads (/recommend, /explain, the page) need a key too
     rate_limit_per_s: Annotated[float, Field(ge=0)] = 1000.0  # per key or client; 0 = off
     rate_burst: Annotated[int, Field(ge=1)] = 2000
+    # Failed authentications per client address: a token bucket of its own; when it is empty
+    # the address gets 429 without its key being checked. 0 = off.
+    auth_failures_per_s: Annotated[float, Field(ge=0)] = 1.0
+    auth_failure_burst: Annotated[int, Field(ge=1)] = 20
+    # Proxies (IPs or CIDR networks, comma-separated) whose X-Forwarded-For names the client;
+    # from any other peer the header is ignored. Empty: the peer is the client.
+    trusted_proxies: str = ""
     max_body_bytes: Annotated[int, Field(ge=1024)] = 1_048_576
 
     checkpoint: Path
     features: Path
+    # Folders (comma-separated) that POST /admin/reload may load files from, besides the
+    # serving checkpoint's and feature folder's own parent folders.
+    model_dirs: str = ""
     redis_url: str | None = None  # None: an in-process profile store
     redis_prefix: str = "visrec"
     device: str = "auto"
@@ -69,11 +89,17 @@ class Settings(BaseSettings):
                 "refusing to start in production without API keys: set VISREC_API_KEYS (and "
                 "VISREC_ADMIN_KEYS), or VISREC_ENVIRONMENT=development for a local run"
             )
-        weak = [k for k in writers if k.lower() in PLACEHOLDER_KEYS or len(k) < MIN_KEY_LENGTH]
+        weak = [k for k in writers if weak_key(k)]
         if weak:
             raise ValueError(
-                f"refusing to start in production with {len(weak)} placeholder or short API "
-                f"key(s) (fewer than {MIN_KEY_LENGTH} characters); use random keys, e.g. "
+                f"refusing to start in production with {len(weak)} placeholder, short or "
+                f"repetitive API key(s) (a key needs at least {MIN_KEY_LENGTH} characters, "
+                f"{MIN_KEY_DISTINCT} of them distinct); use random keys, e.g. "
                 "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
             )
         return self
+
+    def reload_roots(self) -> tuple[Path, ...]:
+        """The folders POST /admin/reload may read from."""
+        extra = tuple(Path(d) for d in key_list(self.model_dirs))
+        return (self.checkpoint.parent, self.features.parent, *extra)

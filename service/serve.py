@@ -96,7 +96,14 @@ def main() -> None:
     # The in-process store starts from the dataset's histories; a Redis store keeps its own.
     load = args.load_profiles or not settings.redis_url
     profiles = histories(dataset) if load else None
-    uvicorn.run(create_app(settings, profiles=profiles), host=args.host, port=args.port)
+    # X-Forwarded-For is the app's business (VISREC_TRUSTED_PROXIES): uvicorn's own handling
+    # believes it from any local peer.
+    uvicorn.run(
+        create_app(settings, profiles=profiles),
+        host=args.host,
+        port=args.port,
+        proxy_headers=False,
+    )
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ from service.api.schemas import (
     ScoredItem,
     StoreRefused,
 )
-from service.api.security import BodyLimit, Keys, RateLimiter, Role, guard
+from service.api.security import Access, BodyLimit, Keys, Proxies, RateLimiter, Role, guard
 from service.api.ui import install_ui
 from service.catalogue import load_catalogue
 from service.config import Settings, key_list
@@ -133,11 +133,15 @@ def create_app(
     metrics = Metrics()
     metrics.install(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    keys = Keys(key_list(settings.api_keys), key_list(settings.admin_keys), settings.auth_reads)
-    limiter = RateLimiter(settings.rate_limit_per_s, settings.rate_burst)
-    guards = Guards.of(keys, limiter)
+    access = Access(
+        keys=Keys(key_list(settings.api_keys), key_list(settings.admin_keys), settings.auth_reads),
+        limiter=RateLimiter(settings.rate_limit_per_s, settings.rate_burst),
+        failures=RateLimiter(settings.auth_failures_per_s, settings.auth_failure_burst),
+        proxies=Proxies.parse(settings.trusted_proxies),
+    )
+    guards = Guards.of(access)
     _routes(app, metrics, guards)
-    install_admin(app, dependencies=guards.admin)
+    install_admin(app, dependencies=guards.admin, roots=settings.reload_roots())
     install_ui(app)
 
     @app.exception_handler(UnknownItemsError)
@@ -266,9 +270,9 @@ class Guards:
     admin: list[Any]
 
     @classmethod
-    def of(cls, keys: Keys, limiter: RateLimiter) -> Guards:
+    def of(cls, access: Access) -> Guards:
         def deps(role: Role) -> list[Any]:
-            return [Depends(guard(keys, limiter, role))]
+            return [Depends(guard(access, role))]
 
         return cls(deps("read"), deps("write"), deps("admin"))
 
