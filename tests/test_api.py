@@ -92,6 +92,12 @@ def test_an_unknown_user_gets_popular_items(client: TestClient) -> None:
     body = client.get("/recommend/nobody-knows-me", params={"k": 7}).json()
     assert body["fallback"] is True
     assert len(body["items"]) == 7
+    # one meaning per field: no model score for them, their interaction counts apart
+    assert [x["score"] for x in body["items"]] == [None] * 7
+    counts = [x["popularity"] for x in body["items"]]
+    assert counts == sorted(counts, reverse=True) and all(isinstance(n, int) for n in counts)
+    known = client.get("/recommend/3", params={"k": 3}).json()["items"]
+    assert all(x["popularity"] is None and isinstance(x["score"], float) for x in known)
 
 
 def test_interactions_are_read_back_at_once(client: TestClient) -> None:

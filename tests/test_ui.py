@@ -56,6 +56,7 @@ return {
   })),
   recs: ids("#recommendations .rec"),
   scores: all("#recommendations .score").map(number),
+  popularity: all("#recommendations .popularity").map(number),
   selected: ids("#recommendations .rec.selected"),
   images: all("img").map((i) => ({ src: i.src, loaded: i.complete && i.naturalWidth > 0 })),
 };
@@ -180,7 +181,11 @@ def test_the_page_explains_and_follows_new_interactions(
 
 def test_an_unknown_item_is_refused_on_the_page(server: str, browser: webdriver.Chrome) -> None:
     browser.get(f"{server}/ui/users/someone-new")
-    _settled(browser, lambda p: len(p["recs"]) == 10, "popular items")
+    popular = _settled(browser, lambda p: len(p["recs"]) == 10, "popular items")
+    # Popular items show how many users chose them, not a "score" next to the model's score.
+    assert popular["scores"] == []
+    assert len(popular["popularity"]) == 10
+    assert popular["popularity"] == sorted(popular["popularity"], reverse=True)
     browser.find_element(By.CSS_SELECTOR, "#add-interaction input[name=item_id]").send_keys("9999")
     browser.find_element(By.CSS_SELECTOR, "#add-interaction button").click()
     page = _settled(browser, lambda p: "9999" in p["status"], "an error")

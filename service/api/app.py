@@ -251,7 +251,11 @@ StateDep = Annotated[State, Depends(_state)]
 def _response(
     user_id: str | None, rec: Recommendation, *, degraded: bool = False
 ) -> RecommendResponse:
-    items = [ScoredItem(item_id=i, score=s) for i, s in zip(rec.items, rec.scores, strict=True)]
+    pairs = zip(rec.items, rec.scores, strict=True)
+    if rec.fallback:  # the engine ranks popular items by their interaction counts
+        items = [ScoredItem(item_id=i, score=None, popularity=round(n)) for i, n in pairs]
+    else:
+        items = [ScoredItem(item_id=i, score=s, popularity=None) for i, s in pairs]
     return RecommendResponse(
         user_id=user_id,
         items=items,

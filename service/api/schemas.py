@@ -34,7 +34,12 @@ Integer = Annotated[int, BeforeValidator(_whole_number)]
 
 class ScoredItem(BaseModel):
     item_id: int
-    score: float
+    score: float | None = Field(
+        description="the model's score (higher is better); null for popular items (fallback)"
+    )
+    popularity: int | None = Field(
+        None, description="for popular items (fallback): how many users interacted with it"
+    )
 
 
 class RecommendResponse(BaseModel):

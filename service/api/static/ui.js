@@ -78,8 +78,11 @@ function drawProfile(why, items) {
 
 function drawRecommendations(recs, items, target) {
   const cards = recs.items.map((r) => {
-    const score = el("span", { className: "score" }, `score ${r.score.toFixed(3)}`);
-    const c = card(items.get(r.item_id), "rec", null, [score]);
+    // A popular item (fallback) has no model score: it is ranked by how many users chose it.
+    const value = r.score === null
+      ? el("span", { className: "popularity" }, `popular, chosen by ${r.popularity}`)
+      : el("span", { className: "score" }, `score ${r.score.toFixed(3)}`);
+    const c = card(items.get(r.item_id), "rec", null, [value]);
     c.classList.toggle("selected", r.item_id === target);
     c.addEventListener("click", () => explain(r.item_id));
     return c;
