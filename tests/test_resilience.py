@@ -32,6 +32,7 @@ from service.store.profiles import (
     RedisProfileStore,
     StoreUnavailable,
     decode_profile,
+    encode_profile,
     is_outage,
     nothing_applied,
     user_keys,
@@ -584,3 +585,66 @@ def test_the_deadline_counts_the_loops_free_time_only() -> None:
         await lag.stop()
 
     asyncio.run(scenario())
+
+
+# --------------------------------------------------------------------------- Redis back empty
+
+
+@pytest.mark.parametrize("source", [True, False], ids=["with-histories", "without"])
+def test_a_redis_back_empty_is_noticed_reported_and_restored(
+    catalogue: Catalogue, tmp_path: Path, caplog: pytest.LogCaptureFixture, source: bool
+) -> None:
+    """Redis without persistence restarted empty: answers said degraded: false, profiles were
+    empty and nothing told. Now /readyz, /metrics and the log say so, and profiles come back
+    from the histories the service was started with, merged under what was written since."""
+    server = RedisServer(tmp_path, fsync="off")  # a restart loses everything
+    server.start()
+    settings = catalogue.settings.model_copy(
+        update={"redis_url": server.url, "redis_prefix": "epoch", "redis_timeout_ms": TIMEOUT_MS}
+    )
+    app = create_app(settings, profiles=catalogue.histories if source else None)
+    history = catalogue.histories["3"]
+    try:
+        with TestClient(app) as client:
+            if not source:  # the profiles were loaded by someone else
+                store = server.client()
+                store.set(user_keys("epoch", "3").profile, encode_profile(history, history))
+                store.close()
+            assert client.get("/recommend/3").json()["fallback"] is False
+            assert client.get("/readyz").json()["data_lost"] is None
+            server.kill()
+            server.start()  # empty
+            new_item = next(i for i in range(1, 201) if i not in history)
+            # A write that reached the empty Redis before anyone noticed (another process's).
+            asyncio.run(add_one(server.url, "epoch", Interaction("3", new_item, None, "late")))
+            # The first call after a restart may meet a pooled connection the restart broke
+            # (redis-py then replaces them): /readyz says "unreachable" once, then the truth.
+            for _ in range(3):
+                ready = client.get("/readyz").json()
+                if ready["data_lost"]:
+                    break
+            assert "came back empty" in ready["data_lost"]
+            metrics = client.get("/metrics").text
+            assert "visrec_store_data_losses_total 1.0" in metrics
+            profile, _ = stored(server, "epoch", "3")
+            if source:
+                assert "reloaded from the dataset" in ready["data_lost"]
+                assert profile.seen == {*history, new_item}  # restored, and the write kept
+                assert profile.recent[-1] == new_item  # newer than the restored history
+                assert client.get("/recommend/3").json()["fallback"] is False
+            else:
+                assert "started without profiles" in ready["data_lost"]
+                assert profile.seen == {new_item}
+            assert client.get("/readyz").json()["data_lost"] == ready["data_lost"]  # once
+            assert "visrec_store_data_losses_total 1.0" in client.get("/metrics").text
+    finally:
+        server.kill()
+    assert any("lost its data" in r.message and r.levelname == "ERROR" for r in caplog.records)
+
+
+async def add_one(url: str, prefix: str, event: Interaction) -> None:
+    store = RedisProfileStore.from_url(url, prefix=prefix)
+    try:
+        assert await store.add([event]) == 1
+    finally:
+        await store.close()

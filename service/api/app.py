@@ -55,6 +55,7 @@ from service.recommender import (
     UnknownItemsError,
 )
 from service.runtime import pick_device
+from service.store.epoch import EpochWatch
 from service.store.profiles import (
     EventConflict,
     Interaction,
@@ -66,6 +67,7 @@ from service.store.profiles import (
 from service.store.resilient import ResilientStore
 
 RETRY_AFTER_S = 1  # what a refused write is told to wait: Redis restarts take about a second
+EPOCH_CHECK_S = 1.0  # how often a process looks whether Redis came back empty
 
 
 @dataclass
@@ -74,6 +76,7 @@ class State:
     store: ResilientStore
     store_name: str
     batcher: MicroBatcher[RecQuery, Recommendation]
+    watch: EpochWatch | None  # whether Redis lost its data; None for the in-process store
 
     @property
     def engine(self) -> Recommender:
@@ -102,31 +105,40 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         models = await run_in_threadpool(_load, settings)
         catalogue = await run_in_threadpool(load_catalogue, settings.data)  # titles, images
+        watch: EpochWatch | None = None
+        inner: ProfileStore
         if settings.redis_url:
-            inner: ProfileStore = RedisProfileStore.from_url(
+            redis = RedisProfileStore.from_url(
                 settings.redis_url,
                 prefix=settings.redis_prefix,
                 max_connections=settings.redis_max_connections,
                 deadline_s=settings.redis_timeout_ms / 1000,
                 write_deadline_s=settings.redis_write_timeout_ms / 1000,
             )
-            name, cache_size = "redis", settings.profile_cache_size
+            inner, name, cache_size = redis, "redis", settings.profile_cache_size
+            watch = EpochWatch(redis, histories=profiles, on_loss=metrics.data_losses.inc)
         else:
             inner, name, cache_size = MemoryProfileStore(), "memory", 0  # it never fails
         store = ResilientStore(inner, cache_size=cache_size)
         if profiles:
             await store.load(profiles)
+        if watch is not None:
+            await watch.start()  # after the load: the data set the service knows
         # Everything loaded so far lives as long as the app: keep it out of the cyclic garbage
         # collector's full passes, whose pauses were the p99 of a loaded server.
         gc.freeze()
         try:
             window = settings.batch_window_ms / 1000
+            watching = asyncio.create_task(watch.run(EPOCH_CHECK_S)) if watch else None
             with reload_on_hangup(models, asyncio.get_running_loop()):
                 # The batcher asks the slot, so a batch runs on the engine current at its start.
                 async with MicroBatcher(models.recommend, window_s=window) as batcher:
-                    state = State(models, store, name, batcher)
+                    state = State(models, store, name, batcher, watch)
                     yield {"app_state": state, "catalogue": catalogue, "models": models}
         finally:
+            if watching is not None:
+                watching.cancel()
+                await asyncio.gather(watching, return_exceptions=True)
             await store.close()
 
     app = FastAPI(title="visrec", lifespan=lifespan)
@@ -294,6 +306,8 @@ def _routes(app: FastAPI, metrics: Metrics, guards: Guards) -> None:
         still answered, and the store is shared, so failing every instance's check at once would
         turn a degraded service into none. Writes answer 503 on their own meanwhile."""
         store_ok = await state.store.ping()
+        if store_ok and state.watch is not None:
+            await state.watch.check()  # notices an empty Redis at once (also checked each second)
         refusal = await state.store.write_refusal() if store_ok else None
         health = refusal or ("ok" if store_ok else "unreachable")
         return Ready(
@@ -304,6 +318,7 @@ def _routes(app: FastAPI, metrics: Metrics, guards: Guards) -> None:
             items=len(state.engine.item_ids),
             index=state.engine.index.kind,
             store=f"{state.store_name}: {health}",
+            data_lost=state.watch.lost if state.watch else None,
         )
 
     @app.get(

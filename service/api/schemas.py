@@ -147,6 +147,11 @@ class Ready(BaseModel):
         "or popular items) or refuses writes (e.g. Redis out of memory); `store` says which. "
         "Writes are refused with 503 until it is back",
     )
+    data_lost: str | None = Field(
+        None,
+        description="when the profile store was last found to have lost its data (Redis back "
+        "empty) and whether profiles were reloaded; null if never, since this process started",
+    )
     durable: bool | None = Field(
         None,
         description="whether an acknowledged write survives a crash of the store (Redis with "

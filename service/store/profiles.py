@@ -744,6 +744,10 @@ def why_refused(exc: BaseException) -> str:
     return "Redis did not answer"
 
 
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def write_refusal(info: Mapping[str, object]) -> str | None:
     """Why a Redis whose ``INFO`` reads ``info`` refuses writes, or None."""
     used, limit = _int(info.get("used_memory")), _int(info.get("maxmemory"))
@@ -867,6 +871,9 @@ class RedisProfileStore(ProfileReads):
         """One script call for the whole call: applied whole or not at all (refused whole when
         Redis is out of memory). Its keys span users, hence slots: on a Redis Cluster, send one
         user per call."""
+        return await self._add(events, deadline_s=self.write_deadline_s)
+
+    async def _add(self, events: Sequence[Interaction], *, deadline_s: float | None) -> int:
         _check_events(events)
         now = self._clock()
         keys: list[str] = []
@@ -874,7 +881,7 @@ class RedisProfileStore(ProfileReads):
         for user, group in _by_user(events).items():
             keys += self.keys(user).all
             args += _event_args(group)
-        async with self._reaching(self.write_deadline_s):
+        async with self._reaching(deadline_s):
             reply = await self._add_script(keys=keys, args=args)
         if int(reply[0]) < 0:
             raise EventConflict([x.decode() if isinstance(x, bytes) else str(x) for x in reply[1:]])
@@ -890,6 +897,37 @@ class RedisProfileStore(ProfileReads):
                         blob = encode_profile(recent_of(items, self.max_recent), items)
                         await self._load_script(keys=self.keys(user).all, args=[blob], client=pipe)
                     await pipe.execute()
+
+    @property
+    def epoch_key(self) -> str:
+        return f"{self.prefix}:epoch"
+
+    async def read_epoch(self) -> str | None:
+        """The data set's epoch token (``service.store.epoch``); None when missing."""
+        async with self._reaching(self.deadline_s):
+            value = await self._client.get(self.epoch_key)
+        return _text(value) if value is not None else None
+
+    async def claim_epoch(self, token: str) -> str:
+        """Store ``token`` as the epoch unless one exists; the epoch stored now."""
+        async with self._reaching(self.write_deadline_s):
+            await self._client.set(self.epoch_key, token, nx=True)
+            value = await self._client.get(self.epoch_key)
+        return _text(value) if value is not None else token
+
+    async def merge(self, histories: Mapping[str, Sequence[int]], chunk: int = 5000) -> None:
+        """Add each user's history (raw item ids, oldest first) as events at time 0, older
+        than any live event: unlike ``load``, what the users did since is kept. No deadline:
+        it is bulk work, in calls of about ``chunk`` events."""
+        _check_histories(histories)
+        batch: list[Interaction] = []
+        for user, history in histories.items():
+            batch += [Interaction(user, int(i), 0.0) for i in history]
+            if len(batch) >= chunk:
+                await self._add(batch, deadline_s=None)
+                batch = []
+        if batch:
+            await self._add(batch, deadline_s=None)
 
     async def ping(self) -> bool:
         try:
