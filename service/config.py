@@ -78,6 +78,9 @@ class Settings(BaseSettings):
     # Profiles of the users this process read or wrote most recently, for reads while Redis
     # cannot answer: ~100-300 bytes each (stored encoded), so 50,000 take ~20 MB.
     profile_cache_size: Annotated[int, Field(ge=0)] = 50_000
+    # The in-process store (no Redis) keeps this many users, read or written most recently;
+    # ~700-900 bytes each with ~100-item histories, so a million take ~0.9 GB.
+    memory_store_max_users: Annotated[int, Field(ge=1)] = 1_000_000
 
     @model_validator(mode="after")
     def _no_usable_default_secrets(self) -> Settings:

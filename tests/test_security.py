@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
@@ -229,3 +230,18 @@ def test_visrec_serve_refuses_production_without_keys_before_building(
     assert exited.value.code == 2
     assert "without API keys" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []  # nothing was built
+
+
+def test_the_in_process_store_is_bounded_and_says_so_in_metrics(paths: dict[str, Path]) -> None:
+    with make_client(paths, memory_store_max_users=2) as c:
+        for user in ("m1", "m2", "m3"):
+            body = {"events": [{"user_id": user, "item_id": 1}]}
+            assert c.post("/interactions", json=body, headers={"X-API-Key": WRITER}).is_success
+        assert "visrec_memory_store_evicted_users_total" in c.get("/metrics").text
+        # two users fit: the least recent, m1, was forgotten
+        evicted = re.search(
+            r"visrec_memory_store_evicted_users_total ([\d.]+)", c.get("/metrics").text
+        )
+        assert evicted and float(evicted.group(1)) >= 1
+        assert c.get("/recommend/m1").json()["fallback"] is True
+        assert c.get("/recommend/m3").json()["fallback"] is False

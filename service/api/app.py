@@ -118,7 +118,10 @@ def create_app(
             inner, name, cache_size = redis, "redis", settings.profile_cache_size
             watch = EpochWatch(redis, histories=profiles, on_loss=metrics.data_losses.inc)
         else:
-            inner, name, cache_size = MemoryProfileStore(), "memory", 0  # it never fails
+            memory = MemoryProfileStore(
+                max_users=settings.memory_store_max_users, on_evict=metrics.evictions.inc
+            )
+            inner, name, cache_size = memory, "memory", 0  # it never fails
         store = ResilientStore(inner, cache_size=cache_size)
         if profiles:
             await store.load(profiles)

@@ -35,6 +35,11 @@ class Metrics:
             "Times the profile store was found to have lost its data (Redis back empty)",
             registry=self.registry,
         )
+        self.evictions = Counter(
+            "visrec_memory_store_evicted_users",
+            "Users the in-process profile store forgot to stay within its bound (LRU)",
+            registry=self.registry,
+        )
         self.stages = Histogram(
             "visrec_stage_seconds",
             "Latency of the stages inside a request (store read, model batch)",

@@ -352,7 +352,11 @@ class _Profile:
 
 
 class MemoryProfileStore(ProfileReads):
-    """Profiles in a dict: the default when no Redis is configured (one process, lost on exit)."""
+    """Profiles in a dict: the default when no Redis is configured (one process, lost on exit).
+
+    It keeps the ``max_users`` users read or written most recently (LRU, ~700-900 bytes each
+    with a ~100-item history): beyond that the least recent user is forgotten, counted in
+    ``evicted`` and reported to ``on_evict`` (the service's /metrics)."""
 
     def __init__(
         self,
@@ -360,12 +364,19 @@ class MemoryProfileStore(ProfileReads):
         *,
         event_ttl_s: int = EVENT_TTL_S,
         clock: Clock = time.time,
+        max_users: int | None = None,
+        on_evict: Callable[[], object] = lambda: None,
     ) -> None:
         _check_limits(max_recent, event_ttl_s)
+        if max_users is not None and max_users < 1:
+            raise ValueError(f"max_users must be at least 1, got {max_users}")
         self.max_recent = max_recent
         self.event_ttl_s = event_ttl_s
+        self.max_users = max_users
+        self.evicted = 0
+        self._on_evict = on_evict
         self._clock = clock
-        self._profiles: dict[str, _Profile] = {}
+        self._profiles: OrderedDict[str, _Profile] = OrderedDict()  # least recent first
         # Updates have no await inside today, but the lock keeps them atomic if one ever does.
         self._lock = asyncio.Lock()
 
@@ -383,7 +394,9 @@ class MemoryProfileStore(ProfileReads):
             conflicts = [c for user, group in groups.items() for c in self._conflicts(user, group)]
             if conflicts:
                 raise EventConflict(conflicts)
-            return sum(self._apply(user, group, now) for user, group in groups.items())
+            applied = sum(self._apply(user, group, now) for user, group in groups.items())
+            self._evict()
+            return applied
 
     async def load(self, histories: Mapping[str, Sequence[int]]) -> None:
         _check_histories(histories)
@@ -393,6 +406,8 @@ class MemoryProfileStore(ProfileReads):
                 self._profiles[user] = _Profile(
                     recent, [0] * len(recent), {int(i) for i in history}
                 )
+                self._profiles.move_to_end(user)
+            self._evict()
 
     async def ping(self) -> bool:
         return True
@@ -411,7 +426,14 @@ class MemoryProfileStore(ProfileReads):
         profile = self._profiles.get(user_id)
         if profile is None:
             return Profile([], frozenset())
+        self._profiles.move_to_end(user_id)
         return Profile(list(profile.recent), frozenset(profile.seen), tuple(profile.times))
+
+    def _evict(self) -> None:
+        while self.max_users is not None and len(self._profiles) > self.max_users:
+            self._profiles.popitem(last=False)
+            self.evicted += 1
+            self._on_evict()
 
     def _forget_expired(self, user_id: str, now: float) -> None:
         """Same rule as the Redis script: ids older than the TTL are forgotten first."""
@@ -438,6 +460,7 @@ class MemoryProfileStore(ProfileReads):
 
     def _apply(self, user_id: str, events: list[Interaction], now: float) -> int:
         profile = self._profiles.setdefault(user_id, _Profile())
+        self._profiles.move_to_end(user_id)
         applied = 0
         for event in events:
             if event.event_id and event.event_id in profile.events:
