@@ -245,3 +245,13 @@ def test_the_in_process_store_is_bounded_and_says_so_in_metrics(paths: dict[str,
         assert evicted and float(evicted.group(1)) >= 1
         assert c.get("/recommend/m1").json()["fallback"] is True
         assert c.get("/recommend/m3").json()["fallback"] is False
+
+
+def test_the_page_and_item_routes_are_guarded_and_limited(paths: dict[str, Path]) -> None:
+    with make_client(paths, auth_reads=True, rate_limit_per_s=0.5, rate_burst=2) as c:
+        assert c.get("/items/1").status_code == 401  # titles are reads like any other
+        assert c.get("/items/1/image").status_code == 401
+        assert c.get("/items/1", headers={"X-API-Key": WRITER}).status_code == 404  # no catalogue
+        # The page itself holds no data and a browser sends no key to open it: rate-limited.
+        codes = [c.get("/ui/users/7").status_code for _ in range(4)]
+        assert codes[0] == 200 and codes[-1] == 429

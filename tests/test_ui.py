@@ -64,16 +64,35 @@ return {
 
 
 @pytest.fixture(scope="module")
-def server(
+def settings(
     world: World, world_features: tuple[Path, np.ndarray], tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[str]:
-    """The service on a free loopback port, in a thread; its base URL."""
+) -> Settings:
     prepared = prepare(world.root, world_features[0])
     result = fit(prepared, CONFIG, device=torch.device("cpu"), progress=False)
     ckpt = tmp_path_factory.mktemp("ui") / "acf.pt"
     save_checkpoint(ckpt, to_checkpoint(prepared, result, CONFIG))
-    settings = Settings(checkpoint=ckpt, features=world_features[0], device="cpu", data=world.root)
-    app = create_app(settings, profiles=histories(load_dataset(world.root)))
+    return Settings(checkpoint=ckpt, features=world_features[0], device="cpu", data=world.root)
+
+
+@pytest.fixture(scope="module")
+def server(settings: Settings, world: World) -> Iterator[str]:
+    """The service on a free loopback port, in a thread; its base URL."""
+    yield from serve(create_app(settings, profiles=histories(load_dataset(world.root))))
+
+
+KEY = "ui-key-0123456789abcdefghij"
+
+
+@pytest.fixture(scope="module")
+def locked_server(settings: Settings, world: World) -> Iterator[str]:
+    """The same with reads behind an API key, as in production with VISREC_AUTH_READS."""
+    locked = settings.model_copy(
+        update={"environment": "production", "api_keys": KEY, "auth_reads": True}
+    )
+    yield from serve(create_app(locked, profiles=histories(load_dataset(world.root))))
+
+
+def serve(app: Any) -> Iterator[str]:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
@@ -177,6 +196,32 @@ def test_the_page_explains_and_follows_new_interactions(
     assert sum(page["attention"]) == pytest.approx(1, abs=5e-3)
     _check_against_api(page, api, target=clicked)  # still the item chosen by the click
     browser.save_screenshot(str(ARTIFACTS / "ui-after-adding.png"))
+
+
+def test_a_page_that_needs_a_key_asks_for_one_and_sends_it(
+    locked_server: str, browser: webdriver.Chrome
+) -> None:
+    """The page and its images ignored VISREC_AUTH_READS, and its form got 401 for want of a
+    key. Now titles and images are guarded reads, and the page asks for a key and sends it."""
+    for path in ("/items/1", "/items/1/image", f"/recommend/{USER}"):
+        assert httpx.get(f"{locked_server}{path}").status_code == 401, path
+        assert httpx.get(f"{locked_server}{path}", headers={"X-API-Key": KEY}).is_success
+    browser.get(f"{locked_server}/ui/users/{USER}")
+    _settled(browser, lambda p: "enter an API key" in p["status"], "a request for a key")
+    field = browser.find_element(By.CSS_SELECTOR, "#api-key input[name=key]")
+    field.send_keys(KEY)
+    browser.find_element(By.CSS_SELECTOR, "#api-key button").click()
+    page = _settled(browser, lambda p: len(p["recs"]) == 10, "the page, with the key")
+    assert page["status"] == ""
+    assert len(page["images"]) == 9 + 10 + 1
+    assert all(i["src"].startswith("blob:") for i in page["images"])  # fetched with the key
+    added = page["recs"][-1]
+    browser.find_element(By.CSS_SELECTOR, "#add-interaction input[name=item_id]").send_keys(
+        str(added)
+    )
+    browser.find_element(By.CSS_SELECTOR, "#add-interaction button").click()
+    page = _settled(browser, lambda p: p["profile"][-1:] == [added], f"item {added} added")
+    assert page["status"] == ""
 
 
 def test_an_unknown_item_is_refused_on_the_page(server: str, browser: webdriver.Chrome) -> None:

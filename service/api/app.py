@@ -42,7 +42,16 @@ from service.api.schemas import (
     ScoredItem,
     StoreRefused,
 )
-from service.api.security import Access, BodyLimit, Keys, Proxies, RateLimiter, Role, guard
+from service.api.security import (
+    Access,
+    BodyLimit,
+    Keys,
+    Proxies,
+    RateLimiter,
+    Role,
+    guard,
+    rate_limited,
+)
 from service.api.ui import install_ui
 from service.catalogue import load_catalogue
 from service.config import Settings, key_list
@@ -157,7 +166,7 @@ def create_app(
     guards = Guards.of(access)
     _routes(app, metrics, guards)
     install_admin(app, dependencies=guards.admin, roots=settings.reload_roots())
-    install_ui(app)
+    install_ui(app, page=guards.page, read=guards.read)
 
     @app.exception_handler(UnknownItemsError)
     async def unknown_items(request: Request, exc: UnknownItemsError) -> JSONResponse:
@@ -287,13 +296,14 @@ class Guards:
     read: list[Any]
     write: list[Any]
     admin: list[Any]
+    page: list[Any]  # the explanation page's HTML: rate-limited, no key (a browser sends none)
 
     @classmethod
     def of(cls, access: Access) -> Guards:
         def deps(role: Role) -> list[Any]:
             return [Depends(guard(access, role))]
 
-        return cls(deps("read"), deps("write"), deps("admin"))
+        return cls(deps("read"), deps("write"), deps("admin"), [Depends(rate_limited(access))])
 
 
 def _routes(app: FastAPI, metrics: Metrics, guards: Guards) -> None:

@@ -184,6 +184,17 @@ def guard(access: Access, role: Role) -> Callable[..., object]:
     return undeclared if keys.allows(None, role) else declared
 
 
+def rate_limited(access: Access) -> Callable[..., object]:
+    """A route dependency that only rate-limits, by client address (for what needs no key)."""
+
+    async def limit(request: Request) -> None:
+        wait = access.limiter.wait(f"addr:{access.proxies.client(request)}")
+        if wait > 0:
+            raise _too_many(wait, "rate limit exceeded")
+
+    return limit
+
+
 class BodyLimit:
     """413 with a JSON reason for a body over ``max_bytes``: at once when the declared
     ``Content-Length`` says so, else as soon as the bytes read pass it."""
