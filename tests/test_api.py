@@ -335,3 +335,15 @@ def test_a_late_event_takes_its_place_in_time(client: TestClient) -> None:
     item = client.get("/recommend/u-late", params={"k": 1}).json()["items"][0]["item_id"]
     why = client.get("/explain/u-late", params={"item_id": item}).json()
     assert [p["item_id"] for p in why["profile"]] == list(range(1, 10))
+
+
+def test_every_route_is_described_in_openapi(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    undescribed = [
+        f"{method.upper()} {path}"
+        for path, operations in spec["paths"].items()
+        for method, operation in operations.items()
+        if len(operation.get("description", "")) < 20
+    ]
+    assert undescribed == []
+    assert spec["info"]["description"]

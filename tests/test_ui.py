@@ -125,6 +125,39 @@ def browser() -> Iterator[webdriver.Chrome]:
     driver.quit()
 
 
+def test_docs_load_without_the_network(server: str) -> None:
+    """/docs was a blank page without internet: Swagger UI came from a CDN. A browser whose
+    every host but this machine fails to resolve must still show every operation."""
+    options = Options()
+    options.binary_location = str(CHROMIUM)
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        options.add_argument(arg)
+    options.add_argument("--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1")
+    driver = webdriver.Chrome(options=options, service=Service(str(CHROMEDRIVER)))
+    try:
+        driver.get(f"{server}/docs")
+        operations = len(
+            [
+                op
+                for ops in httpx.get(f"{server}/openapi.json").json()["paths"].values()
+                for op in ops
+            ]
+        )
+
+        def shown(d: webdriver.Chrome) -> int:
+            return len(d.find_elements(By.CSS_SELECTOR, ".swagger-ui .opblock")) or 0
+
+        WebDriverWait(driver, 30, poll_frequency=0.1).until(lambda d: shown(d) >= operations)
+        assert shown(driver) == operations
+        loaded = driver.execute_script(
+            "return performance.getEntriesByType('resource').map((e) => e.name);"
+        )
+        assert loaded and all(url.startswith(server) for url in loaded), loaded
+        driver.save_screenshot(str(ARTIFACTS / "docs-offline.png"))
+    finally:
+        driver.quit()
+
+
 def _page(browser: webdriver.Chrome) -> dict[str, Any]:
     state: dict[str, Any] = browser.execute_script(PAGE)
     return state

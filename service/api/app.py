@@ -19,6 +19,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.api.admin import install_admin
 from service.api.batcher import MicroBatcher
+from service.api.docs import install_docs
 from service.api.metrics import Metrics
 from service.api.reload import ModelSlot, Source, load_engine, reload_on_hangup
 from service.api.schemas import (
@@ -153,7 +154,15 @@ def create_app(
                 await asyncio.gather(watching, return_exceptions=True)
             await store.close()
 
-    app = FastAPI(title="visrec", lifespan=lifespan)
+    app = FastAPI(
+        title="visrec",
+        description="Visual recommendations with Attentive Collaborative Filtering: top-k items "
+        "for a user or a history, their explanation, and the interactions that update profiles.",
+        lifespan=lifespan,
+        docs_url=None,  # served by install_docs, without a CDN
+        redoc_url=None,  # ReDoc loads from a CDN too
+    )
+    install_docs(app)
     metrics = Metrics()
     metrics.install(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
@@ -311,6 +320,7 @@ def _routes(app: FastAPI, metrics: Metrics, guards: Guards) -> None:
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
+        """Liveness: the process answers (nothing else is checked)."""
         return {"status": "ok"}
 
     @app.get("/readyz", response_model=Ready)
@@ -347,6 +357,10 @@ def _routes(app: FastAPI, metrics: Metrics, guards: Guards) -> None:
         offset: Annotated[int, Query(ge=0, le=MAX_K)] = 0,
         exclude_seen: bool = True,
     ) -> RecommendResponse:
+        """The top ``k`` items for a stored user (after ``offset``), best first, unseen ones only
+        unless ``exclude_seen=false``. A user with no profile gets popular items
+        (``fallback``); while the profile store is down, the answer is ranked from this
+        server's cached copy of the profile (``degraded``)."""
         with store_stage.time():
             read = await state.store.read([user_id])  # cached or empty when the store is down
         (profile,) = read.profiles
@@ -362,6 +376,8 @@ def _routes(app: FastAPI, metrics: Metrics, guards: Guards) -> None:
         responses=GUARDED | JSON_BODY | UNKNOWN_ITEMS,
     )
     async def recommend_history(body: HistoryRequest, state: StateDep) -> RecommendResponse:
+        """The top ``k`` items for a history given in the body (raw item ids, oldest first; the
+        last 9 count), e.g. for an anonymous visitor. Needs no profile store."""
         state.engine.require_known(body.history)
         seen = set(body.history) if body.exclude_seen else set()
         rec = await state.batcher.submit(RecQuery(None, body.history, seen, body.k, body.offset))
@@ -374,6 +390,8 @@ def _routes(app: FastAPI, metrics: Metrics, guards: Guards) -> None:
         responses=GUARDED | JSON_BODY | EVENTS_REFUSED | STORE_NEEDED,
     )
     async def interactions(body: InteractionsRequest, state: StateDep) -> InteractionsResponse:
+        """Record a batch of interactions: applied whole or not at all, each event with an
+        ``event_id`` at most once. The next ``/recommend`` of those users sees them."""
         state.engine.require_known([e.item_id for e in body.events])  # else none is applied
         _require_present(body)
         events = [Interaction(e.user_id, e.item_id, e.timestamp, e.event_id) for e in body.events]
@@ -387,6 +405,8 @@ def _routes(app: FastAPI, metrics: Metrics, guards: Guards) -> None:
         responses=GUARDED | UNKNOWN_ITEMS | STORE_NEEDED,
     )
     async def explain_user(user_id: str, item_id: int, state: StateDep) -> ExplainResponse:
+        """Why ``item_id`` scores as it does for a stored user: the item-level attention over
+        their last items and each item's 7x7 component attention, and the score."""
         (history,) = await state.store.recent([user_id])
         return await _explain(state, user_id, history, item_id)
 
@@ -397,6 +417,7 @@ def _routes(app: FastAPI, metrics: Metrics, guards: Guards) -> None:
         responses=GUARDED | JSON_BODY | UNKNOWN_ITEMS,
     )
     async def explain_history(body: ExplainRequest, state: StateDep) -> ExplainResponse:
+        """The same explanation for a history given in the body."""
         state.engine.require_known(body.history)
         return await _explain(state, None, body.history, body.item_id)
 
