@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 import secrets
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -228,8 +230,26 @@ def test_visrec_serve_refuses_production_without_keys_before_building(
     with pytest.raises(SystemExit) as exited:
         serve.main()
     assert exited.value.code == 2
-    assert "without API keys" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "without API keys" in err
+    assert err.count("\n") == 1 and "pydantic" not in err and "input_value" not in err  # one line
     assert list(tmp_path.iterdir()) == []  # nothing was built
+
+
+def test_visrec_serve_help_is_quick_and_complete() -> None:
+    """--help took ~9 s: torch was imported before the arguments were parsed."""
+    code = (
+        "import sys, service.serve as s; text = s.parser().format_help(); "
+        "print('torch' in sys.modules); print(text)"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    torch_loaded, text = run.stdout.split("\n", 1)
+    assert torch_loaded == "False"
+    for name in ("HOST", "PORT", "VISREC_API_KEYS", "VISREC_ENVIRONMENT", "VISREC_REDIS_URL"):
+        assert name in text
+    from service import serve
+
+    assert all(action.help for action in serve.parser()._actions)
 
 
 def test_the_in_process_store_is_bounded_and_says_so_in_metrics(paths: dict[str, Path]) -> None:
