@@ -45,6 +45,10 @@ class Settings(BaseSettings):
     # Proxies (IPs or CIDR networks, comma-separated) whose X-Forwarded-For names the client;
     # from any other peer the header is ignored. Empty: the peer is the client.
     trusted_proxies: str = ""
+    # Slow clients (slowloris): a request's headers must arrive within this many seconds, and
+    # one address may hold this many connections open (trusted proxies exempt).
+    header_timeout_s: Annotated[float, Field(gt=0, le=300)] = 10.0
+    max_connections_per_address: Annotated[int, Field(ge=1)] = 100
     max_body_bytes: Annotated[int, Field(ge=1024)] = 1_048_576
 
     checkpoint: Path

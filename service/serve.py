@@ -157,6 +157,8 @@ def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from service.api.app import create_app
+    from service.api.connections import guarded_http
+    from service.api.security import Proxies
     from service.config import Settings
     from service.runtime import keep_freed_memory, pick_device
 
@@ -176,6 +178,11 @@ def serve(args: argparse.Namespace) -> None:
         host=args.host,
         port=args.port,
         proxy_headers=False,
+        http=guarded_http(
+            header_timeout_s=settings.header_timeout_s,
+            per_address=settings.max_connections_per_address,
+            exempt=Proxies.parse(settings.trusted_proxies).trusts,
+        ),
     )
 
 
