@@ -41,8 +41,9 @@ of Redis time per item walked, so ~0.15 ms for MovieLens-100K's heaviest user (7
 want ``seen`` split into blocks (each headed by its first id and byte length, so a walk skips
 whole blocks).
 
-The ``{u:...}`` hash tag puts all of a user's keys in one Redis Cluster slot, so the Lua script
-that updates them runs on one node. The user id inside it is percent-encoded, so ids holding
+The ``{u:...}`` hash tag puts all of a user's keys in one Redis Cluster slot, so a call for one
+user runs on one node (a call for several users spans slots: on a Cluster, send one user per
+call). The user id inside it is percent-encoded, so ids holding
 ``{``, ``}``, ``:`` or ``%`` can neither break the tag nor collide with another user's keys.
 
 Faults: when Redis cannot answer now (down, refusing connections, slower than the deadline, out
