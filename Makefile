@@ -13,7 +13,7 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 # redo it (~13 s) every time. `make install FORCE=1`, or deleting the stamp, redoes it.
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install reinstall browser serve test lint reproduce bench bench-serve bench-reload bench-faults bench-soak clean
+.PHONY: install reinstall browser serve test image-smoke lint reproduce bench bench-serve bench-reload bench-faults bench-soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -71,6 +71,15 @@ bench-faults: install
 bench-soak: install
 	command -v wrk >/dev/null || apt-get install -y wrk
 	$(BIN)/python benchmarks/soak.py $(DATA)
+
+# Build the CPU image and run it with Redis through the compose file (podman, a local Debian
+# base: no registry is reachable here), check /readyz and one /recommend, tear down. Slow
+# (minutes), so not part of `make test`.
+image-smoke: install
+	command -v podman >/dev/null && command -v runc >/dev/null && command -v debootstrap >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc debootstrap >/dev/null; }
+	$(BIN)/pip install --quiet podman-compose
+	COMPOSE=$(BIN)/podman-compose scripts/image-smoke
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

@@ -27,7 +27,11 @@ def test_there_is_a_cpu_and_a_cuda_image() -> None:
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_images_are_pinned_non_root_and_start_the_service(dockerfile: Path) -> None:
     text = dockerfile.read_text()
-    bases = re.findall(r"^FROM\s+(\S+)", text, flags=re.M)
+    defaults = dict(re.findall(r"^ARG\s+(\w+)=(\S+)", text, flags=re.M))
+    bases = [  # a base given as a build argument is pinned by the argument's default
+        defaults.get(b[2:-1], b) if b.startswith("${") else b
+        for b in re.findall(r"^FROM\s+(\S+)", text, flags=re.M)
+    ]
     assert bases
     for base in bases:
         assert re.search(r":\d[\w.\-]*$", base), f"{base} is not pinned to a version"
