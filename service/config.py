@@ -11,6 +11,16 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 # Keys that appear in examples and templates; a real deployment never uses them.
 PLACEHOLDER_KEYS = frozenset({"changeme", "change-me", "secret", "password", "placeholder", "dev"})
 MIN_KEY_LENGTH = 16
+MIN_KEY_DISTINCT = 10  # a 16-character key of one repeated character is no secret
+
+
+def weak_key(key: str) -> bool:
+    """A placeholder, or too short or too repetitive to be a random secret."""
+    return (
+        key.lower() in PLACEHOLDER_KEYS
+        or len(key) < MIN_KEY_LENGTH
+        or len(set(key)) < MIN_KEY_DISTINCT
+    )
 
 
 def key_list(text: str) -> tuple[str, ...]:
@@ -28,10 +38,24 @@ class Settings(BaseSettings):
     auth_reads: bool = False  # whether reads (/recommend, /explain, the page) need a key too
     rate_limit_per_s: Annotated[float, Field(ge=0)] = 1000.0  # per key or client; 0 = off
     rate_burst: Annotated[int, Field(ge=1)] = 2000
+    # Failed authentications per client address: a token bucket of its own; when it is empty
+    # the address gets 429 without its key being checked. 0 = off.
+    auth_failures_per_s: Annotated[float, Field(ge=0)] = 1.0
+    auth_failure_burst: Annotated[int, Field(ge=1)] = 20
+    # Proxies (IPs or CIDR networks, comma-separated) whose X-Forwarded-For names the client;
+    # from any other peer the header is ignored. Empty: the peer is the client.
+    trusted_proxies: str = ""
+    # Slow clients (slowloris): a request's headers must arrive within this many seconds, and
+    # one address may hold this many connections open (trusted proxies exempt).
+    header_timeout_s: Annotated[float, Field(gt=0, le=300)] = 10.0
+    max_connections_per_address: Annotated[int, Field(ge=1)] = 100
     max_body_bytes: Annotated[int, Field(ge=1024)] = 1_048_576
 
     checkpoint: Path
     features: Path
+    # Folders (comma-separated) that POST /admin/reload may load files from, besides the
+    # serving checkpoint's and feature folder's own parent folders.
+    model_dirs: str = ""
     redis_url: str | None = None  # None: an in-process profile store
     redis_prefix: str = "visrec"
     device: str = "auto"
@@ -46,11 +70,15 @@ class Settings(BaseSettings):
     data: Path | None = None
     # Faults of the Redis store: the most a request waits for Redis (a pooled connection,
     # connecting, the reply). A read past it answers from the profile cache, marked degraded;
-    # a write past it answers 503 with Retry-After. The clock runs on the event loop, which a
-    # saturated server keeps busy: at 64 connections on 2 cores 50 ms degraded ~0.5-5% of
-    # reads, so writes, whose refusal costs the client a retry, get longer.
+    # a write past it answers 503 with Retry-After. Only the time the event loop was free to
+    # read the reply counts (service/store/deadline.py), so a saturated server does not time
+    # out a healthy Redis; writes, whose refusal costs the client a retry, get longer.
     redis_timeout_ms: Annotated[float, Field(gt=0, le=10_000)] = 50.0
     redis_write_timeout_ms: Annotated[float, Field(gt=0, le=10_000)] = 250.0
+    # Connections to Redis per process. Waiting for one counts against a request's deadline,
+    # so keep it above the requests in flight at peak: with 50, 200 writers on 2 cores had
+    # 1.4% of writes refused against a healthy Redis; with 200, none.
+    redis_max_connections: Annotated[int, Field(ge=1, le=10_000)] = 200
     # Profiles of the users this process read or wrote most recently, for reads while Redis
     # cannot answer: ~100-300 bytes each (stored encoded), so 50,000 take ~20 MB.
     profile_cache_size: Annotated[int, Field(ge=0)] = 50_000
@@ -61,6 +89,9 @@ class Settings(BaseSettings):
     items_sync_s: Annotated[float, Field(ge=0)] = 2.0
     max_image_bytes: Annotated[int, Field(ge=1024)] = 10 * 1_048_576
     max_image_pixels: Annotated[int, Field(ge=1)] = 40_000_000
+    # The in-process store (no Redis) keeps this many users, read or written most recently;
+    # ~700-900 bytes each with ~100-item histories, so a million take ~0.9 GB.
+    memory_store_max_users: Annotated[int, Field(ge=1)] = 1_000_000
 
     @model_validator(mode="after")
     def _no_usable_default_secrets(self) -> Settings:
@@ -72,11 +103,17 @@ class Settings(BaseSettings):
                 "refusing to start in production without API keys: set VISREC_API_KEYS (and "
                 "VISREC_ADMIN_KEYS), or VISREC_ENVIRONMENT=development for a local run"
             )
-        weak = [k for k in writers if k.lower() in PLACEHOLDER_KEYS or len(k) < MIN_KEY_LENGTH]
+        weak = [k for k in writers if weak_key(k)]
         if weak:
             raise ValueError(
-                f"refusing to start in production with {len(weak)} placeholder or short API "
-                f"key(s) (fewer than {MIN_KEY_LENGTH} characters); use random keys, e.g. "
+                f"refusing to start in production with {len(weak)} placeholder, short or "
+                f"repetitive API key(s) (a key needs at least {MIN_KEY_LENGTH} characters, "
+                f"{MIN_KEY_DISTINCT} of them distinct); use random keys, e.g. "
                 "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
             )
         return self
+
+    def reload_roots(self) -> tuple[Path, ...]:
+        """The folders POST /admin/reload may read from."""
+        extra = tuple(Path(d) for d in key_list(self.model_dirs))
+        return (self.checkpoint.parent, self.features.parent, *extra)

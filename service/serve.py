@@ -9,30 +9,36 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-import uvicorn
+# Only what parsing the arguments needs is imported here: torch and the training stack take
+# seconds, and `visrec-serve --help` (or a refused start) must not wait for them.
+if TYPE_CHECKING:
+    import torch
+    from pydantic_core import ErrorDetails
 
-from service.api.app import create_app
-from service.config import Settings
-from service.model.checkpoint import save_checkpoint
-from service.offline.data import Dataset, load_dataset
-from service.offline.features import extract_features
-from service.offline.pipeline import fit, prepare, to_checkpoint
-from service.offline.synthetic import WorldSpec, make_world
-from service.offline.train import TrainConfig
-from service.runtime import keep_freed_memory, pick_device
+    from service.offline.data import Dataset
 
 log = logging.getLogger("visrec.serve")
-# The built-in world: users go through runs of one shape, mostly their favourite, so both the
-# image (which shape) and the order (which run) matter; see service/offline/synthetic.py.
-WORLD = WorldSpec(n_users=300, n_items=400, interactions_per_user=30, taste=0.7, run_length=4.0)
+
+ENVIRONMENT = """environment (the service's settings, see service/config.py):
+  VISREC_ENVIRONMENT        production (default: refuses weak or missing keys) or development
+  VISREC_API_KEYS           comma-separated keys that may write; VISREC_ADMIN_KEYS: admin too
+  VISREC_AUTH_READS         true: reads need a key as well
+  VISREC_REDIS_URL          redis://host:port/db for shared profiles (default: in-process)
+  VISREC_TRUSTED_PROXIES    proxies whose X-Forwarded-For is believed (IPs or CIDRs)
+  VISREC_RATE_LIMIT_PER_S, VISREC_RATE_BURST, VISREC_MAX_BODY_BYTES, VISREC_INDEX,
+  VISREC_BATCH_WINDOW_MS, VISREC_CPU_THREADS, VISREC_REDIS_TIMEOUT_MS, VISREC_MODEL_DIRS, ...
+  VISREC_DATA, VISREC_DEVICE, HOST, PORT   defaults of the arguments above
+"""
 
 
 def histories(dataset: Dataset) -> dict[str, list[int]]:
     """Every user's raw item ids, oldest first (ties in file order)."""
+    import numpy as np
+
     order = np.lexsort((np.arange(len(dataset.users)), dataset.timestamps, dataset.users))
     out: dict[str, list[int]] = {}
     for u, i in zip(dataset.users[order].tolist(), dataset.items[order].tolist(), strict=True):
@@ -44,12 +50,24 @@ def prepare_serving(
     data: Path | None, work: Path, device: torch.device
 ) -> tuple[Dataset, Path, Path]:
     """(dataset, features folder, checkpoint), building whatever does not exist yet."""
+    from service.model.checkpoint import save_checkpoint
+    from service.offline.data import load_dataset
+    from service.offline.features import extract_features
+    from service.offline.pipeline import fit, prepare, to_checkpoint
+    from service.offline.synthetic import WorldSpec, make_world
+    from service.offline.train import TrainConfig
+
     config = TrainConfig()
     if data is None:
         data = work / "world"
         if not (data / "items.csv").is_file():
             log.info("no DATA given: generating the synthetic visual world in %s", data)
-            make_world(data, WORLD)
+            # users go through runs of one shape, mostly their favourite, so both the image
+            # (which shape) and the order (which run) matter; see service/offline/synthetic.py
+            world = WorldSpec(
+                n_users=300, n_items=400, interactions_per_user=30, taste=0.7, run_length=4.0
+            )
+            make_world(data, world)
     run_dir = work / data.resolve().name
     features, checkpoint = run_dir / "features-efficientnet_lite0", run_dir / "acf.pt"
     dataset = load_dataset(data)
@@ -62,8 +80,13 @@ def prepare_serving(
     return dataset, features, checkpoint
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(prog="visrec-serve", description=__doc__)
+def parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="visrec-serve",
+        description=__doc__,
+        epilog=ENVIRONMENT,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument(
         "data",
         type=Path,
@@ -71,24 +94,78 @@ def main() -> None:
         default=Path(os.environ["VISREC_DATA"]) if os.environ.get("VISREC_DATA") else None,
         help="dataset folder (default: $VISREC_DATA, else the synthetic world)",
     )
-    parser.add_argument("--work-dir", type=Path, default=Path("runs"))
-    parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
-    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
-    parser.add_argument("--device", default=os.environ.get("VISREC_DEVICE", "auto"))
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        default=Path("runs"),
+        help="where features and the checkpoint are built and found (default: runs)",
+    )
+    parser.add_argument(
+        "--host",
+        default=os.environ.get("HOST", "127.0.0.1"),
+        help="address to listen on (default: $HOST, else 127.0.0.1)",
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=int(os.environ.get("PORT", "8000")),
+        help="port to listen on (default: $PORT, else 8000)",
+    )
+    parser.add_argument(
+        "--device",
+        default=os.environ.get("VISREC_DEVICE", "auto"),
+        help="cpu, cuda, cuda:N or auto: the GPU when there is one (default: $VISREC_DEVICE)",
+    )
     parser.add_argument(
         "--load-profiles",
         action="store_true",
         help="replace the Redis profiles with the dataset's histories (the in-process store "
         "always starts from them)",
     )
-    args = parser.parse_args()
+    return parser
+
+
+def settings_problem() -> str | None:
+    """What is wrong with the environment's settings, in one line (None: nothing)."""
+    from pydantic import ValidationError
+
+    from service.config import Settings
+
+    try:
+        Settings(checkpoint=Path(), features=Path())  # the paths are filled in later
+    except ValidationError as err:
+        return "; ".join(_one_line(e) for e in err.errors())
+    return None
+
+
+def _one_line(error: ErrorDetails) -> str:
+    """A pydantic error as an operator reads it: the setting, then what is wrong."""
+    message = str(error["msg"]).removeprefix("Value error, ")
+    where = ".".join(str(part) for part in error.get("loc", ()))
+    return f"VISREC_{where.upper()}: {message}" if where else message
+
+
+def main() -> None:
+    args = parser().parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # Fail fast on the environment's settings (e.g. no API keys in production) before what may
-    # be minutes of building; the paths are filled in below.
-    try:
-        Settings(checkpoint=Path(), features=Path())
-    except ValueError as err:  # pydantic's ValidationError: say it without a traceback
-        parser.error(str(err))
+    # be minutes of building, in one line rather than pydantic's dump.
+    problem = settings_problem()
+    if problem:
+        print(f"visrec-serve: {problem}", file=sys.stderr)
+        raise SystemExit(2)
+    serve(args)
+
+
+def serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from service.api.app import create_app
+    from service.api.connections import guarded_http
+    from service.api.security import Proxies
+    from service.config import Settings
+    from service.runtime import keep_freed_memory, pick_device
+
     keep_freed_memory()
     device = pick_device(args.device)
     dataset, features, checkpoint = prepare_serving(args.data, args.work_dir, device)
@@ -100,7 +177,19 @@ def main() -> None:
     # The in-process store starts from the dataset's histories; a Redis store keeps its own.
     load = args.load_profiles or not settings.redis_url
     profiles = histories(dataset) if load else None
-    uvicorn.run(create_app(settings, profiles=profiles), host=args.host, port=args.port)
+    # X-Forwarded-For is the app's business (VISREC_TRUSTED_PROXIES): uvicorn's own handling
+    # believes it from any local peer.
+    uvicorn.run(
+        create_app(settings, profiles=profiles),
+        host=args.host,
+        port=args.port,
+        proxy_headers=False,
+        http=guarded_http(
+            header_timeout_s=settings.header_timeout_s,
+            per_address=settings.max_connections_per_address,
+            exempt=Proxies.parse(settings.trusted_proxies).trusts,
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -91,6 +92,12 @@ def test_an_unknown_user_gets_popular_items(client: TestClient) -> None:
     body = client.get("/recommend/nobody-knows-me", params={"k": 7}).json()
     assert body["fallback"] is True
     assert len(body["items"]) == 7
+    # one meaning per field: no model score for them, their interaction counts apart
+    assert [x["score"] for x in body["items"]] == [None] * 7
+    counts = [x["popularity"] for x in body["items"]]
+    assert counts == sorted(counts, reverse=True) and all(isinstance(n, int) for n in counts)
+    known = client.get("/recommend/3", params={"k": 3}).json()["items"]
+    assert all(x["popularity"] is None and isinstance(x["score"], float) for x in known)
 
 
 def test_interactions_are_read_back_at_once(client: TestClient) -> None:
@@ -219,3 +226,124 @@ def test_metrics_label_refused_requests_with_their_status(client: TestClient) ->
         r'status="422"\} [1-9]',
         text,
     )
+
+
+@pytest.mark.parametrize(
+    ("url", "body", "field"),
+    [
+        ("/recommend", b'{"history": [NaN]}', "history"),
+        ("/recommend", b'{"history": [Infinity]}', "history"),
+        ("/recommend", b'{"history": [1e400]}', "history"),
+        ("/recommend", b'{"history": [1], "k": NaN}', "k"),
+        ("/recommend", b'{"history": [1], "offset": -Infinity}', "offset"),
+        ("/interactions", b'{"events": [{"user_id": "u", "item_id": 1e400}]}', "item_id"),
+        ("/interactions", b'{"events": [{"user_id": "u", "item_id": NaN}]}', "item_id"),
+        ("/interactions", b'{"events": [{"user_id": "\\ud800", "item_id": 1}]}', "user_id"),
+        (
+            "/interactions",
+            b'{"events": [{"user_id": "u", "item_id": 1, "event_id": "e\\udfff"}]}',
+            "event_id",
+        ),
+        ("/explain", b'{"history": [1], "item_id": Infinity}', "item_id"),
+    ],
+)
+def test_non_finite_numbers_and_lone_surrogates_are_a_422_naming_the_field(
+    client: TestClient, url: str, body: bytes, field: str
+) -> None:
+    """The default 422 handler echoed the input, which JSON cannot carry: a 500 instead."""
+    r = client.post(url, content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert any(field in e["loc"] for e in r.json()["detail"]), r.json()
+
+
+def test_user_ids_are_the_ones_get_can_reach(client: TestClient) -> None:
+    slash = {"events": [{"user_id": "team/alice", "item_id": 3}]}
+    r = client.post("/interactions", json=slash)
+    assert r.status_code == 422
+    assert r.json()["detail"][0]["loc"][-1] == "user_id"
+    control = {"events": [{"user_id": "a\nb", "item_id": 3}]}
+    assert client.post("/interactions", json=control).status_code == 422
+    # dataset user ids are integers: 987654 is the user "987654"
+    number = {"events": [{"user_id": 987654, "item_id": 3, "event_id": "int-1"}]}
+    assert client.post("/interactions", json=number).json()["applied"] == 1
+    body = client.get("/recommend/987654").json()
+    assert body["fallback"] is False
+    assert 3 not in [x["item_id"] for x in body["items"]]
+    again = {"events": [{"user_id": "987654", "item_id": 3, "event_id": "int-1"}]}
+    assert client.post("/interactions", json=again).json()["applied"] == 0  # the same user
+    for bad in (True, -1, 2**64, 1.5):
+        r = client.post("/interactions", json={"events": [{"user_id": bad, "item_id": 3}]})
+        assert r.status_code == 422, bad
+
+
+def test_a_body_that_is_not_json_by_its_content_type_is_told_so(client: TestClient) -> None:
+    """``curl -d`` sends a form: FastAPI answered "Input should be a valid dictionary"."""
+    r = client.post(
+        "/interactions",
+        content=b'{"events": [{"user_id": "u", "item_id": 1}]}',
+        headers={"content-type": "application/x-www-form-urlencoded"},
+    )
+    assert r.status_code == 415
+    assert "application/json" in r.json()["detail"]
+    untyped = client.post("/recommend", content=b'{"history": [1]}')
+    assert untyped.status_code == 415
+    assert "without a Content-Type" in untyped.json()["detail"]
+
+
+def test_an_event_id_reused_for_another_event_is_a_409_naming_it(client: TestClient) -> None:
+    first = {"events": [{"user_id": "u-409", "item_id": 3, "event_id": "same"}]}
+    assert client.post("/interactions", json=first).json()["applied"] == 1
+    other = {
+        "events": [
+            {"user_id": "u-409b", "item_id": 4, "event_id": "fresh"},
+            {"user_id": "u-409", "item_id": 5, "event_id": "same"},
+        ]
+    }
+    r = client.post("/interactions", json=other)
+    assert r.status_code == 409
+    assert r.json()["event_ids"] == ["same"] and "same" in r.json()["detail"]
+    assert client.get("/recommend/u-409b").json()["fallback"] is True  # nothing applied
+    assert client.post("/interactions", json=first).json()["applied"] == 0  # a true retry
+
+
+@pytest.mark.parametrize(
+    "timestamp",
+    [b"NaN", b"Infinity", b"-Infinity", b"1e300", b"-1e300", b"-1", b"1e400", b'"soon"'],
+)
+def test_absurd_timestamps_are_a_422(client: TestClient, timestamp: bytes) -> None:
+    body = b'{"events": [{"user_id": "u-ts", "item_id": 3, "timestamp": %s}]}' % timestamp
+    r = client.post("/interactions", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"][0]["loc"][-1] == "timestamp"
+
+
+def test_a_timestamp_from_the_future_is_a_422(client: TestClient) -> None:
+    ahead = time.time() + 3 * 24 * 3600
+    event = {"user_id": "u-future", "item_id": 3, "timestamp": ahead}
+    r = client.post("/interactions", json={"events": [event]})
+    assert r.status_code == 422
+    assert r.json()["timestamps"] == [ahead]
+    assert client.get("/recommend/u-future").json()["fallback"] is True
+
+
+def test_a_late_event_takes_its_place_in_time(client: TestClient) -> None:
+    now = time.time()
+    events = [{"user_id": "u-late", "item_id": i, "timestamp": now - 100 + i} for i in range(1, 10)]
+    client.post("/interactions", json={"events": events})
+    late = {"user_id": "u-late", "item_id": 20, "timestamp": now - 1000}  # sent last, oldest
+    client.post("/interactions", json={"events": [late]})
+    item = client.get("/recommend/u-late", params={"k": 1}).json()["items"][0]["item_id"]
+    why = client.get("/explain/u-late", params={"item_id": item}).json()
+    assert [p["item_id"] for p in why["profile"]] == list(range(1, 10))
+
+
+def test_every_route_is_described_in_openapi(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    undescribed = [
+        f"{method.upper()} {path}"
+        for path, operations in spec["paths"].items()
+        for method, operation in operations.items()
+        if len(operation.get("description", "")) < 20
+    ]
+    assert undescribed == []
+    assert spec["info"]["description"]

@@ -27,7 +27,11 @@ def test_there_is_a_cpu_and_a_cuda_image() -> None:
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_images_are_pinned_non_root_and_start_the_service(dockerfile: Path) -> None:
     text = dockerfile.read_text()
-    bases = re.findall(r"^FROM\s+(\S+)", text, flags=re.M)
+    defaults = dict(re.findall(r"^ARG\s+(\w+)=(\S+)", text, flags=re.M))
+    bases = [  # a base given as a build argument is pinned by the argument's default
+        defaults.get(b[2:-1], b) if b.startswith("${") else b
+        for b in re.findall(r"^FROM\s+(\S+)", text, flags=re.M)
+    ]
     assert bases
     for base in bases:
         assert re.search(r":\d[\w.\-]*$", base), f"{base} is not pinned to a version"
@@ -69,3 +73,20 @@ def test_the_gpu_service_is_an_opt_in_profile(compose: dict[str, Any]) -> None:
     devices = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["capabilities"] == ["gpu"]
     assert "profiles" not in compose["services"]["api"]
+
+
+def test_compose_without_keys_says_what_to_set(compose: dict[str, Any]) -> None:
+    """`docker compose up` with no key must explain itself: the interpolation's error message
+    names the variable's rule and a command that makes a key."""
+    value = compose["services"]["api"]["environment"]["VISREC_API_KEYS"]
+    match = re.fullmatch(r"\$\{VISREC_API_KEYS:\?(.+)\}", value)
+    assert match, value
+    message = match.group(1)
+    assert "16+ characters" in message and "secrets.token_urlsafe" in message
+    assert "$(" not in message.replace("$$(", "")  # a literal $ is $$ in compose files
+    assert "}" not in message  # it would end the interpolation early
+
+
+def test_the_readme_says_compose_v2() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert "Compose v2" in readme and "docker-compose" in readme

@@ -26,6 +26,7 @@ from redis.crc import key_slot
 
 from service.store.profiles import (
     MAX_ITEM_ID,
+    EventConflict,
     Interaction,
     MemoryProfileStore,
     Profile,
@@ -223,7 +224,7 @@ def test_replayed_event_ids_are_applied_once(with_store: Runner) -> None:
         Interaction("b", 2, event_id="e1"),  # the same id for another user is another event
         Interaction("a", 3, event_id="e2"),
         Interaction("a", 1, event_id="e3"),
-        Interaction("a", 4, event_id="e2"),  # a retry inside the batch itself
+        Interaction("a", 3, event_id="e2"),  # a retry inside the batch itself
     ]
 
     async def scenario(store: ProfileStore) -> None:
@@ -236,6 +237,48 @@ def test_replayed_event_ids_are_applied_once(with_store: Runner) -> None:
         # Without an id an event cannot be recognised, so it is applied again.
         assert await store.add([Interaction("a", 3), Interaction("a", 3, event_id="")]) == 2
         assert await store.recent(["a"]) == [[1, 3]]
+
+    with_store(scenario)
+
+
+def test_recent_items_follow_event_time_ties_by_arrival(with_store: Runner) -> None:
+    """An event sent late with an older time takes its place in time, not the newest one."""
+
+    async def scenario(store: ProfileStore) -> None:
+        await store.add([Interaction("u", i, 1000.0 + i) for i in range(1, 10)])  # 1..9
+        await store.add([Interaction("u", 50, 1004.5)])  # late: between 4 and 5
+        assert await store.recent(["u"]) == [[2, 3, 4, 50, 5, 6, 7, 8, 9]]
+        await store.add([Interaction("u", 60, 10.0)])  # older than all nine: seen only
+        assert await store.recent(["u"]) == [[2, 3, 4, 50, 5, 6, 7, 8, 9]]
+        assert 60 in (await store.seen(["u"]))[0]
+        await store.add([Interaction("u", 8, 1001.0)])  # an older event of a later item
+        assert await store.recent(["u"]) == [[2, 3, 4, 50, 5, 6, 7, 8, 9]]
+        await store.add([Interaction("u", 3, 1009.0)])  # a tie with 9: after it, by arrival
+        assert await store.recent(["u"]) == [[2, 4, 50, 5, 6, 7, 8, 9, 3]]
+        await store.add([Interaction("u", 70)])  # no time: now, later than all of these
+        assert (await store.recent(["u"]))[0][-1] == 70
+
+    with_store(scenario, clock=FakeClock(2_000_000.0))
+
+
+def test_an_event_id_reused_for_another_event_is_refused_whole(with_store: Runner) -> None:
+    async def scenario(store: ProfileStore) -> None:
+        assert await store.add([Interaction("u", 1, 5.0, "e1")]) == 1
+        before = await store.profiles(["u", "v"])
+        for batch in (
+            [Interaction("v", 7, None, "v1"), Interaction("u", 2, 5.0, "e1")],  # another item
+            [Interaction("u", 1, 6.0, "e1")],  # another time
+            [Interaction("u", 1, None, "e1")],  # no time where one was given
+            [Interaction("u", 3, None, "e2"), Interaction("u", 4, None, "e2")],  # in one call
+        ):
+            with pytest.raises(EventConflict) as refused:
+                await store.add(batch)
+            assert refused.value.event_ids in (["e1"], ["e2"])
+            assert await store.profiles(["u", "v"]) == before  # nothing applied, v's neither
+        assert await store.add([Interaction("u", 1, 5.0, "e1")]) == 0  # a true retry: fine
+        assert (
+            await store.add([Interaction("u", 1, 5.0, "e1"), Interaction("u", 1, 5.0, "e1")]) == 0
+        )
 
     with_store(scenario)
 
@@ -446,18 +489,31 @@ def test_encoding_round_trips() -> None:
         seen = random_ids(rng, rng.randint(1, 60))
         recent = rng.sample(seen, min(len(set(seen)), rng.randint(0, 9)))
         recent = list(dict.fromkeys(recent))
-        data = encode_profile(recent, seen)
-        assert decode_profile(data) == Profile(recent, frozenset(seen))
+        times = sorted(rng.choice([0, rng.randrange(2**42)]) for _ in recent)
+        data = encode_profile(recent, seen, times)
+        decoded = decode_profile(data)
+        assert decoded == Profile(recent, frozenset(seen))
+        assert decoded.times == tuple(times)
     assert encode_profile([], []) == b""
     assert decode_profile(b"") == decode_profile(None) == Profile([], frozenset())
 
 
+def test_profiles_stored_before_event_times_are_read() -> None:
+    """The first format (no times, no marker byte) still decodes: its items are old, time 0."""
+    v1 = bytes([2, 0xAC, 0x02, 5, 5, 0xA7, 0x02])  # recent [300, 5], seen {5, 300}
+    assert decode_profile(v1) == Profile([300, 5], frozenset({5, 300}))
+    assert decode_profile(v1).times == (0, 0)
+
+
 def test_encoding_is_varints_of_gaps() -> None:
-    # n=2, recent 300 (2 bytes) and 5, then seen 5, 300 as gaps 5 and 295 (2 bytes).
-    assert encode_profile([300, 5], [300, 5, 5]) == bytes([2, 0xAC, 0x02, 5, 5, 0xA7, 0x02])
+    # The marker, n=2, recent 300 (2 bytes) and 5, their times 1000 and 1000 + 5 ms as 1000
+    # (2 bytes) and the gap 5, then seen 5, 300 as gaps 5 and 295 (2 bytes).
+    assert encode_profile([300, 5], [300, 5, 5], [1000, 1005]) == bytes(
+        [0xFE, 2, 0xAC, 0x02, 5, 0xE8, 0x07, 5, 5, 0xA7, 0x02]
+    )
     # Gaps below 128 take one byte whatever the ids: 100 ids near 2**40, about 100 bytes.
     seen = range(2**40, 2**40 + 100 * 16, 16)
-    assert len(encode_profile([], seen)) == 1 + 6 + 99
+    assert len(encode_profile([], seen)) == 2 + 6 + 99
 
 
 # --------------------------------------------------------------------------- in-process only
@@ -476,8 +532,9 @@ def test_memory_store_applies_concurrent_adds_in_call_order() -> None:
 
 
 def test_redis_keeps_the_last_nine_in_server_order(with_redis: Runner) -> None:
-    """50 adds at once over one pool: `recent` holds the last 9 the server ran, in that order
-    (MONITOR reports commands in the order the server executes them)."""
+    """50 adds at once over one pool, all at one time: `recent` holds the last 9 the server
+    ran, in that order (ties in time go by arrival; MONITOR reports commands in the order the
+    server executes them)."""
     items = list(range(200, 250))
 
     async def scenario(store: RedisProfileStore) -> None:
@@ -501,7 +558,7 @@ def test_redis_keeps_the_last_nine_in_server_order(with_redis: Runner) -> None:
         assert len(connections) > 1, "the adds did not run concurrently"
         assert await store.recent(["u"]) == [order[-9:]]
 
-    with_redis(scenario)
+    with_redis(scenario, clock=FakeClock())
 
 
 def test_redis_keys_of_a_user_share_one_slot(with_redis: Runner) -> None:
@@ -523,6 +580,7 @@ def test_redis_keys_of_a_user_share_one_slot(with_redis: Runner) -> None:
         assert store.keys("alice").all == (
             f"{store.prefix}:{{u:alice}}:p",
             f"{store.prefix}:{{u:alice}}:ev",
+            f"{store.prefix}:{{u:alice}}:evp",
         )
 
     with_redis(scenario)
@@ -592,8 +650,10 @@ def test_redis_matches_memory_on_random_streams(with_redis: Runner) -> None:
     rng = random.Random(6)
     users = [f"r{k}" for k in range(12)]
 
+    clock = FakeClock()
+
     async def scenario(store: RedisProfileStore) -> None:
-        memory = MemoryProfileStore()
+        memory = MemoryProfileStore(clock=clock)
         client = aioredis.Redis.from_url(REDIS_URL)
         try:
             for step in range(300):
@@ -601,17 +661,22 @@ def test_redis_matches_memory_on_random_streams(with_redis: Runner) -> None:
                     histories = {u: random_ids(rng, rng.randint(0, 400)) for u in users[:4]}
                     await store.load(histories)
                     await memory.load(histories)
-                batch = [Interaction(rng.choice(users), i) for i in random_ids(rng, 8)]
+                clock.now += rng.choice([0, 0.0004, 1])
+                batch = [  # late, early, and untimed events; times in whole ms, as stored
+                    Interaction(rng.choice(users), i, rng.choice([None, rng.randrange(10**6)]))
+                    for i in random_ids(rng, 8)
+                ]
                 assert await store.add(batch) == await memory.add(batch)
             expected = await memory.profiles(users)
             assert await store.profiles(users) == expected
             for user, profile in zip(users, expected, strict=True):
                 stored = await client.get(store.keys(user).profile)
-                assert stored == (encode_profile(profile.recent, profile.seen) or None)
+                blob = encode_profile(profile.recent, profile.seen, profile.times)
+                assert stored == (blob or None)
         finally:
             await client.aclose()
 
-    with_redis(scenario)
+    with_redis(scenario, clock=clock)
 
 
 def test_redis_profiles_is_one_round_trip(
@@ -645,3 +710,42 @@ def test_redis_refuses_a_decoding_client() -> None:
     client = aioredis.Redis.from_url(REDIS_URL, decode_responses=True)  # connects lazily
     with pytest.raises(ValueError, match="decode"):
         RedisProfileStore(client)
+
+
+def test_memory_store_keeps_the_most_recent_users_within_its_bound() -> None:
+    evictions: list[int] = []
+
+    async def scenario(store: MemoryProfileStore) -> None:
+        for user in ("a", "b", "c"):
+            await store.add(events(user, [1]))
+        await store.profiles(["a"])  # a is now more recent than b
+        await store.add(events("d", [2]))
+        assert store.evicted == 1 and len(evictions) == 1
+        found = await store.profiles(["a", "b", "c", "d"])
+        assert [bool(p.seen) for p in found] == [True, False, True, True]  # b was forgotten
+        await store.load({"e": [3], "f": [4]})
+        assert store.evicted == 3 and len(store._profiles) == 3
+
+    _runner(open_memory)(scenario, max_users=3, on_evict=lambda: evictions.append(1))
+    with pytest.raises(ValueError, match="max_users"):
+        MemoryProfileStore(max_users=0)
+
+
+def test_memory_store_writes_do_not_copy_a_users_event_log() -> None:
+    """One write to a user with 300k logged event ids took 267 ms on the event loop: it
+    rebuilt the user's whole id dict to drop expired ids. Now expired ids leave from the front
+    and the log is changed in place."""
+    clock = FakeClock()
+
+    async def scenario(store: MemoryProfileStore) -> None:
+        await store.add([Interaction("u", k % 50, None, f"old-{k}") for k in range(1000)])
+        clock.now += 50
+        await store.add([Interaction("u", k % 50, None, f"new-{k}") for k in range(1000)])
+        log = store._profiles["u"].events
+        clock.now += 60  # the first 1,000 ids are now older than the TTL, the others not
+        assert await store.add([Interaction("u", 1, None, "newest")]) == 1
+        assert store._profiles["u"].events is log  # the same dict, changed in place
+        assert len(log) == 1001 and next(iter(log)) == "new-0"
+        assert await store.add([Interaction("u", 1, None, "old-0")]) == 1  # forgotten: new
+
+    _runner(open_memory)(scenario, event_ttl_s=100, clock=clock)

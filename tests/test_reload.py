@@ -33,8 +33,8 @@ from service.offline.train import TrainConfig
 from service.serve import histories
 
 CONFIG = TrainConfig(dim=8, attention_dim=8, epochs=2, batch_size=256, lr=1e-2)
-WRITER = "w-" + "c3" * 12
-ADMIN = "adm-" + "d4" * 12
+WRITER = "w-0123456789abcdefghijkl"
+ADMIN = "adm-ABCDEFGHIJKLMNOPQRSTUV"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +63,12 @@ def serving(files: Files, tmp_path: Path, **settings: object) -> TestClient:
     """A client of an app serving a copy of checkpoint ``a`` (so a test may overwrite it)."""
     ckpt = tmp_path / "serving.pt"
     shutil.copy(files.a, ckpt)
-    base = {"checkpoint": ckpt, "features": files.features, "device": "cpu"}
+    base = {
+        "checkpoint": ckpt,
+        "features": files.features,
+        "device": "cpu",
+        "model_dirs": str(files.a.parent),  # where the other checkpoints are
+    }
     app = create_app(Settings(**{**base, **settings}), profiles=files.profiles)  # type: ignore[arg-type]
     return TestClient(app)
 
@@ -153,6 +158,22 @@ def test_a_bad_checkpoint_leaves_the_old_model_serving(
     assert client.get("/recommend/3", params={"k": 10}).json() == before
     # the failed files were not remembered: a plain reload reads the serving ones
     assert client.post("/admin/reload").json()["model_version"] == old
+
+
+@pytest.mark.parametrize("outside", ["/etc/passwd", "/etc", "{tmp}/../../etc/passwd"])
+def test_files_outside_the_model_folders_are_refused(
+    client: TestClient, tmp_path: Path, outside: str
+) -> None:
+    """An admin call must not make the server read arbitrary files; /etc/passwd answered 422
+    "list index out of range" after reading it."""
+    (old,) = versions(client)
+    path = outside.format(tmp=tmp_path)
+    for field in ("checkpoint", "features"):
+        r = client.post("/admin/reload", json={field: path})
+        assert r.status_code == 422
+        assert "outside the model folders" in r.json()["detail"]
+        assert "VISREC_MODEL_DIRS" in r.json()["detail"]
+        assert r.json()["model_version"] == old
 
 
 def test_features_that_do_not_exist_are_refused(client: TestClient, tmp_path: Path) -> None:

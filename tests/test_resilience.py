@@ -12,7 +12,8 @@ import asyncio
 import random
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from redis import exceptions as rx
 from benchmarks.fault_injection import RedisServer
 from benchmarks.serve_load import Catalogue, synthetic_catalogue
 from service.api.app import create_app
+from service.store.deadline import LoopLag, deadline
 from service.store.profiles import (
     Interaction,
     MemoryProfileStore,
@@ -30,10 +32,12 @@ from service.store.profiles import (
     RedisProfileStore,
     StoreUnavailable,
     decode_profile,
+    encode_profile,
     is_outage,
+    nothing_applied,
     user_keys,
 )
-from service.store.resilient import ProfileCache, ResilientStore, with_items
+from service.store.resilient import ProfileCache, ResilientStore, with_events
 
 TIMEOUT_MS = 100  # the service default is 50; more room here on a busy test machine
 # What a request may take while Redis hangs: the timeout plus the app's own work, with room
@@ -223,12 +227,12 @@ def test_cached_profiles_follow_writes_exactly_as_the_store_does() -> None:
         for step in range(300):
             if rng.random() < 0.3:
                 await store.read([rng.choice(users)])  # caches it
-            batch = [
-                Interaction(
-                    rng.choice(users), rng.randrange(12), None, rng.choice(["", f"e{step}", "dup"])
-                )
-                for _ in range(rng.randint(1, 4))
-            ]
+            batch = []
+            for _ in range(rng.randint(1, 4)):
+                item = rng.randrange(12)
+                when = rng.choice([None, float(rng.randrange(100))])  # late and untimed events
+                event_id = rng.choice(["", f"e{step}-{item}-{when}", f"dup-{item}-{when}"])
+                batch.append(Interaction(rng.choice(users), item, when, event_id))
             await store.add(batch)
             truth = await inner.profiles(users)
             for user, profile in zip(users, truth, strict=True):
@@ -253,11 +257,12 @@ def test_the_cache_keeps_the_most_recent_users_only() -> None:
         ProfileCache(-1)
 
 
-def test_with_items_is_the_stores_rule() -> None:
-    profile = Profile([1, 2, 3], frozenset({1, 2, 3, 9}))
-    assert with_items(profile, [2, 5], max_recent=3) == Profile(
-        [3, 2, 5], frozenset({1, 2, 3, 5, 9})
-    )
+def test_with_events_is_the_stores_rule() -> None:
+    profile = Profile([1, 2, 3], frozenset({1, 2, 3, 9}), (10_000, 20_000, 30_000))
+    new = [Interaction("u", 2, None), Interaction("u", 5, 25.0), Interaction("u", 7, 1.0)]
+    after = with_events(profile, new, max_recent=3, now=40.0)
+    assert after == Profile([5, 3, 2], frozenset({1, 2, 3, 5, 7, 9}))  # 7 came too late
+    assert after.times == (25_000, 30_000, 40_000)
 
 
 @pytest.mark.parametrize(
@@ -270,6 +275,10 @@ def test_with_items_is_the_stores_rule() -> None:
         (rx.TimeoutError("Timeout reading from socket"), True),
         (rx.OutOfMemoryError("command not allowed when used memory > 'maxmemory'."), True),
         (rx.ResponseError("MISCONF Errors writing to the AOF file"), True),
+        (
+            rx.ResponseError("Command # 2 (EVALSHA ab 2) of pipeline caused error: ('MISCONF x',)"),
+            True,
+        ),
         (rx.ReadOnlyError("You can't write against a read only replica."), True),
         (rx.ResponseError("Error running script (call to f_0): bad argument"), False),
         (rx.ResponseError("WRONGTYPE Operation against a key holding the wrong kind"), False),
@@ -278,6 +287,23 @@ def test_with_items_is_the_stores_rule() -> None:
 )
 def test_outages_are_told_apart_from_bad_calls(error: Exception, outage: bool) -> None:
     assert is_outage(error) is outage
+
+
+@pytest.mark.parametrize(
+    ("error", "nothing"),
+    [
+        (rx.OutOfMemoryError("command not allowed when used memory > 'maxmemory'."), True),
+        (rx.ReadOnlyError("You can't write against a read only replica."), True),
+        (rx.ConnectionError("Error 111 connecting to 127.0.0.1:1. Connection refused."), True),
+        (rx.ConnectionError("No connection available."), True),
+        (rx.ResponseError("MISCONF Errors writing to the AOF file"), True),
+        (rx.ConnectionError("Connection closed by server."), False),  # maybe mid-reply
+        (TimeoutError(), False),  # the deadline: the call may have run
+        (rx.TimeoutError("Timeout reading from socket"), False),
+    ],
+)
+def test_refusals_that_applied_nothing_are_told_apart(error: Exception, nothing: bool) -> None:
+    assert nothing_applied(error) is nothing
 
 
 def test_a_store_past_its_deadline_is_unavailable(tmp_path: Path) -> None:
@@ -304,3 +330,321 @@ def test_a_store_past_its_deadline_is_unavailable(tmp_path: Path) -> None:
     finally:
         redis.close()
         server.kill()
+
+
+# --------------------------------------------------------------------------- faults in batches
+
+POOL = 4  # pooled connections of the stores below: few, so a leak empties the pool at once
+
+
+def batch_of(n: int, users: int, *, tag: str = "b") -> list[Interaction]:
+    """A batch of ``users`` new users, one event each (with an id)."""
+    return [Interaction(f"{tag}{n}-{u}", 1 + u % 200, None, f"{tag}{n}-{u}") for u in range(users)]
+
+
+async def outcomes(store: RedisProfileStore, batches: Sequence[list[Interaction]]) -> list[str]:
+    """Each batch added concurrently: "ok", or the reason it was refused."""
+
+    async def one(events: list[Interaction]) -> str:
+        try:
+            await store.add(events)
+        except StoreUnavailable as exc:
+            return str(exc)
+        return "ok"
+
+    return list(await asyncio.gather(*(one(b) for b in batches)))
+
+
+@pytest.mark.parametrize("fault", ["pause", "kill"])
+def test_faults_during_multi_user_batches_leave_the_pool_whole(tmp_path: Path, fault: str) -> None:
+    """redis-py's ``Pipeline.execute`` runs SCRIPT EXISTS before its own clean-up: a fault or the
+    deadline there kept the pooled connection for good, until no write could get one."""
+    server = RedisServer(tmp_path)
+    server.start()
+    admin = server.client()
+
+    async def scenario() -> None:
+        store = RedisProfileStore.from_url(
+            server.url, max_connections=POOL, deadline_s=0.1, write_deadline_s=0.1
+        )
+        try:
+            warm = await outcomes(store, [batch_of(n, 20) for n in range(POOL)])
+            assert warm == ["ok"] * POOL  # every pooled connection is open
+            if fault == "pause":
+                admin.execute_command("CLIENT", "PAUSE", 1500, "ALL")  # one 1.5 s hang
+            else:
+                server.kill()
+            # Batches in flight when the fault hits: each has a pooled connection, most are in
+            # SCRIPT EXISTS when the deadline or the broken connection ends them.
+            refused = await outcomes(store, [batch_of(100 + n, 20) for n in range(3 * POOL)])
+            assert "ok" not in refused
+            if fault == "kill":
+                server.start()  # returns once it answers
+            else:
+                admin.ping()  # answered once the pause is over
+            pool = store._client.connection_pool
+            assert len(pool._in_use_connections) == 0  # type: ignore[attr-defined]
+            after = await outcomes(store, [batch_of(200 + n, 20) for n in range(2 * POOL)])
+            assert after == ["ok"] * (2 * POOL)
+        finally:
+            await store.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        admin.close()
+        server.kill()
+
+
+def used_memory(redis: Any) -> int:
+    return int(redis.info("memory")["used_memory"])
+
+
+def test_an_out_of_memory_redis_refuses_whole_batches_and_says_why(tmp_path: Path) -> None:
+    """A script without declared flags was let past maxmemory after its first write command;
+    without a transaction, a batch crossing the limit was applied in part."""
+    server = RedisServer(tmp_path)
+    server.start()
+    admin = server.client()
+    limit = used_memory(admin) + 1_000_000
+    admin.config_set("maxmemory", limit)
+    admin.config_set("maxmemory-policy", "noeviction")
+
+    async def scenario() -> None:
+        store = RedisProfileStore.from_url(server.url, deadline_s=2, write_deadline_s=2)
+        try:
+            assert await store.write_refusal() is None
+            accepted: list[list[Interaction]] = []
+            refused: StoreUnavailable | None = None
+            for n in range(40):
+                batch = batch_of(n, 1000, tag="oom")
+                try:
+                    await store.add(batch)
+                except StoreUnavailable as exc:
+                    refused = exc
+                    break
+                accepted.append(batch)
+            assert refused is not None, "40 batches of 1,000 new users fitted into 1 MB"
+            assert refused.maybe_applied is False
+            assert "out of memory" in refused.reason
+            assert used_memory(admin) < limit + 400_000  # at most the batch that crossed it
+            # Whole batches or nothing: every user of an accepted batch, none of the refused one.
+            found = await store.profiles([e.user_id for b in accepted for e in b])
+            assert all(p.seen for p in found)
+            found = await store.profiles([e.user_id for e in batch])
+            assert not any(p.seen for p in found)
+            # A client's query buffer counts as used memory: the refused batch's own size may
+            # have tipped it. Below the limit for good, one user's write is refused as well.
+            admin.config_set("maxmemory", used_memory(admin) // 2)
+            with pytest.raises(StoreUnavailable, match="out of memory"):
+                await store.add(batch_of(999, 1, tag="one"))  # one user: one script, refused
+            assert "out of memory" in (await store.write_refusal() or "")
+            admin.config_set("maxmemory", 0)
+            assert await store.write_refusal() is None
+            assert await store.add(batch) == len(batch)
+        finally:
+            await store.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        admin.close()
+        server.kill()
+
+
+def test_out_of_memory_is_a_503_saying_nothing_was_applied_and_readyz_says_why(
+    client: TestClient, redis_running: RedisServer
+) -> None:
+    admin = redis_running.client()
+    admin.config_set("maxmemory", used_memory(admin) + 300_000)
+    try:
+        for n in range(40):
+            body = {
+                "events": [
+                    {"user_id": e.user_id, "item_id": e.item_id, "event_id": e.event_id}
+                    for e in batch_of(n, 1000, tag="api-oom")
+                ]
+            }
+            r = client.post("/interactions", json=body)
+            if r.status_code != 200:
+                break
+        assert r.status_code == 503
+        assert r.json()["nothing_applied"] is True
+        assert "out of memory" in r.json()["reason"]
+        assert "Nothing was applied" in r.json()["detail"]
+        # The refused batch's own query buffer may have tipped Redis over: below the limit for
+        # good (data over maxmemory), /readyz says why writes are refused.
+        admin.config_set("maxmemory", used_memory(admin) // 2)
+        ready = client.get("/readyz").json()
+        assert ready["degraded"] is True
+        assert "out of memory" in ready["store"]
+        assert client.get("/recommend/3").json()["degraded"] is False  # reads still work
+    finally:
+        admin.config_set("maxmemory", 0)
+        admin.close()
+    assert client.get("/readyz").json()["store"] == "redis: ok"
+
+
+def test_a_timed_out_write_says_it_may_have_been_applied(
+    client: TestClient, redis_running: RedisServer
+) -> None:
+    admin = redis_running.client()
+    admin.execute_command("CLIENT", "PAUSE", 1000, "ALL")
+    try:
+        events = [{"user_id": f"late-{u}", "item_id": 1, "event_id": f"late-{u}"} for u in range(3)]
+        r = client.post("/interactions", json={"events": events})
+    finally:
+        admin.execute_command("CLIENT", "UNPAUSE")
+        admin.close()
+    assert r.status_code == 503
+    assert r.json()["nothing_applied"] is False
+    assert "same event_ids" in r.json()["detail"]
+    again = client.post("/interactions", json={"events": events}).json()
+    assert again["applied"] in (0, 3)  # whole or nothing, never in part
+
+
+# --------------------------------------------------------------------------- a busy event loop
+
+
+@asynccontextmanager
+async def busy_loop(spell_s: float) -> AsyncIterator[None]:
+    """While open, the running loop is busy for ``spell_s`` at every turn, as a saturated
+    server's requests keep it: whatever else runs gets a moment between two spells."""
+    stop = asyncio.Event()
+
+    async def hog() -> None:
+        while not stop.is_set():
+            time.sleep(spell_s)
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(hog())
+    await asyncio.sleep(0)
+    try:
+        yield
+    finally:
+        stop.set()
+        await task
+
+
+def after_turns(turns: int, callback: Callable[[], object]) -> None:
+    """Run ``callback`` on the running loop ``turns`` turns from now."""
+    loop = asyncio.get_running_loop()
+    if turns == 0:
+        loop.call_soon(callback)
+    else:
+        loop.call_soon(after_turns, turns - 1, callback)
+
+
+def test_a_busy_event_loop_does_not_time_out_a_healthy_redis(tmp_path: Path) -> None:
+    """Redis answers within a millisecond, but the loop is busy (as a saturated server's is)
+    for longer than the deadline while the answer waits in the socket. A plain asyncio.timeout
+    expired meanwhile and refused the call (a refused write had been applied): 3.6% of writes
+    at 50 writers. The busy spell starts 0 to 19 loop turns into the call, so it lands at every
+    step of it (waiting for a connection, sending, reading the reply)."""
+    server = RedisServer(tmp_path)
+    server.start()
+
+    async def scenario() -> list[str]:
+        store = RedisProfileStore.from_url(server.url, deadline_s=0.05, write_deadline_s=0.05)
+        refused = []
+        try:
+            assert await store.ping()
+            for turns in range(20):
+                for call in ("add", "batch", "read"):
+                    after_turns(turns, lambda: time.sleep(0.08))
+                    try:
+                        if call == "add":
+                            await store.add([Interaction("busy", 1 + turns)])
+                        elif call == "batch":
+                            await store.add(batch_of(turns, 5, tag="busy"))
+                        else:
+                            await store.profiles(["busy"])
+                    except StoreUnavailable as exc:
+                        refused.append(f"{call} at turn {turns}: {exc}")
+        finally:
+            await store.close()
+        return refused
+
+    try:
+        assert asyncio.run(scenario()) == []
+    finally:
+        server.kill()
+
+
+def test_the_deadline_counts_the_loops_free_time_only() -> None:
+    async def scenario() -> None:
+        lag = LoopLag()
+        async with busy_loop(0.1), deadline(0.05, lag):  # the busy spells do not count
+            await asyncio.sleep(0.01)
+        with pytest.raises(TimeoutError):  # an idle loop: the wall clock
+            async with deadline(0.05, lag):
+                await asyncio.sleep(5)
+        async with deadline(None, lag):
+            await asyncio.sleep(0)
+        assert lag.behind(asyncio.get_running_loop().time()) >= 0.15
+        await lag.stop()
+
+    asyncio.run(scenario())
+
+
+# --------------------------------------------------------------------------- Redis back empty
+
+
+@pytest.mark.parametrize("source", [True, False], ids=["with-histories", "without"])
+def test_a_redis_back_empty_is_noticed_reported_and_restored(
+    catalogue: Catalogue, tmp_path: Path, caplog: pytest.LogCaptureFixture, source: bool
+) -> None:
+    """Redis without persistence restarted empty: answers said degraded: false, profiles were
+    empty and nothing told. Now /readyz, /metrics and the log say so, and profiles come back
+    from the histories the service was started with, merged under what was written since."""
+    server = RedisServer(tmp_path, fsync="off")  # a restart loses everything
+    server.start()
+    settings = catalogue.settings.model_copy(
+        update={"redis_url": server.url, "redis_prefix": "epoch", "redis_timeout_ms": TIMEOUT_MS}
+    )
+    app = create_app(settings, profiles=catalogue.histories if source else None)
+    history = catalogue.histories["3"]
+    try:
+        with TestClient(app) as client:
+            if not source:  # the profiles were loaded by someone else
+                store = server.client()
+                store.set(user_keys("epoch", "3").profile, encode_profile(history, history))
+                store.close()
+            assert client.get("/recommend/3").json()["fallback"] is False
+            assert client.get("/readyz").json()["data_lost"] is None
+            server.kill()
+            server.start()  # empty
+            new_item = next(i for i in range(1, 201) if i not in history)
+            # A write that reached the empty Redis before anyone noticed (another process's).
+            asyncio.run(add_one(server.url, "epoch", Interaction("3", new_item, None, "late")))
+            # The first call after a restart may meet a pooled connection the restart broke
+            # (redis-py then replaces them): /readyz says "unreachable" once, then the truth.
+            for _ in range(3):
+                ready = client.get("/readyz").json()
+                if ready["data_lost"]:
+                    break
+            assert "came back empty" in ready["data_lost"]
+            metrics = client.get("/metrics").text
+            assert "visrec_store_data_losses_total 1.0" in metrics
+            profile, _ = stored(server, "epoch", "3")
+            if source:
+                assert "reloaded from the dataset" in ready["data_lost"]
+                assert profile.seen == {*history, new_item}  # restored, and the write kept
+                assert profile.recent[-1] == new_item  # newer than the restored history
+                assert client.get("/recommend/3").json()["fallback"] is False
+            else:
+                assert "started without profiles" in ready["data_lost"]
+                assert profile.seen == {new_item}
+            assert client.get("/readyz").json()["data_lost"] == ready["data_lost"]  # once
+            assert "visrec_store_data_losses_total 1.0" in client.get("/metrics").text
+    finally:
+        server.kill()
+    assert any("lost its data" in r.message and r.levelname == "ERROR" for r in caplog.records)
+
+
+async def add_one(url: str, prefix: str, event: Interaction) -> None:
+    store = RedisProfileStore.from_url(url, prefix=prefix)
+    try:
+        assert await store.add([event]) == 1
+    finally:
+        await store.close()

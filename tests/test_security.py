@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+import secrets
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,8 +22,8 @@ from service.offline.pipeline import fit, prepare, to_checkpoint
 from service.offline.synthetic import World
 from service.offline.train import TrainConfig
 
-WRITER = "w-" + "a1" * 12
-ADMIN = "adm-" + "b2" * 12
+WRITER = "w-0123456789abcdefghijkl"
+ADMIN = "adm-ABCDEFGHIJKLMNOPQRSTUV"
 CONFIG = TrainConfig(dim=8, attention_dim=8, epochs=2, batch_size=256, lr=1e-2)
 
 
@@ -34,9 +38,12 @@ def paths(
     return {"checkpoint": ckpt, "features": world_features[0]}
 
 
-def make_client(paths: dict[str, Path], **settings: object) -> TestClient:
+def make_client(
+    paths: dict[str, Path], *, peer: str = "testclient", **settings: object
+) -> TestClient:
     base = {"environment": "production", "api_keys": WRITER, "admin_keys": ADMIN, "device": "cpu"}
-    return TestClient(create_app(Settings(**paths, **{**base, **settings})))  # type: ignore[arg-type]
+    app = create_app(Settings(**paths, **{**base, **settings}))  # type: ignore[arg-type]
+    return TestClient(app, client=(peer, 50000))
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +59,11 @@ EVENT = {"events": [{"user_id": "sec-1", "item_id": 1}]}
     ("settings", "message"),
     [
         ({}, "without API keys"),
-        ({"api_keys": "changeme"}, "placeholder or short"),
-        ({"api_keys": f"{WRITER},short"}, "placeholder or short"),
-        ({"admin_keys": "secret"}, "placeholder or short"),
+        ({"api_keys": "changeme"}, "placeholder, short or repetitive"),
+        ({"api_keys": f"{WRITER},short"}, "placeholder, short or repetitive"),
+        ({"admin_keys": "secret"}, "placeholder, short or repetitive"),
+        ({"api_keys": "a" * 16}, "10 of them distinct"),  # long enough, but one character
+        ({"api_keys": "0123456789" * 2 + "," + "abcabcabcabcabcabcabc"}, "repetitive"),
     ],
 )
 def test_production_refuses_missing_or_placeholder_keys(
@@ -62,6 +71,11 @@ def test_production_refuses_missing_or_placeholder_keys(
 ) -> None:
     with pytest.raises(ValueError, match=message):
         Settings(checkpoint="x", features="y", environment="production", **settings)  # type: ignore[arg-type]
+
+
+def test_a_random_key_is_accepted() -> None:
+    key = secrets.token_urlsafe(32)
+    assert Settings(checkpoint="x", features="y", environment="production", api_keys=key)  # type: ignore[arg-type]
 
 
 def test_development_runs_without_keys() -> None:
@@ -113,6 +127,51 @@ def test_over_the_rate_limit_is_429_with_retry_after(paths: dict[str, Path]) -> 
         assert c.get("/recommend/3", headers={"X-API-Key": ADMIN}).status_code == 200
 
 
+def test_made_up_keys_do_not_escape_the_rate_limit(paths: dict[str, Path]) -> None:
+    """With reads open, buckets were keyed by the unverified header: a new key per request was
+    never limited. Only a valid key has a bucket of its own."""
+    with make_client(paths, rate_limit_per_s=0.5, rate_burst=2) as c:
+        codes = [
+            c.get("/recommend/3", headers={"X-API-Key": secrets.token_hex(16)}).status_code
+            for _ in range(4)
+        ]
+        assert codes == [200, 200, 429, 429]
+        assert c.get("/recommend/3", headers={"X-API-Key": WRITER}).status_code == 200
+
+
+def test_forwarded_for_is_believed_from_trusted_proxies_only(paths: dict[str, Path]) -> None:
+    def codes(c: TestClient) -> list[int]:
+        return [
+            c.get("/recommend/3", headers={"X-Forwarded-For": f"203.0.113.{n}"}).status_code
+            for n in range(4)
+        ]
+
+    # From any peer, a made-up X-Forwarded-For per request used to be a new client each time.
+    with make_client(paths, peer="127.0.0.1", rate_limit_per_s=0.5, rate_burst=2) as c:
+        assert codes(c) == [200, 200, 429, 429]
+    proxied = {"peer": "10.1.2.3", "trusted_proxies": "10.0.0.0/8, 127.0.0.1"}
+    with make_client(paths, rate_limit_per_s=0.5, rate_burst=2, **proxied) as c:
+        assert codes(c) == [200, 200, 200, 200]  # four clients behind the proxy
+        spoofed = {"X-Forwarded-For": "198.51.100.7, 203.0.113.1"}  # the proxy appends
+        assert c.get("/recommend/3", headers=spoofed).status_code == 200
+        assert c.get("/recommend/3", headers=spoofed).status_code == 429  # 203.0.113.1 again
+
+
+def test_failed_authentications_are_limited_per_address(paths: dict[str, Path]) -> None:
+    with make_client(paths, auth_failures_per_s=0.01, auth_failure_burst=3) as c:
+        wrong = [
+            c.post("/interactions", json=EVENT, headers={"X-API-Key": f"guess-{n}"}).status_code
+            for n in range(5)
+        ]
+        assert wrong == [401, 401, 401, 429, 429]
+        # Blocked before the key is compared: a guess that is right learns nothing either.
+        r = c.post("/interactions", json=EVENT, headers={"X-API-Key": WRITER})
+        assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
+    with make_client(paths, auth_failures_per_s=0.01, auth_failure_burst=3) as c:
+        for _ in range(10):  # successes cost nothing from the failures' bucket
+            assert c.post("/interactions", json=EVENT, headers={"X-API-Key": WRITER}).is_success
+
+
 def test_an_oversized_body_is_refused_before_parsing(paths: dict[str, Path]) -> None:
     with make_client(paths, max_body_bytes=2048) as c:
         big = {"events": [{"user_id": "u", "item_id": 1}] * 200}
@@ -144,6 +203,14 @@ def test_limiter_forgets_the_least_recent_callers_beyond_its_bound() -> None:
     assert limiter.wait("c") > 0
 
 
+def test_the_limiter_can_be_asked_without_taking_a_token() -> None:
+    limiter = RateLimiter(rate=1.0, burst=1, clock=lambda: 0.0)
+    assert limiter.peek("a") == 0.0
+    assert limiter.wait("a") == 0.0
+    assert limiter.peek("a") == pytest.approx(1.0)
+    assert limiter.peek("a") == pytest.approx(1.0)  # peeking took nothing
+
+
 def test_keys_compare_every_key_and_admin_implies_write() -> None:
     keys = Keys(write=("w" * 20,), admin=("a" * 20,), auth_reads=False)
     assert keys.allows(None, "read")
@@ -163,5 +230,48 @@ def test_visrec_serve_refuses_production_without_keys_before_building(
     with pytest.raises(SystemExit) as exited:
         serve.main()
     assert exited.value.code == 2
-    assert "without API keys" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "without API keys" in err
+    assert err.count("\n") == 1 and "pydantic" not in err and "input_value" not in err  # one line
     assert list(tmp_path.iterdir()) == []  # nothing was built
+
+
+def test_visrec_serve_help_is_quick_and_complete() -> None:
+    """--help took ~9 s: torch was imported before the arguments were parsed."""
+    code = (
+        "import sys, service.serve as s; text = s.parser().format_help(); "
+        "print('torch' in sys.modules); print(text)"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    torch_loaded, text = run.stdout.split("\n", 1)
+    assert torch_loaded == "False"
+    for name in ("HOST", "PORT", "VISREC_API_KEYS", "VISREC_ENVIRONMENT", "VISREC_REDIS_URL"):
+        assert name in text
+    from service import serve
+
+    assert all(action.help for action in serve.parser()._actions)
+
+
+def test_the_in_process_store_is_bounded_and_says_so_in_metrics(paths: dict[str, Path]) -> None:
+    with make_client(paths, memory_store_max_users=2) as c:
+        for user in ("m1", "m2", "m3"):
+            body = {"events": [{"user_id": user, "item_id": 1}]}
+            assert c.post("/interactions", json=body, headers={"X-API-Key": WRITER}).is_success
+        assert "visrec_memory_store_evicted_users_total" in c.get("/metrics").text
+        # two users fit: the least recent, m1, was forgotten
+        evicted = re.search(
+            r"visrec_memory_store_evicted_users_total ([\d.]+)", c.get("/metrics").text
+        )
+        assert evicted and float(evicted.group(1)) >= 1
+        assert c.get("/recommend/m1").json()["fallback"] is True
+        assert c.get("/recommend/m3").json()["fallback"] is False
+
+
+def test_the_page_and_item_routes_are_guarded_and_limited(paths: dict[str, Path]) -> None:
+    with make_client(paths, auth_reads=True, rate_limit_per_s=0.5, rate_burst=2) as c:
+        assert c.get("/items/1").status_code == 401  # titles are reads like any other
+        assert c.get("/items/1/image").status_code == 401
+        assert c.get("/items/1", headers={"X-API-Key": WRITER}).status_code == 404  # no catalogue
+        # The page itself holds no data and a browser sends no key to open it: rate-limited.
+        codes = [c.get("/ui/users/7").status_code for _ in range(4)]
+        assert codes[0] == 200 and codes[-1] == 429

@@ -56,6 +56,7 @@ return {
   })),
   recs: ids("#recommendations .rec"),
   scores: all("#recommendations .score").map(number),
+  popularity: all("#recommendations .popularity").map(number),
   selected: ids("#recommendations .rec.selected"),
   images: all("img").map((i) => ({ src: i.src, loaded: i.complete && i.naturalWidth > 0 })),
 };
@@ -63,16 +64,35 @@ return {
 
 
 @pytest.fixture(scope="module")
-def server(
+def settings(
     world: World, world_features: tuple[Path, np.ndarray], tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[str]:
-    """The service on a free loopback port, in a thread; its base URL."""
+) -> Settings:
     prepared = prepare(world.root, world_features[0])
     result = fit(prepared, CONFIG, device=torch.device("cpu"), progress=False)
     ckpt = tmp_path_factory.mktemp("ui") / "acf.pt"
     save_checkpoint(ckpt, to_checkpoint(prepared, result, CONFIG))
-    settings = Settings(checkpoint=ckpt, features=world_features[0], device="cpu", data=world.root)
-    app = create_app(settings, profiles=histories(load_dataset(world.root)))
+    return Settings(checkpoint=ckpt, features=world_features[0], device="cpu", data=world.root)
+
+
+@pytest.fixture(scope="module")
+def server(settings: Settings, world: World) -> Iterator[str]:
+    """The service on a free loopback port, in a thread; its base URL."""
+    yield from serve(create_app(settings, profiles=histories(load_dataset(world.root))))
+
+
+KEY = "ui-key-0123456789abcdefghij"
+
+
+@pytest.fixture(scope="module")
+def locked_server(settings: Settings, world: World) -> Iterator[str]:
+    """The same with reads behind an API key, as in production with VISREC_AUTH_READS."""
+    locked = settings.model_copy(
+        update={"environment": "production", "api_keys": KEY, "auth_reads": True}
+    )
+    yield from serve(create_app(locked, profiles=histories(load_dataset(world.root))))
+
+
+def serve(app: Any) -> Iterator[str]:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
@@ -103,6 +123,39 @@ def browser() -> Iterator[webdriver.Chrome]:
     driver = webdriver.Chrome(options=options, service=Service(str(CHROMEDRIVER)))
     yield driver
     driver.quit()
+
+
+def test_docs_load_without_the_network(server: str) -> None:
+    """/docs was a blank page without internet: Swagger UI came from a CDN. A browser whose
+    every host but this machine fails to resolve must still show every operation."""
+    options = Options()
+    options.binary_location = str(CHROMIUM)
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        options.add_argument(arg)
+    options.add_argument("--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1")
+    driver = webdriver.Chrome(options=options, service=Service(str(CHROMEDRIVER)))
+    try:
+        driver.get(f"{server}/docs")
+        operations = len(
+            [
+                op
+                for ops in httpx.get(f"{server}/openapi.json").json()["paths"].values()
+                for op in ops
+            ]
+        )
+
+        def shown(d: webdriver.Chrome) -> int:
+            return len(d.find_elements(By.CSS_SELECTOR, ".swagger-ui .opblock")) or 0
+
+        WebDriverWait(driver, 30, poll_frequency=0.1).until(lambda d: shown(d) >= operations)
+        assert shown(driver) == operations
+        loaded = driver.execute_script(
+            "return performance.getEntriesByType('resource').map((e) => e.name);"
+        )
+        assert loaded and all(url.startswith(server) for url in loaded), loaded
+        driver.save_screenshot(str(ARTIFACTS / "docs-offline.png"))
+    finally:
+        driver.quit()
 
 
 def _page(browser: webdriver.Chrome) -> dict[str, Any]:
@@ -178,9 +231,39 @@ def test_the_page_explains_and_follows_new_interactions(
     browser.save_screenshot(str(ARTIFACTS / "ui-after-adding.png"))
 
 
+def test_a_page_that_needs_a_key_asks_for_one_and_sends_it(
+    locked_server: str, browser: webdriver.Chrome
+) -> None:
+    """The page and its images ignored VISREC_AUTH_READS, and its form got 401 for want of a
+    key. Now titles and images are guarded reads, and the page asks for a key and sends it."""
+    for path in ("/items/1", "/items/1/image", f"/recommend/{USER}"):
+        assert httpx.get(f"{locked_server}{path}").status_code == 401, path
+        assert httpx.get(f"{locked_server}{path}", headers={"X-API-Key": KEY}).is_success
+    browser.get(f"{locked_server}/ui/users/{USER}")
+    _settled(browser, lambda p: "enter an API key" in p["status"], "a request for a key")
+    field = browser.find_element(By.CSS_SELECTOR, "#api-key input[name=key]")
+    field.send_keys(KEY)
+    browser.find_element(By.CSS_SELECTOR, "#api-key button").click()
+    page = _settled(browser, lambda p: len(p["recs"]) == 10, "the page, with the key")
+    assert page["status"] == ""
+    assert len(page["images"]) == 9 + 10 + 1
+    assert all(i["src"].startswith("blob:") for i in page["images"])  # fetched with the key
+    added = page["recs"][-1]
+    browser.find_element(By.CSS_SELECTOR, "#add-interaction input[name=item_id]").send_keys(
+        str(added)
+    )
+    browser.find_element(By.CSS_SELECTOR, "#add-interaction button").click()
+    page = _settled(browser, lambda p: p["profile"][-1:] == [added], f"item {added} added")
+    assert page["status"] == ""
+
+
 def test_an_unknown_item_is_refused_on_the_page(server: str, browser: webdriver.Chrome) -> None:
     browser.get(f"{server}/ui/users/someone-new")
-    _settled(browser, lambda p: len(p["recs"]) == 10, "popular items")
+    popular = _settled(browser, lambda p: len(p["recs"]) == 10, "popular items")
+    # Popular items show how many users chose them, not a "score" next to the model's score.
+    assert popular["scores"] == []
+    assert len(popular["popularity"]) == 10
+    assert popular["popularity"] == sorted(popular["popularity"], reverse=True)
     browser.find_element(By.CSS_SELECTOR, "#add-interaction input[name=item_id]").send_keys("9999")
     browser.find_element(By.CSS_SELECTOR, "#add-interaction button").click()
     page = _settled(browser, lambda p: "9999" in p["status"], "an error")

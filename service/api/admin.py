@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -39,8 +40,9 @@ async def _models(request: Request) -> ModelSlot:
 ModelsDep = Annotated[ModelSlot, Depends(_models)]
 
 
-def install_admin(app: FastAPI, *, dependencies: list[Any]) -> None:
-    """``dependencies``: the admin guard."""
+def install_admin(app: FastAPI, *, dependencies: list[Any], roots: Sequence[Path]) -> None:
+    """``dependencies``: the admin guard; ``roots``: the folders files may be loaded from."""
+    folders = tuple(root.resolve() for root in roots)
 
     @app.post(
         "/admin/reload",
@@ -57,7 +59,10 @@ def install_admin(app: FastAPI, *, dependencies: list[Any]) -> None:
         or for a path left out, the serving files are read again (e.g. replaced in place)."""
         checkpoint, features = (body.checkpoint, body.features) if body else (None, None)
         try:
-            swap = await slot.reload(_path(checkpoint), _path(features))
+            paths = [_inside(text, folders) for text in (checkpoint, features)]
+            swap = await slot.reload(*paths)
+        except OutsideModelFolders as err:
+            return _refused(422, f"the model was not replaced: {err}", slot)
         except ReloadBusy as err:
             return _refused(409, str(err), slot)
         except ReloadFailed as err:
@@ -71,8 +76,23 @@ def install_admin(app: FastAPI, *, dependencies: list[Any]) -> None:
         )
 
 
-def _path(text: str | None) -> Path | None:
-    return Path(text) if text else None
+class OutsideModelFolders(ValueError):
+    pass
+
+
+def _inside(text: str | None, folders: tuple[Path, ...]) -> Path | None:
+    """``text`` as a path, refused unless it lies (symlinks followed) inside one of ``folders``:
+    an admin call must not make the server read arbitrary files."""
+    if not text:
+        return None
+    path = Path(text)
+    if any(path.resolve().is_relative_to(folder) for folder in folders):
+        return path
+    allowed = ", ".join(str(f) for f in folders)
+    raise OutsideModelFolders(
+        f"{text} is outside the model folders ({allowed}); put the files there, or add their "
+        "folder to VISREC_MODEL_DIRS"
+    )
 
 
 def _refused(status: int, detail: str, slot: ModelSlot) -> JSONResponse:

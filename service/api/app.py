@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -13,22 +14,28 @@ from typing import Annotated, Any
 
 import torch
 from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from service.api.admin import install_admin
 from service.api.batcher import MicroBatcher
+from service.api.docs import install_docs
 from service.api.items import Items, install_items
 from service.api.metrics import Metrics
 from service.api.reload import ModelSlot, Source, load_engine, reload_on_hangup
 from service.api.schemas import (
+    EVENTS_REFUSED,
     GUARDED,
     JSON_BODY,
+    MAX_CLOCK_SKEW_S,
     MAX_K,
     STORE_NEEDED,
     UNKNOWN_ITEMS,
+    ConflictingEvents,
     ExplainRequest,
     ExplainResponse,
+    FutureEvents,
     HistoryRequest,
     InteractionsRequest,
     InteractionsResponse,
@@ -36,8 +43,18 @@ from service.api.schemas import (
     Ready,
     RecommendResponse,
     ScoredItem,
+    StoreRefused,
 )
-from service.api.security import BodyLimit, Keys, RateLimiter, Role, guard
+from service.api.security import (
+    Access,
+    BodyLimit,
+    Keys,
+    Proxies,
+    RateLimiter,
+    Role,
+    guard,
+    rate_limited,
+)
 from service.api.ui import install_ui
 from service.catalogue import Catalogue, load_catalogue
 from service.config import Settings, key_list
@@ -51,8 +68,10 @@ from service.recommender import (
     UnknownItemsError,
 )
 from service.runtime import pick_device
+from service.store.epoch import EpochWatch
 from service.store.items import DirectoryItemStore, ItemStore, MemoryItemStore, RedisItemStore
 from service.store.profiles import (
+    EventConflict,
     Interaction,
     MemoryProfileStore,
     ProfileStore,
@@ -63,6 +82,7 @@ from service.store.resilient import ResilientStore
 
 log = logging.getLogger("visrec.api")
 RETRY_AFTER_S = 1  # what a refused write is told to wait: Redis restarts take about a second
+EPOCH_CHECK_S = 1.0  # how often a process looks whether Redis came back empty
 
 
 @dataclass
@@ -71,6 +91,7 @@ class State:
     store: ResilientStore
     store_name: str
     batcher: MicroBatcher[RecQuery, Recommendation]
+    watch: EpochWatch | None  # whether Redis lost its data; None for the in-process store
 
     @property
     def engine(self) -> Recommender:
@@ -140,19 +161,28 @@ def create_app(
         models = await run_in_threadpool(_load, settings, items.added_to)
         catalogue = await run_in_threadpool(load_catalogue, settings.data)  # titles, images
         await items.sync(models, catalogue)  # added by an earlier run or another replica
+        watch: EpochWatch | None = None
+        inner: ProfileStore
         if settings.redis_url:
-            inner: ProfileStore = RedisProfileStore.from_url(
+            redis = RedisProfileStore.from_url(
                 settings.redis_url,
                 prefix=settings.redis_prefix,
+                max_connections=settings.redis_max_connections,
                 deadline_s=settings.redis_timeout_ms / 1000,
                 write_deadline_s=settings.redis_write_timeout_ms / 1000,
             )
-            name, cache_size = "redis", settings.profile_cache_size
+            inner, name, cache_size = redis, "redis", settings.profile_cache_size
+            watch = EpochWatch(redis, histories=profiles, on_loss=metrics.data_losses.inc)
         else:
-            inner, name, cache_size = MemoryProfileStore(), "memory", 0  # it never fails
+            memory = MemoryProfileStore(
+                max_users=settings.memory_store_max_users, on_evict=metrics.evictions.inc
+            )
+            inner, name, cache_size = memory, "memory", 0  # it never fails
         store = ResilientStore(inner, cache_size=cache_size)
         if profiles:
             await store.load(profiles)
+        if watch is not None:
+            await watch.start()  # after the load: the data set the service knows
         # Everything loaded so far lives as long as the app: keep it out of the cyclic garbage
         # collector's full passes, whose pauses were the p99 of a loaded server.
         gc.freeze()
@@ -163,10 +193,11 @@ def create_app(
         )
         try:
             window = settings.batch_window_ms / 1000
+            watching = asyncio.create_task(watch.run(EPOCH_CHECK_S)) if watch else None
             with reload_on_hangup(models, asyncio.get_running_loop()):
                 # The batcher asks the slot, so a batch runs on the engine current at its start.
                 async with MicroBatcher(models.recommend, window_s=window) as batcher:
-                    state = State(models, store, name, batcher)
+                    state = State(models, store, name, batcher, watch)
                     yield {
                         "app_state": state,
                         "catalogue": catalogue,
@@ -174,24 +205,38 @@ def create_app(
                         "items": items,
                     }
         finally:
-            if syncing is not None:
-                syncing.cancel()
+            for task in (watching, syncing):
+                if task is not None:
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
             await store.close()
             await items.store.close()
 
-    app = FastAPI(title="visrec", lifespan=lifespan)
+    app = FastAPI(
+        title="visrec",
+        description="Visual recommendations with Attentive Collaborative Filtering: top-k items "
+        "for a user or a history, their explanation, and the interactions that update profiles.",
+        lifespan=lifespan,
+        docs_url=None,  # served by install_docs, without a CDN
+        redoc_url=None,  # ReDoc loads from a CDN too
+    )
+    install_docs(app)
     metrics = Metrics()
     metrics.install(app)
     # an image upload's form: the image and a few short fields
     upload = settings.max_image_bytes + 65_536
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, per_path={"/items": upload})
-    keys = Keys(key_list(settings.api_keys), key_list(settings.admin_keys), settings.auth_reads)
-    limiter = RateLimiter(settings.rate_limit_per_s, settings.rate_burst)
-    guards = Guards.of(keys, limiter)
+    access = Access(
+        keys=Keys(key_list(settings.api_keys), key_list(settings.admin_keys), settings.auth_reads),
+        limiter=RateLimiter(settings.rate_limit_per_s, settings.rate_burst),
+        failures=RateLimiter(settings.auth_failures_per_s, settings.auth_failure_burst),
+        proxies=Proxies.parse(settings.trusted_proxies),
+    )
+    guards = Guards.of(access)
     _routes(app, metrics, guards)
-    install_admin(app, dependencies=guards.admin)
+    install_admin(app, dependencies=guards.admin, roots=settings.reload_roots())
     install_items(app, dependencies=guards.admin)
-    install_ui(app)
+    install_ui(app, page=guards.page, read=guards.read)
 
     @app.exception_handler(UnknownItemsError)
     async def unknown_items(request: Request, exc: UnknownItemsError) -> JSONResponse:
@@ -199,16 +244,94 @@ def create_app(
             status_code=422, content={"detail": str(exc), "unknown_item_ids": exc.items}
         )
 
+    @app.exception_handler(EventConflict)
+    async def event_conflict(request: Request, exc: EventConflict) -> JSONResponse:
+        body = ConflictingEvents(detail=str(exc), event_ids=exc.event_ids)
+        return JSONResponse(status_code=409, content=body.model_dump())
+
+    @app.exception_handler(FutureTimestamps)
+    async def future_timestamps(request: Request, exc: FutureTimestamps) -> JSONResponse:
+        body = FutureEvents(detail=str(exc), timestamps=exc.timestamps)
+        return JSONResponse(status_code=422, content=body.model_dump())
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _invalid_request(request, exc)
+
     @app.exception_handler(StoreUnavailable)
     async def store_unavailable(request: Request, exc: StoreUnavailable) -> JSONResponse:
-        detail = (
-            "the profile store is unavailable, nothing was acknowledged; retry later: events "
-            "sent again with the same event_id are applied once"
-        )
         headers = {"Retry-After": str(RETRY_AFTER_S)}
-        return JSONResponse(status_code=503, content={"detail": detail}, headers=headers)
+        body = StoreRefused(
+            detail=f"the profile store is unavailable: {exc.reason}. {_outcome(exc)}",
+            reason=exc.reason,
+            nothing_applied=not exc.maybe_applied,
+        )
+        return JSONResponse(status_code=503, content=body.model_dump(), headers=headers)
 
     return app
+
+
+class FutureTimestamps(ValueError):
+    def __init__(self, timestamps: list[float]) -> None:
+        super().__init__(
+            f"event timestamp(s) more than {MAX_CLOCK_SKEW_S // 3600} h ahead of the server's "
+            f"clock: {', '.join(map(str, timestamps))}; nothing was applied"
+        )
+        self.timestamps = timestamps
+
+
+def _require_present(body: InteractionsRequest) -> None:
+    """Refuse events from the future: one would stay a user's newest item for good."""
+    latest = time.time() + MAX_CLOCK_SKEW_S
+    ahead = [e.timestamp for e in body.events if e.timestamp is not None and e.timestamp > latest]
+    if ahead:
+        raise FutureTimestamps(ahead)
+
+
+def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's 422, without echoing the input: a NaN, an infinity or a lone surrogate in it
+    cannot be written as JSON, and the default handler answered 500 instead. A body that is not
+    JSON by its Content-Type (``curl -d`` sends a form) is told so, with 415."""
+    errors = exc.errors()
+    content_type = request.headers.get("content-type", "")
+    if not _is_json(content_type) and any(e["loc"] == ("body",) for e in errors):
+        detail = (
+            "the body must be JSON sent with Content-Type: application/json, not "
+            f"{content_type or 'without a Content-Type'}"
+        )
+        return JSONResponse(status_code=415, content={"detail": _printable(detail)})
+    fields = [
+        {
+            "loc": [_printable(x) if isinstance(x, str) else x for x in e["loc"]],
+            "msg": _printable(e["msg"]),
+            "type": e["type"],
+        }
+        for e in errors
+    ]
+    return JSONResponse(status_code=422, content={"detail": fields})
+
+
+def _is_json(content_type: str) -> bool:
+    kind = content_type.split(";", 1)[0].strip().lower()
+    return kind == "application/json" or (
+        kind.startswith("application/") and kind.endswith("+json")
+    )
+
+
+def _printable(text: str) -> str:
+    """``text`` with lone surrogates escaped, so it can be encoded as UTF-8."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _outcome(exc: StoreUnavailable) -> str:
+    """What a client refused with 503 should know about its request (README: "Durability")."""
+    if not exc.maybe_applied:
+        return "Nothing was applied; retry later (with event_ids, a retry is always safe)."
+    return (
+        "The request reached the store but its answer did not come back in time: a batch is "
+        "applied whole or not at all, and which is unknown. Send it again with the same "
+        "event_ids: each event is applied at most once."
+    )
 
 
 async def _state(request: Request) -> State:  # async: no thread-pool hand-off per request
@@ -222,7 +345,11 @@ StateDep = Annotated[State, Depends(_state)]
 def _response(
     user_id: str | None, rec: Recommendation, *, degraded: bool = False
 ) -> RecommendResponse:
-    items = [ScoredItem(item_id=i, score=s) for i, s in zip(rec.items, rec.scores, strict=True)]
+    pairs = zip(rec.items, rec.scores, strict=True)
+    if rec.fallback:  # the engine ranks popular items by their interaction counts
+        items = [ScoredItem(item_id=i, score=None, popularity=round(n)) for i, n in pairs]
+    else:
+        items = [ScoredItem(item_id=i, score=s, popularity=None) for i, s in pairs]
     return RecommendResponse(
         user_id=user_id,
         items=items,
@@ -239,13 +366,14 @@ class Guards:
     read: list[Any]
     write: list[Any]
     admin: list[Any]
+    page: list[Any]  # the explanation page's HTML: rate-limited, no key (a browser sends none)
 
     @classmethod
-    def of(cls, keys: Keys, limiter: RateLimiter) -> Guards:
+    def of(cls, access: Access) -> Guards:
         def deps(role: Role) -> list[Any]:
-            return [Depends(guard(keys, limiter, role))]
+            return [Depends(guard(access, role))]
 
-        return cls(deps("read"), deps("write"), deps("admin"))
+        return cls(deps("read"), deps("write"), deps("admin"), [Depends(rate_limited(access))])
 
 
 def _routes(app: FastAPI, metrics: Metrics, guards: Guards) -> None:
@@ -253,6 +381,7 @@ def _routes(app: FastAPI, metrics: Metrics, guards: Guards) -> None:
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
+        """Liveness: the process answers (nothing else is checked)."""
         return {"status": "ok"}
 
     @app.get("/readyz", response_model=Ready)
@@ -261,14 +390,19 @@ def _routes(app: FastAPI, metrics: Metrics, guards: Guards) -> None:
         still answered, and the store is shared, so failing every instance's check at once would
         turn a degraded service into none. Writes answer 503 on their own meanwhile."""
         store_ok = await state.store.ping()
+        if store_ok and state.watch is not None:
+            await state.watch.check()  # notices an empty Redis at once (also checked each second)
+        refusal = await state.store.write_refusal() if store_ok else None
+        health = refusal or ("ok" if store_ok else "unreachable")
         return Ready(
             ready=True,
-            degraded=not store_ok,
+            degraded=not store_ok or refusal is not None,
             durable=await state.store.durable() if store_ok else None,
             model_version=state.engine.version,
             items=len(state.engine.item_ids),
             index=state.engine.index.kind,
-            store=f"{state.store_name}: {'ok' if store_ok else 'unreachable'}",
+            store=f"{state.store_name}: {health}",
+            data_lost=state.watch.lost if state.watch else None,
         )
 
     @app.get(
@@ -284,6 +418,10 @@ def _routes(app: FastAPI, metrics: Metrics, guards: Guards) -> None:
         offset: Annotated[int, Query(ge=0, le=MAX_K)] = 0,
         exclude_seen: bool = True,
     ) -> RecommendResponse:
+        """The top ``k`` items for a stored user (after ``offset``), best first, unseen ones only
+        unless ``exclude_seen=false``. A user with no profile gets popular items
+        (``fallback``); while the profile store is down, the answer is ranked from this
+        server's cached copy of the profile (``degraded``)."""
         with store_stage.time():
             read = await state.store.read([user_id])  # cached or empty when the store is down
         (profile,) = read.profiles
@@ -299,6 +437,8 @@ def _routes(app: FastAPI, metrics: Metrics, guards: Guards) -> None:
         responses=GUARDED | JSON_BODY | UNKNOWN_ITEMS,
     )
     async def recommend_history(body: HistoryRequest, state: StateDep) -> RecommendResponse:
+        """The top ``k`` items for a history given in the body (raw item ids, oldest first; the
+        last 9 count), e.g. for an anonymous visitor. Needs no profile store."""
         state.engine.require_known(body.history)
         seen = set(body.history) if body.exclude_seen else set()
         rec = await state.batcher.submit(RecQuery(None, body.history, seen, body.k, body.offset))
@@ -308,10 +448,13 @@ def _routes(app: FastAPI, metrics: Metrics, guards: Guards) -> None:
         "/interactions",
         response_model=InteractionsResponse,
         dependencies=guards.write,
-        responses=GUARDED | JSON_BODY | UNKNOWN_ITEMS | STORE_NEEDED,
+        responses=GUARDED | JSON_BODY | EVENTS_REFUSED | STORE_NEEDED,
     )
     async def interactions(body: InteractionsRequest, state: StateDep) -> InteractionsResponse:
+        """Record a batch of interactions: applied whole or not at all, each event with an
+        ``event_id`` at most once. The next ``/recommend`` of those users sees them."""
         state.engine.require_known([e.item_id for e in body.events])  # else none is applied
+        _require_present(body)
         events = [Interaction(e.user_id, e.item_id, e.timestamp, e.event_id) for e in body.events]
         applied = await state.store.add(events)
         return InteractionsResponse(received=len(events), applied=applied)
@@ -323,6 +466,8 @@ def _routes(app: FastAPI, metrics: Metrics, guards: Guards) -> None:
         responses=GUARDED | UNKNOWN_ITEMS | STORE_NEEDED,
     )
     async def explain_user(user_id: str, item_id: int, state: StateDep) -> ExplainResponse:
+        """Why ``item_id`` scores as it does for a stored user: the item-level attention over
+        their last items and each item's 7x7 component attention, and the score."""
         (history,) = await state.store.recent([user_id])
         return await _explain(state, user_id, history, item_id)
 
@@ -333,6 +478,7 @@ def _routes(app: FastAPI, metrics: Metrics, guards: Guards) -> None:
         responses=GUARDED | JSON_BODY | UNKNOWN_ITEMS,
     )
     async def explain_history(body: ExplainRequest, state: StateDep) -> ExplainResponse:
+        """The same explanation for a history given in the body."""
         state.engine.require_known(body.history)
         return await _explain(state, None, body.history, body.item_id)
 

@@ -5,7 +5,13 @@ from __future__ import annotations
 import time
 
 from fastapi import FastAPI, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 # Milliseconds matter here: the goals are a p50 of a few ms and a p99 of tens of ms.
@@ -22,6 +28,16 @@ class Metrics:
             "Request latency by endpoint",
             ["method", "endpoint", "status"],
             buckets=BUCKETS,
+            registry=self.registry,
+        )
+        self.data_losses = Counter(
+            "visrec_store_data_losses",
+            "Times the profile store was found to have lost its data (Redis back empty)",
+            registry=self.registry,
+        )
+        self.evictions = Counter(
+            "visrec_memory_store_evicted_users",
+            "Users the in-process profile store forgot to stay within its bound (LRU)",
             registry=self.registry,
         )
         self.stages = Histogram(

@@ -5,9 +5,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
+
+from service.store.profiles import MAX_TIMESTAMP_S
 
 MAX_K = 1000
+MAX_CLOCK_SKEW_S = 24 * 3600  # how far ahead of the server's clock an event's time may be
 MAX_BATCH = 1000
 MAX_HISTORY = 1000
 
@@ -31,7 +34,12 @@ Integer = Annotated[int, BeforeValidator(_whole_number)]
 
 class ScoredItem(BaseModel):
     item_id: int
-    score: float
+    score: float | None = Field(
+        description="the model's score (higher is better); null for popular items (fallback)"
+    )
+    popularity: int | None = Field(
+        None, description="for popular items (fallback): how many users interacted with it"
+    )
 
 
 class RecommendResponse(BaseModel):
@@ -53,10 +61,47 @@ class HistoryRequest(Body):
     exclude_seen: bool = True
 
 
+MAX_USER_ID = 2**53 - 1  # exact in a double, as JSON tools read numbers
+
+
+def _decimal_user_id(value: object) -> object:
+    """Dataset user ids are integers: ``7`` is taken as ``"7"`` (other types stay refused)."""
+    number = _whole_number(value)  # 7.0 is the integer 7, as JSON Schema reads it
+    if isinstance(number, int) and not isinstance(number, bool) and 0 <= number <= MAX_USER_ID:
+        return str(number)
+    return value
+
+
+# A user id must be usable in the URL path of GET /recommend/{user_id}: no "/" (a path
+# separator, even percent-encoded once decoded) and no control characters.
+UserIdText = Annotated[
+    str, StringConstraints(min_length=1, max_length=128, pattern=r"^[^/\x00-\x1f\x7f]+$")
+]
+UserId = Annotated[
+    UserIdText,
+    BeforeValidator(
+        _decimal_user_id,
+        json_schema_input_type=UserIdText | Annotated[int, Field(ge=0, le=MAX_USER_ID)],
+    ),
+    Field(
+        description="1-128 characters without '/' or control characters, or a non-negative "
+        'integer (taken as its decimal string: 7 and "7" are the same user)'
+    ),
+]
+
+
 class InteractionIn(Body):
-    user_id: str = Field(min_length=1, max_length=128)
+    user_id: UserId
     item_id: Integer
-    timestamp: float | None = None
+    timestamp: float | None = Field(
+        None,
+        ge=0,
+        le=MAX_TIMESTAMP_S,
+        allow_inf_nan=False,
+        description="when it happened, seconds since the epoch (default: when received); at "
+        f"most {MAX_CLOCK_SKEW_S // 3600} h ahead of the server's clock. A user's last items "
+        "are the latest by this time, ties in the order received",
+    )
     event_id: str | None = Field(None, min_length=1, max_length=128)
 
 
@@ -93,11 +138,19 @@ class Ready(BaseModel):
     model_version: str
     items: int
     index: str
-    store: str
+    store: str = Field(
+        description="the store's kind and health: ok, unreachable, or why it refuses writes"
+    )
     degraded: bool = Field(
         False,
-        description="the profile store does not answer: reads are served from cached profiles "
-        "or popular items, writes are refused with 503 until it is back",
+        description="the profile store does not answer (reads are served from cached profiles "
+        "or popular items) or refuses writes (e.g. Redis out of memory); `store` says which. "
+        "Writes are refused with 503 until it is back",
+    )
+    data_lost: str | None = Field(
+        None,
+        description="when the profile store was last found to have lost its data (Redis back "
+        "empty) and whether profiles were reloaded; null if never, since this process started",
     )
     durable: bool | None = Field(
         None,
@@ -129,6 +182,19 @@ class InvalidFields(BaseModel):
     detail: list[FieldError]
 
 
+class ConflictingEvents(Problem):
+    """Event ids already applied with another item or timestamp (or repeated so within the
+    request); nothing of the request was applied."""
+
+    event_ids: list[str]
+
+
+class FutureEvents(Problem):
+    """Event timestamps too far ahead of the server's clock; nothing was applied."""
+
+    timestamps: list[float]
+
+
 class UnknownItems(Problem):
     """A well-formed request that names items the model does not know; none of it is applied."""
 
@@ -142,6 +208,19 @@ UNKNOWN_ITEMS: Responses = {
     }
 }
 
+# POST /interactions: what UNKNOWN_ITEMS says, and event times and ids it refuses.
+EVENTS_REFUSED: Responses = {
+    422: {
+        "model": InvalidFields | UnknownItems | FutureEvents,
+        "description": "invalid fields, item ids the model does not know, or timestamps more "
+        "than a day ahead of the server's clock; nothing was applied",
+    },
+    409: {
+        "model": ConflictingEvents,
+        "description": "event ids already used for another item or timestamp; nothing was applied",
+    },
+}
+
 
 def refusals(reasons: Mapping[int, str]) -> Responses:
     """Statuses answered with a ``Problem`` body, each with what it means."""
@@ -153,6 +232,7 @@ JSON_BODY = refusals(
     {
         400: "the body could not be read as JSON text (it is not UTF-8)",
         413: "the body is over the size limit",
+        415: "the body was sent with a Content-Type other than application/json",
     }
 )
 
@@ -164,13 +244,27 @@ GUARDED = refusals(
     }
 )
 
+
+class StoreRefused(Problem):
+    """The profile store could not take the call now; retry after ``Retry-After`` seconds."""
+
+    reason: str = Field(description="why, e.g. Redis out of memory, unreachable, or too slow")
+    nothing_applied: bool = Field(
+        description="true: certainly nothing was applied. false: the request reached the store "
+        "and its answer was lost or late, so a batch may have been applied (whole, never in "
+        "part); send it again with the same event_ids, each event is applied at most once"
+    )
+
+
 # Routes that need the profile store to answer (reads of /recommend do not: they degrade).
-STORE_NEEDED = refusals(
-    {
-        503: "the profile store is unavailable and nothing was applied: retry after Retry-After "
-        "seconds; events sent again with the same event_id are applied once",
+STORE_NEEDED: Responses = {
+    503: {
+        "model": StoreRefused,
+        "description": "the profile store is unavailable: nothing was applied, or (when "
+        "nothing_applied is false) the whole batch may have been; retry after Retry-After "
+        "seconds with the same event_ids, each event is applied at most once",
     }
-)
+}
 
 
 class ReloadRequest(BaseModel):

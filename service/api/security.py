@@ -2,8 +2,11 @@
 rate limits.
 
 Keys travel in the ``X-API-Key`` header and are compared in constant time. An admin key may do
-everything a write key may. A caller is limited by a token bucket per key, or per client address
-when it sends none; over the limit it gets 429 with ``Retry-After``.
+everything a write key may. A caller is limited by a token bucket per *valid* key, or per client
+address otherwise (a made-up key per request is the address's bucket too); over the limit it
+gets 429 with ``Retry-After``. Failed authentications take tokens from a bucket of their own per
+address; once it is empty, the address gets 429 before its key is even compared. The client
+address is the TCP peer, or what ``X-Forwarded-For`` says when the peer is a trusted proxy.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
 from typing import Literal
 
 from fastapi import HTTPException, Request, Security
@@ -22,6 +26,7 @@ from fastapi.security import APIKeyHeader
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 Role = Literal["read", "write", "admin"]
+IPNetwork = IPv4Network | IPv6Network
 Clock = Callable[[], float]
 
 API_KEY = APIKeyHeader(name="X-API-Key", auto_error=False, description="an API key")
@@ -41,12 +46,51 @@ class Keys:
     def allows(self, key: str | None, role: Role) -> bool:
         if self.open or (role == "read" and not self.auth_reads):
             return True
+        return self.valid(key, self.admin if role == "admin" else self.write + self.admin)
+
+    def valid(self, key: str | None, allowed: tuple[str, ...] | None = None) -> bool:
+        """Whether ``key`` is one of ``allowed`` (default: any configured key)."""
         if key is None:
             return False
-        allowed = self.admin if role == "admin" else self.write + self.admin
+        allowed = self.write + self.admin if allowed is None else allowed
         # Every key is compared, so the time taken does not say which one came close.
-        matches = [hmac.compare_digest(key.encode(), k.encode()) for k in allowed]
+        raw = key.encode("utf-8", "surrogateescape")
+        matches = [hmac.compare_digest(raw, k.encode()) for k in allowed]
         return any(matches)
+
+
+@dataclass(frozen=True)
+class Proxies:
+    """Peers whose ``X-Forwarded-For`` is believed (IP addresses or networks)."""
+
+    networks: tuple[IPNetwork, ...] = ()
+
+    @classmethod
+    def parse(cls, text: str) -> Proxies:
+        return cls(
+            tuple(
+                ip_network(part.strip(), strict=False) for part in text.split(",") if part.strip()
+            )
+        )
+
+    def trusts(self, host: str) -> bool:
+        try:
+            address = ip_address(host)
+        except ValueError:
+            return False
+        return any(address in network for network in self.networks)
+
+    def client(self, request: Request) -> str:
+        """The client's address: the peer, unless the peer is a trusted proxy; then the
+        right-most address of ``X-Forwarded-For`` that is not a trusted proxy itself."""
+        peer = request.client.host if request.client else "unknown"
+        if not self.trusts(peer):
+            return peer
+        hops = [h.strip() for h in request.headers.get("x-forwarded-for", "").split(",")]
+        for hop in reversed([h for h in hops if h]):
+            if not self.trusts(hop):
+                return hop
+        return peer
 
 
 @dataclass
@@ -59,6 +103,14 @@ class RateLimiter:
     clock: Clock = time.monotonic
     max_callers: int = 100_000
     _buckets: OrderedDict[str, tuple[float, float]] = field(default_factory=OrderedDict)
+
+    def peek(self, caller: str) -> float:
+        """Seconds until ``caller`` has a token (0: it has one), taking none."""
+        if self.rate <= 0 or caller not in self._buckets:
+            return 0.0
+        tokens, last = self._buckets[caller]
+        tokens = min(float(self.burst), tokens + (self.clock() - last) * self.rate)
+        return 0.0 if tokens >= 1 else (1 - tokens) / self.rate
 
     def wait(self, caller: str) -> float:
         """Take a token for ``caller``: 0 when allowed, else the seconds until one is free."""
@@ -78,28 +130,49 @@ class RateLimiter:
         return wait
 
 
-def guard(keys: Keys, limiter: RateLimiter, role: Role) -> Callable[..., object]:
-    """A route dependency: 401 without a valid key for ``role``, 429 over the rate limit.
+@dataclass(frozen=True)
+class Access:
+    """What a guard checks: keys, the request rate, failed authentications, client addresses."""
+
+    keys: Keys
+    limiter: RateLimiter
+    failures: RateLimiter
+    proxies: Proxies = Proxies()
+
+
+def _too_many(wait: float, why: str) -> HTTPException:
+    return HTTPException(
+        status_code=429, detail=f"{why}; retry later", headers={"Retry-After": str(math.ceil(wait))}
+    )
+
+
+def guard(access: Access, role: Role) -> Callable[..., object]:
+    """A route dependency: 401 without a valid key for ``role``, 429 over the rate limit or
+    after too many failed authentications from the address.
 
     Where no key is needed (open reads) the dependency reads the header itself instead of
     declaring the API-key scheme, so the OpenAPI schema does not demand a key it won't check.
     """
+    keys = access.keys
 
     def enforce(request: Request, key: str | None) -> None:
-        if not keys.allows(key, role):
-            raise HTTPException(
-                status_code=401,
-                detail=f"this call needs a valid {role} API key in the X-API-Key header",
-                headers={"WWW-Authenticate": "X-API-Key"},
-            )
-        client = request.client.host if request.client else "unknown"
-        wait = limiter.wait(f"key:{key}" if key else f"addr:{client}")
+        client = access.proxies.client(request)
+        if not keys.allows(None, role):  # a key is needed: brute force is limited first
+            blocked = access.failures.peek(f"addr:{client}")
+            if blocked > 0:
+                raise _too_many(blocked, "too many failed authentications from this address")
+            if not keys.allows(key, role):
+                access.failures.wait(f"addr:{client}")
+                raise HTTPException(
+                    status_code=401,
+                    detail=f"this call needs a valid {role} API key in the X-API-Key header",
+                    headers={"WWW-Authenticate": "X-API-Key"},
+                )
+        # Only a key that checks out has a bucket of its own: made-up keys share the address's.
+        caller = f"key:{key}" if keys.valid(key) else f"addr:{client}"
+        wait = access.limiter.wait(caller)
         if wait > 0:
-            raise HTTPException(
-                status_code=429,
-                detail="rate limit exceeded; retry later",
-                headers={"Retry-After": str(math.ceil(wait))},
-            )
+            raise _too_many(wait, "rate limit exceeded")
 
     # async: FastAPI runs a plain ``def`` dependency on its thread pool, a hand-off per request
     async def declared(request: Request, key: str | None = Security(API_KEY)) -> None:
@@ -109,6 +182,17 @@ def guard(keys: Keys, limiter: RateLimiter, role: Role) -> Callable[..., object]
         enforce(request, request.headers.get(API_KEY.model.name))
 
     return undeclared if keys.allows(None, role) else declared
+
+
+def rate_limited(access: Access) -> Callable[..., object]:
+    """A route dependency that only rate-limits, by client address (for what needs no key)."""
+
+    async def limit(request: Request) -> None:
+        wait = access.limiter.wait(f"addr:{access.proxies.client(request)}")
+        if wait > 0:
+            raise _too_many(wait, "rate limit exceeded")
+
+    return limit
 
 
 class BodyLimit:

@@ -11,29 +11,39 @@ Redis key layout, for prefix ``visrec`` and user ``alice``::
     visrec:{u:alice}:p    string: the profile, encoded as below
     visrec:{u:alice}:ev   sorted set: applied event id -> time applied (seconds); with a TTL.
                           Only exists while events with ids were applied in the last TTL.
+    visrec:{u:alice}:evp  hash: applied event id -> "item:time given in ms" (empty: none), to
+                          refuse an id sent again for another event; same TTL as :ev.
 
-The profile is one string of unsigned LEB128 varints (7 bits a byte, low bits first, the high
-bit set on every byte but a number's last)::
+The profile is one string: the byte 0xFE, then unsigned LEB128 varints (7 bits a byte, low bits
+first, the high bit set on every byte but a number's last)::
 
-    n, recent_1 .. recent_n, seen_1, seen_2 - seen_1, seen_3 - seen_2, ...
+    n, recent_1 .. recent_n, time_1, time_2 - time_1, .., seen_1, seen_2 - seen_1, ...
 
-``recent`` oldest first; ``seen`` sorted ascending and stored as gaps. No user, no key (an empty
-profile is never stored). Why: a Redis key costs about 60 bytes of overhead (dict entry, key,
-object) before its value, and a set of small integers about 2 bytes an item (4 beyond 32767,
+``recent`` oldest first by event time (ms; ties by arrival), with each item's latest event
+time; ``seen`` sorted ascending and stored as gaps. A profile written before times were kept
+starts with n itself (< 0x80) and has no times: it reads as times 0, older than any live event,
+and the next write rewrites it. No user, no key (an empty profile is never stored).
+
+Why one string: a Redis key costs about 60 bytes of overhead (dict entry, key, object) before
+its value, and a set of small integers about 2 bytes an item (4 beyond 32767,
 a hash table of ~50 bytes an item beyond 512 items). One key whose gaps mostly fit one byte
 (a user's ~100 items out of 1682 are ~16 apart) is about 3x smaller on MovieLens-100K histories,
 and a read is one ``GET`` of one key. Lua numbers are doubles, hence ``MAX_ITEM_ID = 2**53 - 1``.
 
-An update is one Lua script (atomic: Redis runs it to completion before any other command).
-It decodes ``recent`` and walks ``seen`` only up to the last new item's place, copying the bytes
-before and after unchanged; so an update is O(seen) in the worst case (bytes copied, and
-varints decoded when a new item sorts last): about 0.2 us of Redis time per item walked, so
-~0.15 ms for MovieLens-100K's heaviest user (732 items) but ~2-4 ms for one with 20 000. Fine
-for profiles of a few thousand items; far heavier users would want ``seen`` split into blocks
-(each headed by its first id and byte length, so a walk skips whole blocks).
+An update is one Lua script for the whole call, all its users (atomic: Redis runs it to
+completion before any other command; declared as writing, it is refused whole when Redis is out
+of memory). It first checks every event id against the log and refuses the call if one was used
+for another item or time; then, per user, it decodes ``recent`` and walks ``seen`` only up to
+the last new item's place, copying the bytes before and after unchanged; so an update is O(seen)
+in the worst case (bytes copied, and varints decoded when a new item sorts last): about 0.2 us
+of Redis time per item walked, so ~0.15 ms for MovieLens-100K's heaviest user (732 items) but
+~2-4 ms for one with 20 000. Fine for profiles of a few thousand items; far heavier users would
+want ``seen`` split into blocks (each headed by its first id and byte length, so a walk skips
+whole blocks).
 
-The ``{u:...}`` hash tag puts all of a user's keys in one Redis Cluster slot, so the Lua script
-that updates them runs on one node. The user id inside it is percent-encoded, so ids holding
+The ``{u:...}`` hash tag puts all of a user's keys in one Redis Cluster slot, so a call for one
+user runs on one node (a call for several users spans slots: on a Cluster, send one user per
+call). The user id inside it is percent-encoded, so ids holding
 ``{``, ``}``, ``:`` or ``%`` can neither break the tag nor collide with another user's keys.
 
 Faults: when Redis cannot answer now (down, refusing connections, slower than the deadline, out
@@ -42,8 +52,8 @@ of pooled connections, loading, refusing writes), a call raises :class:`StoreUna
 are. ``RedisProfileStore`` bounds ``profiles``, ``ping`` and ``durable`` by one deadline
 (``deadline_s``) and ``add`` by another (``write_deadline_s``), each covering the wait for a
 pooled connection, connecting and the reply, so a slow Redis costs a caller at most that long.
-The deadlines run on the event loop, so a loop busy with other requests eats into them: a write,
-whose refusal costs the client a retry, may be given longer than a read, whose fallback is cheap.
+Only the time the event loop was free to read Redis's reply counts (``service.store.deadline``):
+a loop busy with other requests does not turn a healthy Redis's prompt reply into a timeout.
 
 A write that timed out may still have been applied. Sent again with the same event ids, each
 event is applied once. Events without ids are applied again, which leaves the same profile only
@@ -55,7 +65,9 @@ from __future__ import annotations
 
 import asyncio
 import operator
+import re
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -66,9 +78,12 @@ from urllib.parse import quote
 import redis.asyncio as aioredis
 from redis import exceptions as rx
 
+from service.store.deadline import LoopLag, deadline
+
 MAX_RECENT = 9
 EVENT_TTL_S = 7 * 24 * 3600
 MAX_ITEM_ID = 2**53 - 1  # the largest integer a Lua number (a double) holds exactly
+MAX_TIMESTAMP_S = 4_102_444_800  # 2100-01-01: times are kept in ms, exact in a double
 # Users per pipeline round trip in bulk calls: bounds the client's buffers, not correctness.
 BATCH_USERS = 1000
 
@@ -78,21 +93,46 @@ Clock = Callable[[], float]
 
 class StoreUnavailable(Exception):
     """The store cannot answer now (see the module docstring): reads may fall back to what the
-    caller has, writes should be refused (their effect is unknown) and retried later."""
+    caller has, writes should be refused and retried later.
+
+    ``maybe_applied``: whether a refused write may have been applied all the same (the call
+    reached the store and its reply was lost or late). False when the store certainly applied
+    nothing: it refused the call (out of memory, read-only, loading, ...) or was never reached.
+    """
+
+    def __init__(self, reason: str, *, maybe_applied: bool = True) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.maybe_applied = maybe_applied
+
+
+class EventConflict(ValueError):
+    """Event ids already applied (or repeated in the call) with another item or timestamp: the
+    call is refused whole, nothing applied."""
+
+    def __init__(self, event_ids: Sequence[str]) -> None:
+        names = ", ".join(sorted(event_ids))
+        super().__init__(f"event id(s) already used for another item or timestamp: {names}")
+        self.event_ids = sorted(event_ids)
 
 
 @dataclass(frozen=True)
 class Interaction:
     user_id: str
     item_id: int  # raw item id (as in the dataset), not a model index
-    timestamp: float | None = None  # when it happened (seconds); kept for callers, not ordering
+    # When it happened (seconds since the epoch); None: when the store receives it. Profiles
+    # are ordered by it, ties by arrival.
+    timestamp: float | None = None
     event_id: str | None = None  # retries with the same id are applied once; "" means none
 
 
 @dataclass(frozen=True)
 class Profile:
-    recent: list[int]  # the last <= max_recent distinct items, oldest first
+    recent: list[int]  # the last <= max_recent distinct items by event time, oldest first
     seen: frozenset[int]  # every item interacted with
+    # Each recent item's latest event time, in milliseconds (0: loaded history, older than any
+    # live event); compared only when placing new events, so equality ignores it.
+    times: tuple[int, ...] = field(default=(), compare=False)
 
 
 class ProfileStore(Protocol):
@@ -111,8 +151,9 @@ class ProfileStore(Protocol):
         ...
 
     async def add(self, events: Sequence[Interaction]) -> int:
-        """Apply ``events`` in order, skipping already-applied event ids; returns how many were
-        applied. Each user's update is atomic."""
+        """Apply ``events``, skipping already-applied event ids; returns how many were applied.
+        A call is atomic: all of it or none of it. Raises EventConflict, applying nothing, for
+        an event id applied before (within the TTL) or repeated with another item or time."""
         ...
 
     async def load(self, histories: Mapping[str, Sequence[int]]) -> None:
@@ -126,6 +167,11 @@ class ProfileStore(Protocol):
     async def durable(self) -> bool | None:
         """Whether an acknowledged write survives a crash of the store's process or machine
         (None: unknown); never raises."""
+        ...
+
+    async def write_refusal(self) -> str | None:
+        """Why the store would refuse a write now (out of memory, read-only), or None when it
+        would take one or cannot tell; never raises."""
         ...
 
     async def close(self) -> None: ...
@@ -166,6 +212,36 @@ def item_id(item: SupportsIndex) -> int:
 def _check_events(events: Iterable[Interaction]) -> None:
     for event in events:
         item_id(event.item_id)
+        if event.timestamp is not None and not 0 <= event.timestamp <= MAX_TIMESTAMP_S:
+            raise ValueError(f"timestamps must be in [0, {MAX_TIMESTAMP_S}], got {event.timestamp}")
+
+
+def millis(seconds: float) -> int:
+    return round(seconds * 1000)
+
+
+def payload(event: Interaction) -> str:
+    """What an event id stands for: its item and the timestamp given (none: arrival time)."""
+    ts = "" if event.timestamp is None else str(millis(event.timestamp))
+    return f"{int(event.item_id)}:{ts}"
+
+
+def place(recent: list[int], times: list[int], item: int, at_ms: int, max_recent: int) -> None:
+    """Put an event of ``item`` at ``at_ms`` into ``recent`` (oldest first, ``times`` beside it):
+    an item is placed at its latest event, after items of the same time (ties by arrival); the
+    oldest beyond ``max_recent`` leaves. The Lua script's ``place`` is the same rule."""
+    if item in recent:
+        j = recent.index(item)
+        if times[j] > at_ms:
+            return  # an older event of an item already placed later
+        del recent[j], times[j]
+    at = len(recent)
+    while at > 0 and times[at - 1] > at_ms:
+        at -= 1
+    recent.insert(at, item)
+    times.insert(at, at_ms)
+    if len(recent) > max_recent:
+        del recent[0], times[0]
 
 
 def _check_histories(histories: Mapping[str, Sequence[int]]) -> None:
@@ -219,16 +295,27 @@ def _varints(data: bytes) -> list[int]:
     return values
 
 
-def encode_profile(recent: Sequence[int], seen: Iterable[int]) -> bytes:
+VERSION_2 = 0xFE  # first byte of a profile with event times; never a v1 profile's first
+
+
+def encode_profile(
+    recent: Sequence[int], seen: Iterable[int], times: Sequence[int] | None = None
+) -> bytes:
     """The stored form of a profile (see the module docstring); ``b""`` when it is empty.
-    ``seen`` may hold repeats; ids must already be checked (:func:`item_id`)."""
+    ``seen`` may hold repeats; ids must already be checked (:func:`item_id`). ``times``: of
+    ``recent``, in ms, non-decreasing (None: all 0, as for a loaded history)."""
     ordered = sorted(set(seen))
     if not ordered and not recent:
         return b""
-    out = bytearray()
+    times = list(times) if times is not None else [0] * len(recent)
+    out = bytearray([VERSION_2])
     _put_varint(out, len(recent))
     for item in recent:
         _put_varint(out, item)
+    previous = 0
+    for value in times:
+        _put_varint(out, value - previous)
+        previous = value
     previous = 0
     for item in ordered:
         _put_varint(out, item - previous)
@@ -237,12 +324,19 @@ def encode_profile(recent: Sequence[int], seen: Iterable[int]) -> bytes:
 
 
 def decode_profile(data: bytes | None) -> Profile:
-    """The profile stored as ``data`` (``None``, a missing key, is the empty profile)."""
+    """The profile stored as ``data`` (``None``, a missing key, is the empty profile); reads
+    profiles stored before event times were (their times are 0) as well."""
     if not data:
         return Profile([], frozenset())
-    values = _varints(data)
-    end = values[0] + 1
-    return Profile(values[1:end], frozenset(accumulate(values[end:])))
+    if data[0] != VERSION_2:
+        values = _varints(data)
+        end = values[0] + 1
+        recent = values[1:end]
+        return Profile(recent, frozenset(accumulate(values[end:])), (0,) * len(recent))
+    values = _varints(data[1:])
+    n = values[0]
+    recent, gaps = values[1 : n + 1], values[n + 1 : 2 * n + 1]
+    return Profile(recent, frozenset(accumulate(values[2 * n + 1 :])), tuple(accumulate(gaps)))
 
 
 # --------------------------------------------------------------------------- in-process store
@@ -251,12 +345,19 @@ def decode_profile(data: bytes | None) -> Profile:
 @dataclass
 class _Profile:
     recent: list[int] = field(default_factory=list)  # oldest first
+    times: list[int] = field(default_factory=list)  # of recent, ms
     seen: set[int] = field(default_factory=set)
-    events: dict[str, float] = field(default_factory=dict)  # event id -> time applied
+    # event id -> (time applied, payload), oldest first: expired ids leave from the front, so a
+    # write costs O(its events + expired ids), not a copy of the user's whole log
+    events: OrderedDict[str, tuple[float, str]] = field(default_factory=OrderedDict)
 
 
 class MemoryProfileStore(ProfileReads):
-    """Profiles in a dict: the default when no Redis is configured (one process, lost on exit)."""
+    """Profiles in a dict: the default when no Redis is configured (one process, lost on exit).
+
+    It keeps the ``max_users`` users read or written most recently (LRU, ~700-900 bytes each
+    with a ~100-item history): beyond that the least recent user is forgotten, counted in
+    ``evicted`` and reported to ``on_evict`` (the service's /metrics)."""
 
     def __init__(
         self,
@@ -264,12 +365,19 @@ class MemoryProfileStore(ProfileReads):
         *,
         event_ttl_s: int = EVENT_TTL_S,
         clock: Clock = time.time,
+        max_users: int | None = None,
+        on_evict: Callable[[], object] = lambda: None,
     ) -> None:
         _check_limits(max_recent, event_ttl_s)
+        if max_users is not None and max_users < 1:
+            raise ValueError(f"max_users must be at least 1, got {max_users}")
         self.max_recent = max_recent
         self.event_ttl_s = event_ttl_s
+        self.max_users = max_users
+        self.evicted = 0
+        self._on_evict = on_evict
         self._clock = clock
-        self._profiles: dict[str, _Profile] = {}
+        self._profiles: OrderedDict[str, _Profile] = OrderedDict()  # least recent first
         # Updates have no await inside today, but the lock keeps them atomic if one ever does.
         self._lock = asyncio.Lock()
 
@@ -281,20 +389,35 @@ class MemoryProfileStore(ProfileReads):
         _check_events(events)
         async with self._lock:
             now = self._clock()
-            return sum(self._apply(user, group, now) for user, group in _by_user(events).items())
+            groups = _by_user(events)
+            for user in groups:
+                self._forget_expired(user, now)
+            conflicts = [c for user, group in groups.items() for c in self._conflicts(user, group)]
+            if conflicts:
+                raise EventConflict(conflicts)
+            applied = sum(self._apply(user, group, now) for user, group in groups.items())
+            self._evict()
+            return applied
 
     async def load(self, histories: Mapping[str, Sequence[int]]) -> None:
         _check_histories(histories)
         async with self._lock:
             for user, history in histories.items():
                 recent = recent_of(history, self.max_recent)
-                self._profiles[user] = _Profile(recent, {int(i) for i in history})
+                self._profiles[user] = _Profile(
+                    recent, [0] * len(recent), {int(i) for i in history}
+                )
+                self._profiles.move_to_end(user)
+            self._evict()
 
     async def ping(self) -> bool:
         return True
 
     async def durable(self) -> bool | None:
         return False  # lost with the process
+
+    async def write_refusal(self) -> str | None:
+        return None
 
     async def close(self) -> None:
         return None
@@ -304,30 +427,63 @@ class MemoryProfileStore(ProfileReads):
         profile = self._profiles.get(user_id)
         if profile is None:
             return Profile([], frozenset())
-        return Profile(list(profile.recent), frozenset(profile.seen))
+        self._profiles.move_to_end(user_id)
+        return Profile(list(profile.recent), frozenset(profile.seen), tuple(profile.times))
+
+    def _evict(self) -> None:
+        while self.max_users is not None and len(self._profiles) > self.max_users:
+            self._profiles.popitem(last=False)
+            self.evicted += 1
+            self._on_evict()
+
+    def _forget_expired(self, user_id: str, now: float) -> None:
+        """Same rule as the Redis script: ids older than the TTL are forgotten first."""
+        profile = self._profiles.get(user_id)
+        if profile is None:
+            return
+        cutoff = now - self.event_ttl_s
+        while profile.events and next(iter(profile.events.values()))[0] <= cutoff:
+            profile.events.popitem(last=False)
+
+    def _conflicts(self, user_id: str, events: list[Interaction]) -> list[str]:
+        profile = self._profiles.get(user_id)
+        known = profile.events if profile else {}
+        claimed: dict[str, str] = {}
+        conflicts = []
+        for event in events:
+            if not event.event_id:
+                continue
+            logged = known.get(event.event_id)
+            first = claimed.setdefault(event.event_id, logged[1] if logged else payload(event))
+            if first != payload(event):
+                conflicts.append(event.event_id)
+        return conflicts
 
     def _apply(self, user_id: str, events: list[Interaction], now: float) -> int:
         profile = self._profiles.setdefault(user_id, _Profile())
-        # Same rule as the Redis script: ids older than the TTL are forgotten before checking.
-        cutoff = now - self.event_ttl_s
-        profile.events = {e: t for e, t in profile.events.items() if t > cutoff}
+        self._profiles.move_to_end(user_id)
         applied = 0
         for event in events:
             if event.event_id and event.event_id in profile.events:
                 continue
+            at_ms = millis(now if event.timestamp is None else event.timestamp)
             item = int(event.item_id)
-            if item in profile.recent:
-                profile.recent.remove(item)
-            profile.recent.append(item)
-            del profile.recent[: -self.max_recent]
+            place(profile.recent, profile.times, item, at_ms, self.max_recent)
             profile.seen.add(item)
             if event.event_id:
-                profile.events[event.event_id] = now
+                profile.events[event.event_id] = (now, payload(event))
             applied += 1
         return applied
 
 
 # --------------------------------------------------------------------------- Redis store
+
+# Redis 7 script flags. A script with a shebang and without ``no-writes`` is known to write
+# before it runs: Redis refuses it whole (OOM) when used memory is over maxmemory. Without one,
+# Redis checks only the first write command, and after it lets every later write of the script
+# through: the add script's first command, ZREMRANGEBYSCORE, made every script run past
+# maxmemory (40 batches of 1,000 new users acknowledged and 10 MB over a 1 MB limit).
+_SHEBANG = "#!lua\n"
 
 # Varints in Lua: numbers are doubles, exact for the ids allowed (< 2^53).
 _VARINT_LUA = """
@@ -354,120 +510,209 @@ local function read(s, pos)
 end
 """
 
-# One user's events, atomically: Redis runs a script to completion before any other command,
-# so no reader sees half an update and concurrent adds for one user cannot interleave.
-# KEYS: profile, events. ARGV: max_recent, event_ttl_s, now, then (item, event_id) pairs,
-# event_id "" meaning none.
+# A call's events, atomically: Redis runs a script to completion before any other command, so
+# no reader sees half an update, concurrent adds for one user cannot interleave, and a call of
+# several users is applied whole (event-id conflicts are checked for all of them first).
+# KEYS: per user, (profile, event log, event payloads). ARGV: max_recent, event_ttl_s, now (s),
+# now (ms), then per user: its number of events n, then n x (item, event_id, time in ms), with
+# "" for no event id and for no time (then: now). Returns {applied} or {-1, conflicting ids...}.
 _ADD_LUA = (
-    _VARINT_LUA
+    _SHEBANG
+    + _VARINT_LUA
     + """
-local key, events = KEYS[1], KEYS[2]
-local max_recent, ttl, now = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-redis.call('ZREMRANGEBYSCORE', events, '-inf', now - ttl)
-local data = redis.call('GET', key) or ''
+local max_recent, ttl = tonumber(ARGV[1]), tonumber(ARGV[2])
+local now, now_ms = tonumber(ARGV[3]), tonumber(ARGV[4])
+local cutoff = now - ttl
 
--- recent: decoded in full (it is short); pos ends on the first byte of seen.
-local recent, pos = {}, 1
-if #data > 0 then
-  local n
-  n, pos = read(data, 1)
-  for i = 1, n do recent[i], pos = read(data, pos) end
-end
-
-local new, fresh, applied, logged = {}, {}, 0, false
-for i = 4, #ARGV, 2 do
-  local item, event_id = tonumber(ARGV[i]), ARGV[i + 1]
-  if event_id == '' or not redis.call('ZSCORE', events, event_id) then
-    for j = #recent, 1, -1 do
-      if recent[j] == item then table.remove(recent, j) end
+-- The rule of profiles.place: an item sits at its latest event, after items of the same time.
+local function place(recent, times, item, t)
+  for j = 1, #recent do
+    if recent[j] == item then
+      if times[j] > t then return end
+      table.remove(recent, j)
+      table.remove(times, j)
+      break
     end
-    recent[#recent + 1] = item
-    if #recent > max_recent then table.remove(recent, 1) end
-    if not fresh[item] then
-      fresh[item] = true
-      new[#new + 1] = item
-    end
-    if event_id ~= '' then
-      redis.call('ZADD', events, now, event_id)
-      logged = true
-    end
-    applied = applied + 1
+  end
+  local at = #recent + 1
+  while at > 1 and times[at - 1] > t do at = at - 1 end
+  table.insert(recent, at, item)
+  table.insert(times, at, t)
+  if #recent > max_recent then
+    table.remove(recent, 1)
+    table.remove(times, 1)
   end
 end
-if logged then redis.call('EXPIRE', events, ttl) end
-if applied == 0 then return 0 end
-table.sort(new)
 
--- seen: merge the sorted new items in one walk. Bytes from `from` to `at` - 1 are copied
--- unchanged; `orig` is the last stored item walked past, `last` the last item written. A
--- stored gap is relative to orig, so it is re-encoded only where an insert made last ~= orig.
-local out, from, at, orig, last = {}, pos, pos, 0, 0
-for _, x in ipairs(new) do
-  local v, nxt = nil, nil
-  while at <= #data do
-    local gap = string.byte(data, at)
-    if gap < 128 then nxt = at + 1 else gap, nxt = read(data, at) end
-    v = orig + gap
-    if v >= x then break end
-    if last ~= orig then
-      out[#out + 1] = varint(v - last)
+-- Pass 1: read the call, and refuse it whole if an event id is taken by another payload.
+local users, conflicts, a = {}, {}, 5
+while a <= #ARGV do
+  local k = #users * 3
+  local log, payloads = KEYS[k + 2], KEYS[k + 3]
+  local events, claimed = {}, {}
+  for i = 1, tonumber(ARGV[a]) do
+    local item, id, t = ARGV[a + 3 * i - 2], ARGV[a + 3 * i - 1], ARGV[a + 3 * i]
+    local payload = item .. ':' .. t
+    if id ~= '' then
+      if claimed[id] == nil then
+        local at = redis.call('ZSCORE', log, id)
+        claimed[id] = payload
+        if at and tonumber(at) > cutoff then
+          claimed[id] = redis.call('HGET', payloads, id) or payload  -- none: logged before payloads
+        end
+      end
+      if claimed[id] ~= payload then conflicts[#conflicts + 1] = id end
+    end
+    events[i] = {tonumber(item), id, t == '' and now_ms or tonumber(t), payload}
+  end
+  users[#users + 1] = {KEYS[k + 1], log, payloads, events}
+  a = a + 1 + 3 * #events
+end
+if #conflicts > 0 then return {-1, unpack(conflicts)} end
+
+-- Pass 2: apply, user by user.
+local applied = 0
+for _, user in ipairs(users) do
+  local key, log, payloads, events = user[1], user[2], user[3], user[4]
+  local expired = redis.call('ZRANGEBYSCORE', log, '-inf', cutoff)
+  if #expired > 0 then
+    redis.call('ZREMRANGEBYSCORE', log, '-inf', cutoff)
+    for i = 1, #expired, 1000 do
+      redis.call('HDEL', payloads, unpack(expired, i, math.min(i + 999, #expired)))
+    end
+  end
+  local data = redis.call('GET', key) or ''
+
+  -- recent and its times: decoded in full (they are short); pos ends on the first byte of seen.
+  local recent, times, pos = {}, {}, 1
+  if #data > 0 then
+    local v2 = string.byte(data, 1) == 254
+    local n
+    if v2 then pos = 2 end
+    n, pos = read(data, pos)
+    for i = 1, n do recent[i], pos = read(data, pos) end
+    local t = 0
+    for i = 1, n do
+      if v2 then
+        local gap
+        gap, pos = read(data, pos)
+        t = t + gap
+      end
+      times[i] = t
+    end
+  end
+
+  local new, fresh, count, logged = {}, {}, 0, false
+  for _, e in ipairs(events) do
+    local item, id = e[1], e[2]
+    if id == '' or not redis.call('ZSCORE', log, id) then
+      place(recent, times, item, e[3])
+      if not fresh[item] then
+        fresh[item] = true
+        new[#new + 1] = item
+      end
+      if id ~= '' then
+        redis.call('ZADD', log, now, id)
+        redis.call('HSET', payloads, id, e[4])
+        logged = true
+      end
+      count = count + 1
+    end
+  end
+  if logged then
+    redis.call('EXPIRE', log, ttl)
+    redis.call('EXPIRE', payloads, ttl)
+  end
+  if count > 0 then
+    table.sort(new)
+    -- seen: merge the sorted new items in one walk. Bytes from `from` to `at` - 1 are copied
+    -- unchanged; `orig` is the last stored item walked past, `last` the last item written. A
+    -- stored gap is relative to orig, so it is re-encoded only where an insert made last ~= orig.
+    local out, from, at, orig, last = {}, pos, pos, 0, 0
+    for _, x in ipairs(new) do
+      local v, nxt = nil, nil
+      while at <= #data do
+        local gap = string.byte(data, at)
+        if gap < 128 then nxt = at + 1 else gap, nxt = read(data, at) end
+        v = orig + gap
+        if v >= x then break end
+        if last ~= orig then
+          out[#out + 1] = varint(v - last)
+          from = nxt
+        end
+        orig, last, at, v = v, v, nxt, nil
+      end
+      if v ~= x then  -- not stored yet: insert it before the item at `at`
+        out[#out + 1] = string.sub(data, from, at - 1)
+        out[#out + 1] = varint(x - last)
+        last, from = x, at
+      end
+    end
+    if at <= #data and last ~= orig then
+      local gap, nxt = read(data, at)
+      out[#out + 1] = string.sub(data, from, at - 1) .. varint(orig + gap - last)
       from = nxt
     end
-    orig, last, at, v = v, v, nxt, nil
-  end
-  if v ~= x then  -- not stored yet: insert it before the item at `at`
-    out[#out + 1] = string.sub(data, from, at - 1)
-    out[#out + 1] = varint(x - last)
-    last, from = x, at
-  end
-end
-if at <= #data and last ~= orig then
-  local gap, nxt = read(data, at)
-  out[#out + 1] = string.sub(data, from, at - 1) .. varint(orig + gap - last)
-  from = nxt
-end
-out[#out + 1] = string.sub(data, from)
+    out[#out + 1] = string.sub(data, from)
 
-local head = {varint(#recent)}
-for i = 1, #recent do head[i + 1] = varint(recent[i]) end
-redis.call('SET', key, table.concat(head) .. table.concat(out))
-return applied
+    local head = {string.char(254), varint(#recent)}
+    for i = 1, #recent do head[#head + 1] = varint(recent[i]) end
+    local previous = 0
+    for i = 1, #times do
+      head[#head + 1] = varint(times[i] - previous)
+      previous = times[i]
+    end
+    redis.call('SET', key, table.concat(head) .. table.concat(out))
+    applied = applied + count
+  end
+end
+return {applied}
 """
 )
 
-# Replace one user's profile atomically. KEYS: profile, events. ARGV: the encoded profile.
-_LOAD_LUA = """
-redis.call('DEL', KEYS[1], KEYS[2])
+# Replace one user's profile atomically. KEYS: profile, event log, event payloads. ARGV: the
+# encoded profile.
+_LOAD_LUA = (
+    _SHEBANG
+    + """
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
 if ARGV[1] ~= '' then redis.call('SET', KEYS[1], ARGV[1]) end
 return 0
 """
+)
 
 
 @dataclass(frozen=True)
 class UserKeys:
     profile: str
     events: str
+    payloads: str
 
     @property
-    def all(self) -> tuple[str, str]:
-        return (self.profile, self.events)
+    def all(self) -> tuple[str, str, str]:
+        return (self.profile, self.events, self.payloads)
 
 
 def user_keys(prefix: str, user_id: str) -> UserKeys:
     """The user's keys; see the module docstring. ``quote`` leaves only ``A-Za-z0-9_.-~``
     unescaped and escapes ``%`` itself, so the encoding is one-to-one and never holds ``}``."""
     base = f"{prefix}:{{u:{quote(user_id, safe='')}}}"
-    return UserKeys(profile=f"{base}:p", events=f"{base}:ev")
+    return UserKeys(profile=f"{base}:p", events=f"{base}:ev", payloads=f"{base}:evp")
 
 
-def _event_args(events: Iterable[Interaction]) -> list[str | int]:
-    """The add script's (item, event_id) pairs; int() turns numpy ids into ones Redis takes."""
-    return [arg for e in events for arg in (int(e.item_id), e.event_id or "")]
+def _event_args(events: Sequence[Interaction]) -> list[str | int]:
+    """One user's part of the add script's ARGV; int() turns numpy ids into ones Redis takes."""
+    args: list[str | int] = [len(events)]
+    for e in events:
+        at = "" if e.timestamp is None else str(millis(e.timestamp))
+        args += [int(e.item_id), e.event_id or "", at]
+    return args
 
 
 # Replies that mean "not now" rather than "wrong call": a failed disk write (MISCONF), a script
-# running too long (BUSY), too few replicas acknowledging (NOREPLICAS).
-_NOT_NOW_REPLIES = ("MISCONF", "BUSY", "NOREPLICAS")
+# running too long (BUSY), too few replicas acknowledging (NOREPLICAS). A pipeline's error text is
+# "Command # n (...) of pipeline caused error: ('MISCONF ...',)": the code is looked for after it.
+_NOT_NOW_REPLY = re.compile(r"(?:^|caused error: \(['\"])(MISCONF|BUSY|NOREPLICAS)\b")
 _NOT_NOW = (
     OSError,  # refused or reset connections, and the deadline (TimeoutError is an OSError)
     rx.ConnectionError,  # also a pool without a free connection, and LOADING after a restart
@@ -484,10 +729,67 @@ def is_outage(exc: BaseException) -> bool:
     a wrong argument), which should stay an error."""
     if isinstance(exc, _NOT_NOW):
         return True
-    return isinstance(exc, rx.ResponseError) and str(exc).startswith(_NOT_NOW_REPLIES)
+    return isinstance(exc, rx.ResponseError) and _NOT_NOW_REPLY.search(str(exc)) is not None
 
 
-def redis_client(url: str, *, timeout_s: float = 2.0, max_connections: int = 50) -> aioredis.Redis:
+# Refusals after which the store certainly applied nothing: it said no before running anything
+# (a script declared as writing is refused whole when Redis is out of memory, read-only or
+# loading; a transaction refused at EXEC runs none of its commands), or it was never reached.
+_REFUSED = (
+    rx.OutOfMemoryError,
+    rx.ReadOnlyError,
+    rx.BusyLoadingError,
+    rx.TryAgainError,
+    ConnectionRefusedError,
+)
+
+
+def nothing_applied(exc: BaseException) -> bool:
+    """Whether a write that failed with ``exc`` (an outage) certainly changed nothing."""
+    if isinstance(exc, (*_REFUSED, rx.ResponseError)):
+        return True  # a ResponseError here is MISCONF, BUSY or NOREPLICAS: refused up front
+    text = str(exc)
+    return isinstance(exc, rx.ConnectionError) and (
+        (text.startswith("Error ") and " connecting to " in text)  # never connected
+        or text == "No connection available."  # waited for the pool, sent nothing
+    )
+
+
+def why_refused(exc: BaseException) -> str:
+    """A short reason for an outage, in words an operator can act on."""
+    if isinstance(exc, rx.OutOfMemoryError):
+        return "Redis is out of memory (used_memory over maxmemory, noeviction): writes refused"
+    if isinstance(exc, rx.ReadOnlyError):
+        return "Redis is a read-only replica: writes refused"
+    if isinstance(exc, rx.BusyLoadingError):
+        return "Redis is loading its data after a restart"
+    if isinstance(exc, TimeoutError | rx.TimeoutError):
+        return "Redis did not answer within the deadline"
+    return "Redis did not answer"
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def write_refusal(info: Mapping[str, object]) -> str | None:
+    """Why a Redis whose ``INFO`` reads ``info`` refuses writes, or None."""
+    used, limit = _int(info.get("used_memory")), _int(info.get("maxmemory"))
+    if limit and used >= limit and info.get("maxmemory_policy") == "noeviction":
+        return (
+            f"Redis is out of memory ({used:,} bytes used of maxmemory {limit:,}, noeviction): "
+            "writes are refused until memory is freed or maxmemory raised"
+        )
+    if info.get("role") == "slave" and _int(info.get("slave_read_only")):
+        return "Redis is a read-only replica: writes are refused"
+    return None
+
+
+def _int(value: object) -> int:
+    return int(value) if isinstance(value, int | str) and str(value).isdigit() else 0
+
+
+def redis_client(url: str, *, timeout_s: float = 2.0, max_connections: int = 200) -> aioredis.Redis:
     """A client whose pool makes callers wait (up to ``timeout_s``) for a free connection: the
     default pool raises "Too many connections" once a burst of requests exceeds its size."""
     pool = aioredis.BlockingConnectionPool.from_url(
@@ -532,6 +834,7 @@ class RedisProfileStore(ProfileReads):
         self._clock = clock
         self.deadline_s = deadline_s
         self.write_deadline_s = deadline_s if write_deadline_s is None else write_deadline_s
+        self._lag = LoopLag()  # the deadlines count Redis's time, not a busy loop's
         self._add_script = client.register_script(_ADD_LUA)
         self._load_script = client.register_script(_LOAD_LUA)
 
@@ -544,7 +847,7 @@ class RedisProfileStore(ProfileReads):
         max_recent: int = MAX_RECENT,
         event_ttl_s: int = EVENT_TTL_S,
         timeout_s: float = 2.0,
-        max_connections: int = 50,
+        max_connections: int = 200,
         deadline_s: float | None = None,
         write_deadline_s: float | None = None,
     ) -> RedisProfileStore:
@@ -569,12 +872,12 @@ class RedisProfileStore(ProfileReads):
         A call cut off by the deadline leaves no half-read reply behind: redis-py closes a
         connection interrupted mid-command instead of returning it to the pool."""
         try:
-            async with asyncio.timeout(deadline_s):
+            async with deadline(deadline_s, self._lag):
                 yield
         except Exception as exc:
             if is_outage(exc):
-                why = f"{type(exc).__name__}: {exc}"
-                raise StoreUnavailable(f"Redis did not answer: {why}") from exc
+                cause = f"{why_refused(exc)} ({type(exc).__name__}: {exc})"
+                raise StoreUnavailable(cause, maybe_applied=not nothing_applied(exc)) from exc
             raise
 
     async def profiles(self, user_ids: Sequence[str]) -> list[Profile]:
@@ -582,46 +885,73 @@ class RedisProfileStore(ProfileReads):
         blobs: list[bytes | None] = []
         async with self._reaching(self.deadline_s):
             for batch in _batches(user_ids, BATCH_USERS):
-                pipe = self._client.pipeline(transaction=False)
-                for user in batch:
-                    pipe.get(self.keys(user).profile)
-                blobs.extend(await pipe.execute())
+                async with self._client.pipeline(transaction=False) as pipe:
+                    for user in batch:
+                        pipe.get(self.keys(user).profile)
+                    blobs.extend(await pipe.execute())
         return [decode_profile(blob) for blob in blobs]
 
     async def add(self, events: Sequence[Interaction]) -> int:
-        _check_events(events)
-        head: list[str | int] = [self.max_recent, self.event_ttl_s, repr(float(self._clock()))]
-        calls = [
-            (self.keys(user).all, head + _event_args(group))
-            for user, group in _by_user(events).items()
-        ]
-        async with self._reaching(self.write_deadline_s):
-            return await self._run_adds(calls)
+        """One script call for the whole call: applied whole or not at all (refused whole when
+        Redis is out of memory). Its keys span users, hence slots: on a Redis Cluster, send one
+        user per call."""
+        return await self._add(events, deadline_s=self.write_deadline_s)
 
-    async def _run_adds(self, calls: list[tuple[tuple[str, str], list[str | int]]]) -> int:
-        if len(calls) == 1:
-            # The usual call: one user. A plain EVALSHA is one round trip; a pipeline with a
-            # script costs a second one (SCRIPT EXISTS) before it runs.
-            keys, args = calls[0]
-            return int(await self._add_script(keys=keys, args=args))
-        applied = 0
-        for batch in _batches(calls, BATCH_USERS):
-            pipe = self._client.pipeline(transaction=False)
-            for keys, args in batch:
-                await self._add_script(keys=keys, args=args, client=pipe)
-            applied += sum(int(n) for n in await pipe.execute())
-        return applied
+    async def _add(self, events: Sequence[Interaction], *, deadline_s: float | None) -> int:
+        _check_events(events)
+        now = self._clock()
+        keys: list[str] = []
+        args: list[str | int] = [self.max_recent, self.event_ttl_s, repr(float(now)), millis(now)]
+        for user, group in _by_user(events).items():
+            keys += self.keys(user).all
+            args += _event_args(group)
+        async with self._reaching(deadline_s):
+            reply = await self._add_script(keys=keys, args=args)
+        if int(reply[0]) < 0:
+            raise EventConflict([x.decode() if isinstance(x, bytes) else str(x) for x in reply[1:]])
+        return int(reply[0])
 
     async def load(self, histories: Mapping[str, Sequence[int]]) -> None:
         _check_histories(histories)  # all of them first: a bad id must not leave half a load
         async with self._reaching(None):
             for batch in _batches(histories.items(), BATCH_USERS):
-                pipe = self._client.pipeline(transaction=False)
-                for user, history in batch:
-                    items = [int(i) for i in history]
-                    blob = encode_profile(recent_of(items, self.max_recent), items)
-                    await self._load_script(keys=self.keys(user).all, args=[blob], client=pipe)
-                await pipe.execute()
+                async with self._client.pipeline(transaction=False) as pipe:
+                    for user, history in batch:
+                        items = [int(i) for i in history]
+                        blob = encode_profile(recent_of(items, self.max_recent), items)
+                        await self._load_script(keys=self.keys(user).all, args=[blob], client=pipe)
+                    await pipe.execute()
+
+    @property
+    def epoch_key(self) -> str:
+        return f"{self.prefix}:epoch"
+
+    async def read_epoch(self) -> str | None:
+        """The data set's epoch token (``service.store.epoch``); None when missing."""
+        async with self._reaching(self.deadline_s):
+            value = await self._client.get(self.epoch_key)
+        return _text(value) if value is not None else None
+
+    async def claim_epoch(self, token: str) -> str:
+        """Store ``token`` as the epoch unless one exists; the epoch stored now."""
+        async with self._reaching(self.write_deadline_s):
+            await self._client.set(self.epoch_key, token, nx=True)
+            value = await self._client.get(self.epoch_key)
+        return _text(value) if value is not None else token
+
+    async def merge(self, histories: Mapping[str, Sequence[int]], chunk: int = 5000) -> None:
+        """Add each user's history (raw item ids, oldest first) as events at time 0, older
+        than any live event: unlike ``load``, what the users did since is kept. No deadline:
+        it is bulk work, in calls of about ``chunk`` events."""
+        _check_histories(histories)
+        batch: list[Interaction] = []
+        for user, history in histories.items():
+            batch += [Interaction(user, int(i), 0.0) for i in history]
+            if len(batch) >= chunk:
+                await self._add(batch, deadline_s=None)
+                batch = []
+        if batch:
+            await self._add(batch, deadline_s=None)
 
     async def ping(self) -> bool:
         try:
@@ -642,7 +972,18 @@ class RedisProfileStore(ProfileReads):
             return None
         return config.get("appendonly") == "yes" and config.get("appendfsync") == "always"
 
+    async def write_refusal(self) -> str | None:
+        """From ``INFO memory replication``: out of memory under ``noeviction``, or a read-only
+        replica. None when Redis does not answer (``ping`` says that) or hides INFO."""
+        try:
+            async with self._reaching(self.deadline_s):
+                info = await self._client.execute_command("INFO", "memory", "replication")
+        except (StoreUnavailable, rx.ResponseError):
+            return None
+        return write_refusal(info)
+
     async def close(self) -> None:
+        await self._lag.stop()
         await self._client.aclose()
 
     async def memory_per_user(self, sample: Sequence[str]) -> float:
@@ -650,9 +991,9 @@ class RedisProfileStore(ProfileReads):
         included when it exists; a user without keys counts 0)."""
         if not sample:
             raise ValueError("memory_per_user needs at least one user id")
-        pipe = self._client.pipeline(transaction=False)
-        for user in sample:
-            for key in self.keys(user).all:
-                pipe.memory_usage(key, samples=0)
-        sizes = await pipe.execute()
+        async with self._client.pipeline(transaction=False) as pipe:
+            for user in sample:
+                for key in self.keys(user).all:
+                    pipe.memory_usage(key, samples=0)
+            sizes = await pipe.execute()
         return sum(int(size or 0) for size in sizes) / len(sample)

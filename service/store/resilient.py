@@ -19,8 +19,9 @@ is a fallback for outages, never read while the store answers.
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -32,7 +33,8 @@ from service.store.profiles import (
     StoreUnavailable,
     decode_profile,
     encode_profile,
-    recent_of,
+    millis,
+    place,
 )
 
 T = TypeVar("T")
@@ -68,7 +70,8 @@ class ProfileCache:
     def put(self, user_id: str, profile: Profile) -> None:
         if self.size == 0:
             return
-        self._blobs[user_id] = encode_profile(profile.recent, profile.seen)
+        times = profile.times or None
+        self._blobs[user_id] = encode_profile(profile.recent, profile.seen, times)
         self._blobs.move_to_end(user_id)
         if len(self._blobs) > self.size:
             self._blobs.popitem(last=False)
@@ -77,17 +80,27 @@ class ProfileCache:
         self._blobs.pop(user_id, None)
 
 
-def with_items(profile: Profile, items: Sequence[int], max_recent: int) -> Profile:
-    """``profile`` after interactions with ``items`` (in order), by the stores' rule."""
-    recent = recent_of([*profile.recent, *items], max_recent)
-    return Profile(recent, profile.seen | frozenset(int(i) for i in items))
+def with_events(
+    profile: Profile, events: Sequence[Interaction], max_recent: int, *, now: float
+) -> Profile:
+    """``profile`` after ``events`` (in order; those without a timestamp at ``now``), by the
+    stores' rule (:func:`place`)."""
+    recent, times = list(profile.recent), list(profile.times or [0] * len(profile.recent))
+    for event in events:
+        at = now if event.timestamp is None else event.timestamp
+        place(recent, times, int(event.item_id), millis(at), max_recent)
+    seen = profile.seen | frozenset(int(e.item_id) for e in events)
+    return Profile(recent, seen, tuple(times))
 
 
 class ResilientStore(ProfileReads):
     """``store``, whose reads fall back to a cache of recent profiles while it is unreachable."""
 
-    def __init__(self, store: ProfileStore, *, cache_size: int) -> None:
+    def __init__(
+        self, store: ProfileStore, *, cache_size: int, clock: Callable[[], float] = time.time
+    ) -> None:
         self.store = store
+        self._clock = clock  # the time of events without one, in cached profiles
         self.cache = ProfileCache(cache_size)
         self.max_recent = store.max_recent
         self._reachable = True  # as last seen; only used to log changes once
@@ -112,13 +125,14 @@ class ResilientStore(ProfileReads):
         When some were skipped (already applied), which ones is unknown: those users' cache
         entries are dropped rather than guessed."""
         applied = await self._reaching(self.store.add(events))
-        items: dict[str, list[int]] = {}
+        now = self._clock()
+        by_user: dict[str, list[Interaction]] = {}
         for event in events:
-            items.setdefault(event.user_id, []).append(int(event.item_id))
-        for user, new in items.items():
+            by_user.setdefault(event.user_id, []).append(event)
+        for user, group in by_user.items():
             cached = self.cache.get(user)
             if cached is not None and applied == len(events):
-                self.cache.put(user, with_items(cached, new, self.max_recent))
+                self.cache.put(user, with_events(cached, group, self.max_recent, now=now))
             elif cached is not None:
                 self.cache.drop(user)
         return applied
@@ -135,6 +149,9 @@ class ResilientStore(ProfileReads):
 
     async def durable(self) -> bool | None:
         return await self.store.durable()
+
+    async def write_refusal(self) -> str | None:
+        return await self.store.write_refusal()
 
     async def close(self) -> None:
         await self.store.close()
@@ -154,5 +171,5 @@ class ResilientStore(ProfileReads):
             if reachable:
                 log.warning("the profile store answers again")
             else:
-                log.warning("the profile store is unreachable: %s", why or "ping failed")
+                log.warning("the profile store is unavailable: %s", why or "ping failed")
         self._reachable = reachable

@@ -9,13 +9,39 @@ const itemInfo = new Map(); // item id -> Promise of {item_id, title, image_url}
 let explained = Number(new URLSearchParams(location.search).get("item_id")) || null;
 let latest = 0; // only the newest refresh draws, when several overlap
 
+const KEY = "visrec-api-key"; // in sessionStorage: this tab only, gone when it closes
+
 const $ = (id) => document.getElementById(id);
 const api = (path) => `${path}/${encodeURIComponent(userId)}`;
 
+// Every call carries the key the user gave, if any (the service may require one for reads,
+// and always does for writes).
+function withKey(options = {}) {
+  const key = sessionStorage.getItem(KEY);
+  const headers = { ...(options.headers ?? {}), ...(key ? { "X-API-Key": key } : {}) };
+  return { ...options, headers };
+}
+
 async function getJSON(url, options) {
-  const response = await fetch(url, options);
+  const response = await fetch(url, withKey(options));
+  if (response.status === 401) throw new Error(`${await reason(response)}: enter an API key above`);
   if (!response.ok) throw new Error(await reason(response));
   return response.json();
+}
+
+// An <img> cannot send a header: with a key, the image is fetched and shown from a blob.
+function image(url, alt) {
+  const img = el("img", { alt });
+  img.dataset.src = url;
+  if (!sessionStorage.getItem(KEY)) {
+    img.src = url;
+    return img;
+  }
+  fetch(url, withKey())
+    .then((r) => (r.ok ? r.blob() : Promise.reject(new Error(`${url}: ${r.status}`))))
+    .then((blob) => { img.src = URL.createObjectURL(blob); })
+    .catch(() => { img.src = url; });
+  return img;
 }
 
 // FastAPI's errors are {"detail": "..."}; anything else is shown as it came.
@@ -57,7 +83,7 @@ const label = (item) => `${item.title || "item"} (#${item.item_id})`;
 // An item's image (or its id, without a catalogue), an optional overlay, its title, then `below`.
 function card(item, className, overlay = null, below = []) {
   const picture = item.image_url
-    ? el("img", { src: item.image_url, alt: item.title })
+    ? image(item.image_url, item.title)
     : el("div", { className: "placeholder" }, `#${item.item_id}`);
   const frame = el("div", { className: "frame" }, picture, ...(overlay ? [overlay] : []));
   const figure = el("figure", { className: `card ${className}` }, frame);
@@ -78,8 +104,11 @@ function drawProfile(why, items) {
 
 function drawRecommendations(recs, items, target) {
   const cards = recs.items.map((r) => {
-    const score = el("span", { className: "score" }, `score ${r.score.toFixed(3)}`);
-    const c = card(items.get(r.item_id), "rec", null, [score]);
+    // A popular item (fallback) has no model score: it is ranked by how many users chose it.
+    const value = r.score === null
+      ? el("span", { className: "popularity" }, `popular, chosen by ${r.popularity}`)
+      : el("span", { className: "score" }, `score ${r.score.toFixed(3)}`);
+    const c = card(items.get(r.item_id), "rec", null, [value]);
     c.classList.toggle("selected", r.item_id === target);
     c.addEventListener("click", () => explain(r.item_id));
     return c;
@@ -90,7 +119,7 @@ function drawRecommendations(recs, items, target) {
 
 function drawTarget(why, items) {
   const item = items.get(why.item_id);
-  const thumb = item.image_url ? [el("img", { src: item.image_url, alt: item.title })] : [];
+  const thumb = item.image_url ? [image(item.image_url, item.title)] : [];
   $("target").dataset.itemId = why.item_id;
   $("target").replaceChildren(...thumb, ` ${label(item)}, score ${why.score.toFixed(3)}`);
 }
@@ -137,7 +166,18 @@ async function addInteraction(event) {
   }
 }
 
+function useKey(event) {
+  event.preventDefault();
+  const key = event.target.elements.key.value.trim();
+  if (key) sessionStorage.setItem(KEY, key);
+  else sessionStorage.removeItem(KEY);
+  event.target.reset();
+  itemInfo.clear(); // titles fetched without the key may have failed
+  return refresh();
+}
+
 $("user").textContent = userId;
+$("api-key").addEventListener("submit", useKey);
 $("add-interaction").addEventListener("submit", addInteraction);
 $("show-heatmaps").addEventListener("change", (e) =>
   document.body.classList.toggle("no-heatmaps", !e.target.checked),

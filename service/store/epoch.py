@@ -1,0 +1,100 @@
+"""Noticing a Redis that came back empty, and restoring what can be restored.
+
+Redis may restart without its data (a lost volume, a failover to an empty replica). Profiles are
+then gone: answers stop being personal, seen items are recommended again, and nothing fails.
+So the service keeps an *epoch* key in Redis: a random token written once when the data set is
+first set up. Each process remembers the token it saw; when the key is missing, or holds another
+token, the data the process knew is gone.
+
+On noticing, :class:`EpochWatch` logs an error, counts it (``losses``, for /metrics), keeps a
+description for /readyz, and, when the service was started with histories (a dataset), writes a
+new epoch and merges the histories back (``RedisProfileStore.merge``: as events older than any
+live one, so writes that reached the empty Redis in between are kept, and land after them).
+Only the process that writes the new epoch restores; others see a token they did not know,
+count the loss and move on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol
+
+from service.store.profiles import StoreUnavailable
+
+log = logging.getLogger("visrec.store")
+
+
+class EpochStore(Protocol):
+    async def read_epoch(self) -> str | None: ...
+
+    async def claim_epoch(self, token: str) -> str:
+        """Write ``token`` unless an epoch exists; the epoch now stored, either way."""
+        ...
+
+    async def merge(self, histories: Mapping[str, Sequence[int]]) -> None: ...
+
+
+class EpochWatch:
+    def __init__(
+        self,
+        store: EpochStore,
+        *,
+        histories: Mapping[str, Sequence[int]] | None = None,
+        on_loss: Callable[[], object] = lambda: None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.histories = histories
+        self.losses = 0
+        self.lost: str | None = None  # what happened at the last loss, for /readyz
+        self._known: str | None = None
+        self._on_loss = on_loss
+        self._clock = clock
+        self._lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        """Adopt the stored epoch, or set one up (a fresh Redis: nothing was lost)."""
+        self._known = await self.store.claim_epoch(secrets.token_hex(8))
+
+    async def check(self) -> None:
+        """Compare the stored epoch with the known one; on a loss, report and restore. While
+        one check restores, others wait for it. Never raises StoreUnavailable."""
+        async with self._lock:
+            try:
+                current = await self.store.read_epoch()
+                if current == self._known:
+                    return
+                await self._lost(current)
+            except StoreUnavailable:
+                return  # ping says so; the next check tries again
+
+    async def run(self, every_s: float) -> None:
+        """Check every ``every_s`` seconds until cancelled."""
+        while True:
+            await asyncio.sleep(every_s)
+            await self.check()
+
+    async def _lost(self, current: str | None) -> None:
+        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self._clock()))
+        self.losses += 1
+        self._on_loss()
+        restored = ""
+        if current is None:  # empty: whoever writes the new epoch first restores
+            token = secrets.token_hex(8)
+            current = await self.store.claim_epoch(token)
+            if current == token and self.histories:
+                await self.store.merge(self.histories)
+                restored = f"; profiles of {len(self.histories):,} users reloaded from the dataset"
+        if not restored:
+            restored = (
+                "; the service was started without profiles to reload: users' histories are gone"
+                if not self.histories
+                else "; another instance reloads the profiles"
+            )
+        self.lost = f"Redis lost its data (came back empty) at {when}{restored}"
+        log.error("%s", self.lost)
+        self._known = current
