@@ -13,7 +13,7 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 # redo it (~13 s) every time. `make install FORCE=1`, or deleting the stamp, redoes it.
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install reinstall browser serve test image-smoke lint reproduce bench bench-serve bench-reload bench-faults bench-soak clean
+.PHONY: install reinstall browser serve test image-smoke lint reproduce sweep bench bench-serve bench-reload bench-faults bench-soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,11 @@ lint:
 
 reproduce: install
 	$(BIN)/visrec reproduce $(DATA) --config configs/reproduce.toml
+
+# Equal-budget search of every model's settings on validation (docs/sweep.md); its best
+# settings are what configs/reproduce.toml uses. Hours on 2 cores.
+sweep: install
+	$(BIN)/visrec sweep $(DATA) --config configs/sweep.toml
 
 bench: install
 	$(BIN)/python benchmarks/train_throughput.py $(DATA)

@@ -171,12 +171,21 @@ def valid_requests_pass_validation(
 
 
 schema = schemathesis.pytest.from_fixture("api_schema")
+TINY_PNG = bytes.fromhex(  # an 8x8 black PNG
+    "89504e470d0a1a0a0000000d49484452000000080000000808020000004b6d29dc0000000c49444154"
+    "789c6360181e000000c80001ad4076220000000049454e44ae426082"
+)
 
 
 @schema.parametrize()
 def test_every_operation_answers_by_its_schema(
     case: schemathesis.Case, ledger: Counter[tuple[str, int]]
 ) -> None:
+    positive = case.meta is not None and case.meta.generation.mode.is_positive
+    if case.operation.label == "POST /items" and positive and isinstance(case.body, dict):
+        # The schema cannot say "bytes that decode as an image": random bytes are refused
+        # with 415 by design. Schema-valid cases get a real image; the other fields stay fuzzed.
+        case.body["image"] = TINY_PNG
     response = case.call()
     ledger[(case.operation.label, response.status_code)] += 1
     case.validate_response(response, additional_checks=[valid_requests_pass_validation])

@@ -15,12 +15,15 @@ from service.model.acf import ACF, PAD, ACFConfig
 from service.offline.attention import (
     COMPONENT_ENTROPY,
     COMPONENT_MAX,
+    IN_CORNER,
     ITEM_ENTROPY,
     ITEM_MAX,
+    ON_BORDER,
     Probe,
     attention_stats,
     flat_levels,
     peakedness,
+    strongest_cells,
 )
 from service.offline.report import ModelRun, plot_history
 
@@ -69,7 +72,8 @@ def test_padding_is_not_a_choice() -> None:
 
 def test_zero_attention_weights_give_flat_statistics() -> None:
     stats = attention_stats(_acf(attention_scale=0.0), PROBE)
-    assert stats == pytest.approx(
+    levels = (ITEM_ENTROPY, ITEM_MAX, COMPONENT_ENTROPY, COMPONENT_MAX)
+    assert {k: stats[k] for k in levels} == pytest.approx(
         {
             ITEM_ENTROPY: 1.0,
             ITEM_MAX: (1 / 3 + 1 / 4) / 2,  # the 1-item row is left out
@@ -84,7 +88,7 @@ def test_statistics_match_a_slow_reference() -> None:
     model = _acf(attention_scale=5.0)
     with torch.no_grad():  # the full catalogue's tables, not the probe's items only
         attended = model.attend(PROBE.users, PROBE.profiles, model.catalogue_tables())
-    item_rows, component_rows = [], []
+    item_rows, component_rows, edges = [], [], []
     for b, profile in enumerate(PROBE.profiles.tolist()):
         real = [slot for slot, item in enumerate(profile) if item != PAD]
         alpha = attended.item_attention[b, real].double().numpy()
@@ -93,13 +97,24 @@ def test_statistics_match_a_slow_reference() -> None:
         for slot in real:
             beta = attended.component_attention[b, slot].double().numpy()
             component_rows.append((-(beta * np.log(beta)).sum() / np.log(K), beta.max()))
+            r, c = divmod(int(beta.argmax()), 7)
+            edges.append((r in (0, 6) or c in (0, 6), r in (0, 6) and c in (0, 6)))
     stats = attention_stats(model, PROBE)
+    assert [stats[ON_BORDER], stats[IN_CORNER]] == pytest.approx(np.mean(edges, axis=0))
     assert [stats[ITEM_ENTROPY], stats[ITEM_MAX]] == pytest.approx(np.mean(item_rows, axis=0))
     assert [stats[COMPONENT_ENTROPY], stats[COMPONENT_MAX]] == pytest.approx(
         np.mean(component_rows, axis=0)
     )
     assert stats[ITEM_ENTROPY] < 0.9 and stats[COMPONENT_ENTROPY] < 0.9  # peaked, not flat
     assert flat_levels(stats) == []
+
+
+def test_strongest_cells_are_counted_against_the_grid() -> None:
+    # cell 0 is a corner (and on the border), 3 on the top border, 24 the centre
+    stats = strongest_cells(np.array([0, 3, 24, 24]), 49)
+    assert (stats[ON_BORDER], stats[IN_CORNER]) == (0.5, 0.25)
+    assert stats["border_chance"] == pytest.approx(24 / 49)
+    assert stats["corner_chance"] == pytest.approx(4 / 49)
 
 
 def test_the_mean_pool_ablation_has_no_component_attention_to_judge() -> None:
@@ -126,6 +141,7 @@ def _history(epochs: int, *, attention: bool) -> list[dict[str, float]]:
         }
         if attention:
             row |= {ITEM_ENTROPY: 1 - 0.05 * e, COMPONENT_ENTROPY: 0.99, ITEM_MAX: 0.3}
+            row |= {ON_BORDER: 0.9 - 0.1 * e, IN_CORNER: 0.5 - 0.08 * e}
         rows.append(row)
     return rows
 
@@ -141,7 +157,7 @@ def test_the_plot_is_a_readable_png(tmp_path: Path) -> None:
     with Image.open(path) as image:
         image.verify()
     with Image.open(path) as image:
-        assert image.format == "PNG" and image.size == (1200, 800)
+        assert image.format == "PNG" and image.size == (1800, 800)
         colours = image.convert("RGB").getcolors(maxcolors=1 << 16)
     assert colours is not None and len(colours) > 50  # lines and text, not a blank canvas
     assert 20_000 < path.stat().st_size < 1_000_000

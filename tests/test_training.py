@@ -204,7 +204,7 @@ def test_command_line_end_to_end(
     )
     assert ckpt.is_file()
     with Image.open(ckpt.with_suffix(".png")) as plot:  # loss, validation and attention panels
-        assert plot.format == "PNG" and plot.size == (1200, 800)
+        assert plot.format == "PNG" and plot.size == (1800, 800)
     assert ckpt.with_suffix(".png").stat().st_size > 20_000
     capsys.readouterr()
     assert (

@@ -106,6 +106,7 @@ ADD_RESPONSES = {
     **GUARDED,
     **refusals(
         {
+            400: "the body is not a readable multipart form",
             409: "an item with this id exists, or the serving model cannot score items it was "
             "not trained on; nothing was changed",
             413: "the image is over the size limit (bytes or pixels); nothing was changed",

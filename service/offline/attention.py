@@ -27,6 +27,8 @@ ITEM_MAX = "item_attention_max"
 COMPONENT_ENTROPY = "component_attention_entropy"
 COMPONENT_MAX = "component_attention_max"
 LEVELS = {"item": ITEM_ENTROPY, "component": COMPONENT_ENTROPY}
+ON_BORDER = "strongest_on_border"  # share of heatmaps whose strongest cell is on the border
+IN_CORNER = "strongest_in_corner"  # ... in one of the four corners
 
 
 @dataclass(frozen=True)
@@ -69,11 +71,24 @@ def attention_stats(model: ACF, probe: Probe) -> dict[str, float]:
     mask = profiles != PAD  # (B, L)
     item_entropy, item_max = peakedness(attended.item_attention, mask)
     stats = {ITEM_ENTROPY: item_entropy, ITEM_MAX: item_max}
-    if model.config.component_pool == "attention":
+    if model.config.component_pool == "attention" and model.uses_images:
         slots = attended.component_attention[mask]  # (S, K), real profile items only
         entropy, largest = peakedness(slots, torch.ones_like(slots, dtype=torch.bool))
         stats |= {COMPONENT_ENTROPY: entropy, COMPONENT_MAX: largest}
+        stats |= strongest_cells(slots.argmax(-1).cpu().numpy(), slots.shape[-1])
     return stats
+
+
+def strongest_cells(strongest: np.ndarray, n_components: int) -> dict[str, float]:
+    """Where heatmaps' strongest cells (indices into the grid) lie: the share on the grid's
+    border and in its corners, and the share of such cells (what chance would give)."""
+    border, corner = grid_regions(n_components)
+    return {
+        ON_BORDER: float(border[strongest].mean()) if len(strongest) else math.nan,
+        "border_chance": float(border.mean()),
+        IN_CORNER: float(corner[strongest].mean()) if len(strongest) else math.nan,
+        "corner_chance": float(corner.mean()),
+    }
 
 
 def flat_levels(stats: Mapping[str, float], *, threshold: float = FLAT) -> list[str]:
@@ -115,18 +130,13 @@ def heatmap_stats(
     mask = profiles != PAD
     beta = attended.component_attention[mask].double().cpu().numpy()  # (S, K)
     slot_items = profiles[mask].cpu().numpy()  # (S,)
-    k = beta.shape[1]
-    border, corner = grid_regions(k)
     strongest = beta.argmax(1)
     entropy, _ = peakedness(torch.as_tensor(beta), torch.ones(beta.shape, dtype=torch.bool))
     several = mask.sum(1) >= 2
     top_item = attended.item_attention[several].amax(1)
     stats = {
         "component_entropy": entropy,
-        "strongest_on_border": float(border[strongest].mean()),
-        "border_chance": float(border.mean()),
-        "strongest_in_corner": float(corner[strongest].mean()),
-        "corner_chance": float(corner.mean()),
+        **strongest_cells(strongest, beta.shape[1]),
         "item_top_weight_median": float(top_item.median()) if len(top_item) else math.nan,
     }
     if object_cover is not None:

@@ -8,7 +8,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from service.offline.attention import COMPONENT_ENTROPY, ITEM_ENTROPY
+from service.offline.attention import (
+    COMPONENT_ENTROPY,
+    IN_CORNER,
+    ITEM_ENTROPY,
+    ON_BORDER,
+    grid_regions,
+)
 from service.offline.metrics import Interval
 
 if TYPE_CHECKING:
@@ -345,13 +351,14 @@ def plot_history(runs: Sequence[ModelRun], path: Path) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    fig, axes = plt.subplots(2, 3, figsize=(18, 8))
     panels = {
         "loss": ("training loss", axes[0, 0]),
         "nDCG@20": ("validation nDCG@20", axes[0, 1]),
-        "R@20": ("validation R@20", axes[1, 0]),
+        "R@20": ("validation R@20", axes[0, 2]),
     }
-    attention = axes[1, 1]
+    attention, where = axes[1, 0], axes[1, 1]
+    axes[1, 2].axis("off")
     for i, run in enumerate(runs):
         if not run.best_epoch:
             continue  # nothing trained (a fitted baseline)
@@ -362,9 +369,18 @@ def plot_history(runs: Sequence[ModelRun], path: Path) -> None:
             if key in run.history[0]:
                 values = [h[key] for h in run.history]
                 attention.plot(epochs, values, style, color=f"C{i}", label=f"{run.name} {level}")
+        for key, region, style in ((ON_BORDER, "border", "o-"), (IN_CORNER, "corner", "s--")):
+            if key in run.history[0]:
+                values = [h[key] for h in run.history]
+                where.plot(epochs, values, style, color=f"C{i}", label=f"{run.name} {region}")
     attention.axhline(1.0, color="grey", linestyle=":", label="flat")
     attention.set_ylim(0.0, 1.05)  # 0 = all weight on one choice, 1 = uniform
     panels["attention"] = ("attention: normalised entropy (1 = flat)", attention)
+    border, corner = grid_regions(49)  # the 7x7 grid: chance is the share of such cells
+    where.axhline(border.mean(), color="grey", linestyle=":", label="border by chance")
+    where.axhline(corner.mean(), color="grey", linestyle="-.", label="corner by chance")
+    where.set_ylim(0.0, 1.05)
+    panels["where"] = ("strongest cell of the heatmaps: on the border, in a corner", where)
     for title, ax in panels.values():
         ax.set_title(title)
         ax.set_xlabel("epoch")
