@@ -9,9 +9,10 @@ Two things, both fit once on the training catalogue, without labels:
   strongest cell was on the poster's border 98% of the time). Centred, a cell only says how it
   differs from the same cell of other images.
 - **a principal-component basis** of rank R < C: ACF reduces every component C -> D each step,
-  and at C = 1280 that product is most of a step's cost. Projected to R = 128 dims, training
-  ran 3.5x faster on ml100k with the same validation nDCG@20 (0.138 against 0.138 after 8
-  epochs), and the map stays a plain linear one, so new items' images go through it too.
+  and at C = 1280 that product is most of a step's cost. Projected to R = 128 dims (52% of the
+  centred variance), an ml100k epoch took 10 s instead of 35 s with the same validation
+  nDCG@20 after 8 epochs (0.1377 against 0.1381, softmax loss, 1 seed), and the map stays a
+  plain linear one, so new items' images go through it too.
 
 The map travels with the checkpoint (:meth:`as_state` / :meth:`from_state`), so serving and
 new items use the training catalogue's mean and basis, never refitted ones.
