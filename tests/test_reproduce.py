@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
 from service.model.checkpoint import load_checkpoint
+from service.offline import sweep as sweep_module
+from service.offline.pipeline import Prepared
 from service.offline.plan import load_plan
 from service.offline.reproduce import reproduce
-from service.offline.sweep import candidates, load_sweep, sweep
+from service.offline.sweep import Trial, candidates, load_sweep, sweep
 from service.offline.synthetic import World
+from service.offline.train import TrainConfig
 
 PLAN = """
 seeds = [3, 4]
@@ -69,6 +73,22 @@ def test_plans_layer_defaults_shared_base_and_row_settings(plan_file: Path) -> N
     assert (tutorial.model, tutorial.visual, tutorial.dim) == ("acf", "attention", 8)
     assert plan.seeds == (3, 4) and plan.reference == "acf"
     assert plan.synthetic is not None and plan.synthetic.spec.n_items == 40
+
+
+def test_an_ablation_is_like_its_row_with_one_change(tmp_path: Path) -> None:
+    (tmp_path / "p.toml").write_text(
+        "[models.acf]\nlr = 0.02\nentropy_bonus = 0.3\n"
+        '[models.acf_mean_pool]\nlike = "acf"\ncomponent_pool = "mean"\n'
+        '[models.acf_mean_pool_no_visual]\nlike = "acf_mean_pool"\nvisual = "none"\n'
+    )
+    plan = load_plan(tmp_path / "p.toml")
+    deepest = plan.row("acf_mean_pool_no_visual").config
+    assert (deepest.model, deepest.lr, deepest.entropy_bonus) == ("acf", 0.02, 0.3)
+    assert (deepest.component_pool, deepest.visual) == ("mean", "none")
+    assert plan.row("acf").config.component_pool != "mean"
+    (tmp_path / "q.toml").write_text('[models.a]\nmodel = "acf"\nlike = "a"\n')
+    with pytest.raises(ValueError, match="like itself"):
+        load_plan(tmp_path / "q.toml")
 
 
 def test_reproduce_writes_both_protocols_for_every_row_and_seed(
@@ -135,29 +155,67 @@ def test_sweep_candidates_start_with_the_plan_and_never_repeat() -> None:
     assert picks[0] == {} and len(picks) == 5
     assert len({tuple(sorted(p.items())) for p in picks[1:]}) == 4
     assert len(candidates(space, 50, np.random.default_rng(0))) == 7  # the whole grid, once
+    # The plan's own point is run first, as the plan, and not drawn again.
+    again = candidates(space, 50, np.random.default_rng(0), planned={"lr": 2, "dim": 5})
+    assert len(again) == 6 and {"lr": 2, "dim": 5} not in again
 
 
-def test_sweep_reads_validation_only_and_writes_its_page(
-    world: World, plan_file: Path, tmp_path: Path
-) -> None:
-    (tmp_path / "sweep.toml").write_text(
-        'base = "plan.toml"\nbudget = 2\n[space.transitions]\ntransition_window = [1, 9]\n'
-        '[compare.acf]\nloss = ["bpr"]\n'
-    )
-    docs = tmp_path / "docs"
-    trials = sweep(
+def _sweep(world: World, tmp_path: Path) -> list[Trial]:
+    return sweep(
         world.root,
         plan=load_sweep(tmp_path / "sweep.toml"),
         work_dir=tmp_path / "work",
-        docs_dir=docs,
+        docs_dir=tmp_path / "docs",
         device=torch.device("cpu"),
     )
+
+
+@pytest.fixture
+def sweep_file(plan_file: Path) -> Path:
+    path = plan_file.parent / "sweep.toml"
+    path.write_text(
+        'base = "plan.toml"\nbudget = 2\n[space.transitions]\ntransition_window = [1, 9]\n'
+        '[compare.acf]\nloss = ["bpr"]\n'
+    )
+    return path
+
+
+def test_sweep_reads_validation_only_and_writes_its_page(
+    world: World, sweep_file: Path, tmp_path: Path
+) -> None:
+    trials = _sweep(world, tmp_path)
     assert [(t.row, t.kind) for t in trials] == [
         ("transitions", "search"),
         ("transitions", "search"),
         ("acf", "compare"),
     ]
     assert trials[1].changes["transition_window"] in (1, 9)
+    docs = tmp_path / "docs"
     saved = json.loads((docs / "sweep.json").read_text())
     assert len(saved["trials"]) == 3 and "transitions" in saved["best"]
     assert "[models.transitions]" in (docs / "sweep.md").read_text()
+
+
+def test_a_sweep_resumes_and_reruns_only_what_changed(
+    world: World, plan_file: Path, sweep_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = _sweep(world, tmp_path)
+    trained: list[str] = []
+    real_fit = sweep_module.fit
+
+    def counting_fit(prepared: Prepared, config: TrainConfig, **kwargs: Any) -> Any:
+        trained.append(config.model)
+        return real_fit(prepared, config, **kwargs)
+
+    monkeypatch.setattr(sweep_module, "fit", counting_fit)
+    assert [t.seconds for t in _sweep(world, tmp_path)] == [t.seconds for t in first]
+    assert trained == []
+
+    # A changed setting of one row in the plan makes that row's trials stale, and only those.
+    plan_file.write_text(
+        plan_file.read_text().replace(
+            "[models.transitions]", "[models.transitions]\ntransition_decay = 0.5", 1
+        )
+    )
+    _sweep(world, tmp_path)
+    assert trained == ["transitions", "transitions"]

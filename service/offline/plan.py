@@ -4,7 +4,9 @@ A plan names *rows*: a model with its training settings, each trained with every
 are layered: :class:`TrainConfig`'s defaults, then the plan's ``[train]`` table (shared by every
 row), then the ``[train]`` table of a row's ``base`` file when it has one (``configs/
 tutorial.toml`` for the tutorial's ACF), then the row's own ``[models.<row>]`` table. A row whose
-name is not a model's says which model it is with ``model = ...``.
+name is not a model's says which model it is with ``model = ...``. An ablation says
+``like = "<row>"``: it starts from that row's table (model included) and changes one thing, so
+settings the sweep finds for the row reach its ablations too.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ def load_plan(path: Path | None) -> Plan:
     here = path.parent if path else Path()
     shared = raw.get("train", {})
     tables = raw.get("models") or {m: {} for m in MODELS}
-    rows = tuple(_row(name, dict(table), shared, here) for name, table in tables.items())
+    rows = tuple(_row(name, _table(name, tables), shared, here) for name in tables)
     feats = raw.get("features", {})
     plan = Plan(
         rows=rows,
@@ -80,6 +82,17 @@ def load_plan(path: Path | None) -> Plan:
     for name in plan.synthetic.rows if plan.synthetic else ():
         plan.row(name)
     return plan
+
+
+def _table(name: str, tables: dict[str, Any], seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A row's own settings, on top of those of the row it is ``like``."""
+    table = dict(tables[name])
+    like = table.pop("like", None)
+    if like is None:
+        return table
+    if like not in tables or like in (*seen, name):
+        raise ValueError(f"row {name!r}: like = {like!r} names no row, or a row like itself")
+    return {"model": like, **_table(like, tables, (*seen, name)), **table}
 
 
 def _row(name: str, table: dict[str, Any], shared: dict[str, Any], here: Path) -> Row:

@@ -323,8 +323,11 @@ def _runs_section(report: Report) -> list[str]:
                     if k != "seed" and v != defaults.get(k)
                 )
                 epochs = len(run.history) if run.best_epoch else 0
+                best = f"{run.best_epoch}"
+                if run.best_epoch and run.best_epoch == epochs == run.config.get("epochs"):
+                    best += " (still improving at its last epoch)"
                 lines.append(
-                    f"| {c.dataset} | {row.name} | {run.seed} | {run.best_epoch} | {epochs} | "
+                    f"| {c.dataset} | {row.name} | {run.seed} | {best} | {epochs} | "
                     f"{run.seconds:.1f} | {changed or '-'} |"
                 )
     return [*lines, ""]

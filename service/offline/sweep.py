@@ -6,10 +6,15 @@ the plan configures it, then settings drawn without replacement from the row's g
 ``[compare.<row>]`` lists one-factor comparisons (e.g. the loss), each value run once on top of
 the row's settings. The results go to ``docs/sweep.md`` and ``docs/sweep.json``, with the best
 settings of each row written as a TOML table to paste into the plan.
+
+A sweep takes an hour or more on a small machine, so it resumes: a run that finds
+``sweep.json`` from the same dataset and seed keeps the trials whose row settings have not
+changed since and runs only the rest (lowering ``budget`` keeps a prefix of the same draws).
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import logging
@@ -50,6 +55,7 @@ class Trial:
     epochs_run: int
     seconds: float
     kind: str = "search"  # or "compare"
+    planned: str = ""  # fingerprint of the row's plan settings the changes apply to
 
 
 def load_sweep(path: Path) -> SweepPlan:
@@ -67,14 +73,18 @@ def load_sweep(path: Path) -> SweepPlan:
 
 
 def candidates(
-    space: dict[str, list[Any]], budget: int, rng: np.random.Generator
+    space: dict[str, list[Any]],
+    budget: int,
+    rng: np.random.Generator,
+    planned: Settings | None = None,
 ) -> list[Settings]:
-    """The row as configured ({}), then up to ``budget - 1`` distinct grid points, drawn
-    uniformly without replacement (the whole grid when it is smaller)."""
+    """The row as configured ({}), then up to ``budget - 1`` distinct grid points other than
+    the ``planned`` values, drawn uniformly without replacement (the whole grid when smaller)."""
     keys = sorted(space)
     grid = [
-        dict(zip(keys, values, strict=True))
+        point
         for values in itertools.product(*(space[k] for k in keys))
+        if (point := dict(zip(keys, values, strict=True))) != planned
     ]
     picks = rng.permutation(len(grid))[: max(budget - 1, 0)]
     return [{}, *(grid[i] for i in sorted(picks))]
@@ -83,19 +93,55 @@ def candidates(
 def sweep(
     data_dir: Path, *, plan: SweepPlan, work_dir: Path, docs_dir: Path, device: torch.device
 ) -> list[Trial]:
-    prepared = _prepare(data_dir, work_dir, plan.base, device)
     rng = np.random.default_rng(plan.seed)
+    planned = [
+        (name, changes, "search")
+        for name, space in plan.spaces.items()
+        for changes in candidates(space, plan.budget, rng, _planned(plan, name, space))
+    ] + [
+        (name, {key: value}, "compare")
+        for name, factors in plan.compare.items()
+        for key, values in factors.items()
+        for value in values
+    ]
+    done = _earlier_trials(docs_dir / "sweep.json", data_dir, plan)
+    prepared: Prepared | None = None
     trials: list[Trial] = []
-    for name, space in plan.spaces.items():
-        for changes in candidates(space, plan.budget, rng):
-            trials.append(_trial(prepared, plan, name, changes, "search", device))
-            _write(trials, plan, data_dir, docs_dir)
-    for name, factors in plan.compare.items():
-        for key, values in factors.items():
-            for value in values:
-                trials.append(_trial(prepared, plan, name, {key: value}, "compare", device))
-                _write(trials, plan, data_dir, docs_dir)
+    for name, changes, kind in planned:
+        trial = done.get(_key(name, changes, kind, _fingerprint(plan, name)))
+        if trial is None:
+            prepared = prepared or _prepare(data_dir, work_dir, plan.base, device)
+            trial = _trial(prepared, plan, name, changes, kind, device)
+        else:
+            log.info("sweep %s %s: kept from the earlier run", name, changes or "(as planned)")
+        trials.append(trial)
+        _write(trials, plan, data_dir, docs_dir)
     return trials
+
+
+def _planned(plan: SweepPlan, name: str, space: dict[str, list[Any]]) -> Settings:
+    config = plan.base.row(name).config
+    return {k: getattr(config, k) for k in space}
+
+
+def _fingerprint(plan: SweepPlan, name: str) -> str:
+    config = replace(plan.base.row(name).config, seed=plan.seed)
+    return hashlib.sha256(repr(config).encode()).hexdigest()[:16]
+
+
+def _key(name: str, changes: Settings, kind: str, planned: str) -> str:
+    return json.dumps([name, changes, kind, planned], sort_keys=True)
+
+
+def _earlier_trials(path: Path, data_dir: Path, plan: SweepPlan) -> dict[str, Trial]:
+    """Trials of an earlier run of this sweep that still apply (same dataset and seed)."""
+    if not path.exists():
+        return {}
+    saved = json.loads(path.read_text())
+    if saved.get("dataset") != data_dir.resolve().name or saved.get("seed") != plan.seed:
+        return {}
+    trials = (Trial(**t) for t in saved.get("trials", []) if "planned" in t)
+    return {_key(t.row, t.changes, t.kind, t.planned): t for t in trials}
 
 
 def _trial(
@@ -117,6 +163,7 @@ def _trial(
         len(result.history) if result.best_epoch else 0,
         time.perf_counter() - started,
         kind,
+        _fingerprint(plan, name),
     )
     log.info("sweep %s %s: %s", name, changes or "(as planned)", trial.validation)
     return trial
