@@ -219,3 +219,19 @@ def test_a_sweep_resumes_and_reruns_only_what_changed(
     )
     _sweep(world, tmp_path)
     assert trained == ["transitions", "transitions"]
+
+
+def test_a_stopped_resume_keeps_the_trials_it_had_not_reached(
+    world: World, sweep_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _sweep(world, tmp_path)
+    sweep_file.write_text(sweep_file.read_text().replace("[1, 9]", "[2]"))  # a draw not run yet
+
+    def stop(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep_module, "fit", stop)
+    with pytest.raises(KeyboardInterrupt):
+        _sweep(world, tmp_path)  # stops at the first transitions draw it has not run
+    saved = json.loads((tmp_path / "docs" / "sweep.json").read_text())["trials"]
+    assert ("acf", "compare") in {(t["row"], t["kind"]) for t in saved}

@@ -9,7 +9,8 @@ settings of each row written as a TOML table to paste into the plan.
 
 A sweep takes an hour or more on a small machine, so it resumes: a run that finds
 ``sweep.json`` from the same dataset and seed keeps the trials whose row settings have not
-changed since and runs only the rest (lowering ``budget`` keeps a prefix of the same draws).
+changed since and runs only the rest (lowering ``budget`` keeps a prefix of the same draws;
+pasting a row's best settings into the plan redraws that row alone).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import json
 import logging
 import time
 import tomllib
+import zlib
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -93,11 +95,12 @@ def candidates(
 def sweep(
     data_dir: Path, *, plan: SweepPlan, work_dir: Path, docs_dir: Path, device: torch.device
 ) -> list[Trial]:
-    rng = np.random.default_rng(plan.seed)
     planned = [
         (name, changes, "search")
         for name, space in plan.spaces.items()
-        for changes in candidates(space, plan.budget, rng, _planned(plan, name, space))
+        for changes in candidates(
+            space, plan.budget, _row_rng(plan.seed, name), _planned(plan, name, space)
+        )
     ] + [
         (name, {key: value}, "compare")
         for name, factors in plan.compare.items()
@@ -105,18 +108,26 @@ def sweep(
         for value in values
     ]
     done = _earlier_trials(docs_dir / "sweep.json", data_dir, plan)
+    keys = [_key(name, changes, kind, _fingerprint(plan, name)) for name, changes, kind in planned]
     prepared: Prepared | None = None
     trials: list[Trial] = []
-    for name, changes, kind in planned:
-        trial = done.get(_key(name, changes, kind, _fingerprint(plan, name)))
+    for i, (name, changes, kind) in enumerate(planned):
+        trial = done.get(keys[i])
         if trial is None:
             prepared = prepared or _prepare(data_dir, work_dir, plan.base, device)
             trial = _trial(prepared, plan, name, changes, kind, device)
         else:
             log.info("sweep %s %s: kept from the earlier run", name, changes or "(as planned)")
         trials.append(trial)
-        _write(trials, plan, data_dir, docs_dir)
+        # Earlier trials not reached yet stay on disk, so a stop now loses none of them.
+        later = [done[k] for k in keys[i + 1 :] if k in done]
+        _write([*trials, *later], plan, data_dir, docs_dir)
     return trials
+
+
+def _row_rng(seed: int, name: str) -> np.random.Generator:
+    """Each row draws on its own, so changing one row's plan or grid redraws that row only."""
+    return np.random.default_rng([seed, zlib.crc32(name.encode())])
 
 
 def _planned(plan: SweepPlan, name: str, space: dict[str, list[Any]]) -> Settings:

@@ -76,7 +76,11 @@ class TrainConfig:
     weight_decay: float = 1e-5  # L2 (Adam's); the tutorial found 0 < λ < 1e-4 necessary
     loss: LossName = "softmax"
     negatives: int = 2048  # sampled softmax: catalogue items drawn per batch
-    full_softmax_items: int = 50_000  # above this many items, softmax samples its negatives
+    # Above this many items, softmax samples its negatives. `benchmarks/softmax_cost.py` (2-core
+    # CPU, batch 512, dim 64): the whole-catalogue loss step took 5.1 / 26.5 / 75.8 / 187 ms at
+    # 2k / 10k / 20k / 50k items against 7.5 / 8.9 / 11.8 / 20.8 ms sampled; at 10k it is 3x the
+    # sampled one and as much as the rest of an ACF step (~31 ms on ml100k), so it stops there.
+    full_softmax_items: int = 10_000
     profile_size: int = 9
     # Batches are made of shuffled runs of this many consecutive samples of one user: their
     # profiles overlap, so ACF computes component attention for far fewer (user, item) pairs.
