@@ -4,8 +4,8 @@ The image goes through the checkpoint's own backbone and feature projection, the
 the model's tables and a vector from its image alone (no trained embedding), and a new engine
 with it is swapped in, as a reload would: it is recommendable, explainable and on the page at
 once. What is stored (:mod:`service.store.items`) is the image and its raw features, so every
-replica picks the item up (:class:`ItemSync` polls the store) and a restart or a reloaded
-model rebuilds it.
+replica picks the item up (:meth:`Items.sync`, run every ``items_sync_s`` by the app) and a
+restart or a reloaded model rebuilds it.
 """
 
 from __future__ import annotations
@@ -97,11 +97,6 @@ def _catalogue_item(item: AddedItem) -> CatalogueItem:
     return CatalogueItem(item.item_id, item.title, None, item.image, item.media_type)
 
 
-async def _items(request: Request) -> Items:
-    items: Items = request.state.items
-    return items
-
-
 ADD_RESPONSES = {
     **GUARDED,
     **refusals(
@@ -141,7 +136,7 @@ def install_items(app: FastAPI, *, dependencies: list[Any]) -> None:
         explainable and on the page as soon as this answers 201; it is stored so that a
         restart, a reloaded model and every replica have it too."""
         started = time.perf_counter()
-        items: Items = await _items(request)
+        items: Items = request.state.items
         slot: ModelSlot = request.state.models
         catalogue: Catalogue = request.state.catalogue
         data = await image.read(items.max_image_bytes + 1)

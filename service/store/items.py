@@ -19,18 +19,15 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Protocol
 
 import numpy as np
 import redis.asyncio as aioredis
-import redis.exceptions as rx
 
-from service.store.profiles import StoreUnavailable
-
-T = TypeVar("T")
+from service.store.deadline import LoopLag
+from service.store.profiles import reaching, redis_client
 
 
 @dataclass(frozen=True)
@@ -146,40 +143,36 @@ class DirectoryItemStore:
 
 
 class RedisItemStore:
-    """Shared by every replica; Redis's own persistence (AOF) keeps it across restarts."""
+    """Shared by every replica; Redis's own persistence (AOF) keeps it across restarts. Calls
+    are bounded and their outages classified as the profile store's are
+    (:func:`~service.store.profiles.reaching`)."""
 
     def __init__(self, client: aioredis.Redis, *, prefix: str, deadline_s: float) -> None:
         self._client = client
         self._key = f"{prefix}:items"
         self._deadline_s = deadline_s
+        self._lag = LoopLag()
 
     @classmethod
     def from_url(cls, url: str, *, prefix: str, deadline_s: float) -> RedisItemStore:
-        return cls(aioredis.Redis.from_url(url), prefix=prefix, deadline_s=deadline_s)
+        return cls(redis_client(url), prefix=prefix, deadline_s=deadline_s)
 
     async def add(self, item: AddedItem) -> bool:
-        added = await self._call(
-            self._client.hsetnx(self._key, str(item.item_id), encode_item(item))
-        )
-        return bool(added)
+        async with reaching(self._deadline_s, self._lag):
+            return bool(await self._client.hsetnx(self._key, str(item.item_id), encode_item(item)))
 
     async def ids(self) -> list[int]:
-        return sorted(int(k) for k in await self._call(self._client.hkeys(self._key)))
+        async with reaching(self._deadline_s, self._lag):
+            keys = await self._client.hkeys(self._key)
+        return sorted(int(k) for k in keys)
 
     async def get(self, ids: list[int]) -> list[AddedItem]:
         if not ids:
             return []
-        blobs = await self._call(self._client.hmget(self._key, [str(i) for i in ids]))
+        async with reaching(self._deadline_s, self._lag):
+            blobs = await self._client.hmget(self._key, [str(i) for i in ids])
         return [decode_item(b) for b in blobs if isinstance(b, bytes)]
 
     async def close(self) -> None:
+        await self._lag.stop()
         await self._client.aclose()
-
-    async def _call(self, pending: Awaitable[T]) -> T:
-        try:
-            async with asyncio.timeout(self._deadline_s):
-                return await pending
-        except (OSError, rx.ConnectionError, rx.TimeoutError, rx.BusyLoadingError) as err:
-            raise StoreUnavailable(f"the item store cannot answer: {err}") from err
-        except rx.ResponseError as err:  # OOM, a read-only replica: cannot write now
-            raise StoreUnavailable(f"the item store refused: {err}") from err

@@ -69,7 +69,7 @@ import re
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from itertools import accumulate, islice
 from typing import Protocol, SupportsIndex, TypeVar
@@ -789,6 +789,22 @@ def _int(value: object) -> int:
     return int(value) if isinstance(value, int | str) and str(value).isdigit() else 0
 
 
+@asynccontextmanager
+async def reaching(deadline_s: float | None, lag: LoopLag) -> AsyncIterator[None]:
+    """Redis calls within ``deadline_s`` of responsive loop time (None: no deadline), with
+    outages raised as StoreUnavailable and bad calls left as they are. A call cut off by the
+    deadline leaves no half-read reply behind: redis-py closes a connection interrupted
+    mid-command instead of returning it to the pool."""
+    try:
+        async with deadline(deadline_s, lag):
+            yield
+    except Exception as exc:
+        if is_outage(exc):
+            cause = f"{why_refused(exc)} ({type(exc).__name__}: {exc})"
+            raise StoreUnavailable(cause, maybe_applied=not nothing_applied(exc)) from exc
+        raise
+
+
 def redis_client(url: str, *, timeout_s: float = 2.0, max_connections: int = 200) -> aioredis.Redis:
     """A client whose pool makes callers wait (up to ``timeout_s``) for a free connection: the
     default pool raises "Too many connections" once a burst of requests exceeds its size."""
@@ -866,19 +882,8 @@ class RedisProfileStore(ProfileReads):
     def keys(self, user_id: str) -> UserKeys:
         return user_keys(self.prefix, user_id)
 
-    @asynccontextmanager
-    async def _reaching(self, deadline_s: float | None) -> AsyncIterator[None]:
-        """Within ``deadline_s`` (None: no deadline), with outages raised as StoreUnavailable.
-        A call cut off by the deadline leaves no half-read reply behind: redis-py closes a
-        connection interrupted mid-command instead of returning it to the pool."""
-        try:
-            async with deadline(deadline_s, self._lag):
-                yield
-        except Exception as exc:
-            if is_outage(exc):
-                cause = f"{why_refused(exc)} ({type(exc).__name__}: {exc})"
-                raise StoreUnavailable(cause, maybe_applied=not nothing_applied(exc)) from exc
-            raise
+    def _reaching(self, deadline_s: float | None) -> AbstractAsyncContextManager[None]:
+        return reaching(deadline_s, self._lag)
 
     async def profiles(self, user_ids: Sequence[str]) -> list[Profile]:
         """One ``GET`` per user, pipelined: one round trip per ``BATCH_USERS`` users."""
