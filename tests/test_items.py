@@ -8,7 +8,9 @@ such user's top 20: within a kind the world's items are interchangeable.)
 
 from __future__ import annotations
 
+import asyncio
 import io
+import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -31,6 +33,8 @@ from service.offline.pipeline import Prepared, fit, prepare, to_checkpoint
 from service.offline.synthetic import World, WorldSpec, make_world
 from service.offline.train import TrainConfig
 from service.serve import histories
+from service.store.items import AddedItem, RedisItemStore
+from service.store.profiles import StoreUnavailable
 
 COLD_WORLD = WorldSpec(
     n_users=300,
@@ -217,3 +221,37 @@ def _png(width: int, height: int, *, noise: bool = False) -> bytes:
     out = io.BytesIO()
     Image.fromarray(pixels.astype(np.uint8)).save(out, format="PNG")
     return out.getvalue()
+
+
+def test_a_redis_item_store_that_cannot_answer_is_an_outage_not_an_error() -> None:
+    """Without a Redis, the store says StoreUnavailable (the API's 503, retry later), and
+    that nothing was applied; a Redis that answers keeps the id once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once it is closed
+    item = AddedItem(7, "t", "image/png", b"png", np.zeros((49, 8), dtype=np.float16))
+
+    async def refused() -> StoreUnavailable:
+        store = RedisItemStore.from_url(f"redis://127.0.0.1:{port}/0", prefix="x", deadline_s=1)
+        try:
+            with pytest.raises(StoreUnavailable) as caught:
+                await store.add(item)
+            return caught.value
+        finally:
+            await store.close()
+
+    assert not asyncio.run(refused()).maybe_applied
+
+    prefix = f"test-items-{uuid.uuid4().hex}"
+
+    async def twice() -> list[bool]:
+        store = RedisItemStore.from_url(REDIS, prefix=prefix, deadline_s=1)
+        try:
+            return [await store.add(item), await store.add(item)]
+        finally:
+            await store.close()
+
+    try:
+        assert asyncio.run(twice()) == [True, False]
+    finally:
+        Redis.from_url(REDIS).delete(f"{prefix}:items")
