@@ -15,7 +15,6 @@ import torch
 from service.index.item_index import IndexKind, ItemIndex
 from service.model.acf import PAD, UNKNOWN_USER
 from service.model.checkpoint import Checkpoint
-from service.model.projection import Projection
 from service.model.serving import Explanation, ServingModel
 
 
@@ -204,6 +203,5 @@ def load_recommender(
 ) -> Recommender:
     """``version``: what answers name the model by (default: the checkpoint's code version)."""
     model = checkpoint.build_model(features, inputs_hash=inputs_hash, item_ids=item_ids)
-    projection = Projection.from_state(checkpoint.projection) if checkpoint.projection else None
-    serving = ServingModel(model, device=device, projection=projection)
+    serving = ServingModel(model, device=device, projection=checkpoint.feature_map)
     return Recommender.from_checkpoint(checkpoint, serving, index=index, version=version)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from service.model.acf import ACF, ACFConfig
-from service.model.projection import Projection
+from service.model.projection import Projection, project
 
 FORMAT = "visrec-acf/2"
 # /1 had no feature projection; its checkpoints load as ones without it.
@@ -46,11 +46,10 @@ class Checkpoint:
     code_version: str = ""
     projection: dict[str, torch.Tensor] | None = None  # Projection.as_state(); None: raw
 
-    def project(self, features: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """Raw (N, K, C) features -> what the model takes, (N, K, feature_dim) float32."""
-        if self.projection is None:
-            return torch.as_tensor(np.asarray(features, dtype=np.float32))
-        return Projection.from_state(self.projection).apply(features)
+    @property
+    def feature_map(self) -> Projection | None:
+        """What raw features go through before the model (None: nothing)."""
+        return Projection.from_state(self.projection) if self.projection else None
 
     def build_model(
         self, features: np.ndarray | torch.Tensor, *, inputs_hash: str, item_ids: Sequence[int]
@@ -66,7 +65,7 @@ class Checkpoint:
             )
         if list(item_ids) != self.item_ids:
             raise CheckpointError("features list items in another order than the checkpoint")
-        model = ACF(self.config, self.project(features))
+        model = ACF(self.config, project(features, self.feature_map))
         model.load_state_dict(self.state)
         return model.eval()
 

@@ -61,6 +61,14 @@ class Projection:
         return cls(state["mean"].float(), state.get("basis"), float(state["scale"]))
 
 
+def project(features: np.ndarray | Tensor, projection: Projection | None) -> Tensor:
+    """Raw (N, K, C) features -> what a model takes: through ``projection``, or as they are
+    (float32) for a model trained on raw features."""
+    if projection is None:
+        return torch.as_tensor(np.asarray(features, dtype=np.float32))
+    return projection.apply(features)
+
+
 def fit_projection(
     features: np.ndarray | Tensor,
     *,

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from service.model.acf import ACF, ITEM_ROWS, PAD, Attended, ItemTables
-from service.model.projection import Projection
+from service.model.projection import Projection, project
 
 
 @dataclass(frozen=True)
@@ -82,8 +82,7 @@ class ServingModel:
         """A new serving model whose catalogue also holds items N+1..N+M with these raw
         (M, K, C) features (see the class doc). Raises ValueError when the model cannot score
         items from their images. This one is left as it is (requests in flight keep it)."""
-        raw = torch.as_tensor(np.asarray(features, dtype=np.float32))
-        projected = (raw if self.projection is None else self.projection.apply(raw)).to(self.device)
+        projected = project(features, self.projection).to(self.device)
         model, n = self.model, self.model.config.n_items
         with torch.inference_mode():
             image = model.image_vectors(projected)  # (M, D); ValueError for other models
@@ -93,7 +92,7 @@ class ServingModel:
             state = model.state_dict()
             rows = {name: state[name][near].mean(1) for name in ITEM_ROWS if name in state}
             grown = model.with_new_items(rows)
-            new = torch.arange(n + 1, n + len(raw) + 1, device=self.device)
+            new = torch.arange(n + 1, n + len(projected) + 1, device=self.device)
             added = grown.encode_items(projected)
             vectors = grown.vectors_with_image(new, image).float().cpu().numpy()
         out = ServingModel.__new__(ServingModel)
