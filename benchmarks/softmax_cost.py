@@ -32,7 +32,6 @@ def step_ms(n_items: int, sampled: bool, config: TrainConfig, steps: int, seed: 
     q = torch.as_tensor(np.concatenate([[0.0], popularity / popularity.sum()]), dtype=torch.float32)
     objective = Objective(
         loss="softmax",
-        n_items=n_items,
         sampled=sampled,
         negatives=config.negatives,
         log_q=q.log(),

@@ -265,3 +265,18 @@ def test_command_line_refuses_features_of_another_dataset(
     assert main([*args, "--epochs", "0"]) == 2
     assert "epochs=0" in caplog.text
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"lr": 0.0}, "lr=0.0"),
+        ({"dropout": 1.0}, "dropout=1.0"),
+        ({"ease_l2": -1.0}, "ease_l2=-1.0"),
+        ({"entropy_bonus": -0.1}, "entropy_bonus=-0.1"),
+        ({"feature_rank": -1}, "feature_rank=-1"),
+    ],
+)
+def test_a_bad_setting_is_refused_by_name(change: dict[str, float], named: str) -> None:
+    with pytest.raises(ValueError, match=f"invalid training setting.*{named}"):
+        TrainConfig(**change)  # type: ignore[arg-type]

@@ -130,10 +130,8 @@ class TrainConfig:
         bad = [f"{name}={getattr(self, name)}" for name in positive if getattr(self, name) <= 0]
         shares = ("profile_dropout", "dropout")
         bad += [f"{n}={getattr(self, n)}" for n in shares if not 0 <= getattr(self, n) < 1]
-        if min(self.weight_decay, self.patience, self.ease_l2, self.entropy_bonus) < 0:
-            bad.append(f"weight_decay={self.weight_decay}, patience={self.patience}")
-        if self.feature_rank < 0:
-            bad.append(f"feature_rank={self.feature_rank}")
+        non_negative = ("weight_decay", "patience", "ease_l2", "entropy_bonus", "feature_rank")
+        bad += [f"{n}={getattr(self, n)}" for n in non_negative if getattr(self, n) < 0]
         if self.model not in MODELS or self.loss not in LOSS_NAMES:
             bad.append(f"model={self.model!r}, loss={self.loss!r}")
         if bad:
@@ -256,7 +254,6 @@ class Objective:
     """How one batch becomes a loss; built once per run from the config and the data."""
 
     loss: LossName
-    n_items: int
     sampled: bool  # softmax over sampled negatives (large catalogues)
     negatives: int
     log_q: Tensor  # (N+1,) log-probability of drawing each item as a sampled negative
@@ -271,7 +268,6 @@ class Objective:
         q = torch.as_tensor(counts / counts.sum(), dtype=torch.float32, device=device)
         return cls(
             loss=config.loss,
-            n_items=samples.n_items,
             sampled=config.loss == "softmax" and samples.n_items > config.full_softmax_items,
             negatives=config.negatives,
             log_q=q.log(),
