@@ -66,8 +66,7 @@ def attention_stats(model: ACF, probe: Probe) -> dict[str, float]:
     mean-pool ablation, whose component weights are fixed at 1/K."""
     device = model.features.device
     users, profiles = probe.users.to(device), probe.profiles.to(device)
-    items, rows = torch.unique(profiles, return_inverse=True)  # encode the probe's items only
-    attended = model.attend(users, profiles, model.encode_items(model.features[items]), rows)
+    attended = model.attend_profiles(users, profiles)  # encodes the profiles' items only
     mask = profiles != PAD  # (B, L)
     item_entropy, item_max = peakedness(attended.item_attention, mask)
     stats = {ITEM_ENTROPY: item_entropy, ITEM_MAX: item_max}
@@ -125,8 +124,7 @@ def heatmap_stats(
     """
     device = model.features.device
     users, profiles = users.to(device), profiles.to(device)
-    items, rows = torch.unique(profiles, return_inverse=True)
-    attended = model.attend(users, profiles, model.encode_items(model.features[items]), rows)
+    attended = model.attend_profiles(users, profiles)  # encodes the profiles' items only
     mask = profiles != PAD
     beta = attended.component_attention[mask].double().cpu().numpy()  # (S, K)
     slot_items = profiles[mask].cpu().numpy()  # (S,)
