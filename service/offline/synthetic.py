@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from service.model.backbones import GRID  # the grid of cells the CNN sees
+
 KINDS = ("circle", "square", "triangle", "cross", "ring", "diamond", "bar", "star")
-GRID = 7  # the feature map's grid (service.offline.features.GRID)
 
 
 @dataclass(frozen=True)
