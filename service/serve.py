@@ -47,17 +47,18 @@ def histories(dataset: Dataset) -> dict[str, list[int]]:
 
 
 def prepare_serving(
-    data: Path | None, work: Path, device: torch.device
+    data: Path | None, work: Path, device: torch.device, epochs: int | None = None
 ) -> tuple[Dataset, Path, Path]:
-    """(dataset, features folder, checkpoint), building whatever does not exist yet."""
+    """(dataset, features folder, checkpoint), building whatever does not exist yet. A
+    training run that was interrupted is resumed where it stopped, not started over."""
     from service.model.checkpoint import save_checkpoint
     from service.offline.data import load_dataset
     from service.offline.features import extract_features
-    from service.offline.pipeline import fit, prepare, to_checkpoint
+    from service.offline.pipeline import fit, prepare, to_checkpoint, training_state_path
     from service.offline.synthetic import WorldSpec, make_world
     from service.offline.train import TrainConfig
 
-    config = TrainConfig()
+    config = TrainConfig() if epochs is None else TrainConfig(epochs=epochs)
     if data is None:
         data = work / "world"
         if not (data / "items.csv").is_file():
@@ -75,8 +76,10 @@ def prepare_serving(
     if not checkpoint.is_file():
         log.info("no checkpoint at %s: training ACF (%d epochs)", checkpoint, config.epochs)
         prepared = prepare(data, features)
-        result = fit(prepared, config, device=device)
+        state = training_state_path(checkpoint)
+        result = fit(prepared, config, device=device, state_path=state, resume=True)
         save_checkpoint(checkpoint, to_checkpoint(prepared, result, config))
+        state.unlink()
     return dataset, features, checkpoint
 
 
@@ -117,6 +120,12 @@ def parser() -> argparse.ArgumentParser:
         help="cpu, cuda, cuda:N or auto: the GPU when there is one (default: $VISREC_DEVICE)",
     )
     parser.add_argument(
+        "--epochs",
+        type=int,
+        help="training epochs when there is no checkpoint yet (default: the training "
+        "default, 40, with early stopping); an interrupted training resumes where it stopped",
+    )
+    parser.add_argument(
         "--load-profiles",
         action="store_true",
         help="replace the Redis profiles with the dataset's histories (the in-process store "
@@ -146,7 +155,10 @@ def _one_line(error: ErrorDetails) -> str:
 
 
 def main() -> None:
-    args = parser().parse_args()
+    cli = parser()
+    args = cli.parse_args()
+    if args.epochs is not None and args.epochs < 1:
+        cli.error(f"--epochs must be at least 1, got {args.epochs}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # Fail fast on the environment's settings (e.g. no API keys in production) before what may
     # be minutes of building, in one line rather than pydantic's dump.
@@ -168,7 +180,7 @@ def serve(args: argparse.Namespace) -> None:
 
     keep_freed_memory()
     device = pick_device(args.device)
-    dataset, features, checkpoint = prepare_serving(args.data, args.work_dir, device)
+    dataset, features, checkpoint = prepare_serving(args.data, args.work_dir, device, args.epochs)
     settings = Settings(
         checkpoint=checkpoint, features=features, device=str(device), data=dataset.root
     )

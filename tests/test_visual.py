@@ -137,3 +137,24 @@ def test_one_item_of_a_new_kind_brings_that_kind_into_the_next_ranking(
 
 def _kinds(world: World, answer: dict) -> np.ndarray:
     return world.item_kinds[np.array([x["item_id"] for x in answer["items"]]) - 1]
+
+
+def test_clutter_is_drawn_under_the_object(tmp_path_factory: pytest.TempPathFactory) -> None:
+    from PIL import Image
+
+    spec = WorldSpec(n_users=4, n_items=24, clutter=6, object_min=0.3, object_max=0.45, seed=3)
+    world = make_world(tmp_path_factory.mktemp("clutter"), spec)
+    squares = np.flatnonzero(world.item_kinds == 1) + 1  # KINDS[1]: a square fills its box
+    assert len(squares) == 6
+    for item in squares:
+        pixels = np.asarray(Image.open(world.root / "images" / f"{item}.png").convert("RGB"))
+        x0, y0, x1, y1 = world.object_boxes[item - 1]
+        inside = pixels[y0 : y1 + 1, x0 : x1 + 1].reshape(-1, 3)
+        assert len(np.unique(inside, axis=0)) == 1  # whole: no distractor on top of it
+        outside = np.ones(pixels.shape[:2], bool)
+        outside[y0 : y1 + 1, x0 : x1 + 1] = False
+        _, counts = np.unique(pixels[outside], axis=0, return_counts=True)
+        assert (counts >= 20).sum() >= 1  # flat distractors; the noisy background never repeats
+    for bad in ({"clutter": -1}, {"object_min": 0.5, "object_max": 0.4}):
+        with pytest.raises(ValueError):
+            make_world(tmp_path_factory.mktemp("bad"), WorldSpec(**bad))  # type: ignore[arg-type]

@@ -15,15 +15,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from service.model.backbones import BACKBONES, DEFAULT_BACKBONE
 from service.model.checkpoint import load_checkpoint, save_checkpoint
 from service.model.feature_store import FeatureError, load_features
+from service.offline import distributed
 from service.offline.data import DatasetError, load_dataset
 from service.offline.evaluate import PROTOCOLS, evaluate, holdout_task
 from service.offline.features import extract_features
 from service.offline.metrics import summarise
-from service.offline.pipeline import PipelineError, fit, prepare, to_checkpoint
+from service.offline.pipeline import (
+    PipelineError,
+    fit,
+    prepare,
+    to_checkpoint,
+    training_state_path,
+)
 from service.offline.plan import load_plan
 from service.offline.report import ModelRun, plot_history
 from service.offline.reproduce import reproduce
@@ -80,14 +88,30 @@ def _train(args: argparse.Namespace) -> None:
         }
     )
     config = TrainConfig.from_dict(values)
+    device = distributed.init_from_env(pick_device(args.device))  # under torchrun: its group
+    try:
+        _train_and_save(args, config, device)
+    finally:
+        distributed.close()
+
+
+def _train_and_save(args: argparse.Namespace, config: TrainConfig, device: torch.device) -> None:
     work = _default_work_dir(args.data)
     prepared = prepare(args.data, args.features or work / f"features-{DEFAULT_BACKBONE}")
-    result = fit(prepared, config, device=pick_device(args.device))
+    out = args.out or work / f"{config.model}.pt"
+    state = training_state_path(out)
+    main = distributed.is_main()
+    if state.is_file() and not args.resume and main:
+        print(f"{state} holds an interrupted run; starting over (--resume continues it)")
+    result = fit(prepared, config, device=device, state_path=state, resume=args.resume)
+    if not main:
+        return
     if config.model != "acf":  # baselines are for comparison; only ACF is served
         print(f"{config.model}: validation {_figures(result.validation)} (no checkpoint)")
+        state.unlink(missing_ok=True)
         return
-    out = args.out or work / f"{config.model}.pt"
     save_checkpoint(out, to_checkpoint(prepared, result, config))
+    state.unlink(missing_ok=True)  # the run is complete: the checkpoint replaces it
     plot_history(
         [ModelRun(config.model, asdict(config), 0.0, result.best_epoch, result.history)],
         out.with_suffix(".png"),
@@ -172,6 +196,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--features", type=Path, help="feature folder (default: the default backbone's)")
     p.add_argument("--config", type=Path, help="TOML file; its [train] table sets defaults")
     p.add_argument("--out", type=Path, help="checkpoint path (default runs/<dataset>/<model>.pt)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run that stopped before writing --out (its state is saved next to "
+        "it after every epoch, as <out>.state.pt); only --epochs may differ",
+    )
     _config_flags(p)
     p.set_defaults(run=_train)
 

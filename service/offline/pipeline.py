@@ -56,9 +56,16 @@ def prepare(data_dir: Path, features_dir: Path) -> Prepared:
 
 
 def fit(
-    prepared: Prepared, config: TrainConfig, *, device: torch.device, progress: bool = True
+    prepared: Prepared,
+    config: TrainConfig,
+    *,
+    device: torch.device,
+    progress: bool = True,
+    state_path: Path | None = None,
+    resume: bool = False,
 ) -> TrainResult:
-    """Train ``config.model`` on the training split, selecting epochs on validation."""
+    """Train ``config.model`` on the training split, selecting epochs on validation; with a
+    ``state_path``, the run can be resumed (see :func:`~service.offline.train.train`)."""
     split = prepared.split
     samples = build_samples(
         split.train_sequences(), n_items=split.n_items, profile_size=config.profile_size
@@ -78,8 +85,15 @@ def fit(
         rng=np.random.default_rng(config.seed),
         probe=probe,
         progress=progress,
+        state_path=state_path,
+        resume=resume,
     )
     return replace(result, projection=projection)
+
+
+def training_state_path(checkpoint: Path) -> Path:
+    """Where a run that will write ``checkpoint`` keeps its state between epochs."""
+    return checkpoint.with_suffix(".state.pt")
 
 
 def feature_projection(features: np.ndarray, config: TrainConfig) -> Projection | None:

@@ -230,6 +230,20 @@ def _protocol_section(c: Comparison, protocol: str, ref: str) -> list[str]:
     return [*lines, ""]
 
 
+def _world_lines(report: Report) -> list[str]:
+    if report.plan.synthetic is None:
+        return []
+    w = report.plan.synthetic.spec
+    return [
+        f"The synthetic world (`service/offline/synthetic.py`, seed {w.seed}): {w.n_users} users "
+        f"with {w.interactions_per_user} interactions each, in runs of one shape (mean length "
+        f"{w.run_length:g}; the favourite shape's with probability {w.taste:g}), over "
+        f"{w.n_items} items of {w.kinds} shapes, {w.clutter} smaller distractor shapes of "
+        "other kinds per image.",
+        "",
+    ]
+
+
 def _ablation_section(report: Report) -> list[str]:
     """The ACF rows side by side on the real data and the synthetic world (standard)."""
     comparisons = _comparisons(report)
@@ -246,6 +260,7 @@ def _ablation_section(report: Report) -> list[str]:
         "`acf_tutorial` is the VisRec tutorial's ACF, in which the image only re-weights the "
         "profile items.",
         "",
+        *_world_lines(report),
         header + " |",
         "|---|" + "---|---|" * len(HEADLINE) * len(comparisons),
     ]

@@ -1,7 +1,8 @@
 """A small synthetic visual world with a known answer.
 
 Items are generated images: one shape (its *kind*) in a random colour, at a random place and of
-a random size, on a textured background. Each user prefers one kind: most of their
+a random size, on a textured background, optionally among smaller distractor shapes of other
+kinds (``clutter``) that a model must learn to look past. Each user prefers one kind: most of their
 interactions are items of that kind, the rest are random. A good model therefore recommends a
 user's kind, and its component attention should sit on the object rather than the background:
 ``World.object_cover`` says, for every item and every cell of the 7x7 grid the CNN sees, which
@@ -38,6 +39,13 @@ class WorldSpec:
     # nowhere: images of items no model has seen, to add while serving (cold start).
     new_per_kind: int = 0
     image_size: int = 112
+    # The object's side, as a share of the image side, is drawn from [object_min, object_max).
+    object_min: float = 1 / 3
+    object_max: float = 1 / 2
+    # Distractors per image: shapes of other kinds than the item's, a third to a half of the
+    # object's side, drawn under it. They say nothing about the item, so an image's mean
+    # carries them as noise while attention that finds the object does not.
+    clutter: int = 0
     seed: int = 0
 
 
@@ -57,10 +65,16 @@ def make_world(root: Path, spec: WorldSpec = WorldSpec()) -> World:
     (root / "images").mkdir(parents=True, exist_ok=True)
     if not 2 <= spec.kinds <= len(KINDS):
         raise ValueError(f"kinds must be in 2..{len(KINDS)}, got {spec.kinds}")
+    if not 0.05 <= spec.object_min < spec.object_max < 1:
+        raise ValueError(
+            f"need 0.05 <= object_min < object_max < 1, got {spec.object_min}, {spec.object_max}"
+        )
+    if spec.clutter < 0:
+        raise ValueError(f"clutter must be >= 0, got {spec.clutter}")
     item_kinds = np.arange(spec.n_items) % spec.kinds
     rng.shuffle(item_kinds)
     drawn = [
-        _draw_item(root / "images" / f"{i + 1}.png", int(k), spec.image_size, rng)
+        _draw_item(root / "images" / f"{i + 1}.png", int(k), spec, rng)
         for i, k in enumerate(item_kinds)
     ]
     boxes = np.stack([box for box, _ in drawn])
@@ -81,7 +95,7 @@ def make_world(root: Path, spec: WorldSpec = WorldSpec()) -> World:
     if len(new_kinds):
         (root / "new").mkdir(exist_ok=True)
     for j, kind in enumerate(new_kinds):
-        _draw_item(root / "new" / f"{spec.n_items + j + 1}.png", int(kind), spec.image_size, rng)
+        _draw_item(root / "new" / f"{spec.n_items + j + 1}.png", int(kind), spec, rng)
     return World(root, item_kinds, user_kinds, boxes, cover, new_kinds)
 
 
@@ -133,19 +147,27 @@ def _runs(
 
 
 def _draw_item(
-    path: Path, kind: int, size: int, rng: np.random.Generator
+    path: Path, kind: int, spec: WorldSpec, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
     """Draw one item; returns the object's bounding box and its (size, size) bool mask."""
+    size = spec.image_size
     background = rng.integers(40, 216, size=3)
     noise = rng.normal(0, 18, size=(size, size, 3))
     pixels = np.clip(background + noise, 0, 255).astype(np.uint8)
     img = Image.fromarray(pixels)
-    side = int(rng.integers(size // 3, size // 2))
+    draw = ImageDraw.Draw(img)
+    side = int(rng.integers(int(size * spec.object_min), int(size * spec.object_max)))
+    others = [k for k in range(spec.kinds) if k != kind]
+    for _ in range(spec.clutter):  # under the object, so its mask stays whole
+        small = max(int(side * rng.uniform(1 / 3, 1 / 2)), 4)
+        x, y = (int(v) for v in rng.integers(0, size - small + 1, size=2))
+        tint = tuple(int(c) for c in rng.integers(0, 256, size=3))
+        _draw_shape(draw, KINDS[int(rng.choice(others))], (x, y, x + small, y + small), tint)
     x0, y0 = (int(v) for v in rng.integers(0, size - side, size=2))
     box = (x0, y0, x0 + side, y0 + side)
     colour = tuple(int(c) for c in (255 - background + rng.integers(-30, 30, size=3)).clip(0, 255))
     mask = Image.new("L", (size, size), 0)
-    _draw_shape(ImageDraw.Draw(img), KINDS[kind], box, colour)
+    _draw_shape(draw, KINDS[kind], box, colour)
     _draw_shape(ImageDraw.Draw(mask), KINDS[kind], box, 255)
     img.save(path)
     return np.array(box), np.asarray(mask) > 0

@@ -21,7 +21,8 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any, Literal, Protocol, cast
 
 import numpy as np
@@ -32,6 +33,7 @@ from tqdm.auto import tqdm
 
 from service.model.acf import ACF, PAD, ACFConfig, Visual
 from service.model.projection import Projection
+from service.offline import distributed
 from service.offline.attention import LEVELS, Probe, attention_stats, flat_levels
 from service.offline.baselines import BPRMF, EASE, VBPR, Popularity, Transitions
 from service.offline.data import Split
@@ -308,6 +310,30 @@ class Objective:
         return F.cross_entropy(logits, torch.zeros_like(pos))
 
 
+class _Step(nn.Module):
+    """One batch's loss as a module's forward, so that DistributedDataParallel can wrap it."""
+
+    def __init__(self, model: nn.Module, objective: Objective) -> None:
+        super().__init__()
+        self.model = model
+        self.objective = objective
+
+    def forward(self, batch: tuple[Tensor, ...], gen: torch.Generator) -> Tensor:
+        return self.objective(self.model, batch, gen)
+
+
+def _step_module(model: nn.Module, objective: Objective, device: torch.device) -> nn.Module:
+    step = _Step(model, objective)
+    if distributed.world_size() == 1:
+        return step
+    return nn.parallel.DistributedDataParallel(
+        step,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        broadcast_buffers=False,  # the item features are constant, and large
+        find_unused_parameters=True,  # e.g. ACF without images leaves its attention idle
+    )
+
+
 def _normalised_entropy(weights: Tensor) -> Tensor:
     """Mean entropy / log(n) of rows of ``weights`` over their n > 1 non-zero entries."""
     n = (weights > 0).sum(-1)
@@ -327,6 +353,8 @@ def train(
     rng: np.random.Generator,
     probe: Probe | None = None,
     progress: bool = True,
+    state_path: Path | None = None,
+    resume: bool = False,
 ) -> TrainResult:
     """Adam on the configured loss; keeps the weights of the epoch with the best validation
     nDCG@20 (not the lowest loss) and stops after ``patience`` epochs without improvement.
@@ -334,53 +362,136 @@ def train(
     A model with nothing to train (the fitted baselines) is validated once. With a ``probe``,
     every epoch's row of the history also holds ACF's attention statistics
     (:func:`~service.offline.attention.attention_stats`), and a warning is logged when the kept
-    epoch's attention is flat."""
+    epoch's attention is flat.
+
+    With a ``state_path``, everything the next epoch depends on (weights, the best ones so far,
+    Adam's moments, every random generator, the history) is written there after each epoch;
+    ``resume`` continues from that file when it exists, so a killed run ends with the same
+    weights as one that was never stopped. A run may resume with more ``epochs``, nothing
+    else changed."""
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         return TrainResult(model.eval(), 0, [_validate(model, validation, device)])
     optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
-    objective = Objective.create(config, samples, device)
+    step = _step_module(model, Objective.create(config, samples, device), device)
+    main = distributed.is_main()
     gen = torch.Generator(device=device).manual_seed(int(rng.integers(2**62)))
-    history: list[dict[str, float]] = []
-    best_state, best_epoch = copy.deepcopy(model.state_dict()), 0
-    for epoch in range(1, config.epochs + 1):
-        started = time.perf_counter()
-        loss = _run_epoch(
-            model,
-            optimizer,
-            samples,
-            config,
-            objective,
-            device=device,
-            rng=rng,
-            gen=gen,
-            desc=f"{config.model} epoch {epoch}/{config.epochs}",
-            progress=progress,
-        )
-        row = {
-            "epoch": float(epoch),
-            "loss": loss,
-            "seconds": time.perf_counter() - started,
-            **_validate(model, validation, device),
-        }
-        if probe is not None and isinstance(model, ACF):
-            row |= attention_stats(model, probe)
-        history.append(row)
-        best = max(h[SELECTION_METRIC] for h in history)
-        if row[SELECTION_METRIC] >= best:
-            best_state, best_epoch = copy.deepcopy(model.state_dict()), epoch
-        if progress:
-            tqdm.write(
-                f"{config.model} epoch {epoch}: loss {loss:.4f}  "
-                f"val nDCG@20 {row['nDCG@20']:.4f}  R@20 {row['R@20']:.4f}  "
-                f"{_attention_note(row)}({row['seconds']:.1f} s)"
+    # SASRec's dropout draws from torch's global generator: seeded per run, and restored after
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(gen.initial_seed())
+        run = _Run(copy.deepcopy(model.state_dict()))
+        if resume and state_path is not None and state_path.is_file():
+            run = _load_state(state_path, config, model, optimizer, rng, gen)
+            log.info("resuming %s from %s after epoch %d", config.model, state_path, run.epoch)
+        while run.epoch < config.epochs and not run.stopped(config.patience):
+            epoch = run.epoch + 1
+            started = time.perf_counter()
+            loss = _run_epoch(
+                step,
+                optimizer,
+                samples,
+                config,
+                device=device,
+                rng=rng,
+                gen=gen,
+                desc=f"{config.model} epoch {epoch}/{config.epochs}",
+                progress=progress and main,
             )
-        if config.patience and epoch - best_epoch >= config.patience:
-            break
-    model.load_state_dict(best_state)
-    _warn_if_flat(config.model, history[best_epoch - 1], best_epoch)
-    return TrainResult(model.eval(), best_epoch, history)
+            row = {"epoch": float(epoch), "loss": loss, "seconds": time.perf_counter() - started}
+            if main:  # the others wait for its figures, so every process stops alike
+                row |= _validate(model, validation, device)
+                if probe is not None and isinstance(model, ACF):
+                    row |= attention_stats(model, probe)
+            row = distributed.from_main(row)
+            run.history.append(row)
+            run.epoch = epoch
+            if row[SELECTION_METRIC] >= max(h[SELECTION_METRIC] for h in run.history):
+                run.best_state, run.best_epoch = copy.deepcopy(model.state_dict()), epoch
+            if progress and main:
+                tqdm.write(
+                    f"{config.model} epoch {epoch}: loss {loss:.4f}  "
+                    f"val nDCG@20 {row['nDCG@20']:.4f}  R@20 {row['R@20']:.4f}  "
+                    f"{_attention_note(row)}({row['seconds']:.1f} s)"
+                )
+            if state_path is not None and main:
+                _save_state(state_path, run, config, model, optimizer, rng, gen)
+    model.load_state_dict(run.best_state)
+    if run.history and main:
+        _warn_if_flat(config.model, run.history[run.best_epoch - 1], run.best_epoch)
+    return TrainResult(model.eval(), run.best_epoch, run.history)
+
+
+@dataclass
+class _Run:
+    """Where a training run stands after ``epoch`` epochs."""
+
+    best_state: dict[str, Tensor]
+    best_epoch: int = 0
+    epoch: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def stopped(self, patience: int) -> bool:
+        return bool(patience) and self.epoch - self.best_epoch >= patience
+
+
+def _run_settings(config: TrainConfig) -> dict[str, Any]:
+    """What a resumed run must share with the saved one: every setting but ``epochs``."""
+    return {k: v for k, v in asdict(config).items() if k != "epochs"}
+
+
+def _save_state(
+    path: Path,
+    run: _Run,
+    config: TrainConfig,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    rng: np.random.Generator,
+    gen: torch.Generator,
+) -> None:
+    state = {
+        "settings": _run_settings(config),
+        "epoch": run.epoch,
+        "best_epoch": run.best_epoch,
+        "history": run.history,
+        "model": model.state_dict(),
+        "best_model": run.best_state,
+        "optimizer": optimizer.state_dict(),
+        "numpy_rng": rng.bit_generator.state,
+        "generator": gen.get_state(),
+        "torch_rng": torch.get_rng_state(),  # dropout (SASRec) draws from the global generator
+        "cuda_rng": torch.cuda.get_rng_state(gen.device) if gen.device.type == "cuda" else None,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)  # a run killed while saving keeps the previous epoch's file
+
+
+def _load_state(
+    path: Path,
+    config: TrainConfig,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    rng: np.random.Generator,
+    gen: torch.Generator,
+) -> _Run:
+    state = torch.load(path, map_location=gen.device, weights_only=True)
+    saved, wanted = state["settings"], _run_settings(config)
+    changed = [f"{k}={saved.get(k)!r} -> {v!r}" for k, v in wanted.items() if saved.get(k) != v]
+    if changed:
+        raise ValueError(
+            f"{path} is a run with other settings ({'; '.join(changed)}); only epochs may "
+            "change when resuming. Start over without resuming, or delete the file."
+        )
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    rng.bit_generator.state = state["numpy_rng"]
+    gen.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"].cpu())
+    if state["cuda_rng"] is not None:
+        torch.cuda.set_rng_state(state["cuda_rng"].cpu(), gen.device)
+    return _Run(state["best_model"], state["best_epoch"], state["epoch"], state["history"])
 
 
 def _attention_note(row: dict[str, float]) -> str:
@@ -402,11 +513,10 @@ def _warn_if_flat(model: str, row: dict[str, float], epoch: int) -> None:
 
 
 def _run_epoch(
-    model: nn.Module,
+    step: nn.Module,
     optimizer: torch.optim.Optimizer,
     samples: Samples,
     config: TrainConfig,
-    objective: Objective,
     *,
     device: torch.device,
     rng: np.random.Generator,
@@ -414,7 +524,8 @@ def _run_epoch(
     desc: str,
     progress: bool,
 ) -> float:
-    model.train()
+    """One epoch of ``step`` (a :class:`_Step`, maybe data-parallel); the mean loss."""
+    step.train()
     total, seen = 0.0, 0
     n_batches = -(-len(samples.users) // config.batch_size)
     batches = epoch_batches(
@@ -434,14 +545,16 @@ def _run_epoch(
         mininterval=bar_interval(),
     )
     for batch in bar:
+        part, weight = distributed.share(batch)
         optimizer.zero_grad(set_to_none=True)
-        loss = objective(model, _to_device(batch, device), gen)
-        loss.backward()
+        loss = step(_to_device(part, device), gen)
+        (loss * weight).backward()
         optimizer.step()
-        total += loss.item() * len(batch.users)
-        seen += len(batch.users)
+        total += loss.item() * len(part.users)
+        seen += len(part.users)
         bar.set_postfix(loss=f"{total / seen:.4f}", refresh=False)
-    return total / seen
+    summed, count = distributed.total([total, float(seen)])  # over every process's share
+    return summed / count
 
 
 def _to_device(batch: Batch, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
