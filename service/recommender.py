@@ -81,16 +81,17 @@ class Recommender:
         serving: ServingModel,
         *,
         index: IndexKind = "flat",
-        profile_size: int = 9,
         version: str = "",
     ) -> Recommender:
+        """The engine for ``ckpt``, reading as many of a user's newest items as it was trained
+        on."""
         return cls(
             serving,
             item_ids=ckpt.item_ids,
             user_ids=ckpt.user_ids,
             popularity=ckpt.item_popularity or np.zeros(len(ckpt.item_ids)),
             index=index,
-            profile_size=profile_size,
+            profile_size=ckpt.profile_size,
             version=version or ckpt.code_version,
         )
 

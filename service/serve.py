@@ -51,36 +51,49 @@ def prepare_serving(
 ) -> tuple[Dataset, Path, Path]:
     """(dataset, features folder, checkpoint), building whatever does not exist yet. A
     training run that was interrupted is resumed where it stopped, not started over."""
-    from service.model.checkpoint import save_checkpoint
     from service.offline.data import load_dataset
     from service.offline.features import extract_features
-    from service.offline.pipeline import fit, prepare, to_checkpoint, training_state_path
-    from service.offline.synthetic import WorldSpec, make_world
-    from service.offline.train import TrainConfig
 
-    config = TrainConfig() if epochs is None else TrainConfig(epochs=epochs)
     if data is None:
         data = work / "world"
         if not (data / "items.csv").is_file():
-            log.info("no DATA given: generating the synthetic visual world in %s", data)
-            # users go through runs of one shape, mostly their favourite, so both the image
-            # (which shape) and the order (which run) matter; see service/offline/synthetic.py
-            world = WorldSpec(
-                n_users=300, n_items=400, interactions_per_user=30, taste=0.7, run_length=4.0
-            )
-            make_world(data, world)
+            _make_default_world(data)
     run_dir = work / data.resolve().name
     features, checkpoint = run_dir / "features-efficientnet_lite0", run_dir / "acf.pt"
     dataset = load_dataset(data)
     extract_features(dataset.item_ids.tolist(), list(dataset.image_paths), features, device=device)
     if not checkpoint.is_file():
-        log.info("no checkpoint at %s: training ACF (%d epochs)", checkpoint, config.epochs)
-        prepared = prepare(data, features)
-        state = training_state_path(checkpoint)
-        result = fit(prepared, config, device=device, state_path=state, resume=True)
-        save_checkpoint(checkpoint, to_checkpoint(prepared, result, config))
-        state.unlink()
+        _train(data, features, checkpoint, device, epochs)
     return dataset, features, checkpoint
+
+
+def _make_default_world(data: Path) -> None:
+    from service.offline.synthetic import WorldSpec, make_world
+
+    log.info("no DATA given: generating the synthetic visual world in %s", data)
+    # users go through runs of one shape, mostly their favourite, so both the image (which
+    # shape) and the order (which run) matter; see service/offline/synthetic.py
+    make_world(
+        data,
+        WorldSpec(n_users=300, n_items=400, interactions_per_user=30, taste=0.7, run_length=4.0),
+    )
+
+
+def _train(
+    data: Path, features: Path, checkpoint: Path, device: torch.device, epochs: int | None
+) -> None:
+    """Train the default ACF (the training stack is imported only here)."""
+    from service.model.checkpoint import save_checkpoint
+    from service.offline.pipeline import fit, prepare, to_checkpoint, training_state_path
+    from service.offline.train import TrainConfig
+
+    config = TrainConfig() if epochs is None else TrainConfig(epochs=epochs)
+    log.info("no checkpoint at %s: training ACF (up to %d epochs)", checkpoint, config.epochs)
+    state = training_state_path(checkpoint)
+    prepared = prepare(data, features)
+    result = fit(prepared, config, device=device, state_path=state, resume=True)
+    save_checkpoint(checkpoint, to_checkpoint(prepared, result, config))
+    state.unlink()
 
 
 def parser() -> argparse.ArgumentParser:

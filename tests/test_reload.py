@@ -141,8 +141,9 @@ MakeFile = Callable[[Path, Path], Path]  # (a good checkpoint, a folder) -> the 
         (lambda a, tmp: tmp / "missing.pt", "does not exist"),
         (lambda a, tmp: _write(tmp / "junk.pt", b"not a checkpoint"), "not a readable checkpoint"),
         (lambda a, tmp: _other_features(a, tmp / "other.pt"), "features do not match"),
+        (lambda a, tmp: _long_profiles(a, tmp / "long.pt"), "the profile store keeps 9"),
     ],
-    ids=["missing", "garbage", "other-features"],
+    ids=["missing", "garbage", "other-features", "longer-profiles-than-stored"],
 )
 def test_a_bad_checkpoint_leaves_the_old_model_serving(
     client: TestClient, files: Files, tmp_path: Path, make: MakeFile, reason: str
@@ -195,6 +196,41 @@ def _other_features(checkpoint: Path, out: Path) -> Path:
     other = {**ckpt.features, "inputs_hash": "f" * 64, "backbone": "resnet50"}
     save_checkpoint(out, dataclasses.replace(ckpt, features=other))
     return out
+
+
+def _long_profiles(checkpoint: Path, out: Path) -> Path:
+    """The same weights, labelled as trained on each user's last 12 items."""
+    ckpt = load_checkpoint(checkpoint)
+    save_checkpoint(
+        out, dataclasses.replace(ckpt, train_config={**ckpt.train_config, "profile_size": 12})
+    )
+    return out
+
+
+def test_a_model_reads_as_many_newest_items_as_it_was_trained_on(
+    client: TestClient, world: World, world_features: tuple[Path, np.ndarray], tmp_path: Path
+) -> None:
+    """A model trained on the last 4 items was served the last 9."""
+    prepared = prepare(world.root, world_features[0])
+    config = dataclasses.replace(CONFIG, profile_size=4)
+    short = tmp_path / "short.pt"
+    result = fit(prepared, config, device=torch.device("cpu"), progress=False)
+    save_checkpoint(short, to_checkpoint(prepared, result, config))
+    same_tail = ([1, 2, 3, 10, 11, 12, 13], [7, 8, 9, 10, 11, 12, 13])  # the last 4 agree
+
+    def answers() -> list[list[dict]]:
+        return [
+            client.post(
+                "/recommend", json={"history": list(h), "k": 10, "exclude_seen": False}
+            ).json()["items"]
+            for h in same_tail
+        ]
+
+    nine = answers()
+    assert nine[0] != nine[1]  # the 9-item model reads the older items too
+    assert client.post("/admin/reload", json={"checkpoint": str(short)}).status_code == 200
+    four = answers()
+    assert four[0] == four[1]
 
 
 def test_one_reload_at_a_time_while_the_old_model_serves(

@@ -145,3 +145,13 @@ def test_visrec_serve_resumes_an_interrupted_training(
     history = load_checkpoint(checkpoint).history
     assert len(history) == 3
     assert history[:2] == interrupted.history  # same seconds too: resumed, not retrained
+    # once there is a checkpoint, serving does not import the training stack
+    script = (
+        "import sys, torch; from pathlib import Path; from service.serve import prepare_serving; "
+        f"prepare_serving(Path({str(world.root)!r}), Path({str(tmp_path)!r}), "
+        "torch.device('cpu')); "
+        "print(sorted(m for m in sys.modules if m.startswith('service.offline.')))"
+    )
+    loaded = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert loaded.returncode == 0, loaded.stderr
+    assert "service.offline.train" not in loaded.stdout and "service.offline.data" in loaded.stdout

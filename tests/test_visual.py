@@ -156,5 +156,5 @@ def test_clutter_is_drawn_under_the_object(tmp_path_factory: pytest.TempPathFact
         _, counts = np.unique(pixels[outside], axis=0, return_counts=True)
         assert (counts >= 20).sum() >= 1  # flat distractors; the noisy background never repeats
     for bad in ({"clutter": -1}, {"object_min": 0.5, "object_max": 0.4}):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=r"clutter|object_min"):
             make_world(tmp_path_factory.mktemp("bad"), WorldSpec(**bad))  # type: ignore[arg-type]

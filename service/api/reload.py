@@ -25,6 +25,7 @@ from service.index.item_index import IndexKind
 from service.model.checkpoint import CheckpointError, read_checkpoint
 from service.model.feature_store import FeatureError, load_features
 from service.recommender import Query, Recommendation, Recommender, load_recommender
+from service.store.profiles import MAX_RECENT
 
 log = logging.getLogger("visrec.reload")
 DIGEST_CHARS = 12  # of the checkpoint's sha256 in the version: plenty to tell files apart
@@ -61,6 +62,11 @@ def load_engine(source: Source, *, device: torch.device, index: IndexKind = "fla
     """The engine for ``source``, versioned ``<code version>/<checkpoint file's sha256>``."""
     features, meta = load_features(source.features)
     ckpt, digest = read_checkpoint(source.checkpoint, map_location=device)
+    if ckpt.profile_size > MAX_RECENT:
+        raise CheckpointError(
+            f"{source.checkpoint} reads a user's last {ckpt.profile_size} items, but the "
+            f"profile store keeps {MAX_RECENT}: train it with profile_size <= {MAX_RECENT}"
+        )
     return load_recommender(
         ckpt,
         features,

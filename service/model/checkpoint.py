@@ -28,6 +28,9 @@ FORMAT = "visrec-acf/2"
 READABLE = (FORMAT, "visrec-acf/1")
 
 
+DEFAULT_PROFILE_SIZE = 9
+
+
 class CheckpointError(ValueError):
     """A checkpoint cannot be used as asked; the message says why."""
 
@@ -45,6 +48,12 @@ class Checkpoint:
     history: list[dict[str, float]] = field(default_factory=list)
     code_version: str = ""
     projection: dict[str, torch.Tensor] | None = None  # Projection.as_state(); None: raw
+
+    @property
+    def profile_size(self) -> int:
+        """How many of a user's newest items the model was trained to read (the serving
+        contract: the tutorial's 9 for checkpoints that do not say)."""
+        return int(self.train_config.get("profile_size", DEFAULT_PROFILE_SIZE))
 
     @property
     def feature_map(self) -> Projection | None:
