@@ -69,6 +69,7 @@ def _features(args: argparse.Namespace) -> None:
         weights=args.weights,
         batch_size=args.batch_size,
         device=pick_device(args.device),
+        num_workers=args.workers,
     )
     print(
         f"features: {out} ({len(meta.item_ids)} items, {meta.backbone}, "
@@ -189,6 +190,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", choices=BACKBONES, default=DEFAULT_BACKBONE)
     p.add_argument("--weights", type=Path, help="local weights file (needed for resnet50 offline)")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="DataLoader processes that decode images while the network runs (default 0: "
+        "decode in this process; see benchmarks/feature_extraction.py)",
+    )
     p.set_defaults(run=_features)
 
     p = sub.add_parser("train", help="train one model and write a checkpoint")
