@@ -2,7 +2,8 @@
 
 For each catalogue (the dataset's, e.g. ml100k, and a synthetic one of ``--big`` items) a server
 process runs the real app (``create_app``: micro-batching, FAISS, the in-process or Redis profile
-store) and wrk drives ``GET /recommend/{user}?k=20`` for random known users at several
+store) under uvicorn as ``visrec-serve`` runs it (``run_server``, its defaults: no access
+log), and wrk drives ``GET /recommend/{user}?k=20`` for random known users at several
 connection counts, then ``POST /interactions``. In the same run a second server serves the
 tutorial's way on the same framework and store: per request a full ACF forward over the raw
 features of the user's profile (the tutorial's ``ACF.recommend_all``: gather, reduce, attend,
@@ -37,7 +38,6 @@ from typing import TypeVar
 
 import numpy as np
 import torch
-import uvicorn
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
@@ -56,6 +56,7 @@ from service.model.feature_store import (
 from service.model.serving import ServingModel
 from service.recommender import Query, load_recommender
 from service.runtime import keep_freed_memory
+from service.serve import run_server
 
 REDIS = "redis://127.0.0.1:6379/0"
 CPU = torch.device("cpu")
@@ -72,7 +73,7 @@ def serve(kind: str, settings: Settings, histories_file: Path, port: int) -> Non
         app = create_app(settings, profiles=histories)
     else:
         app = tutorial_app(settings, histories)
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+    run_server(app, settings, host="127.0.0.1", port=port)  # as visrec-serve runs it
 
 
 class TutorialWay:

@@ -65,6 +65,10 @@ class Settings(BaseSettings):
     # gave no clear gain under load (benchmarks/serve_load.py, 2 cores), hence 0.
     batch_window_ms: Annotated[float, Field(ge=0, le=50)] = 0.0
     cpu_threads: Annotated[int, Field(ge=1)] = 1  # torch threads for the model on the CPU
+    # Share of requests written to the access log (uvicorn's line per request): 0 (the default)
+    # writes none, 1 every one, 0.01 every 100th. /metrics counts requests, statuses and
+    # latencies either way; benchmarks/access_log.py measures what the lines cost.
+    access_log: Annotated[float, Field(ge=0, le=1)] = 0.0
     # The dataset folder whose items.csv titles and images the explanation page shows; without
     # one the page shows item ids instead of images.
     data: Path | None = None

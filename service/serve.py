@@ -7,11 +7,13 @@ one command goes from nothing to a running service.
 from __future__ import annotations
 
 import argparse
+import copy
+import itertools
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 # Only what parsing the arguments needs is imported here: torch and the training stack take
 # seconds, and `visrec-serve --help` (or a refused start) must not wait for them.
@@ -19,6 +21,7 @@ if TYPE_CHECKING:
     import torch
     from pydantic_core import ErrorDetails
 
+    from service.config import Settings
     from service.offline.data import Dataset
 
 log = logging.getLogger("visrec.serve")
@@ -31,6 +34,7 @@ ENVIRONMENT = """environment (the service's settings, see service/config.py):
   VISREC_TRUSTED_PROXIES    proxies whose X-Forwarded-For is believed (IPs or CIDRs)
   VISREC_RATE_LIMIT_PER_S, VISREC_RATE_BURST, VISREC_MAX_BODY_BYTES, VISREC_INDEX,
   VISREC_BATCH_WINDOW_MS, VISREC_CPU_THREADS, VISREC_REDIS_TIMEOUT_MS, VISREC_MODEL_DIRS, ...
+  VISREC_ACCESS_LOG         share of requests logged, one line each (default 0: none)
   VISREC_DATA, VISREC_DEVICE, HOST, PORT   defaults of the arguments above
 """
 
@@ -183,11 +187,7 @@ def main() -> None:
 
 
 def serve(args: argparse.Namespace) -> None:
-    import uvicorn
-
     from service.api.app import create_app
-    from service.api.connections import guarded_http
-    from service.api.security import Proxies
     from service.config import Settings
     from service.runtime import keep_freed_memory, pick_device
 
@@ -202,19 +202,55 @@ def serve(args: argparse.Namespace) -> None:
     # The in-process store starts from the dataset's histories; a Redis store keeps its own.
     load = args.load_profiles or not settings.redis_url
     profiles = histories(dataset) if load else None
-    # X-Forwarded-For is the app's business (VISREC_TRUSTED_PROXIES): uvicorn's own handling
-    # believes it from any local peer.
+    run_server(create_app(settings, profiles=profiles), settings, host=args.host, port=args.port)
+
+
+def run_server(app: Any, settings: Settings, *, host: str, port: int) -> None:
+    """uvicorn as `visrec-serve` runs it (benchmarks run the app through this too)."""
+    import uvicorn
+
+    from service.api.connections import guarded_http
+    from service.api.security import Proxies
+
     uvicorn.run(
-        create_app(settings, profiles=profiles),
-        host=args.host,
-        port=args.port,
+        app,
+        host=host,
+        port=port,
+        # X-Forwarded-For is the app's business (VISREC_TRUSTED_PROXIES): uvicorn's own
+        # handling believes it from any local peer.
         proxy_headers=False,
         http=guarded_http(
             header_timeout_s=settings.header_timeout_s,
             per_address=settings.max_connections_per_address,
             exempt=Proxies.parse(settings.trusted_proxies).trusts,
         ),
+        access_log=settings.access_log > 0,
+        log_config=log_config(settings.access_log),
     )
+
+
+def log_config(access_share: float) -> dict[str, Any]:
+    """uvicorn's logging, its access log thinned to every ``1 / access_share``-th request."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    if 0 < access_share < 1:
+        every = round(1 / access_share)
+        config["filters"] = {"sample": {"()": EveryNth, "every": every}}
+        config["handlers"]["access"]["filters"] = ["sample"]  # handlers are made anew
+    return config
+
+
+class EveryNth(logging.Filter):
+    """Passes one record in ``every``."""
+
+    def __init__(self, every: int) -> None:
+        super().__init__()
+        self.every = every
+        self.seen = itertools.count()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return next(self.seen) % self.every == 0
 
 
 if __name__ == "__main__":
