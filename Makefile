@@ -13,7 +13,7 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 # redo it (~13 s) every time. `make install FORCE=1`, or deleting the stamp, redoes it.
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install reinstall browser serve test image-smoke lint reproduce sweep bench bench-serve bench-reload bench-faults bench-soak clean
+.PHONY: install reinstall browser serve test image-smoke lint reproduce sweep bench bench-serve bench-reload bench-faults bench-soak bench-workers bench-access-log clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -76,6 +76,16 @@ bench-faults: install
 bench-soak: install
 	command -v wrk >/dev/null || apt-get install -y wrk
 	$(BIN)/python benchmarks/soak.py $(DATA)
+
+# visrec-serve --workers 1 and 2 (Redis store): memory per process, reads, then the soak.
+bench-workers: install
+	command -v wrk >/dev/null || apt-get install -y wrk
+	$(BIN)/python benchmarks/workers.py $(DATA)
+
+# What the access log costs, on visrec-serve itself.
+bench-access-log: install
+	command -v wrk >/dev/null || apt-get install -y wrk
+	$(BIN)/python benchmarks/access_log.py $(DATA)
 
 # Build the CPU image and run it with Redis through the compose file (podman, a local Debian
 # base: no registry is reachable here), check /readyz and one /recommend, tear down. Slow

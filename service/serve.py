@@ -11,6 +11,7 @@ import copy
 import itertools
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,8 +24,10 @@ if TYPE_CHECKING:
 
     from service.config import Settings
     from service.offline.data import Dataset
+    from service.recommender import Recommender
 
 log = logging.getLogger("visrec.serve")
+COULD_NOT_START = 3  # exit status when the app's start-up failed (uvicorn's own)
 
 ENVIRONMENT = """environment (the service's settings, see service/config.py):
   VISREC_ENVIRONMENT        production (default: refuses weak or missing keys) or development
@@ -137,6 +140,14 @@ def parser() -> argparse.ArgumentParser:
         help="cpu, cuda, cuda:N or auto: the GPU when there is one (default: $VISREC_DEVICE)",
     )
     parser.add_argument(
+        "--workers",
+        type=int,
+        default=int(os.environ.get("VISREC_WORKERS", "1")),
+        help="processes serving one port; the model is loaded once and shared (default: "
+        "$VISREC_WORKERS, else 1). More than one needs VISREC_REDIS_URL: each process would "
+        "otherwise keep its own profiles",
+    )
+    parser.add_argument(
         "--epochs",
         type=int,
         help="training epochs when there is no checkpoint yet (default: the training "
@@ -176,6 +187,13 @@ def main() -> None:
     args = cli.parse_args()
     if args.epochs is not None and args.epochs < 1:
         cli.error(f"--epochs must be at least 1, got {args.epochs}")
+    if args.workers < 1:
+        cli.error(f"--workers must be at least 1, got {args.workers}")
+    if args.workers > 1 and not os.environ.get("VISREC_REDIS_URL"):
+        cli.error(
+            f"--workers {args.workers} needs VISREC_REDIS_URL: with the in-process profile "
+            "store every worker would keep its own profiles, and they would diverge"
+        )
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # Fail fast on the environment's settings (e.g. no API keys in production) before what may
     # be minutes of building, in one line rather than pydantic's dump.
@@ -193,6 +211,10 @@ def serve(args: argparse.Namespace) -> None:
 
     keep_freed_memory()
     device = pick_device(args.device)
+    if args.workers > 1 and device.type == "cuda":
+        print("visrec-serve: --workers > 1 is for the CPU (CUDA does not survive a fork): run "
+              "one process per GPU, as replicas", file=sys.stderr)  # fmt: skip
+        raise SystemExit(2)
     dataset, features, checkpoint = prepare_serving(args.data, args.work_dir, device, args.epochs)
     settings = Settings(
         checkpoint=checkpoint, features=features, device=str(device), data=dataset.root
@@ -202,17 +224,56 @@ def serve(args: argparse.Namespace) -> None:
     # The in-process store starts from the dataset's histories; a Redis store keeps its own.
     load = args.load_profiles or not settings.redis_url
     profiles = histories(dataset) if load else None
-    run_server(create_app(settings, profiles=profiles), settings, host=args.host, port=args.port)
+    if args.workers == 1:
+        run_server(
+            create_app(settings, profiles=profiles), settings, host=args.host, port=args.port
+        )
+        return
+    from service.workers import serve_workers
+
+    engine = preload(settings)
+    status = serve_workers(
+        # the first worker loads the profiles into Redis; the others find them there
+        lambda n: create_app(settings, profiles=profiles if n == 0 else None, engine=engine),
+        lambda app, sock: run_server(app, settings, sockets=[sock]),
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+    )
+    raise SystemExit(status)
 
 
-def run_server(app: Any, settings: Settings, *, host: str, port: int) -> None:
-    """uvicorn as `visrec-serve` runs it (benchmarks run the app through this too)."""
+def preload(settings: Settings) -> Recommender:
+    """The engine, loaded before the workers fork, with one thread and no query answered (see
+    :mod:`service.workers`)."""
+    import faiss
+    import torch
+
+    from service.api.reload import Source, load_engine
+    from service.runtime import pick_device
+
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+    source = Source(settings.checkpoint, settings.features)
+    return load_engine(source, device=pick_device(settings.device), index=settings.index)
+
+
+def run_server(
+    app: Any,
+    settings: Settings,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    sockets: list[socket.socket] | None = None,
+) -> None:
+    """uvicorn as `visrec-serve` runs it (benchmarks run the app through this too), on
+    ``host:port`` or on already bound ``sockets``."""
     import uvicorn
 
     from service.api.connections import guarded_http
     from service.api.security import Proxies
 
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=host,
         port=port,
@@ -227,6 +288,10 @@ def run_server(app: Any, settings: Settings, *, host: str, port: int) -> None:
         access_log=settings.access_log > 0,
         log_config=log_config(settings.access_log),
     )
+    server = uvicorn.Server(config)
+    server.run(sockets=sockets)
+    if not server.started:  # as uvicorn.run: the lifespan failed, and said why
+        raise SystemExit(COULD_NOT_START)
 
 
 def log_config(access_share: float) -> dict[str, Any]:

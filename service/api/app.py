@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -100,9 +101,15 @@ class State:
         return self.models.engine
 
 
-def _load(settings: Settings, finish: Callable[[Recommender], Recommender]) -> ModelSlot:
+def _load(
+    settings: Settings,
+    finish: Callable[[Recommender], Recommender],
+    engine: Recommender | None = None,
+) -> ModelSlot:
     """The slot, with every engine it loads (at start, on reload) passed through ``finish``
-    (which adds the items added while serving)."""
+    (which adds the items added while serving); ``engine``: the start one, already loaded.
+    One query runs before the slot is returned, so the first request does not pay for lazy
+    initialisation."""
     device = pick_device(settings.device)
     if device.type == "cpu":
         # A request's model work is a few small ops: extra intra-op threads only add hand-off
@@ -114,7 +121,9 @@ def _load(settings: Settings, finish: Callable[[Recommender], Recommender]) -> M
     def load(source: Source) -> Recommender:
         return finish(build(source))
 
-    return ModelSlot(load(source), source, load)
+    slot = ModelSlot(load(source) if engine is None else finish(engine), source, load)
+    slot.warm_up()
+    return slot
 
 
 def _items(settings: Settings) -> Items:
@@ -151,14 +160,19 @@ async def _sync_items(items: Items, slot: ModelSlot, catalogue: Catalogue, every
 
 
 def create_app(
-    settings: Settings, *, profiles: Mapping[str, Sequence[int]] | None = None
+    settings: Settings,
+    *,
+    profiles: Mapping[str, Sequence[int]] | None = None,
+    engine: Recommender | None = None,
 ) -> FastAPI:
-    """``profiles``: histories (raw item ids, oldest first) loaded into the store at start-up."""
+    """``profiles``: histories (raw item ids, oldest first) loaded into the store at start-up.
+    ``engine``: the model already loaded (by the process that forked this worker, so that the
+    workers share its memory); by default the lifespan loads it."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         items = await run_in_threadpool(_items, settings)
-        models = await run_in_threadpool(_load, settings, items.added_to)
+        models = await run_in_threadpool(_load, settings, items.added_to, engine)
         catalogue = await run_in_threadpool(load_catalogue, settings.data)  # titles, images
         await items.sync(models, catalogue)  # added by an earlier run or another replica
         watch: EpochWatch | None = None
@@ -396,6 +410,7 @@ def _routes(app: FastAPI, metrics: Metrics, guards: Guards) -> None:
         health = refusal or ("ok" if store_ok else "unreachable")
         return Ready(
             ready=True,
+            process=os.getpid(),
             degraded=not store_ok or refusal is not None,
             durable=await state.store.durable() if store_ok else None,
             model_version=state.engine.version,

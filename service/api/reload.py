@@ -122,14 +122,22 @@ class ModelSlot:
             gc.freeze()
         return engine
 
+    def warm_up(self) -> None:
+        """One real query on the serving engine (see :func:`_probe`)."""
+        _probe(self.engine)
+
     def _build(self, source: Source) -> Recommender:
         engine = self._load(source)
-        # One real query (attention, index search) before any request gets it: a model that
-        # cannot answer fails here, and the first requests do not pay for lazy initialisation.
-        (probe,) = engine.recommend([Query(None, engine.item_ids[:1].tolist(), (), k=10)])
-        if probe.fallback or not probe.items:
-            raise ReloadFailed("the new model gave no recommendation for a one-item history")
+        _probe(engine)
         return engine
+
+
+def _probe(engine: Recommender) -> None:
+    """One real query (attention, index search) before any request gets it: a model that cannot
+    answer fails here, and the first requests do not pay for lazy initialisation."""
+    (probe,) = engine.recommend([Query(None, engine.item_ids[:1].tolist(), (), k=10)])
+    if probe.fallback or not probe.items:
+        raise ReloadFailed("the new model gave no recommendation for a one-item history")
 
 
 def _reason(err: Exception) -> str:

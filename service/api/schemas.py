@@ -135,6 +135,7 @@ class ExplainResponse(BaseModel):
 
 class Ready(BaseModel):
     ready: bool
+    process: int = Field(description="the id of the process that answered (one per worker)")
     model_version: str
     items: int
     index: str

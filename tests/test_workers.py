@@ -1,0 +1,169 @@
+"""`visrec-serve --workers N`: one port, N processes forked from one that loaded the model,
+profiles in Redis. Every worker answers, a write through one is read through any other, a
+worker that dies is replaced, and SIGTERM stops them all cleanly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+import torch
+
+from service.model.checkpoint import save_checkpoint
+from service.offline.pipeline import fit, prepare, to_checkpoint
+from service.offline.synthetic import World
+from service.offline.train import TrainConfig
+
+REDIS = "redis://127.0.0.1:6379/0"
+SERVE = str(Path(sys.executable).parent / "visrec-serve")
+CPU = torch.device("cpu")
+
+
+def _get(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=10) as r:  # a new connection each time
+        return json.loads(r.read())
+
+
+def _post(url: str, body: dict) -> dict:
+    data = json.dumps(body).encode()
+    request = urllib.request.Request(url, data, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def _wait_ready(url: str, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "visrec-serve exited"
+        try:
+            _get(f"{url}/readyz")
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise TimeoutError(url)
+
+
+def _processes(url: str, asks: int = 60) -> set[int]:
+    return {_get(f"{url}/readyz")["process"] for _ in range(asks)}
+
+
+def _children(pid: int) -> set[int]:
+    found = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found |= {int(c) for c in (task / "children").read_text().split()}
+    return found
+
+
+@pytest.fixture(scope="module")
+def work_dir(
+    world: World, world_features: tuple[Path, np.ndarray], tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """A work dir holding the world's features and a small trained checkpoint."""
+    work = tmp_path_factory.mktemp("workers")
+    run_dir = work / world.root.resolve().name
+    run_dir.mkdir()
+    features = run_dir / "features-efficientnet_lite0"
+    features.symlink_to(world_features[0])
+    prepared = prepare(world.root, features)
+    config = replace(TrainConfig(), dim=16, attention_dim=16, epochs=2)
+    result = fit(prepared, config, device=CPU, progress=False)
+    save_checkpoint(run_dir / "acf.pt", to_checkpoint(prepared, result, config))
+    return work
+
+
+@pytest.fixture
+def server(world: World, work_dir: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    prefix = f"test-workers-{uuid.uuid4().hex}"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {
+        **os.environ,
+        "VISREC_REDIS_URL": REDIS,
+        "VISREC_REDIS_PREFIX": prefix,
+        "VISREC_ENVIRONMENT": "development",
+    }
+    command = [SERVE, str(world.root), "--work-dir", str(work_dir), "--workers", "2"]
+    proc = subprocess.Popen([*command, "--port", str(port), "--load-profiles"], env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(url, proc)
+        yield url, proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()  # its workers follow it (PR_SET_PDEATHSIG)
+            proc.wait()
+        client = redis.Redis.from_url(REDIS)
+        keys = list(client.scan_iter(f"{prefix}:*", count=1000))
+        if keys:
+            client.delete(*keys)
+
+
+def test_every_worker_answers_reads_what_another_wrote_and_dies_with_the_parent(
+    server: tuple[str, subprocess.Popen[bytes]], world: World
+) -> None:
+    url, proc = server
+    workers = _processes(url)
+    assert len(workers) == 2 and workers == _children(proc.pid)
+    item = int(world.item_kinds.size)  # the last item; user 0 has not seen it all
+    for attempt in range(10):  # each write and read on a new connection, any worker
+        _post(f"{url}/interactions", {"events": [{"user_id": "0", "item_id": item - attempt}]})
+        why = _get(f"{url}/explain/0?item_id=1")
+        assert why["profile"][-1]["item_id"] == item - attempt
+    proc.kill()  # even a parent killed outright takes its workers with it
+    proc.wait()
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
+
+
+def test_a_dead_worker_is_replaced_and_sigterm_stops_all(
+    server: tuple[str, subprocess.Popen[bytes]],
+) -> None:
+    url, proc = server
+    before = _processes(url)
+    victim = min(before)
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        now = _children(proc.pid)
+        if len(now) == 2 and victim not in now:
+            break
+        time.sleep(0.2)
+    _wait_ready(url, proc)
+    answering = set()
+    while len(answering) < 2 and time.monotonic() < deadline:
+        answering |= _processes(url, asks=10)
+    assert victim not in answering and len(answering) == 2
+    assert before - {victim} <= answering  # the other one was left alone
+    workers = _children(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+    assert all(not Path(f"/proc/{pid}").exists() for pid in workers)
+
+
+def test_several_workers_need_redis(world: World, work_dir: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "VISREC_REDIS_URL"}
+    done = subprocess.run(
+        [SERVE, str(world.root), "--work-dir", str(work_dir), "--workers", "2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "--workers 2 needs VISREC_REDIS_URL" in done.stderr
