@@ -13,7 +13,7 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 # redo it (~13 s) every time. `make install FORCE=1`, or deleting the stamp, redoes it.
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install reinstall browser serve test image-smoke lint reproduce sweep bench bench-serve bench-reload bench-faults bench-soak bench-workers bench-access-log clean
+.PHONY: install reinstall browser haproxy serve test image-smoke lint reproduce sweep bench bench-serve bench-reload bench-faults bench-soak bench-workers bench-access-log clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,9 +38,14 @@ browser:
 	@[ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ] || { apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
+# tests/test_replicas.py puts a real HAProxy (Debian's package) in front of API replicas.
+haproxy:
+	@[ -x /usr/sbin/haproxy ] || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy >/dev/null; }
+
 # Needs redis-server (Debian's package): the tests use the Redis on 127.0.0.1:6379, started
 # here (and stopped after) when none answers, and start more of their own.
-test: install browser
+test: install browser haproxy
 	scripts/with-redis -- $(BIN)/python -m pytest -q
 
 lint:

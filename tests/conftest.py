@@ -44,3 +44,27 @@ def world_features(world: World) -> tuple[Path, np.ndarray]:
     extract_features(data.item_ids.tolist(), list(data.image_paths), out, progress=False)
     features, _ = load_features(out)
     return out, features
+
+
+@pytest.fixture(scope="session")
+def served_work_dir(
+    world: World, world_features: tuple[Path, np.ndarray], tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """A ``visrec-serve --work-dir`` holding the world's features and a small trained
+    checkpoint, so that servers started on the world are up in seconds."""
+    from dataclasses import replace
+
+    from service.model.checkpoint import save_checkpoint
+    from service.offline.pipeline import fit, prepare, to_checkpoint
+    from service.offline.train import TrainConfig
+
+    work = tmp_path_factory.mktemp("served")
+    run_dir = work / world.root.resolve().name
+    run_dir.mkdir()
+    features = run_dir / "features-efficientnet_lite0"
+    features.symlink_to(world_features[0])
+    prepared = prepare(world.root, features)
+    config = replace(TrainConfig(), dim=16, attention_dim=16, epochs=2)
+    result = fit(prepared, config, device=torch.device("cpu"), progress=False)
+    save_checkpoint(run_dir / "acf.pt", to_checkpoint(prepared, result, config))
+    return work

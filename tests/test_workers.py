@@ -14,22 +14,15 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pytest
 import redis
-import torch
 
-from service.model.checkpoint import save_checkpoint
-from service.offline.pipeline import fit, prepare, to_checkpoint
 from service.offline.synthetic import World
-from service.offline.train import TrainConfig
 
 REDIS = "redis://127.0.0.1:6379/0"
 SERVE = str(Path(sys.executable).parent / "visrec-serve")
-CPU = torch.device("cpu")
 
 
 def _get(url: str) -> dict:
@@ -67,25 +60,8 @@ def _children(pid: int) -> set[int]:
     return found
 
 
-@pytest.fixture(scope="module")
-def work_dir(
-    world: World, world_features: tuple[Path, np.ndarray], tmp_path_factory: pytest.TempPathFactory
-) -> Path:
-    """A work dir holding the world's features and a small trained checkpoint."""
-    work = tmp_path_factory.mktemp("workers")
-    run_dir = work / world.root.resolve().name
-    run_dir.mkdir()
-    features = run_dir / "features-efficientnet_lite0"
-    features.symlink_to(world_features[0])
-    prepared = prepare(world.root, features)
-    config = replace(TrainConfig(), dim=16, attention_dim=16, epochs=2)
-    result = fit(prepared, config, device=CPU, progress=False)
-    save_checkpoint(run_dir / "acf.pt", to_checkpoint(prepared, result, config))
-    return work
-
-
 @pytest.fixture
-def server(world: World, work_dir: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+def server(world: World, served_work_dir: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     prefix = f"test-workers-{uuid.uuid4().hex}"
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -96,7 +72,7 @@ def server(world: World, work_dir: Path) -> Iterator[tuple[str, subprocess.Popen
         "VISREC_REDIS_PREFIX": prefix,
         "VISREC_ENVIRONMENT": "development",
     }
-    command = [SERVE, str(world.root), "--work-dir", str(work_dir), "--workers", "2"]
+    command = [SERVE, str(world.root), "--work-dir", str(served_work_dir), "--workers", "2"]
     proc = subprocess.Popen([*command, "--port", str(port), "--load-profiles"], env=env)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -156,10 +132,10 @@ def test_a_dead_worker_is_replaced_and_sigterm_stops_all(
     assert all(not Path(f"/proc/{pid}").exists() for pid in workers)
 
 
-def test_several_workers_need_redis(world: World, work_dir: Path) -> None:
+def test_several_workers_need_redis(world: World, served_work_dir: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "VISREC_REDIS_URL"}
     done = subprocess.run(
-        [SERVE, str(world.root), "--work-dir", str(work_dir), "--workers", "2"],
+        [SERVE, str(world.root), "--work-dir", str(served_work_dir), "--workers", "2"],
         env=env,
         capture_output=True,
         text=True,
