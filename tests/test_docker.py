@@ -90,3 +90,25 @@ def test_compose_without_keys_says_what_to_set(compose: dict[str, Any]) -> None:
 def test_the_readme_says_compose_v2() -> None:
     readme = (ROOT / "README.md").read_text()
     assert "Compose v2" in readme and "docker-compose" in readme
+
+
+def test_the_replicas_profile_puts_haproxy_before_three_alike_replicas(
+    compose: dict[str, Any],
+) -> None:
+    services = compose["services"]
+    replicas = [f"replica-{i}" for i in (1, 2, 3)]
+    assert all(services[r]["profiles"] == ["replicas"] for r in replicas)
+    assert all(services[r]["environment"] == services["api"]["environment"] for r in replicas)
+    assert all(services[r]["build"] == services["api"]["build"] for r in replicas)
+    assert all("ports" not in services[r] for r in replicas)  # reached through the LB only
+    for later in replicas[1:]:  # the first builds what is missing, alone
+        assert services[later]["depends_on"]["replica-1"] == {"condition": "service_healthy"}
+    lb = services["lb"]
+    assert lb["profiles"] == ["replicas"]
+    assert "./docker/haproxy.cfg:/usr/local/etc/haproxy/haproxy.cfg:ro" in lb["volumes"]
+    config = (ROOT / "docker" / "haproxy.cfg").read_text()
+    named = set(re.findall(r'"\$\{(REPLICA_\d)\}"', config))
+    assert named == {k for k in lb["environment"] if k.startswith("REPLICA_")}
+    assert {v.split(":")[0] for k, v in lb["environment"].items() if k in named} == set(replicas)
+    assert '"${LB_BIND}"' in config and lb["environment"]["LB_BIND"].endswith(":8000")
+    assert set(lb["depends_on"]) == set(replicas)
