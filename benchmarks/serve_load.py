@@ -43,6 +43,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.api.app import create_app
 from service.config import Settings
+from service.engine import build_engine
 from service.index.item_index import IndexKind, ItemIndex
 from service.model.acf import ACF, UNKNOWN_USER, ACFConfig
 from service.model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
@@ -54,7 +55,7 @@ from service.model.feature_store import (
     load_features,
 )
 from service.model.serving import ServingModel
-from service.recommender import Query, load_recommender
+from service.recommender import Query
 from service.runtime import keep_freed_memory
 from service.serve import run_server
 
@@ -363,7 +364,7 @@ def compute_per_request(catalogue: Catalogue, *, requests: int = 300) -> None:
     settings = catalogue.settings
     ckpt = load_checkpoint(settings.checkpoint)
     features, meta = load_features(settings.features)
-    ours = load_recommender(
+    ours = build_engine(
         ckpt, features, inputs_hash=meta.inputs_hash, item_ids=meta.item_ids, device=CPU
     )
     tutorial = TutorialWay(settings)

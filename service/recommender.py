@@ -10,7 +10,6 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from service.index.item_index import IndexKind, ItemIndex
 from service.model.acf import PAD, UNKNOWN_USER
@@ -190,19 +189,3 @@ class Recommender:
             True,
             self.version,
         )
-
-
-def load_recommender(
-    checkpoint: Checkpoint,
-    features: np.ndarray,
-    *,
-    inputs_hash: str,
-    item_ids: Sequence[int],
-    device: torch.device,
-    index: IndexKind = "flat",
-    version: str = "",
-) -> Recommender:
-    """``version``: what answers name the model by (default: the checkpoint's code version)."""
-    model = checkpoint.build_model(features, inputs_hash=inputs_hash, item_ids=item_ids)
-    serving = ServingModel(model, device=device, projection=checkpoint.feature_map)
-    return Recommender.from_checkpoint(checkpoint, serving, index=index, version=version)

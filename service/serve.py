@@ -142,7 +142,7 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--workers",
         type=int,
-        default=int(os.environ.get("VISREC_WORKERS", "1")),
+        default=os.environ.get("VISREC_WORKERS", "1"),  # argparse applies type= to it
         help="processes serving one port; the model is loaded once and shared (default: "
         "$VISREC_WORKERS, else 1). More than one needs VISREC_REDIS_URL: each process would "
         "otherwise keep its own profiles",
@@ -249,7 +249,7 @@ def preload(settings: Settings) -> Recommender:
     import faiss
     import torch
 
-    from service.api.reload import Source, load_engine
+    from service.engine import Source, load_engine
     from service.runtime import pick_device
 
     torch.set_num_threads(1)

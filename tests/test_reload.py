@@ -21,10 +21,11 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-import service.api.reload as reload_module
+import service.engine as engine_module
 from service.api.app import State, create_app
-from service.api.reload import ModelSlot, Source, load_engine, reload_on_hangup
+from service.api.reload import ModelSlot, reload_on_hangup
 from service.config import Settings
+from service.engine import Source, load_engine
 from service.model.checkpoint import load_checkpoint, save_checkpoint
 from service.offline.data import load_dataset
 from service.offline.pipeline import fit, prepare, to_checkpoint
@@ -238,14 +239,14 @@ def test_one_reload_at_a_time_while_the_old_model_serves(
 ) -> None:
     (old,) = versions(client)
     started, release = threading.Event(), threading.Event()
-    read = reload_module.read_checkpoint
+    read = engine_module.read_checkpoint
 
     def slow_read(path: Path, **kwargs: object) -> object:
         started.set()
         assert release.wait(10)
         return read(path, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(reload_module, "read_checkpoint", slow_read)
+    monkeypatch.setattr(engine_module, "read_checkpoint", slow_read)
     with ThreadPoolExecutor(1) as pool:
         first = pool.submit(client.post, "/admin/reload", json={"checkpoint": str(files.b)})
         assert started.wait(10)

@@ -24,7 +24,7 @@ from service.api.batcher import MicroBatcher
 from service.api.docs import install_docs
 from service.api.items import Items, install_items
 from service.api.metrics import Metrics
-from service.api.reload import ModelSlot, Source, load_engine, reload_on_hangup
+from service.api.reload import ModelSlot, reload_on_hangup
 from service.api.schemas import (
     EVENTS_REFUSED,
     GUARDED,
@@ -59,6 +59,7 @@ from service.api.security import (
 from service.api.ui import install_ui
 from service.catalogue import Catalogue, load_catalogue
 from service.config import Settings, key_list
+from service.engine import Source, load_engine
 from service.model.feature_store import load_features
 from service.recommender import (
     Query as RecQuery,

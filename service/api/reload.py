@@ -19,24 +19,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from service.index.item_index import IndexKind
-from service.model.checkpoint import CheckpointError, read_checkpoint
-from service.model.feature_store import FeatureError, load_features
-from service.recommender import Query, Recommendation, Recommender, load_recommender
-from service.store.profiles import MAX_RECENT
+from service.engine import Source
+from service.model.checkpoint import CheckpointError
+from service.model.feature_store import FeatureError
+from service.recommender import Query, Recommendation, Recommender
 
 log = logging.getLogger("visrec.reload")
-DIGEST_CHARS = 12  # of the checkpoint's sha256 in the version: plenty to tell files apart
-
-
-@dataclass(frozen=True)
-class Source:
-    """The files an engine is built from."""
-
-    checkpoint: Path
-    features: Path
 
 
 @dataclass(frozen=True)
@@ -56,26 +44,6 @@ class ReloadBusy(Exception):
 
 
 Loader = Callable[[Source], Recommender]
-
-
-def load_engine(source: Source, *, device: torch.device, index: IndexKind = "flat") -> Recommender:
-    """The engine for ``source``, versioned ``<code version>/<checkpoint file's sha256>``."""
-    features, meta = load_features(source.features)
-    ckpt, digest = read_checkpoint(source.checkpoint, map_location=device)
-    if ckpt.profile_size > MAX_RECENT:
-        raise CheckpointError(
-            f"{source.checkpoint} reads a user's last {ckpt.profile_size} items, but the "
-            f"profile store keeps {MAX_RECENT}: train it with profile_size <= {MAX_RECENT}"
-        )
-    return load_recommender(
-        ckpt,
-        features,
-        inputs_hash=meta.inputs_hash,
-        item_ids=meta.item_ids,
-        device=device,
-        index=index,
-        version="/".join(filter(None, (ckpt.code_version, digest[:DIGEST_CHARS]))),
-    )
 
 
 class ModelSlot:

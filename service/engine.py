@@ -1,0 +1,68 @@
+"""Where a serving engine is built from files, for start-up, `/admin/reload` and SIGHUP, and
+for the process that loads the model before forking workers: checkpoint + features -> model
+-> :class:`~service.model.serving.ServingModel` -> :class:`~service.recommender.Recommender`,
+with the checkpoint's serving contract checked on the way (its features, its item order, the
+number of newest items it reads)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from service.index.item_index import IndexKind
+from service.model.checkpoint import Checkpoint, CheckpointError, read_checkpoint
+from service.model.feature_store import load_features
+from service.model.serving import ServingModel
+from service.recommender import Recommender
+from service.store.profiles import MAX_RECENT
+
+DIGEST_CHARS = 12  # of the checkpoint's sha256 in the version: plenty to tell files apart
+
+
+@dataclass(frozen=True)
+class Source:
+    """The files an engine is built from."""
+
+    checkpoint: Path
+    features: Path
+
+
+def load_engine(source: Source, *, device: torch.device, index: IndexKind = "flat") -> Recommender:
+    """The engine for ``source``, versioned ``<code version>/<checkpoint file's sha256>``."""
+    features, meta = load_features(source.features)
+    ckpt, digest = read_checkpoint(source.checkpoint, map_location=device)
+    if ckpt.profile_size > MAX_RECENT:
+        raise CheckpointError(
+            f"{source.checkpoint} reads a user's last {ckpt.profile_size} items, but the "
+            f"profile store keeps {MAX_RECENT}: train it with profile_size <= {MAX_RECENT}"
+        )
+    return build_engine(
+        ckpt,
+        features,
+        inputs_hash=meta.inputs_hash,
+        item_ids=meta.item_ids,
+        device=device,
+        index=index,
+        version="/".join(filter(None, (ckpt.code_version, digest[:DIGEST_CHARS]))),
+    )
+
+
+def build_engine(
+    checkpoint: Checkpoint,
+    features: np.ndarray,
+    *,
+    inputs_hash: str,
+    item_ids: Sequence[int],
+    device: torch.device,
+    index: IndexKind = "flat",
+    version: str = "",
+) -> Recommender:
+    """The engine for a checkpoint already in memory and the raw features it was trained on.
+    ``version``: what answers name the model by (default: the checkpoint's code version)."""
+    model = checkpoint.build_model(features, inputs_hash=inputs_hash, item_ids=item_ids)
+    serving = ServingModel(model, device=device, projection=checkpoint.feature_map)
+    return Recommender.from_checkpoint(checkpoint, serving, index=index, version=version)
