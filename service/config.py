@@ -90,12 +90,26 @@ class Settings(BaseSettings):
     # this folder (None: in this process only, gone with it). Replicas look for items added
     # elsewhere every items_sync_s seconds (0: only at start-up).
     items_dir: Path | None = None
+    # A model registry (service/registry.py): the folder of versions, with the current one
+    # named in Redis (needs redis_url). Each process serves it and follows every publish and
+    # rollback, on the announcement or, missed, within registry_poll_s seconds.
+    registry: Path | None = None
+    registry_poll_s: Annotated[float, Field(gt=0, le=60)] = 2.0
     items_sync_s: Annotated[float, Field(ge=0)] = 2.0
     max_image_bytes: Annotated[int, Field(ge=1024)] = 10 * 1_048_576
     max_image_pixels: Annotated[int, Field(ge=1)] = 40_000_000
     # The in-process store (no Redis) keeps this many users, read or written most recently;
     # ~700-900 bytes each with ~100-item histories, so a million take ~0.9 GB.
     memory_store_max_users: Annotated[int, Field(ge=1)] = 1_000_000
+
+    @model_validator(mode="after")
+    def _registry_needs_redis(self) -> Settings:
+        if self.registry is not None and not self.redis_url:
+            raise ValueError(
+                "a model registry (VISREC_REGISTRY) names its current version in Redis: set "
+                "VISREC_REDIS_URL as well"
+            )
+        return self
 
     @model_validator(mode="after")
     def _no_usable_default_secrets(self) -> Settings:

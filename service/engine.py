@@ -13,11 +13,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from service.config import Settings
 from service.index.item_index import IndexKind
 from service.model.checkpoint import Checkpoint, CheckpointError, read_checkpoint
 from service.model.feature_store import load_features
 from service.model.serving import ServingModel
 from service.recommender import Recommender
+from service.registry import Current, Registry
+from service.runtime import pick_device
 from service.store.profiles import MAX_RECENT
 
 DIGEST_CHARS = 12  # of the checkpoint's sha256 in the version: plenty to tell files apart
@@ -66,3 +69,37 @@ def build_engine(
     model = checkpoint.build_model(features, inputs_hash=inputs_hash, item_ids=item_ids)
     serving = ServingModel(model, device=device, projection=checkpoint.feature_map)
     return Recommender.from_checkpoint(checkpoint, serving, index=index, version=version)
+
+
+def start_source(settings: Settings) -> tuple[Source, Current | None]:
+    """What a process serves at start: the registry's current version when there is one (and
+    which generation that is), else the configured files."""
+    configured = Source(settings.checkpoint, settings.features)
+    if settings.registry is None or settings.redis_url is None:
+        return configured, None
+    registry = Registry(settings.registry, settings.redis_url, settings.redis_prefix)
+    current = registry.current()
+    if current is None:
+        return configured, None
+    return Source(*registry.files(current.version)), current
+
+
+@dataclass(frozen=True)
+class Preloaded:
+    """An engine loaded before the process forked its workers (``visrec-serve --workers``)."""
+
+    engine: Recommender
+    source: Source
+    serving: Current | None  # the registry's generation it is, if any
+
+
+def preload(settings: Settings) -> Preloaded:
+    """The start engine, loaded with one torch and one FAISS thread and no query answered, so
+    that forked workers inherit no OpenMP thread pool (see :mod:`service.workers`)."""
+    import faiss
+
+    torch.set_num_threads(1)
+    faiss.omp_set_num_threads(1)
+    source, serving = start_source(settings)
+    engine = load_engine(source, device=pick_device(settings.device), index=settings.index)
+    return Preloaded(engine, source, serving)

@@ -24,7 +24,6 @@ if TYPE_CHECKING:
 
     from service.config import Settings
     from service.offline.data import Dataset
-    from service.recommender import Recommender
 
 log = logging.getLogger("visrec.serve")
 COULD_NOT_START = 3  # exit status when the app's start-up failed (uvicorn's own)
@@ -229,33 +228,19 @@ def serve(args: argparse.Namespace) -> None:
             create_app(settings, profiles=profiles), settings, host=args.host, port=args.port
         )
         return
+    from service.engine import preload
     from service.workers import serve_workers
 
-    engine = preload(settings)
+    loaded = preload(settings)
     status = serve_workers(
         # the first worker loads the profiles into Redis; the others find them there
-        lambda n: create_app(settings, profiles=profiles if n == 0 else None, engine=engine),
+        lambda n: create_app(settings, profiles=profiles if n == 0 else None, preloaded=loaded),
         lambda app, sock: run_server(app, settings, sockets=[sock]),
         host=args.host,
         port=args.port,
         workers=args.workers,
     )
     raise SystemExit(status)
-
-
-def preload(settings: Settings) -> Recommender:
-    """The engine, loaded before the workers fork, with one thread and no query answered (see
-    :mod:`service.workers`)."""
-    import faiss
-    import torch
-
-    from service.engine import Source, load_engine
-    from service.runtime import pick_device
-
-    torch.set_num_threads(1)
-    faiss.omp_set_num_threads(1)
-    source = Source(settings.checkpoint, settings.features)
-    return load_engine(source, device=pick_device(settings.device), index=settings.index)
 
 
 def run_server(

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Annotated, Any
 
 import torch
@@ -24,7 +25,7 @@ from service.api.batcher import MicroBatcher
 from service.api.docs import install_docs
 from service.api.items import Items, install_items
 from service.api.metrics import Metrics
-from service.api.reload import ModelSlot, reload_on_hangup
+from service.api.reload import ModelSlot, ReloadBusy, reload_on_hangup
 from service.api.schemas import (
     EVENTS_REFUSED,
     GUARDED,
@@ -59,7 +60,7 @@ from service.api.security import (
 from service.api.ui import install_ui
 from service.catalogue import Catalogue, load_catalogue
 from service.config import Settings, key_list
-from service.engine import Source, load_engine
+from service.engine import Preloaded, Source, load_engine, start_source
 from service.model.feature_store import load_features
 from service.recommender import (
     Query as RecQuery,
@@ -69,6 +70,7 @@ from service.recommender import (
     Recommender,
     UnknownItemsError,
 )
+from service.registry import Current, Registry, follow
 from service.runtime import pick_device
 from service.store.epoch import EpochWatch
 from service.store.items import DirectoryItemStore, ItemStore, MemoryItemStore, RedisItemStore
@@ -105,10 +107,12 @@ class State:
 def _load(
     settings: Settings,
     finish: Callable[[Recommender], Recommender],
+    source: Source,
     engine: Recommender | None = None,
 ) -> ModelSlot:
-    """The slot, with every engine it loads (at start, on reload) passed through ``finish``
-    (which adds the items added while serving); ``engine``: the start one, already loaded.
+    """The slot serving ``source``, with every engine it loads (at start, on reload) passed
+    through ``finish`` (which adds the items added while serving); ``engine``: the start one,
+    already loaded.
     One query runs before the slot is returned, so the first request does not pay for lazy
     initialisation."""
     device = pick_device(settings.device)
@@ -116,7 +120,6 @@ def _load(
         # A request's model work is a few small ops: extra intra-op threads only add hand-off
         # latency, and the web server needs the other cores.
         torch.set_num_threads(settings.cpu_threads)
-    source = Source(settings.checkpoint, settings.features)
     build = partial(load_engine, device=device, index=settings.index)
 
     def load(source: Source) -> Recommender:
@@ -160,20 +163,43 @@ async def _sync_items(items: Items, slot: ModelSlot, catalogue: Catalogue, every
             log.warning("added items not synchronised this time: %s", err)
 
 
+async def _follow_registry(settings: Settings, slot: ModelSlot, serving: Current | None) -> None:
+    """Serve the registry's current version, through every publish and rollback."""
+    assert settings.registry is not None and settings.redis_url is not None
+    registry = Registry(settings.registry, settings.redis_url, settings.redis_prefix)
+
+    async def load(checkpoint: Path, features: Path) -> None:
+        while True:
+            try:
+                await slot.reload(checkpoint, features)
+                return
+            except ReloadBusy:  # an admin reload is running: ours comes after it
+                await asyncio.sleep(0.5)
+
+    await follow(registry, load, serving=serving, poll_s=settings.registry_poll_s)
+
+
 def create_app(
     settings: Settings,
     *,
     profiles: Mapping[str, Sequence[int]] | None = None,
-    engine: Recommender | None = None,
+    preloaded: Preloaded | None = None,
 ) -> FastAPI:
     """``profiles``: histories (raw item ids, oldest first) loaded into the store at start-up.
-    ``engine``: the model already loaded (by the process that forked this worker, so that the
-    workers share its memory); by default the lifespan loads it."""
+    ``preloaded``: the model already loaded (by the process that forked this worker, so that
+    the workers share its memory); by default the lifespan loads it: the registry's current
+    version when there is a registry, else the configured files."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         items = await run_in_threadpool(_items, settings)
-        models = await run_in_threadpool(_load, settings, items.added_to, engine)
+        if preloaded is None:
+            source, serving = await run_in_threadpool(start_source, settings)
+            engine = None
+        else:
+            source, serving, engine = preloaded.source, preloaded.serving, preloaded.engine
+        models = await run_in_threadpool(_load, settings, items.added_to, source, engine)
+        metrics.model_version = lambda: models.engine.version
         catalogue = await run_in_threadpool(load_catalogue, settings.data)  # titles, images
         await items.sync(models, catalogue)  # added by an earlier run or another replica
         watch: EpochWatch | None = None
@@ -206,9 +232,14 @@ def create_app(
             if settings.items_sync_s
             else None
         )
+        following = (
+            asyncio.create_task(_follow_registry(settings, models, serving))
+            if settings.registry
+            else None
+        )
+        watching = asyncio.create_task(watch.run(EPOCH_CHECK_S)) if watch else None
         try:
             window = settings.batch_window_ms / 1000
-            watching = asyncio.create_task(watch.run(EPOCH_CHECK_S)) if watch else None
             with reload_on_hangup(models, asyncio.get_running_loop()):
                 # The batcher asks the slot, so a batch runs on the engine current at its start.
                 async with MicroBatcher(models.recommend, window_s=window) as batcher:
@@ -220,7 +251,7 @@ def create_app(
                         "items": items,
                     }
         finally:
-            for task in (watching, syncing):
+            for task in (watching, syncing, following):
                 if task is not None:
                     task.cancel()
                     await asyncio.gather(task, return_exceptions=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from fastapi import FastAPI, Response
 from prometheus_client import (
@@ -10,6 +11,7 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Histogram,
+    Info,
     generate_latest,
 )
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -40,6 +42,10 @@ class Metrics:
             "Users the in-process profile store forgot to stay within its bound (LRU)",
             registry=self.registry,
         )
+        self.model = Info(
+            "visrec_model", "The model version this process serves", registry=self.registry
+        )
+        self.model_version: Callable[[], str] | None = None  # set once the model is loaded
         self.stages = Histogram(
             "visrec_stage_seconds",
             "Latency of the stages inside a request (store read, model batch)",
@@ -53,6 +59,8 @@ class Metrics:
 
         @app.get("/metrics", include_in_schema=False)
         async def metrics() -> Response:
+            if self.model_version is not None:
+                self.model.info({"version": self.model_version()})
             return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import tomllib
 import types
@@ -37,6 +38,7 @@ from service.offline.report import ModelRun, plot_history
 from service.offline.reproduce import reproduce
 from service.offline.sweep import best_settings, load_sweep, sweep
 from service.offline.train import TrainConfig
+from service.registry import Registry
 from service.runtime import keep_freed_memory, pick_device
 
 log = logging.getLogger("visrec")
@@ -127,6 +129,48 @@ def _figures(validation: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.4f}" for k, v in validation.items() if k in ("nDCG@20", "R@20"))
 
 
+def _registry(args: argparse.Namespace) -> Registry:
+    if args.registry is None or not args.redis_url:
+        raise ValueError(
+            "say where the registry is: --registry DIR and --redis-url URL (or "
+            "VISREC_REGISTRY and VISREC_REDIS_URL, as the service reads them)"
+        )
+    return Registry(args.registry, args.redis_url, args.redis_prefix)
+
+
+def _publish(args: argparse.Namespace) -> None:
+    current = _registry(args).publish(args.checkpoint, args.features)
+    print(
+        f"published {current.version} (generation {current.generation}): every replica "
+        "following the registry loads it now"
+    )
+
+
+def _rollback(args: argparse.Namespace) -> None:
+    current = _registry(args).rollback()
+    print(f"rolled back to {current.version} (generation {current.generation})")
+
+
+def _registry_args(p: argparse.ArgumentParser) -> None:
+    env = os.environ.get
+    p.add_argument(
+        "--registry",
+        type=Path,
+        default=env("VISREC_REGISTRY"),
+        help="the registry's folder (default: $VISREC_REGISTRY)",
+    )
+    p.add_argument(
+        "--redis-url",
+        default=env("VISREC_REDIS_URL"),
+        help="the Redis naming the current version (default: $VISREC_REDIS_URL)",
+    )
+    p.add_argument(
+        "--redis-prefix",
+        default=env("VISREC_REDIS_PREFIX", "visrec"),
+        help="its keys' prefix (default: $VISREC_REDIS_PREFIX, else visrec)",
+    )
+
+
 def _evaluate(args: argparse.Namespace) -> None:
     device = pick_device(args.device)
     ckpt = load_checkpoint(args.checkpoint)
@@ -212,6 +256,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     _config_flags(p)
     p.set_defaults(run=_train)
+
+    p = sub.add_parser(
+        "publish", help="add a checkpoint and its features to the model registry, as current"
+    )
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("--features", type=Path, required=True, help="the features it was trained on")
+    _registry_args(p)
+    p.set_defaults(run=_publish)
+
+    p = sub.add_parser("rollback", help="make the registry's previous version current again")
+    _registry_args(p)
+    p.set_defaults(run=_rollback)
 
     p = sub.add_parser("evaluate", help="evaluate a checkpoint under both protocols")
     _data_arg(p)

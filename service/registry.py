@@ -1,0 +1,180 @@
+"""A model registry: immutable versions in a folder, the current one named in Redis.
+
+A version is what an engine is built from (``checkpoint.pt`` and the ``features/`` folder),
+copied under ``<root>/<version>/`` once and never changed; its name is the first 12 hex digits
+of the checkpoint's sha256. Which version serves is one Redis key, ``<prefix>:model:current``,
+holding ``<generation> <version>``; every publish and every rollback takes the next generation
+(``INCR <prefix>:model:generation``), announces it on ``<prefix>:model:announce`` and appends it to
+the history (``<prefix>:model:history``). Replicas (:func:`follow`) load a generation newer
+than theirs and never an older one, so a slow load of an old version cannot land after a newer
+one. Only the folder layout knows about files: another storage (an object store) would
+implement ``store``/``files`` alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import shutil
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import redis
+import redis.asyncio as aioredis
+
+log = logging.getLogger("visrec.registry")
+CHECKPOINT = "checkpoint.pt"
+FEATURES = "features"
+VERSION_CHARS = 12
+
+
+class RegistryError(ValueError):
+    """A version that does not exist, nothing to roll back to, ..."""
+
+
+@dataclass(frozen=True, order=True)
+class Current:
+    generation: int
+    version: str
+
+    @classmethod
+    def parse(cls, raw: bytes | str | None) -> Current | None:
+        if raw is None:
+            return None
+        text = raw.decode() if isinstance(raw, bytes) else raw
+        generation, version = text.split(" ", 1)
+        return cls(int(generation), version)
+
+    def __str__(self) -> str:
+        return f"{self.generation} {self.version}"
+
+
+class Registry:
+    def __init__(self, root: Path, redis_url: str, prefix: str = "visrec") -> None:
+        self.root = Path(root)
+        self.redis_url = redis_url
+        self.keys = _Keys(prefix)
+
+    # --- files -------------------------------------------------------------------------------
+    def store(self, checkpoint: Path, features: Path) -> str:
+        """Copy a checkpoint and its features in as a version (a no-op when it is there)."""
+        version = hashlib.sha256(checkpoint.read_bytes()).hexdigest()[:VERSION_CHARS]
+        target = self.root / version
+        if target.is_dir():
+            return version
+        self.root.mkdir(parents=True, exist_ok=True)
+        partial = self.root / f".{version}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir()
+        shutil.copy2(checkpoint, partial / CHECKPOINT)
+        shutil.copytree(features, partial / FEATURES)
+        partial.rename(target)  # a version is there whole, or not at all
+        return version
+
+    def files(self, version: str) -> tuple[Path, Path]:
+        """(checkpoint, features folder) of a version."""
+        checkpoint = self.root / version / CHECKPOINT
+        if not checkpoint.is_file():
+            raise RegistryError(f"no version {version!r} in {self.root}")
+        return checkpoint, self.root / version / FEATURES
+
+    def versions(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir() if (p / CHECKPOINT).is_file())
+
+    # --- which one serves ---------------------------------------------------------------------
+    def publish(self, checkpoint: Path, features: Path) -> Current:
+        """Store a version and make it the current one."""
+        return self.make_current(self.store(checkpoint, features))
+
+    def make_current(self, version: str) -> Current:
+        self.files(version)  # it must exist
+        client = redis.Redis.from_url(self.redis_url)
+        try:
+            current = Current(int(client.incr(self.keys.generation)), version)
+            pipe = client.pipeline()
+            pipe.set(self.keys.current, str(current))
+            pipe.rpush(self.keys.history, str(current))
+            pipe.publish(self.keys.announce, str(current))
+            pipe.execute()
+        finally:
+            client.close()
+        log.info("model %s is current (generation %d)", version, current.generation)
+        return current
+
+    def rollback(self) -> Current:
+        """Make the version that was current before this one current again."""
+        client = redis.Redis.from_url(self.redis_url)
+        try:
+            history = [Current.parse(h) for h in client.lrange(self.keys.history, 0, -1)]
+            now = Current.parse(client.get(self.keys.current))
+        finally:
+            client.close()
+        older = [h.version for h in history if h is not None and now and h.version != now.version]
+        if now is None or not older:
+            raise RegistryError("nothing to roll back to: no version was current before this one")
+        return self.make_current(older[-1])
+
+    def current(self) -> Current | None:
+        client = redis.Redis.from_url(self.redis_url)
+        try:
+            return Current.parse(client.get(self.keys.current))
+        finally:
+            client.close()
+
+
+@dataclass(frozen=True)
+class _Keys:
+    prefix: str
+
+    @property
+    def current(self) -> str:
+        return f"{self.prefix}:model:current"
+
+    @property
+    def generation(self) -> str:
+        return f"{self.prefix}:model:generation"
+
+    @property
+    def history(self) -> str:
+        return f"{self.prefix}:model:history"
+
+    @property
+    def announce(self) -> str:
+        return f"{self.prefix}:model:announce"
+
+
+async def follow(
+    registry: Registry,
+    load: Callable[[Path, Path], Awaitable[object]],
+    *,
+    serving: Current | None,
+    poll_s: float,
+) -> None:
+    """For as long as it runs: whenever a generation newer than ``serving`` is current, build
+    and swap it in with ``load`` (which keeps the old engine when the new one fails). Woken by
+    the announcement, and every ``poll_s`` seconds in case one was missed (Redis restarted,
+    the subscription dropped)."""
+    client = aioredis.Redis.from_url(registry.redis_url)
+    pubsub = client.pubsub()
+    try:
+        while True:
+            current = serving
+            try:
+                if not pubsub.subscribed:
+                    await pubsub.subscribe(registry.keys.announce)
+                await pubsub.get_message(ignore_subscribe_messages=True, timeout=poll_s)
+                current = Current.parse(await client.get(registry.keys.current))
+                if current is not None and (serving is None or current > serving):
+                    await load(*registry.files(current.version))
+                    serving = current
+            except (redis.RedisError, OSError) as err:
+                log.warning("model registry not reachable (%s); trying again", err)
+                await asyncio.sleep(poll_s)
+            except Exception as err:  # a version that cannot load: keep serving, say why
+                log.error("model %s could not be loaded: %s", current, err)
+                serving = current  # do not retry the same generation in a loop
+    finally:
+        await pubsub.aclose()
+        await client.aclose()

@@ -1,0 +1,200 @@
+"""The model registry: immutable versions in a folder, the current one in Redis, and replicas
+(real `visrec-serve` processes) that follow every publish and rollback under load."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+import redis
+import torch
+
+from service.model.checkpoint import save_checkpoint
+from service.offline.cli import main as visrec
+from service.offline.pipeline import fit, prepare, to_checkpoint
+from service.offline.synthetic import World
+from service.offline.train import TrainConfig
+from service.registry import Registry, RegistryError
+
+REDIS = "redis://127.0.0.1:6379/0"
+SERVE = str(Path(sys.executable).parent / "visrec-serve")
+FAILURES = (OSError, json.JSONDecodeError)
+
+
+@dataclass(frozen=True)
+class Models:
+    a: Path
+    b: Path
+    features: Path
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+
+
+@pytest.fixture(scope="module")
+def models(world: World, served_work_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Models:
+    run_dir = served_work_dir / world.root.resolve().name
+    features = run_dir / "features-efficientnet_lite0"
+    prepared = prepare(world.root, features)
+    config = replace(TrainConfig(), dim=16, attention_dim=16, epochs=2, seed=1)
+    b = tmp_path_factory.mktemp("model-b") / "acf.pt"
+    save_checkpoint(
+        b,
+        to_checkpoint(
+            prepared, fit(prepared, config, device=torch.device("cpu"), progress=False), config
+        ),
+    )
+    return Models(run_dir / "acf.pt", b, features)
+
+
+@pytest.fixture
+def prefix() -> Iterator[str]:
+    name = f"test-registry-{uuid.uuid4().hex}"
+    yield name
+    client = redis.Redis.from_url(REDIS)
+    keys = list(client.scan_iter(f"{name}:*", count=1000))
+    if keys:
+        client.delete(*keys)
+
+
+def test_versions_are_immutable_and_rollback_goes_back(
+    models: Models, tmp_path: Path, prefix: str
+) -> None:
+    registry = Registry(tmp_path / "registry", REDIS, prefix)
+    assert registry.current() is None
+    with pytest.raises(RegistryError, match="nothing to roll back to"):
+        registry.rollback()
+    a = registry.publish(models.a, models.features)
+    assert a.version == _digest(models.a) and a.generation == 1
+    with pytest.raises(RegistryError, match="nothing to roll back to"):
+        registry.rollback()
+    b = registry.publish(models.b, models.features)
+    assert (b.version, b.generation) == (_digest(models.b), 2)
+    assert registry.versions() == sorted([a.version, b.version])
+    checkpoint, features = registry.files(a.version)
+    assert checkpoint.read_bytes() == models.a.read_bytes()
+    assert (features / "features.npy").read_bytes() == (
+        models.features / "features.npy"
+    ).read_bytes()
+    back = registry.rollback()
+    assert (back.version, back.generation) == (a.version, 3) and registry.current() == back
+    again = registry.publish(models.a, models.features)  # the same bytes: the same version
+    assert again.version == a.version and again.generation == 4
+    with pytest.raises(RegistryError, match="no version"):
+        registry.make_current("0" * 12)
+
+
+def test_the_command_line_publishes_and_rolls_back(
+    models: Models, tmp_path: Path, prefix: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    where = ["--registry", str(tmp_path / "reg"), "--redis-url", REDIS, "--redis-prefix", prefix]
+    assert visrec(["publish", str(models.a), "--features", str(models.features), *where]) == 0
+    assert visrec(["publish", str(models.b), "--features", str(models.features), *where]) == 0
+    assert visrec(["rollback", *where]) == 0
+    out = capsys.readouterr().out
+    assert f"published {_digest(models.b)} (generation 2)" in out
+    assert f"rolled back to {_digest(models.a)} (generation 3)" in out
+    assert visrec(["publish", str(models.a), "--features", str(models.features)]) == 2  # where?
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _ready(url: str) -> dict:
+    with urllib.request.urlopen(f"{url}/readyz", timeout=10) as r:
+        return json.loads(r.read())
+
+
+def test_every_replica_follows_a_publish_and_a_rollback_under_load(
+    world: World, served_work_dir: Path, models: Models, tmp_path: Path, prefix: str
+) -> None:
+    registry = Registry(tmp_path / "registry", REDIS, prefix)
+    registry.publish(models.a, models.features)
+    env = {
+        **os.environ,
+        "VISREC_REDIS_URL": REDIS,
+        "VISREC_REDIS_PREFIX": prefix,
+        "VISREC_REGISTRY": str(registry.root),
+        "VISREC_ENVIRONMENT": "development",
+        "VISREC_RATE_LIMIT_PER_S": "0",
+    }
+    ports = [_port() for _ in range(3)]
+    command = [SERVE, str(world.root), "--work-dir", str(served_work_dir)]
+    procs = [subprocess.Popen([*command, "--port", str(p)], env=env) for p in ports]
+    urls = [f"http://127.0.0.1:{p}" for p in ports]
+    seen: dict[str, list[str]] = {u: [] for u in urls}  # versions each replica answered with
+    failures: list[str] = []
+    stop = threading.Event()
+    try:
+        deadline = time.monotonic() + 120
+        for url in urls:
+            while True:
+                assert all(p.poll() is None for p in procs)
+                try:
+                    _ready(url)
+                    break
+                except OSError:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.2)
+
+        def load(url: str) -> None:
+            while not stop.is_set():
+                try:
+                    with urllib.request.urlopen(f"{url}/recommend/3?k=10", timeout=10) as r:
+                        version = json.loads(r.read())["model_version"]
+                    if not seen[url] or seen[url][-1] != version:
+                        seen[url].append(version)
+                except FAILURES as err:
+                    failures.append(repr(err))
+
+        threads = [threading.Thread(target=load, args=(u,)) for u in urls for _ in range(2)]
+        for t in threads:
+            t.start()
+
+        def all_serve(checkpoint: Path) -> float:
+            started = time.monotonic()
+            while time.monotonic() - started < 30:
+                if all(_ready(u)["model_version"].endswith(_digest(checkpoint)) for u in urls):
+                    return time.monotonic() - started
+                time.sleep(0.1)
+            raise AssertionError(f"not every replica serves {checkpoint} after 30 s")
+
+        assert all_serve(models.a) < 1  # they started on the current version
+        registry.publish(models.b, models.features)
+        to_b = all_serve(models.b)
+        registry.rollback()
+        to_a = all_serve(models.a)
+        time.sleep(0.5)
+        stop.set()
+        for t in threads:
+            t.join()
+        print(
+            f"every replica on the new version {to_b:.1f} s after publish, "
+            f"{to_a:.1f} s after rollback"
+        )
+        assert to_b < 10 and to_a < 10
+        assert failures == []
+        a, b = _digest(models.a), _digest(models.b)
+        for url, versions in seen.items():  # A, then B, then A again: never back in between
+            assert [v[-12:] for v in versions] == [a, b, a], (url, versions)
+    finally:
+        stop.set()
+        for p in procs:
+            p.kill()
+            p.wait()
