@@ -214,7 +214,16 @@ def serve(args: argparse.Namespace) -> None:
         print("visrec-serve: --workers > 1 is for the CPU (CUDA does not survive a fork): run "
               "one process per GPU, as replicas", file=sys.stderr)  # fmt: skip
         raise SystemExit(2)
-    dataset, features, checkpoint = prepare_serving(args.data, args.work_dir, device, args.epochs)
+    registered = _registry_files()
+    if registered is None:
+        dataset, features, checkpoint = prepare_serving(
+            args.data, args.work_dir, device, args.epochs
+        )
+    else:  # the registry's current version: nothing to build, the dataset is for the page
+        from service.offline.data import load_dataset
+
+        checkpoint, features = registered
+        dataset = load_dataset(args.data or args.work_dir / "world")
     settings = Settings(
         checkpoint=checkpoint, features=features, device=str(device), data=dataset.root
     )
@@ -241,6 +250,19 @@ def serve(args: argparse.Namespace) -> None:
         workers=args.workers,
     )
     raise SystemExit(status)
+
+
+def _registry_files() -> tuple[Path, Path] | None:
+    """(checkpoint, features) of the registry's current version, when VISREC_REGISTRY names a
+    registry that has one."""
+    folder, redis_url = os.environ.get("VISREC_REGISTRY"), os.environ.get("VISREC_REDIS_URL")
+    if not folder or not redis_url:
+        return None
+    from service.registry import Registry
+
+    registry = Registry(Path(folder), redis_url, os.environ.get("VISREC_REDIS_PREFIX", "visrec"))
+    current = registry.current()
+    return None if current is None else registry.files(current.version)
 
 
 def run_server(

@@ -138,6 +138,6 @@ def test_pods_run_as_the_images_non_root_user_on_a_read_only_root() -> None:
     assert context["allowPrivilegeEscalation"] is False
     assert context["capabilities"]["drop"] == ["ALL"]
     mounts = {m["mountPath"]: m for m in CONTAINER["volumeMounts"]}
-    work_dir = re.search(r'"--work-dir", "([^"]+)"', dockerfile).group(1)  # type: ignore[union-attr]
-    assert mounts[work_dir]["readOnly"] is True  # the model volume
-    assert "/tmp" in mounts  # the one writable place
+    registry = _one("ConfigMap", "visrec-settings")["data"]["VISREC_REGISTRY"]
+    assert mounts[registry]["readOnly"] is True  # the model registry's volume
+    assert [m for m in mounts.values() if not m.get("readOnly")] == [mounts["/tmp"]]

@@ -198,3 +198,36 @@ def test_every_replica_follows_a_publish_and_a_rollback_under_load(
         for p in procs:
             p.kill()
             p.wait()
+
+
+def test_with_a_current_version_visrec_serve_builds_nothing(
+    world: World, models: Models, tmp_path: Path, prefix: str
+) -> None:
+    registry = Registry(tmp_path / "registry", REDIS, prefix)
+    registry.publish(models.b, models.features)
+    empty = tmp_path / "work"
+    env = {
+        **os.environ,
+        "VISREC_REDIS_URL": REDIS,
+        "VISREC_REDIS_PREFIX": prefix,
+        "VISREC_REGISTRY": str(registry.root),
+        "VISREC_ENVIRONMENT": "development",
+    }
+    port = _port()
+    command = [SERVE, str(world.root), "--work-dir", str(empty), "--port", str(port)]
+    proc = subprocess.Popen(command, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None
+            try:
+                ready = _ready(f"http://127.0.0.1:{port}")
+                break
+            except OSError:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        assert ready["model_version"].endswith(_digest(models.b))
+        assert not empty.exists()  # no features extracted, nothing trained
+    finally:
+        proc.kill()
+        proc.wait()
