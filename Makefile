@@ -13,7 +13,7 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 # redo it (~13 s) every time. `make install FORCE=1`, or deleting the stamp, redoes it.
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install reinstall browser haproxy serve test image-smoke lint reproduce sweep bench bench-serve bench-reload bench-faults bench-soak bench-workers bench-access-log clean
+.PHONY: install reinstall browser haproxy serve test image-smoke lint reproduce sweep bench bench-serve bench-reload bench-faults bench-soak bench-workers bench-cluster bench-access-log clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -86,6 +86,12 @@ bench-soak: install
 bench-workers: install
 	command -v wrk >/dev/null || apt-get install -y wrk
 	$(BIN)/python benchmarks/workers.py $(DATA)
+
+# Three replicas behind HAProxy: one killed under load, a publish and a rollback under load
+# (the tests that check them, with their figures printed).
+bench-cluster: install haproxy
+	scripts/with-redis -- $(BIN)/python -m pytest -q -s tests/test_replicas.py \
+	  tests/test_registry.py -k "killed or follows"
 
 # What the access log costs, on visrec-serve itself.
 bench-access-log: install
