@@ -51,6 +51,7 @@ def main() -> None:
             **os.environ,
             "VISREC_ACCESS_LOG": str(share),
             "VISREC_ENVIRONMENT": "development",
+            "VISREC_RATE_LIMIT_PER_S": "0",  # wrk is one client
         }
         with tempfile.NamedTemporaryFile("w+", suffix=".log") as log:
             proc = subprocess.Popen(

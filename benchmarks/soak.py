@@ -1,10 +1,13 @@
 """Soak: hold a target request rate against a real server for minutes; watch errors and memory.
 
 One server process (the real app on the dataset, in-process or Redis store) and wrk on
-loopback: every connection paces itself (wrk's ``delay``) so that together they offer
-``--rate`` requests/s, 90% ``GET /recommend`` for random users and 10% ``POST /interactions``
-of one event. The server's resident memory is sampled every ``--every`` seconds; the figures to
-read are the achieved rate, the errors, and RSS at the start and the end.
+loopback: every connection pauses ``connections / rate`` between an answer and its next request
+(wrk's ``delay``), so ``--rate`` is an upper bound on what is offered: the latency adds to each
+pause, and the achieved rate is about ``rate x pause / (pause + latency)`` when the server
+keeps up (offer more, or use more connections, to hold a target); 90% ``GET /recommend`` for
+random users and 10% ``POST /interactions`` of one event. The server's resident memory is
+sampled every ``--every`` seconds; the figures to read are the achieved rate, the errors, and
+RSS at the start and the end.
 
     .venv/bin/python benchmarks/soak.py [DATA] [--minutes 5] [--rate 1000] [--redis]
 """
