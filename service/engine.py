@@ -19,11 +19,9 @@ from service.model.checkpoint import Checkpoint, CheckpointError, read_checkpoin
 from service.model.feature_store import load_features
 from service.model.serving import ServingModel
 from service.recommender import Recommender
-from service.registry import Current, Registry
+from service.registry import VERSION_CHARS, Current, Registry
 from service.runtime import pick_device
 from service.store.profiles import MAX_RECENT
-
-DIGEST_CHARS = 12  # of the checkpoint's sha256 in the version: plenty to tell files apart
 
 
 @dataclass(frozen=True)
@@ -50,7 +48,7 @@ def load_engine(source: Source, *, device: torch.device, index: IndexKind = "fla
         item_ids=meta.item_ids,
         device=device,
         index=index,
-        version="/".join(filter(None, (ckpt.code_version, digest[:DIGEST_CHARS]))),
+        version="/".join(filter(None, (ckpt.code_version, digest[:VERSION_CHARS]))),
     )
 
 
@@ -71,17 +69,22 @@ def build_engine(
     return Recommender.from_checkpoint(checkpoint, serving, index=index, version=version)
 
 
+def registry_of(settings: Settings) -> Registry | None:
+    """The model registry the settings name, if any."""
+    if settings.registry is None or settings.redis_url is None:
+        return None
+    return Registry(settings.registry, settings.redis_url, settings.redis_prefix)
+
+
 def start_source(settings: Settings) -> tuple[Source, Current | None]:
     """What a process serves at start: the registry's current version when there is one (and
     which generation that is), else the configured files."""
-    configured = Source(settings.checkpoint, settings.features)
-    if settings.registry is None or settings.redis_url is None:
-        return configured, None
-    registry = Registry(settings.registry, settings.redis_url, settings.redis_prefix)
-    current = registry.current()
-    if current is None:
-        return configured, None
-    return Source(*registry.files(current.version)), current
+    registry = registry_of(settings)
+    found = registry.current_files() if registry else None
+    if found is None:
+        return Source(settings.checkpoint, settings.features), None
+    current, checkpoint, features = found
+    return Source(checkpoint, features), current
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ import redis.asyncio as aioredis
 log = logging.getLogger("visrec.registry")
 CHECKPOINT = "checkpoint.pt"
 FEATURES = "features"
-VERSION_CHARS = 12
+VERSION_CHARS = 12  # of the checkpoint's sha256: a version's name, and the one answers give
 
 
 class RegistryError(ValueError):
@@ -90,38 +90,34 @@ class Registry:
 
     def make_current(self, version: str) -> Current:
         self.files(version)  # it must exist
-        client = redis.Redis.from_url(self.redis_url)
-        try:
+        with redis.Redis.from_url(self.redis_url) as client:
             current = Current(int(client.incr(self.keys.generation)), version)
             pipe = client.pipeline()
             pipe.set(self.keys.current, str(current))
             pipe.rpush(self.keys.history, str(current))
             pipe.publish(self.keys.announce, str(current))
             pipe.execute()
-        finally:
-            client.close()
         log.info("model %s is current (generation %d)", version, current.generation)
         return current
 
     def rollback(self) -> Current:
         """Make the version that was current before this one current again."""
-        client = redis.Redis.from_url(self.redis_url)
-        try:
+        with redis.Redis.from_url(self.redis_url) as client:
             history = [Current.parse(h) for h in client.lrange(self.keys.history, 0, -1)]
             now = Current.parse(client.get(self.keys.current))
-        finally:
-            client.close()
         older = [h.version for h in history if h is not None and now and h.version != now.version]
         if now is None or not older:
             raise RegistryError("nothing to roll back to: no version was current before this one")
         return self.make_current(older[-1])
 
     def current(self) -> Current | None:
-        client = redis.Redis.from_url(self.redis_url)
-        try:
+        with redis.Redis.from_url(self.redis_url) as client:
             return Current.parse(client.get(self.keys.current))
-        finally:
-            client.close()
+
+    def current_files(self) -> tuple[Current, Path, Path] | None:
+        """The current version and its (checkpoint, features folder); None before a publish."""
+        current = self.current()
+        return None if current is None else (current, *self.files(current.version))
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from service.workers import COULD_NOT_START  # the standard library only: cheap
+
 # Only what parsing the arguments needs is imported here: torch and the training stack take
 # seconds, and `visrec-serve --help` (or a refused start) must not wait for them.
 if TYPE_CHECKING:
@@ -26,7 +28,6 @@ if TYPE_CHECKING:
     from service.offline.data import Dataset
 
 log = logging.getLogger("visrec.serve")
-COULD_NOT_START = 3  # exit status when the app's start-up failed (uvicorn's own)
 
 ENVIRONMENT = """environment (the service's settings, see service/config.py):
   VISREC_ENVIRONMENT        production (default: refuses weak or missing keys) or development
@@ -261,8 +262,8 @@ def _registry_files() -> tuple[Path, Path] | None:
     from service.registry import Registry
 
     registry = Registry(Path(folder), redis_url, os.environ.get("VISREC_REDIS_PREFIX", "visrec"))
-    current = registry.current()
-    return None if current is None else registry.files(current.version)
+    found = registry.current_files()
+    return None if found is None else found[1:]
 
 
 def run_server(

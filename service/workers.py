@@ -22,7 +22,7 @@ from typing import Any
 
 log = logging.getLogger("visrec.workers")
 PR_SET_PDEATHSIG = 1  # prctl(2)
-COULD_NOT_START = 3  # a worker's exit status when its app's start-up failed (run_server's)
+COULD_NOT_START = 3  # exit status when the app's start-up failed (as uvicorn.run's)
 
 
 def serve_workers(

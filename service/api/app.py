@@ -60,7 +60,7 @@ from service.api.security import (
 from service.api.ui import install_ui
 from service.catalogue import Catalogue, load_catalogue
 from service.config import Settings, key_list
-from service.engine import Preloaded, Source, load_engine, start_source
+from service.engine import Preloaded, Source, load_engine, registry_of, start_source
 from service.model.feature_store import load_features
 from service.recommender import (
     Query as RecQuery,
@@ -163,10 +163,10 @@ async def _sync_items(items: Items, slot: ModelSlot, catalogue: Catalogue, every
             log.warning("added items not synchronised this time: %s", err)
 
 
-async def _follow_registry(settings: Settings, slot: ModelSlot, serving: Current | None) -> None:
+async def _follow_registry(
+    registry: Registry, slot: ModelSlot, serving: Current | None, poll_s: float
+) -> None:
     """Serve the registry's current version, through every publish and rollback."""
-    assert settings.registry is not None and settings.redis_url is not None
-    registry = Registry(settings.registry, settings.redis_url, settings.redis_prefix)
 
     async def load(checkpoint: Path, features: Path) -> None:
         while True:
@@ -176,7 +176,7 @@ async def _follow_registry(settings: Settings, slot: ModelSlot, serving: Current
             except ReloadBusy:  # an admin reload is running: ours comes after it
                 await asyncio.sleep(0.5)
 
-    await follow(registry, load, serving=serving, poll_s=settings.registry_poll_s)
+    await follow(registry, load, serving=serving, poll_s=poll_s)
 
 
 def create_app(
@@ -232,9 +232,12 @@ def create_app(
             if settings.items_sync_s
             else None
         )
+        registry = registry_of(settings)
         following = (
-            asyncio.create_task(_follow_registry(settings, models, serving))
-            if settings.registry
+            asyncio.create_task(
+                _follow_registry(registry, models, serving, settings.registry_poll_s)
+            )
+            if registry
             else None
         )
         watching = asyncio.create_task(watch.run(EPOCH_CHECK_S)) if watch else None
