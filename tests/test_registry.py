@@ -6,19 +6,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 import subprocess
-import sys
 import threading
 import time
-import urllib.request
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
-import redis
 import torch
 
 from service.model.checkpoint import save_checkpoint
@@ -27,9 +22,8 @@ from service.offline.pipeline import fit, prepare, to_checkpoint
 from service.offline.synthetic import World
 from service.offline.train import TrainConfig
 from service.registry import Registry, RegistryError
+from tests.servers import REDIS, SERVE, call, free_port, redis_prefix, wait_ready
 
-REDIS = "redis://127.0.0.1:6379/0"
-SERVE = str(Path(sys.executable).parent / "visrec-serve")
 FAILURES = (OSError, json.JSONDecodeError)
 
 
@@ -62,12 +56,8 @@ def models(world: World, served_work_dir: Path, tmp_path_factory: pytest.TempPat
 
 @pytest.fixture
 def prefix() -> Iterator[str]:
-    name = f"test-registry-{uuid.uuid4().hex}"
-    yield name
-    client = redis.Redis.from_url(REDIS)
-    keys = list(client.scan_iter(f"{name}:*", count=1000))
-    if keys:
-        client.delete(*keys)
+    with redis_prefix("registry") as name:
+        yield name
 
 
 def test_versions_are_immutable_and_rollback_goes_back(
@@ -110,15 +100,8 @@ def test_the_command_line_publishes_and_rolls_back(
     assert visrec(["publish", str(models.a), "--features", str(models.features)]) == 2  # where?
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _ready(url: str) -> dict:
-    with urllib.request.urlopen(f"{url}/readyz", timeout=10) as r:
-        return json.loads(r.read())
+    return call(f"{url}/readyz")
 
 
 def test_every_replica_follows_a_publish_and_a_rollback_under_load(
@@ -134,7 +117,7 @@ def test_every_replica_follows_a_publish_and_a_rollback_under_load(
         "VISREC_ENVIRONMENT": "development",
         "VISREC_RATE_LIMIT_PER_S": "0",
     }
-    ports = [_port() for _ in range(3)]
+    ports = [free_port() for _ in range(3)]
     command = [SERVE, str(world.root), "--work-dir", str(served_work_dir)]
     procs = [subprocess.Popen([*command, "--port", str(p)], env=env) for p in ports]
     urls = [f"http://127.0.0.1:{p}" for p in ports]
@@ -142,22 +125,13 @@ def test_every_replica_follows_a_publish_and_a_rollback_under_load(
     failures: list[str] = []
     stop = threading.Event()
     try:
-        deadline = time.monotonic() + 120
         for url in urls:
-            while True:
-                assert all(p.poll() is None for p in procs)
-                try:
-                    _ready(url)
-                    break
-                except OSError:
-                    assert time.monotonic() < deadline
-                    time.sleep(0.2)
+            wait_ready(url, procs)
 
         def load(url: str) -> None:
             while not stop.is_set():
                 try:
-                    with urllib.request.urlopen(f"{url}/recommend/3?k=10", timeout=10) as r:
-                        version = json.loads(r.read())["model_version"]
+                    version = call(f"{url}/recommend/3?k=10")["model_version"]
                     if not seen[url] or seen[url][-1] != version:
                         seen[url].append(version)
                 except FAILURES as err:
@@ -213,19 +187,11 @@ def test_with_a_current_version_visrec_serve_builds_nothing(
         "VISREC_REGISTRY": str(registry.root),
         "VISREC_ENVIRONMENT": "development",
     }
-    port = _port()
+    port = free_port()
     command = [SERVE, str(world.root), "--work-dir", str(empty), "--port", str(port)]
     proc = subprocess.Popen(command, env=env)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None
-            try:
-                ready = _ready(f"http://127.0.0.1:{port}")
-                break
-            except OSError:
-                assert time.monotonic() < deadline
-                time.sleep(0.2)
+        ready = wait_ready(f"http://127.0.0.1:{port}", [proc], timeout_s=60)
         assert ready["model_version"].endswith(_digest(models.b))
         assert not empty.exists()  # no features extracted, nothing trained
     finally:

@@ -6,58 +6,26 @@ fails no read."""
 from __future__ import annotations
 
 import http.client
-import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.error
 import urllib.request
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import redis
 
 from service.offline.synthetic import World
+from tests.servers import REDIS, SERVE, call, free_port, redis_prefix, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 HAPROXY = "/usr/sbin/haproxy"
-REDIS = "redis://127.0.0.1:6379/0"
-SERVE = str(Path(sys.executable).parent / "visrec-serve")
 # what a client sees of a request that failed: refused, reset, or an answer cut short
 FAILURES = (urllib.error.URLError, OSError, http.client.HTTPException)
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _call(url: str, body: dict | None = None, timeout: float = 10) -> dict:
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data, {"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=timeout) as r:  # a new connection each time
-        return json.loads(r.read())
-
-
-def _wait(url: str, procs: list[subprocess.Popen[bytes]], timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        assert all(p.poll() is None for p in procs), "a process exited"
-        try:
-            _call(f"{url}/readyz", timeout=2)
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
 
 
 @dataclass
@@ -71,7 +39,11 @@ class Cluster:
 @pytest.fixture(scope="module")
 def cluster(world: World, served_work_dir: Path) -> Iterator[Cluster]:
     assert os.access(HAPROXY, os.X_OK), "haproxy is expected (make test installs it)"
-    prefix = f"test-replicas-{uuid.uuid4().hex}"
+    with redis_prefix("replicas") as prefix:
+        yield from _cluster(world, served_work_dir, prefix)
+
+
+def _cluster(world: World, served_work_dir: Path, prefix: str) -> Iterator[Cluster]:
     env = {
         **os.environ,
         "VISREC_REDIS_URL": REDIS,
@@ -79,9 +51,9 @@ def cluster(world: World, served_work_dir: Path) -> Iterator[Cluster]:
         "VISREC_ENVIRONMENT": "development",
         "VISREC_RATE_LIMIT_PER_S": "0",
     }
-    ports = [_port() for _ in range(3)]
+    ports = [free_port() for _ in range(3)]
     procs: list[subprocess.Popen[bytes]] = []
-    lb_port = _port()
+    lb_port = free_port()
     haproxy = None
     try:
         for i, port in enumerate(ports):  # the first loads the dataset's profiles into Redis
@@ -89,10 +61,10 @@ def cluster(world: World, served_work_dir: Path) -> Iterator[Cluster]:
             command = [SERVE, str(world.root), "--work-dir", str(served_work_dir), *extra]
             procs.append(subprocess.Popen([*command, "--port", str(port)], env=env))
             if i == 0:
-                _wait(f"http://127.0.0.1:{port}", procs)
+                wait_ready(f"http://127.0.0.1:{port}", procs)
         replicas = [f"http://127.0.0.1:{p}" for p in ports]
         for url in replicas:
-            _wait(url, procs)
+            wait_ready(url, procs)
         lb_env = {
             **os.environ,
             "LB_BIND": f"127.0.0.1:{lb_port}",
@@ -105,31 +77,27 @@ def cluster(world: World, served_work_dir: Path) -> Iterator[Cluster]:
             stderr=subprocess.DEVNULL,
         )
         lb = f"http://127.0.0.1:{lb_port}"
-        _wait(lb, [*procs, haproxy])
+        wait_ready(lb, [*procs, haproxy])
         time.sleep(1.5)  # every replica's health check has passed (rise 2, every 0.5 s)
         yield Cluster(lb, replicas, procs, haproxy)
     finally:
         for proc in [*procs, *([haproxy] if haproxy else [])]:
             proc.kill()
             proc.wait()
-        client = redis.Redis.from_url(REDIS)
-        keys = list(client.scan_iter(f"{prefix}:*", count=1000))
-        if keys:
-            client.delete(*keys)
 
 
 def test_the_load_balancer_spreads_requests_over_every_replica(cluster: Cluster) -> None:
-    pids = {_call(f"{cluster.lb}/readyz")["process"] for _ in range(30)}
+    pids = {call(f"{cluster.lb}/readyz")["process"] for _ in range(30)}
     assert pids == {p.pid for p in cluster.procs}
 
 
 def test_a_write_through_one_replica_is_read_through_every_other(cluster: Cluster) -> None:
     for i, writer in enumerate(cluster.replicas):
         item = 10 + i
-        acked = _call(f"{writer}/interactions", {"events": [{"user_id": "1", "item_id": item}]})
+        acked = call(f"{writer}/interactions", {"events": [{"user_id": "1", "item_id": item}]})
         assert acked["applied"] == 1
         for reader in cluster.replicas:
-            profile = _call(f"{reader}/explain/1?item_id=1")["profile"]
+            profile = call(f"{reader}/explain/1?item_id=1")["profile"]
             assert profile[-1]["item_id"] == item, (writer, reader)
 
 
@@ -145,7 +113,7 @@ def test_a_replica_killed_under_load_loses_no_acknowledged_write(cluster: Cluste
         nonlocal reads
         while not stop.is_set():
             try:
-                _call(f"{cluster.lb}/recommend/{reads % 100}?k=10")
+                call(f"{cluster.lb}/recommend/{reads % 100}?k=10")
                 with lock:
                     reads += 1
             except FAILURES as err:
@@ -158,7 +126,7 @@ def test_a_replica_killed_under_load_loses_no_acknowledged_write(cluster: Cluste
             user, item = f"lb-{worker}-{n}", 1 + n % 150
             n += 1
             try:
-                answer = _call(
+                answer = call(
                     f"{cluster.lb}/interactions", {"events": [{"user_id": user, "item_id": item}]}
                 )
                 if answer["applied"] == 1:
@@ -185,9 +153,9 @@ def test_a_replica_killed_under_load_loses_no_acknowledged_write(cluster: Cluste
     ]
     assert len(survivors) == 2
     for user, item in acked.items():
-        profile = _call(f"{survivors[len(user) % 2]}/explain/{user}?item_id=1")["profile"]
+        profile = call(f"{survivors[len(user) % 2]}/explain/{user}?item_id=1")["profile"]
         assert [p["item_id"] for p in profile] == [item], user
     # the load balancer took it out: only the survivors answer
-    pids = {_call(f"{cluster.lb}/readyz")["process"] for _ in range(20)}
+    pids = {call(f"{cluster.lb}/readyz")["process"] for _ in range(20)}
     assert pids == {p.pid for p in cluster.procs if p.poll() is None}
     print(f"reads {reads}, acknowledged writes {len(acked)}, writes not acknowledged {refused}")

@@ -4,53 +4,21 @@ worker that dies is replaced, and SIGTERM stops them all cleanly."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
-import urllib.request
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import redis
 
 from service.offline.synthetic import World
-
-REDIS = "redis://127.0.0.1:6379/0"
-SERVE = str(Path(sys.executable).parent / "visrec-serve")
-
-
-def _get(url: str) -> dict:
-    with urllib.request.urlopen(url, timeout=10) as r:  # a new connection each time
-        return json.loads(r.read())
-
-
-def _post(url: str, body: dict) -> dict:
-    data = json.dumps(body).encode()
-    request = urllib.request.Request(url, data, {"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=10) as r:
-        return json.loads(r.read())
-
-
-def _wait_ready(url: str, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "visrec-serve exited"
-        try:
-            _get(f"{url}/readyz")
-            return
-        except OSError:
-            time.sleep(0.2)
-    raise TimeoutError(url)
+from tests.servers import REDIS, SERVE, call, free_port, redis_prefix, wait_ready
 
 
 def _processes(url: str, asks: int = 60) -> set[int]:
-    return {_get(f"{url}/readyz")["process"] for _ in range(asks)}
+    return {call(f"{url}/readyz")["process"] for _ in range(asks)}
 
 
 def _children(pid: int) -> set[int]:
@@ -62,10 +30,14 @@ def _children(pid: int) -> set[int]:
 
 @pytest.fixture
 def server(world: World, served_work_dir: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    prefix = f"test-workers-{uuid.uuid4().hex}"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    with redis_prefix("workers") as prefix:
+        yield from _serve(world, served_work_dir, prefix)
+
+
+def _serve(
+    world: World, served_work_dir: Path, prefix: str
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    port = free_port()
     env = {
         **os.environ,
         "VISREC_REDIS_URL": REDIS,
@@ -76,16 +48,12 @@ def server(world: World, served_work_dir: Path) -> Iterator[tuple[str, subproces
     proc = subprocess.Popen([*command, "--port", str(port), "--load-profiles"], env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_ready(url, proc)
+        wait_ready(url, [proc])
         yield url, proc
     finally:
         if proc.poll() is None:
             proc.kill()  # its workers follow it (PR_SET_PDEATHSIG)
             proc.wait()
-        client = redis.Redis.from_url(REDIS)
-        keys = list(client.scan_iter(f"{prefix}:*", count=1000))
-        if keys:
-            client.delete(*keys)
 
 
 def test_every_worker_answers_reads_what_another_wrote_and_dies_with_the_parent(
@@ -96,8 +64,8 @@ def test_every_worker_answers_reads_what_another_wrote_and_dies_with_the_parent(
     assert len(workers) == 2 and workers == _children(proc.pid)
     item = int(world.item_kinds.size)  # the last item; user 0 has not seen it all
     for attempt in range(10):  # each write and read on a new connection, any worker
-        _post(f"{url}/interactions", {"events": [{"user_id": "0", "item_id": item - attempt}]})
-        why = _get(f"{url}/explain/0?item_id=1")
+        call(f"{url}/interactions", {"events": [{"user_id": "0", "item_id": item - attempt}]})
+        why = call(f"{url}/explain/0?item_id=1")
         assert why["profile"][-1]["item_id"] == item - attempt
     proc.kill()  # even a parent killed outright takes its workers with it
     proc.wait()
@@ -120,7 +88,7 @@ def test_a_dead_worker_is_replaced_and_sigterm_stops_all(
         if len(now) == 2 and victim not in now:
             break
         time.sleep(0.2)
-    _wait_ready(url, proc)
+    wait_ready(url, [proc])
     answering = set()
     while len(answering) < 2 and time.monotonic() < deadline:
         answering |= _processes(url, asks=10)
