@@ -121,23 +121,25 @@ def test_every_replica_follows_a_publish_and_a_rollback_under_load(
     command = [SERVE, str(world.root), "--work-dir", str(served_work_dir)]
     procs = [subprocess.Popen([*command, "--port", str(p)], env=env) for p in ports]
     urls = [f"http://127.0.0.1:{p}" for p in ports]
-    seen: dict[str, list[str]] = {u: [] for u in urls}  # versions each replica answered with
+    # The versions each load thread saw, in order: a thread's requests are sequential, so its
+    # list shows what one client of one replica saw (two threads sharing a list would interleave).
+    seen: list[tuple[str, list[str]]] = [(u, []) for u in urls for _ in range(2)]
     failures: list[str] = []
     stop = threading.Event()
     try:
         for url in urls:
             wait_ready(url, procs)
 
-        def load(url: str) -> None:
+        def load(url: str, versions: list[str]) -> None:
             while not stop.is_set():
                 try:
-                    version = call(f"{url}/recommend/3?k=10")["model_version"]
-                    if not seen[url] or seen[url][-1] != version:
-                        seen[url].append(version)
+                    version = call(f"{url}/recommend/3?k=10")["model_version"][-12:]
+                    if not versions or versions[-1] != version:
+                        versions.append(version)
                 except FAILURES as err:
                     failures.append(repr(err))
 
-        threads = [threading.Thread(target=load, args=(u,)) for u in urls for _ in range(2)]
+        threads = [threading.Thread(target=load, args=pair) for pair in seen]
         for t in threads:
             t.start()
 
@@ -165,8 +167,8 @@ def test_every_replica_follows_a_publish_and_a_rollback_under_load(
         assert to_b < 10 and to_a < 10
         assert failures == []
         a, b = _digest(models.a), _digest(models.b)
-        for url, versions in seen.items():  # A, then B, then A again: never back in between
-            assert [v[-12:] for v in versions] == [a, b, a], (url, versions)
+        for url, versions in seen:  # A, then B, then A again: never back in between
+            assert versions == [a, b, a], (url, versions)
     finally:
         stop.set()
         for p in procs:
