@@ -336,7 +336,7 @@ def index_recall(catalogue: Catalogue, *, queries: int = 1000, k: int = 20) -> N
     ckpt = load_checkpoint(catalogue.settings.checkpoint)
     features, meta = load_features(catalogue.settings.features)
     model = ckpt.build_model(features, inputs_hash=meta.inputs_hash, item_ids=meta.item_ids)
-    serving = ServingModel(model, device=torch.device("cpu"))
+    serving = ServingModel.from_model(model, device=CPU)
     index_of = {raw: i + 1 for i, raw in enumerate(ckpt.item_ids)}
     users = list(catalogue.histories)[:queries]
     profiles = np.array([[index_of[i] for i in catalogue.histories[u][-9:]] for u in users])

@@ -4,10 +4,11 @@ One server process (the real app on the dataset, in-process or Redis store) and 
 loopback: every connection pauses ``connections / rate`` between an answer and its next request
 (wrk's ``delay``), so ``--rate`` is an upper bound on what is offered: the latency adds to each
 pause, and the achieved rate is about ``rate x pause / (pause + latency)`` when the server
-keeps up (offer more, or use more connections, to hold a target); 90% ``GET /recommend`` for
-random users and 10% ``POST /interactions`` of one event. The server's resident memory is
-sampled every ``--every`` seconds; the figures to read are the achieved rate, the errors, and
-RSS at the start and the end.
+keeps up (offer more, or use more connections, to hold a target); ``--rate 0`` does not pace
+(closed loop: the achieved rate is what the server holds at that concurrency). The mix: 90%
+``GET /recommend`` for random users and 10% ``POST /interactions`` of one event. The server's
+resident memory is sampled every ``--every`` seconds; the figures to read are the achieved
+rate, the errors, and RSS at the start and the end.
 
     .venv/bin/python benchmarks/soak.py [DATA] [--minutes 5] [--rate 1000] [--redis]
 """
@@ -28,7 +29,9 @@ from service.runtime import keep_freed_memory
 
 
 def mixed_script(users: list[str], items: list[int], *, rate: float, connections: int) -> str:
-    pause_ms = 1000 * connections / rate  # each connection's share of the offered rate
+    """The 90/10 mix; ``rate`` 0: unpaced (each connection sends its next request as soon as
+    its answer is in, so the server is held at what it can do with this many connections)."""
+    pause_ms = 1000 * connections / rate if rate > 0 else 0.0  # each connection's share
     return f"""
 math.randomseed(5)
 local users = {{{",".join(json.dumps(u) for u in users)}}}
@@ -43,10 +46,7 @@ request = function()
   end
   return wrk.format("GET", "/recommend/" .. user .. "?k=20")
 end
-delay = function()
-  return {pause_ms:.3f}
-end
-"""
+""" + (f"delay = function()\n  return {pause_ms:.3f}\nend\n" if pause_ms else "")
 
 
 def rss_mib(pid: int) -> float:
@@ -61,7 +61,9 @@ def main() -> None:
     parser.add_argument("data", type=Path, nargs="?", default=Path("../shared/datasets/ml100k"))
     parser.add_argument("--work-dir", type=Path, default=Path("runs"))
     parser.add_argument("--minutes", type=float, default=5.0)
-    parser.add_argument("--rate", type=float, default=1000.0, help="offered requests/s")
+    parser.add_argument(
+        "--rate", type=float, default=1000.0, help="offered requests/s (0: unpaced)"
+    )
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--every", type=float, default=15.0, help="seconds between RSS samples")
     parser.add_argument("--redis", action="store_true", help="profiles in Redis")

@@ -6,6 +6,7 @@ number of newest items it reads)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,13 +16,18 @@ import torch
 
 from service.config import Settings
 from service.index.item_index import IndexKind
+from service.model.acf import ACF
 from service.model.checkpoint import Checkpoint, CheckpointError, read_checkpoint
 from service.model.feature_store import load_features
 from service.model.serving import ServingModel
+from service.model.tables import CHUNK, ServingTables, compute_tables, read_tables, write_tables
 from service.recommender import Recommender
 from service.registry import VERSION_CHARS, Current, Registry
 from service.runtime import pick_device
 from service.store.profiles import MAX_RECENT
+
+log = logging.getLogger("visrec.engine")
+TABLES = "serving"  # beside a checkpoint's features: its serving tables, per checkpoint
 
 
 @dataclass(frozen=True)
@@ -33,7 +39,11 @@ class Source:
 
 
 def load_engine(source: Source, *, device: torch.device, index: IndexKind = "flat") -> Recommender:
-    """The engine for ``source``, versioned ``<code version>/<checkpoint file's sha256>``."""
+    """The engine for ``source``, versioned ``<code version>/<checkpoint file's sha256>``.
+
+    Its serving tables are memory-mapped from ``<features>/serving/<checkpoint digest>/``,
+    written there by the first process that serves this checkpoint (computed in memory instead
+    when the folder cannot be written); an approximate index is kept there too."""
     features, meta = load_features(source.features)
     ckpt, digest = read_checkpoint(source.checkpoint, map_location=device)
     if ckpt.profile_size > MAX_RECENT:
@@ -41,15 +51,29 @@ def load_engine(source: Source, *, device: torch.device, index: IndexKind = "fla
             f"{source.checkpoint} reads a user's last {ckpt.profile_size} items, but the "
             f"profile store keeps {MAX_RECENT}: train it with profile_size <= {MAX_RECENT}"
         )
-    return build_engine(
-        ckpt,
-        features,
-        inputs_hash=meta.inputs_hash,
-        item_ids=meta.item_ids,
-        device=device,
-        index=index,
-        version="/".join(filter(None, (ckpt.code_version, digest[:VERSION_CHARS]))),
+    ckpt.check_features(meta.inputs_hash, meta.item_ids)
+    model = ckpt.serving_model().to(device)  # the tables are computed where it runs
+    folder = source.features / TABLES / digest[:VERSION_CHARS]
+    tables = _tables(folder, model, features, ckpt)
+    serving = ServingModel(model, tables, device=device, projection=ckpt.feature_map)
+    version = "/".join(filter(None, (ckpt.code_version, digest[:VERSION_CHARS])))
+    return Recommender.from_checkpoint(
+        ckpt, serving, index=index, index_cache=folder, version=version
     )
+
+
+def _tables(folder: Path, model: ACF, features: np.ndarray, ckpt: Checkpoint) -> ServingTables:
+    found = read_tables(folder)
+    if found is not None:
+        return found
+    try:
+        write_tables(folder, model, features, ckpt.feature_map, progress=len(features) > CHUNK)
+    except OSError as err:
+        log.warning("cannot write serving tables to %s (%s): computing them in memory", folder, err)
+        return compute_tables(model, features, ckpt.feature_map)
+    tables = read_tables(folder)
+    assert tables is not None
+    return tables
 
 
 def build_engine(
@@ -62,10 +86,13 @@ def build_engine(
     index: IndexKind = "flat",
     version: str = "",
 ) -> Recommender:
-    """The engine for a checkpoint already in memory and the raw features it was trained on.
-    ``version``: what answers name the model by (default: the checkpoint's code version)."""
-    model = checkpoint.build_model(features, inputs_hash=inputs_hash, item_ids=item_ids)
-    serving = ServingModel(model, device=device, projection=checkpoint.feature_map)
+    """The engine for a checkpoint already in memory and the raw features it was trained on,
+    with its tables in memory. ``version``: what answers name the model by (default: the
+    checkpoint's code version)."""
+    checkpoint.check_features(inputs_hash, item_ids)
+    model = checkpoint.serving_model()
+    tables = compute_tables(model, features, checkpoint.feature_map)
+    serving = ServingModel(model, tables, device=device, projection=checkpoint.feature_map)
     return Recommender.from_checkpoint(checkpoint, serving, index=index, version=version)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -58,11 +59,14 @@ class Recommender:
         user_ids: Sequence[int | str],
         popularity: Sequence[float] | np.ndarray,
         index: IndexKind = "flat",
+        index_cache: Path | None = None,
         profile_size: int = 9,
         version: str = "",
     ) -> None:
+        """``index_cache``: where an approximate index of these item vectors is kept between
+        starts (see :class:`ItemIndex`)."""
         self.serving = serving
-        self.index = ItemIndex(serving.item_vectors, kind=index)
+        self.index = ItemIndex(serving.item_vectors, kind=index, cache=index_cache)
         self.profile_size = profile_size
         self.version = version
         self.item_ids = np.asarray(item_ids, dtype=np.int64)
@@ -80,6 +84,7 @@ class Recommender:
         serving: ServingModel,
         *,
         index: IndexKind = "flat",
+        index_cache: Path | None = None,
         version: str = "",
     ) -> Recommender:
         """The engine for ``ckpt``, reading as many of a user's newest items as it was trained
@@ -90,6 +95,7 @@ class Recommender:
             user_ids=ckpt.user_ids,
             popularity=ckpt.item_popularity or np.zeros(len(ckpt.item_ids)),
             index=index,
+            index_cache=index_cache,
             profile_size=ckpt.profile_size,
             version=version or ckpt.code_version,
         )

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from service.index.item_index import ItemIndex
+from service.index.item_index import IndexKind, ItemIndex
 
 
 def _brute_force(vectors: np.ndarray, query: np.ndarray, exclude: set[int]) -> list[int]:
@@ -77,3 +79,23 @@ def test_bad_arguments_are_refused(vectors: np.ndarray) -> None:
         index.search(vectors[:1], 0)
     with pytest.raises(ValueError, match="unknown index kind"):
         ItemIndex(vectors, kind="lsh")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_an_approximate_index_is_kept_and_found_again(
+    vectors: np.ndarray, kind: IndexKind, tmp_path: Path
+) -> None:
+    queries = vectors[:5] + 0.1
+    built = ItemIndex(vectors, kind=kind, cache=tmp_path)
+    (kept,) = tmp_path.glob(f"index-{kind}-*.faiss")
+    written = kept.stat().st_mtime_ns
+    found = ItemIndex(vectors, kind=kind, cache=tmp_path)
+    assert kept.stat().st_mtime_ns == written  # read, not built and written again
+    np.testing.assert_array_equal(found.search(queries, 10).items, built.search(queries, 10).items)
+    if kind == "hnsw":  # tuned as a built one is
+        assert found._index.hnsw.efSearch == built._index.hnsw.efSearch > 16
+    else:
+        assert found._index.nprobe == built._index.nprobe > 1
+    other = vectors[: len(vectors) // 2]  # a stale file for other vectors is not used
+    assert ItemIndex(other, kind=kind, cache=tmp_path).n_items == len(other)
+    assert ItemIndex(other, kind=kind, cache=tmp_path).search(other[:1], 1).items[0, 0] >= 1

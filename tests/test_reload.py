@@ -31,6 +31,7 @@ from service.offline.data import load_dataset
 from service.offline.pipeline import fit, prepare, to_checkpoint
 from service.offline.synthetic import World
 from service.offline.train import TrainConfig
+from service.recommender import Query
 from service.serve import histories
 
 CONFIG = TrainConfig(dim=8, attention_dim=8, epochs=2, batch_size=256, lr=1e-2)
@@ -347,3 +348,28 @@ def test_sighup_reloads_the_serving_files(files: Files, tmp_path: Path) -> None:
 
     assert asyncio.run(hang_up()).endswith(f"/{digest(files.b)}")
     assert signal.getsignal(signal.SIGHUP) == signal.SIG_DFL  # handed back on the way out
+
+
+def test_serving_tables_are_written_once_then_mapped(files: Files, tmp_path: Path) -> None:
+    features = tmp_path / "features"
+    shutil.copytree(files.features, features, ignore=shutil.ignore_patterns("serving"))
+    source = Source(files.a, features)
+    first = load_engine(source, device=torch.device("cpu"), index="hnsw")
+    (folder,) = (features / "serving").iterdir()
+    assert folder.name == digest(files.a)[:12]
+    written = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+    assert "tables.json" in written and any(n.startswith("index-hnsw-") for n in written)
+    again = load_engine(source, device=torch.device("cpu"), index="hnsw")
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == written  # only read
+    assert isinstance(again.serving.tables.reduced.parts[0], np.memmap)
+    user, history = next(iter(files.profiles.items()))
+    query = Query(user, history, set(history), k=10)
+    assert again.recommend([query]) == first.recommend([query])
+
+    # Where nothing can be written, the tables are computed in memory: the same answers.
+    blocked = tmp_path / "blocked"
+    shutil.copytree(files.features, blocked, ignore=shutil.ignore_patterns("serving"))
+    (blocked / "serving").write_text("not a folder")
+    in_memory = load_engine(Source(files.a, blocked), device=torch.device("cpu"), index="hnsw")
+    assert not isinstance(in_memory.serving.tables.reduced.parts[0], np.memmap)
+    assert in_memory.recommend([query]) == first.recommend([query])

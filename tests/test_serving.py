@@ -1,18 +1,24 @@
-"""The serving path (precomputed tables + FAISS) ranks exactly as the trained model does."""
+"""The serving path (precomputed tables + FAISS) ranks as the trained model does: exactly with
+float32 tables, within float16 rounding with the default ones, from memory or from disk."""
 
 from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from service.index.item_index import ItemIndex
-from service.model.acf import ACF, UNKNOWN_USER, ACFConfig
+from service.model.acf import ACF, UNKNOWN_USER, ACFConfig, Visual
 from service.model.checkpoint import Checkpoint
 from service.model.serving import ServingModel
+from service.model.tables import Rows, compute_tables, read_tables, write_tables
 from service.recommender import Query, Recommender
 
 N_ITEMS, K, C = 40, 49, 12
+CPU = torch.device("cpu")
 
 
 @pytest.fixture
@@ -33,7 +39,7 @@ def test_index_over_served_vectors_is_the_models_full_ranking(trained: ACF) -> N
     profiles = torch.tensor([[1, 2, 3, 0], [5, 6, 7, 8], [9, 0, 0, 0]])
     with torch.no_grad():
         full = trained.score_all(users, profiles).numpy()
-    serving = ServingModel(trained, device=torch.device("cpu"))
+    serving = ServingModel.from_model(trained, device=CPU, dtype=np.float32)
     hits = ItemIndex(serving.item_vectors).search(
         serving.queries(users.numpy(), profiles.numpy()), N_ITEMS
     )
@@ -44,7 +50,7 @@ def test_index_over_served_vectors_is_the_models_full_ranking(trained: ACF) -> N
 
 
 def test_explanation_matches_the_ranking_attention(trained: ACF) -> None:
-    model = ServingModel(trained, device=torch.device("cpu"))
+    model = ServingModel.from_model(trained, device=CPU, dtype=np.float32)
     profile = [4, 8, 15, 16]
     why = model.explain(2, profile, item=23)
     attended = model.attend(np.array([2]), np.array([profile]))
@@ -57,7 +63,7 @@ def test_explanation_matches_the_ranking_attention(trained: ACF) -> None:
 
 
 def test_an_anonymous_history_is_served(trained: ACF) -> None:
-    model = ServingModel(trained, device=torch.device("cpu"))
+    model = ServingModel.from_model(trained, device=CPU, dtype=np.float32)
     q = model.queries(np.array([UNKNOWN_USER]), np.array([[3, 7, 0]]))
     assert q.shape == (1, model.item_vectors.shape[1])
     assert np.all(np.isfinite(q))
@@ -72,7 +78,9 @@ def test_a_batch_of_requests_equals_one_at_a_time(trained: ACF) -> None:
         features={"inputs_hash": "h"},
         item_popularity=list(range(N_ITEMS)),
     )
-    engine = Recommender.from_checkpoint(ckpt, ServingModel(trained, device=torch.device("cpu")))
+    engine = Recommender.from_checkpoint(
+        ckpt, ServingModel.from_model(trained, device=CPU, dtype=np.float32)
+    )
     queries = [
         Query("10", [101, 105, 109], {101, 105, 109, 120}, k=5),
         Query("12", [130], set(), k=3, offset=4),
@@ -86,3 +94,60 @@ def test_a_batch_of_requests_equals_one_at_a_time(trained: ACF) -> None:
         assert not set(answer.items) & set(query.exclude)
     assert [b.fallback for b in batched] == [False, False, False, True]
     assert batched[3].items == [101 + i for i in (37, 36, 35, 34)]  # most popular, from offset 2
+
+
+def test_float16_tables_rank_as_the_model_within_rounding(trained: ACF) -> None:
+    users, profiles = (
+        np.array([0, 3, 4, 1]),
+        np.array([[1, 2, 3, 0], [5, 6, 7, 8], [9, 0, 0, 0], [40, 39, 2, 11]]),
+    )
+    exact = ServingModel.from_model(copy_of(trained), device=CPU, dtype=np.float32)
+    half = ServingModel.from_model(copy_of(trained), device=CPU)
+    assert half.tables.reduced.dtype == np.float16
+    q32, q16 = exact.queries(users, profiles), half.queries(users, profiles)
+    np.testing.assert_allclose(q16, q32, rtol=0, atol=1e-2 * np.abs(q32).max())
+    assert not np.array_equal(q16, q32)  # the rounding is real, and small
+    top32 = ItemIndex(exact.item_vectors).search(q32, 10).items
+    top16 = ItemIndex(half.item_vectors).search(q16, 10).items
+    overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(top32, top16, strict=True)])
+    assert overlap >= 0.9
+
+
+def test_tables_written_to_disk_are_mapped_and_serve_as_those_in_memory(
+    trained: ACF, tmp_path: Path
+) -> None:
+    trained = copy_of(trained, visual="score")  # a model that keeps image vectors too
+    features = trained.features[1:].clone()
+    in_memory = compute_tables(trained, features)
+    write_tables(tmp_path / "t", trained, features.numpy())
+    mapped = read_tables(tmp_path / "t")
+    assert mapped is not None
+    assert isinstance(mapped.reduced.parts[0], np.memmap)
+    assert mapped.images is not None and isinstance(mapped.images, np.memmap)
+    np.testing.assert_array_equal(mapped.reduced.take(np.arange(N_ITEMS + 1)),
+                                  in_memory.reduced.take(np.arange(N_ITEMS + 1)))  # fmt: skip
+    np.testing.assert_array_equal(mapped.vectors, in_memory.vectors)
+    assert not mapped.reduced.take(np.array([0])).any()  # the padding row
+    assert read_tables(tmp_path / "nothing") is None
+    users, profiles = np.array([2]), np.array([[4, 8, 15, 16]])
+    from_disk = ServingModel(copy_of(trained), mapped, device=CPU)
+    from_memory = ServingModel(copy_of(trained), in_memory, device=CPU)
+    np.testing.assert_array_equal(
+        from_disk.queries(users, profiles), from_memory.queries(users, profiles)
+    )
+
+
+def test_rows_stack_parts_without_copying_them() -> None:
+    base, added = np.arange(10).reshape(5, 2), np.array([[100, 101], [102, 103]])
+    rows = Rows(base).append(added)
+    assert len(rows) == 7
+    np.testing.assert_array_equal(rows.take(np.array([6, 0, 5, 4, 6])),
+                                  [[102, 103], [0, 1], [100, 101], [8, 9], [102, 103]])  # fmt: skip
+    assert rows.parts[0] is base
+
+
+def copy_of(model: ACF, visual: Visual | None = None) -> ACF:
+    config = model.config if visual is None else replace(model.config, visual=visual)
+    twin = ACF(config, model.features[1:].clone())
+    twin.load_state_dict(model.state_dict())
+    return twin.eval()

@@ -7,13 +7,18 @@ model's ranking. Results are item indices ``1..N`` (the model's numbering).
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import faiss
 import numpy as np
 
+log = logging.getLogger("visrec.index")
 IndexKind = Literal["flat", "ivf", "hnsw"]
 INDEX_KINDS: tuple[IndexKind, ...] = ("flat", "ivf", "hnsw")
 
@@ -39,9 +44,12 @@ class ItemIndex:
         kind: IndexKind = "flat",
         use_gpu: bool | None = None,
         threads: int = 0,
+        cache: Path | None = None,
     ) -> None:
         """``vectors`` (N, D); ``use_gpu`` None means "when available"; ``threads`` 0 keeps
-        FAISS's default for batches (single queries always run on one thread)."""
+        FAISS's default for batches (single queries always run on one thread); ``cache``: a
+        folder where an approximate index built for these very vectors is kept and found
+        again (building HNSW over a million vectors takes minutes, reading it a second)."""
         if kind not in INDEX_KINDS:
             raise ValueError(f"unknown index kind {kind!r}; choose one of {', '.join(INDEX_KINDS)}")
         data = np.ascontiguousarray(vectors, dtype=np.float32)
@@ -50,7 +58,9 @@ class ItemIndex:
         self.kind = kind
         self.n_items, self.dim = data.shape
         self.threads = threads or faiss.omp_get_max_threads()
-        index = _build(data, kind)
+        index = (
+            _build(data, kind) if cache is None or kind == "flat" else _cached(data, kind, cache)
+        )
         self.on_gpu = bool(gpu_available() if use_gpu is None else use_gpu) and kind != "hnsw"
         if self.on_gpu:
             self._gpu = faiss.StandardGpuResources()
@@ -95,7 +105,34 @@ class ItemIndex:
 def _build(data: np.ndarray, kind: IndexKind) -> faiss.Index:
     index = {"flat": _flat, "hnsw": _hnsw, "ivf": _ivf}[kind](data)
     index.add(data)
+    return _tuned(index)
+
+
+def _cached(data: np.ndarray, kind: IndexKind, folder: Path) -> faiss.Index:
+    """The index from ``folder`` when one was built there for ``kind`` with these parameters
+    (the folder must be for these vectors), else built and left there."""
+    path = folder / f"index-{kind}-{_BUILD[kind]}.faiss"
+    if path.is_file():
+        index = faiss.read_index(str(path))
+        if (index.ntotal, index.d) == data.shape:
+            return _tuned(index)
+        log.warning("%s holds an index of other vectors: building a new one", path)
+    index = _build(data, kind)
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        faiss.write_index(index, str(partial))
+        partial.replace(path)
+    except (OSError, RuntimeError) as err:  # FAISS reports I/O errors as RuntimeError
+        log.warning("cannot keep the %s index in %s (%s)", kind, folder, err)
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
     return index
+
+
+# What an index is built with, in its cache file's name: a change makes a new file.
+HNSW_M, HNSW_EF_CONSTRUCTION = 32, 80
+_BUILD = {"flat": "", "hnsw": f"m{HNSW_M}-efc{HNSW_EF_CONSTRUCTION}", "ivf": "sqrt4"}
+HNSW_EF_SEARCH = 128
 
 
 def _flat(data: np.ndarray) -> faiss.Index:
@@ -103,9 +140,8 @@ def _flat(data: np.ndarray) -> faiss.Index:
 
 
 def _hnsw(data: np.ndarray) -> faiss.Index:
-    index = faiss.IndexHNSWFlat(data.shape[1], 32, faiss.METRIC_INNER_PRODUCT)
-    index.hnsw.efConstruction = 80
-    index.hnsw.efSearch = 128
+    index = faiss.IndexHNSWFlat(data.shape[1], HNSW_M, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
     return index
 
 
@@ -114,7 +150,15 @@ def _ivf(data: np.ndarray) -> faiss.Index:
     nlist = max(1, min(int(4 * np.sqrt(n)), n // 39))  # FAISS wants ~39 points per list
     index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
     index.train(data)
-    index.nprobe = min(nlist, max(8, nlist // 8))
+    return index
+
+
+def _tuned(index: faiss.Index) -> faiss.Index:
+    """Search-time parameters (not stored with an index)."""
+    if isinstance(index, faiss.IndexHNSW):
+        index.hnsw.efSearch = HNSW_EF_SEARCH
+    elif isinstance(index, faiss.IndexIVF):
+        index.nprobe = min(index.nlist, max(8, index.nlist // 8))
     return index
 
 

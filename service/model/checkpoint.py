@@ -65,6 +65,20 @@ class Checkpoint:
     ) -> ACF:
         """The trained model on raw ``features`` (N, K, C), which must be the ones it was trained
         on."""
+        self.check_features(inputs_hash, item_ids)
+        model = ACF(self.config, project(features, self.feature_map))
+        model.load_state_dict(self.state)
+        return model.eval()
+
+    def serving_model(self) -> ACF:
+        """The trained model without features, for :mod:`service.model.tables`."""
+        model = ACF(self.config, None)
+        model.load_state_dict(self.state)
+        return model.eval()
+
+    def check_features(self, inputs_hash: str, item_ids: Sequence[int]) -> None:
+        """Raise CheckpointError unless features with this hash and item order are the ones
+        the model was trained on."""
         if inputs_hash != self.features.get("inputs_hash"):
             raise CheckpointError(
                 f"features do not match the checkpoint: inputs hash {inputs_hash[:12]}… "
@@ -74,9 +88,6 @@ class Checkpoint:
             )
         if list(item_ids) != self.item_ids:
             raise CheckpointError("features list items in another order than the checkpoint")
-        model = ACF(self.config, project(features, self.feature_map))
-        model.load_state_dict(self.state)
-        return model.eval()
 
 
 def save_checkpoint(path: Path, ckpt: Checkpoint) -> None:
