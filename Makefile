@@ -13,7 +13,7 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 # redo it (~13 s) every time. `make install FORCE=1`, or deleting the stamp, redoes it.
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install reinstall browser haproxy serve test image-smoke lint reproduce sweep bench bench-serve bench-reload bench-faults bench-soak bench-workers bench-cluster bench-access-log clean
+.PHONY: install reinstall browser haproxy serve test image-smoke lint reproduce sweep bench bench-serve bench-reload bench-faults bench-soak bench-workers bench-cluster bench-access-log bench-million clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -67,6 +67,12 @@ bench: install
 bench-serve: install
 	command -v wrk >/dev/null || apt-get install -y wrk
 	$(BIN)/python benchmarks/serve_load.py $(DATA)
+
+# A million items (benchmarks/million.py): built and trained once into runs/million (~10 min on
+# 2 cores), then start-up, memory, latency and recall per index (~30 min).
+bench-million: install
+	command -v wrk >/dev/null || apt-get install -y wrk
+	$(BIN)/python benchmarks/million.py
 
 # Model swaps (POST /admin/reload, SIGHUP) while wrk drives a real server: no request may fail.
 bench-reload: install

@@ -16,7 +16,8 @@
 
     .venv/bin/python benchmarks/million.py [--items 1000000] [--seconds 15] [--epochs 1]
 
-Runs on the CPU here (the script prints the device); wrk comes from Debian (``make bench-serve``).
+Training, serving and FAISS use the GPU when there is one, as ``visrec-serve`` does; the script
+prints where it ran (here: the CPU). wrk comes from Debian (``make bench-million`` installs it).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from serve_load import free_port, print_load, recommend_script, wait_healthy, wr
 from tqdm.auto import tqdm
 
 from service.engine import Source, load_engine
-from service.index.item_index import INDEX_KINDS, IndexKind, ItemIndex
+from service.index.item_index import INDEX_KINDS, IndexKind, ItemIndex, gpu_available
 from service.model.acf import ACF
 from service.model.checkpoint import Checkpoint, save_checkpoint
 from service.model.feature_store import (
@@ -50,7 +51,7 @@ from service.model.feature_store import (
 )
 from service.offline.sampling import build_samples, epoch_batches
 from service.offline.train import Objective, TrainConfig
-from service.runtime import keep_freed_memory
+from service.runtime import keep_freed_memory, pick_device
 
 GRID, CELLS = 7, 49
 
@@ -112,7 +113,7 @@ def histories(size: WorldSize, rng: np.random.Generator) -> np.ndarray:
     return rank * size.kinds + kind + 1  # item i + 1 has kind i % kinds
 
 
-def build(work: Path, size: WorldSize, epochs: int, seed: int = 0) -> None:
+def build(work: Path, size: WorldSize, epochs: int, device: torch.device, seed: int = 0) -> None:
     """Features, a trained checkpoint (``acf.pt``) and the users' histories in ``work``."""
     rng = np.random.default_rng(seed)
     if not (work / PROGRESS_FILE).is_file():
@@ -132,10 +133,10 @@ def build(work: Path, size: WorldSize, epochs: int, seed: int = 0) -> None:
             feature_dim=size.feature_dim,
         ),
         torch.from_numpy(np.asarray(features, dtype=np.float32)),
-    )  # fmt: skip
-    objective = Objective.create(config, samples, torch.device("cpu"))
+    ).to(device)  # fmt: skip
+    objective = Objective.create(config, samples, device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
     started = time.perf_counter()
     for epoch in range(epochs):
         batches = epoch_batches(
@@ -143,9 +144,10 @@ def build(work: Path, size: WorldSize, epochs: int, seed: int = 0) -> None:
         )
         steps = -(-len(samples.users) // config.batch_size)
         for batch in tqdm(batches, total=steps, desc=f"epoch {epoch + 1}", unit="batch"):
-            tensors = (torch.as_tensor(a) for a in (batch.users, batch.profiles, batch.positives))
+            arrays = (batch.users, batch.profiles, batch.positives)
+            tensors = (torch.as_tensor(a, device=device) for a in arrays)
             optimizer.zero_grad()
-            objective(model.train(), (*tensors, torch.zeros(0)), gen).backward()
+            objective(model.train(), (*tensors, torch.zeros(0, device=device)), gen).backward()
             optimizer.step()
     seconds = time.perf_counter() - started
     print(f"trained {epochs} epoch(s) of {len(samples.users):,} samples in {seconds / 60:.1f} min")
@@ -153,7 +155,7 @@ def build(work: Path, size: WorldSize, epochs: int, seed: int = 0) -> None:
         work / "acf.pt",
         Checkpoint(
             config=model.config,
-            state={k: v for k, v in model.state_dict().items()},
+            state={k: v.cpu() for k, v in model.state_dict().items()},
             user_ids=list(range(size.users)),
             item_ids=meta.item_ids,
             features={"inputs_hash": meta.inputs_hash, "backbone": meta.backbone},
@@ -166,9 +168,9 @@ def build(work: Path, size: WorldSize, epochs: int, seed: int = 0) -> None:
 # --------------------------------------------------------------------------- recall
 
 
-def served_queries(work: Path, users: int) -> tuple[np.ndarray, np.ndarray]:
+def served_queries(work: Path, users: int, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
     """(item vectors, queries of ``users`` real users) as the service computes them."""
-    engine = load_engine(Source(work / "acf.pt", work), device=torch.device("cpu"))
+    engine = load_engine(Source(work / "acf.pt", work), device=device)
     history = json.loads((work / "histories.json").read_text())
     chosen = list(history)[:users]
     profiles = np.array([history[u][-engine.profile_size :] for u in chosen])  # raw id = index
@@ -210,7 +212,7 @@ def serve_and_load(work: Path, kind: IndexKind, seconds: int) -> None:
     """One server over the catalogue with this index: start-up, memory, latency under wrk."""
     settings = {
         "VISREC_CHECKPOINT": str(work / "acf.pt"), "VISREC_FEATURES": str(work),
-        "VISREC_INDEX": kind, "VISREC_DEVICE": "cpu", "VISREC_ENVIRONMENT": "development",
+        "VISREC_INDEX": kind, "VISREC_DEVICE": "auto", "VISREC_ENVIRONMENT": "development",
         "VISREC_RATE_LIMIT_PER_S": "0",
     }  # fmt: skip
     port = free_port()
@@ -261,15 +263,16 @@ def main() -> None:
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed: apt-get install wrk (or make bench-serve)")
     keep_freed_memory()
-    device = "a GPU" if torch.cuda.is_available() else "the CPU"
-    print(f"{os.cpu_count()} CPUs, torch {torch.__version__}, on {device}", flush=True)
+    device = pick_device("auto")  # the GPU when there is one (model and FAISS), as served
+    where = "the CPU" if device.type == "cpu" else f"{device} (FAISS on the GPU: {gpu_available()})"
+    print(f"{os.cpu_count()} CPUs, torch {torch.__version__}, on {where}", flush=True)
     size = WorldSize(items=args.items, kinds=max(1, args.items // 1000))
     if not (args.work / "acf.pt").is_file():
-        build(args.work, size, args.epochs)
+        build(args.work, size, args.epochs, device)
     for kind in args.kinds:  # the first start writes the serving tables
         serve_and_load(args.work, kind, args.seconds)
     if args.recall:
-        vectors, queries = served_queries(args.work, args.queries)
+        vectors, queries = served_queries(args.work, args.queries, device)
         recall_table("trained model", vectors, queries)
         rng = np.random.default_rng(0)
         recall_table(

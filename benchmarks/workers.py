@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--seconds", type=int, default=15, help="per read measurement")
     parser.add_argument("--minutes", type=float, default=5.0, help="soak; 0 skips it")
-    parser.add_argument("--rate", type=float, default=1000.0)
+    parser.add_argument("--rate", type=float, default=1000.0, help="soak's offer (0: unpaced)")
     parser.add_argument("--connections", type=int, default=32, help="soak connections")
     args = parser.parse_args()
     dataset = load_dataset(args.data)
@@ -95,14 +95,16 @@ def main() -> None:
                 f"ms, p99 {load.p99_ms:.1f} ms, {load.errors} errors"
             )
             if n == max(args.workers) and args.minutes:
+                offered = f"offering {args.rate:.0f} req/s" if args.rate else "unpaced"
                 script = mixed_script(users, items, rate=args.rate, connections=args.connections)
                 soak = wrk(
                     url, script, connections=args.connections, seconds=round(args.minutes * 60)
                 )
                 rss = sum(memory_mib(p)[0] for p in [proc.pid, *children(proc.pid)])
                 print(
-                    f"{n} worker(s): soak {args.minutes:g} min, 90/10 read/write offered at "
-                    f"{args.rate:.0f} req/s: {soak.requests_per_s:.0f} req/s achieved, "
+                    f"{n} worker(s): soak {args.minutes:g} min, 90/10 read/write, "
+                    f"{args.connections} connections {offered}: "
+                    f"{soak.requests_per_s:.0f} req/s achieved, "
                     f"{soak.requests} requests, {soak.errors} errors, p50 {soak.p50_ms:.2f} ms, "
                     f"p99 {soak.p99_ms:.2f} ms; RSS of all processes at the end {rss:.0f} MiB"
                 )

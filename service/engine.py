@@ -6,7 +6,6 @@ number of newest items it reads)."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,18 +15,14 @@ import torch
 
 from service.config import Settings
 from service.index.item_index import IndexKind
-from service.model.acf import ACF
 from service.model.checkpoint import Checkpoint, CheckpointError, read_checkpoint
 from service.model.feature_store import load_features
 from service.model.serving import ServingModel
-from service.model.tables import CHUNK, ServingTables, compute_tables, read_tables, write_tables
+from service.model.tables import compute_tables, ensure_tables, tables_folder
 from service.recommender import Recommender
 from service.registry import VERSION_CHARS, Current, Registry
 from service.runtime import pick_device
 from service.store.profiles import MAX_RECENT
-
-log = logging.getLogger("visrec.engine")
-TABLES = "serving"  # beside a checkpoint's features: its serving tables, per checkpoint
 
 
 @dataclass(frozen=True)
@@ -53,27 +48,13 @@ def load_engine(source: Source, *, device: torch.device, index: IndexKind = "fla
         )
     ckpt.check_features(meta.inputs_hash, meta.item_ids)
     model = ckpt.serving_model().to(device)  # the tables are computed where it runs
-    folder = source.features / TABLES / digest[:VERSION_CHARS]
-    tables = _tables(folder, model, features, ckpt)
+    folder = tables_folder(source.features, digest)
+    tables = ensure_tables(folder, model, features, ckpt.feature_map)
     serving = ServingModel(model, tables, device=device, projection=ckpt.feature_map)
     version = "/".join(filter(None, (ckpt.code_version, digest[:VERSION_CHARS])))
     return Recommender.from_checkpoint(
         ckpt, serving, index=index, index_cache=folder, version=version
     )
-
-
-def _tables(folder: Path, model: ACF, features: np.ndarray, ckpt: Checkpoint) -> ServingTables:
-    found = read_tables(folder)
-    if found is not None:
-        return found
-    try:
-        write_tables(folder, model, features, ckpt.feature_map, progress=len(features) > CHUNK)
-    except OSError as err:
-        log.warning("cannot write serving tables to %s (%s): computing them in memory", folder, err)
-        return compute_tables(model, features, ckpt.feature_map)
-    tables = read_tables(folder)
-    assert tables is not None
-    return tables
 
 
 def build_engine(

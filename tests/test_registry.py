@@ -97,6 +97,9 @@ def test_the_command_line_publishes_and_rolls_back(
     out = capsys.readouterr().out
     assert f"published {_digest(models.b)} (generation 2)" in out
     assert f"rolled back to {_digest(models.a)} (generation 3)" in out
+    for model in (models.a, models.b):  # each version went out with its serving tables
+        tables = tmp_path / "reg" / _digest(model) / "features" / "serving" / _digest(model)
+        assert (tables / "tables.json").is_file() and (tables / "reduced.npy").is_file()
     assert visrec(["publish", str(models.a), "--features", str(models.features)]) == 2  # where?
 
 

@@ -14,6 +14,7 @@ pages. Attention keys are not stored: they are one small product over a request'
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from collections.abc import Iterator
@@ -26,10 +27,14 @@ import torch
 import torch.nn.functional as F
 
 from service.model.acf import ACF
+from service.model.checkpoint import read_checkpoint
+from service.model.feature_store import load_features
 from service.model.projection import Projection, project
 
+log = logging.getLogger("visrec.tables")
 REDUCED, VECTORS, IMAGES, DONE = "reduced.npy", "vectors.npy", "images.npy", "tables.json"
 CHUNK = 8192  # items per step: 8192 x 49 x 1280 float32 raw features are 2 GB at most
+TABLES = "serving"  # a checkpoint's tables: <its features>/serving/<checkpoint digest[:12]>/
 
 
 class Rows:
@@ -67,10 +72,6 @@ class ServingTables:
     reduced: Rows  # (N+1, K, D); row 0, the padding item, is zeros
     vectors: np.ndarray  # (N, D') float32: query @ vectors.T is the score
     images: np.ndarray | None  # (N, D) float16 unit image vectors; None: not a visual="score" model
-
-    @property
-    def n_items(self) -> int:
-        return len(self.vectors)
 
 
 def compute_tables(
@@ -153,6 +154,40 @@ def read_tables(folder: Path) -> ServingTables | None:
         np.load(folder / VECTORS),  # the index copies them anyway: in memory, contiguous
         images if len(images) else None,
     )
+
+
+def tables_folder(features: Path, checkpoint_digest: str) -> Path:
+    return features / TABLES / checkpoint_digest[:12]
+
+
+def ensure_tables(
+    folder: Path, model: ACF, features: np.ndarray, projection: Projection | None
+) -> ServingTables:
+    """The tables in ``folder``, written there first when they are not (computed in memory
+    instead, with a warning, when the folder cannot be written)."""
+    found = read_tables(folder)
+    if found is not None:
+        return found
+    try:
+        write_tables(folder, model, features, projection, progress=len(features) > CHUNK)
+    except OSError as err:
+        log.warning("cannot write serving tables to %s (%s): computing them in memory", folder, err)
+        return compute_tables(model, features, projection)
+    tables = read_tables(folder)
+    assert tables is not None
+    return tables
+
+
+def write_serving_tables(checkpoint: Path, features: Path) -> Path:
+    """Write a checkpoint's tables beside its features unless they are there (``visrec
+    publish`` does, so that replicas only read them); their folder."""
+    raw, meta = load_features(features)
+    ckpt, digest = read_checkpoint(checkpoint)
+    ckpt.check_features(meta.inputs_hash, meta.item_ids)
+    folder = tables_folder(features, digest)
+    if read_tables(folder) is None:
+        write_tables(folder, ckpt.serving_model(), raw, ckpt.feature_map, progress=True)
+    return folder
 
 
 def _vector_dim(model: ACF) -> int:

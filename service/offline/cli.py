@@ -21,6 +21,7 @@ import torch
 from service.model.backbones import BACKBONES, DEFAULT_BACKBONE
 from service.model.checkpoint import load_checkpoint, save_checkpoint
 from service.model.feature_store import FeatureError, load_features
+from service.model.tables import write_serving_tables
 from service.offline import distributed
 from service.offline.data import DatasetError, load_dataset
 from service.offline.evaluate import PROTOCOLS, evaluate, holdout_task
@@ -139,7 +140,10 @@ def _registry(args: argparse.Namespace) -> Registry:
 
 
 def _publish(args: argparse.Namespace) -> None:
-    current = _registry(args).publish(args.checkpoint, args.features)
+    registry = _registry(args)
+    version = registry.store(args.checkpoint, args.features)
+    write_serving_tables(*registry.files(version))  # before it serves: replicas only read them
+    current = registry.make_current(version)
     print(
         f"published {current.version} (generation {current.generation}): every replica "
         "following the registry loads it now"
