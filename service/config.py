@@ -56,7 +56,9 @@ class Settings(BaseSettings):
     # Folders (comma-separated) that POST /admin/reload may load files from, besides the
     # serving checkpoint's and feature folder's own parent folders.
     model_dirs: str = ""
-    redis_url: str | None = None  # None: an in-process profile store
+    # None: an in-process profile store; redis://host:port/db for one Redis, or
+    # redis+cluster://host:port[,host:port...] for a Redis Cluster (one or more of its nodes)
+    redis_url: str | None = None
     redis_prefix: str = "visrec"
     device: str = "auto"
     index: Literal["flat", "ivf", "hnsw"] = "flat"
@@ -108,6 +110,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 "a model registry (VISREC_REGISTRY) names its current version in Redis: set "
                 "VISREC_REDIS_URL as well"
+            )
+        if self.registry is not None and (self.redis_url or "").startswith("redis+cluster://"):
+            raise ValueError(
+                "the model registry does not run on a Redis Cluster yet (profiles and items "
+                "do): use one Redis with a model registry, or VISREC_REGISTRY unset"
             )
         return self
 

@@ -4,7 +4,9 @@ A version is what an engine is built from (``checkpoint.pt`` and the ``features/
 copied under ``<root>/<version>/`` once and never changed; its name is the first 12 hex digits
 of the checkpoint's sha256. ``visrec publish`` also writes the version's serving tables into
 its features folder (``service.model.tables``) before it becomes current, so replicas only map
-them (a version stored otherwise gets them from the first process that serves it). Which version serves is one Redis key, ``<prefix>:model:current``,
+them (a version stored otherwise gets them from the first process that serves it).
+
+Which version serves is one Redis key, ``<prefix>:model:current``,
 holding ``<generation> <version>``; every publish and every rollback takes the next generation
 (``INCR <prefix>:model:generation``), announces it on ``<prefix>:model:announce`` and appends it to
 the history (``<prefix>:model:history``). Replicas (:func:`follow`) load a generation newer

@@ -448,6 +448,7 @@ def _routes(app: FastAPI, metrics: Metrics, guards: Guards) -> None:
             process=os.getpid(),
             degraded=not store_ok or refusal is not None,
             durable=await state.store.durable() if store_ok else None,
+            replication=await state.store.replication() if store_ok else None,
             model_version=state.engine.version,
             items=len(state.engine.item_ids),
             index=state.engine.index.kind,

@@ -158,6 +158,11 @@ class Ready(BaseModel):
         description="whether an acknowledged write survives a crash of the store (Redis with "
         "appendonly yes and appendfsync always); null when unknown",
     )
+    replication: str | None = Field(
+        None,
+        description="on a Redis Cluster, whether every primary has a replica to take over its "
+        "slots, or durability is per node; null otherwise",
+    )
 
 
 # What a route may refuse with, for its ``responses=``: the schema then documents every status a

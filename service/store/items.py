@@ -147,7 +147,9 @@ class RedisItemStore:
     are bounded and their outages classified as the profile store's are
     (:func:`~service.store.profiles.reaching`)."""
 
-    def __init__(self, client: aioredis.Redis, *, prefix: str, deadline_s: float) -> None:
+    def __init__(
+        self, client: aioredis.Redis | aioredis.RedisCluster, *, prefix: str, deadline_s: float
+    ) -> None:
         self._client = client
         self._key = f"{prefix}:items"
         self._deadline_s = deadline_s

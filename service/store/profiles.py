@@ -42,8 +42,8 @@ want ``seen`` split into blocks (each headed by its first id and byte length, so
 whole blocks).
 
 The ``{u:...}`` hash tag puts all of a user's keys in one Redis Cluster slot, so a call for one
-user runs on one node (a call for several users spans slots: on a Cluster, send one user per
-call). The user id inside it is percent-encoded, so ids holding
+user runs on one node; on a cluster (``redis+cluster://`` URLs) a call for several users is one
+script call per user. The user id inside it is percent-encoded, so ids holding
 ``{``, ``}``, ``:`` or ``%`` can neither break the tag nor collide with another user's keys.
 
 Faults: when Redis cannot answer now (down, refusing connections, slower than the deadline, out
@@ -68,15 +68,24 @@ import operator
 import re
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from itertools import accumulate, islice
-from typing import Protocol, SupportsIndex, TypeVar
+from typing import Any, Protocol, SupportsIndex, TypeVar
 from urllib.parse import quote
 
 import redis.asyncio as aioredis
 from redis import exceptions as rx
+from redis.asyncio.cluster import ClusterNode
 
 from service.store.deadline import LoopLag, deadline
 
@@ -167,6 +176,11 @@ class ProfileStore(Protocol):
     async def durable(self) -> bool | None:
         """Whether an acknowledged write survives a crash of the store's process or machine
         (None: unknown); never raises."""
+        ...
+
+    async def replication(self) -> str | None:
+        """On a cluster, whether every node's writes have a replica to survive it (None: not a
+        cluster, or unknown); never raises."""
         ...
 
     async def write_refusal(self) -> str | None:
@@ -415,6 +429,9 @@ class MemoryProfileStore(ProfileReads):
 
     async def durable(self) -> bool | None:
         return False  # lost with the process
+
+    async def replication(self) -> str | None:
+        return None
 
     async def write_refusal(self) -> str | None:
         return None
@@ -805,9 +822,28 @@ async def reaching(deadline_s: float | None, lag: LoopLag) -> AsyncIterator[None
         raise
 
 
-def redis_client(url: str, *, timeout_s: float = 2.0, max_connections: int = 200) -> aioredis.Redis:
+CLUSTER_SCHEME = "redis+cluster://"
+
+
+def redis_client(
+    url: str, *, timeout_s: float = 2.0, max_connections: int = 200
+) -> aioredis.Redis | aioredis.RedisCluster:
     """A client whose pool makes callers wait (up to ``timeout_s``) for a free connection: the
-    default pool raises "Too many connections" once a burst of requests exceeds its size."""
+    default pool raises "Too many connections" once a burst of requests exceeds its size.
+
+    ``redis+cluster://host:port[,host:port...]`` names a Redis Cluster by one or more of its
+    nodes (the client finds the others and follows slot moves and failovers); the pool size is
+    then per node."""
+    if url.startswith(CLUSTER_SCHEME):
+        nodes = [
+            _cluster_node(n) for n in url.removeprefix(CLUSTER_SCHEME).split("/")[0].split(",")
+        ]
+        return aioredis.RedisCluster(
+            startup_nodes=nodes,
+            max_connections=max_connections,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+        )
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,
@@ -818,15 +854,22 @@ def redis_client(url: str, *, timeout_s: float = 2.0, max_connections: int = 200
     return aioredis.Redis.from_pool(pool)
 
 
+def _cluster_node(address: str) -> ClusterNode:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"a Redis Cluster URL lists host:port nodes, got {address!r}")
+    return ClusterNode(host, int(port))
+
+
 class RedisProfileStore(ProfileReads):
     """Profiles in Redis; owns ``client`` (``close`` closes it), which must return bytes (no
-    ``decode_responses``: profiles are binary). The layout is ready for Redis Cluster (each
-    script touches one user's keys, one slot; reads use a non-transactional pipeline), but this
-    class is written for, and tested with, a standalone client."""
+    ``decode_responses``: profiles are binary): a single Redis or a Redis Cluster (each script
+    touches one user's keys, one slot; reads use a non-transactional pipeline, which a cluster
+    client splits by node). ``tests/test_cluster.py`` runs it on a real cluster."""
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: aioredis.Redis | aioredis.RedisCluster,
         *,
         prefix: str = "visrec",
         max_recent: int = MAX_RECENT,
@@ -851,6 +894,7 @@ class RedisProfileStore(ProfileReads):
         self.deadline_s = deadline_s
         self.write_deadline_s = deadline_s if write_deadline_s is None else write_deadline_s
         self._lag = LoopLag()  # the deadlines count Redis's time, not a busy loop's
+        self.cluster = isinstance(client, aioredis.RedisCluster)
         self._add_script = client.register_script(_ADD_LUA)
         self._load_script = client.register_script(_LOAD_LUA)
 
@@ -898,33 +942,48 @@ class RedisProfileStore(ProfileReads):
 
     async def add(self, events: Sequence[Interaction]) -> int:
         """One script call for the whole call: applied whole or not at all (refused whole when
-        Redis is out of memory). Its keys span users, hence slots: on a Redis Cluster, send one
-        user per call."""
+        Redis is out of memory). On a Redis Cluster a call's users live in different slots, so
+        it is one script call per user, all at once: each user's events are applied whole or
+        not at all, and an event id conflict refuses that user's events only."""
         return await self._add(events, deadline_s=self.write_deadline_s)
 
     async def _add(self, events: Sequence[Interaction], *, deadline_s: float | None) -> int:
         _check_events(events)
-        now = self._clock()
+        groups, now = list(_by_user(events).items()), self._clock()
+        calls = [[group] for group in groups] if self.cluster else [groups]
+        async with self._reaching(deadline_s):
+            replies = await asyncio.gather(*(self._add_call(c, now) for c in calls))
+        conflicts = [x.decode() if isinstance(x, bytes) else str(x)
+                     for r in replies if int(r[0]) < 0 for x in r[1:]]  # fmt: skip
+        if conflicts:
+            raise EventConflict(conflicts)
+        return sum(int(r[0]) for r in replies)
+
+    async def _add_call(
+        self, groups: Sequence[tuple[str, Sequence[Interaction]]], now: float
+    ) -> list[Any]:
         keys: list[str] = []
         args: list[str | int] = [self.max_recent, self.event_ttl_s, repr(float(now)), millis(now)]
-        for user, group in _by_user(events).items():
+        for user, group in groups:
             keys += self.keys(user).all
             args += _event_args(group)
-        async with self._reaching(deadline_s):
-            reply = await self._add_script(keys=keys, args=args)
-        if int(reply[0]) < 0:
-            raise EventConflict([x.decode() if isinstance(x, bytes) else str(x) for x in reply[1:]])
-        return int(reply[0])
+        return list(await self._add_script(keys=keys, args=args))
 
     async def load(self, histories: Mapping[str, Sequence[int]]) -> None:
         _check_histories(histories)  # all of them first: a bad id must not leave half a load
         async with self._reaching(None):
+            if self.cluster:  # a cluster's pipelines do not load scripts: on every primary now
+                await self._client.script_load(_LOAD_LUA)
             for batch in _batches(histories.items(), BATCH_USERS):
                 async with self._client.pipeline(transaction=False) as pipe:
                     for user, history in batch:
                         items = [int(i) for i in history]
                         blob = encode_profile(recent_of(items, self.max_recent), items)
-                        await self._load_script(keys=self.keys(user).all, args=[blob], client=pipe)
+                        await self._load_script(
+                            keys=self.keys(user).all,
+                            args=[blob],
+                            client=pipe,  # type: ignore[arg-type]
+                        )  # a ClusterPipeline takes script calls as a Pipeline does
                     await pipe.execute()
 
     @property
@@ -972,20 +1031,55 @@ class RedisProfileStore(ProfileReads):
         configuration (``CONFIG`` renamed away, as on some managed services)."""
         try:
             async with self._reaching(self.deadline_s):
-                config = await self._client.config_get("append*")  # decoded, to str
+                configs = await self._each_node(self._client.config_get, "append*")
         except (StoreUnavailable, rx.ResponseError):
             return None
-        return config.get("appendonly") == "yes" and config.get("appendfsync") == "always"
+        return all(
+            c.get("appendonly") == "yes" and c.get("appendfsync") == "always" for c in configs
+        )
+
+    async def _each_node(self, command: Callable[..., Awaitable[Any]], *args: object) -> list[Any]:
+        """``command``'s answer from Redis, or from every node of a cluster."""
+        if not self.cluster:
+            return [await command(*args)]
+        answers = await command(*args, target_nodes=aioredis.RedisCluster.ALL_NODES)
+        return list(answers.values())
+
+    async def replication(self) -> str | None:
+        """On a cluster, how far a write reaches: whether every primary has a replica to take
+        over its slots (else durability is per node). None for a single Redis, or when the
+        cluster does not answer."""
+        client = self._client
+        if not isinstance(client, aioredis.RedisCluster):
+            return None
+        try:
+            async with self._reaching(self.deadline_s):
+                nodes = await client.cluster_nodes()
+        except (StoreUnavailable, rx.ResponseError):
+            return None
+        table: dict[str, dict[str, Any]] = nodes
+        primaries = {n["node_id"] for n in table.values() if "master" in n["flags"]}
+        covered = {n["master_id"] for n in table.values() if "slave" in n["flags"]}
+        bare = len(primaries - covered)
+        if not bare:
+            return f"Redis Cluster of {len(primaries)} primaries, each with a replica"
+        return (
+            f"Redis Cluster of {len(primaries)} primaries, {bare} without a replica: durability "
+            "is per node (a lost primary loses its slots' data)"
+        )
 
     async def write_refusal(self) -> str | None:
         """From ``INFO memory replication``: out of memory under ``noeviction``, or a read-only
         replica. None when Redis does not answer (``ping`` says that) or hides INFO."""
         try:
             async with self._reaching(self.deadline_s):
-                info = await self._client.execute_command("INFO", "memory", "replication")
+                infos = await self._each_node(
+                    self._client.execute_command, "INFO", "memory", "replication"
+                )
         except (StoreUnavailable, rx.ResponseError):
             return None
-        return write_refusal(info)
+        primaries = [i for i in infos if not (self.cluster and i.get("role") == "slave")]
+        return next((r for r in map(write_refusal, primaries) if r), None)
 
     async def close(self) -> None:
         await self._lag.stop()

@@ -150,6 +150,9 @@ class ResilientStore(ProfileReads):
     async def durable(self) -> bool | None:
         return await self.store.durable()
 
+    async def replication(self) -> str | None:
+        return await self.store.replication()
+
     async def write_refusal(self) -> str | None:
         return await self.store.write_refusal()
 
