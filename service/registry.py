@@ -32,6 +32,7 @@ log = logging.getLogger("visrec.registry")
 CHECKPOINT = "checkpoint.pt"
 FEATURES = "features"
 VERSION_CHARS = 12  # of the checkpoint's sha256: a version's name, and the one answers give
+TABLES = "serving"  # service.model.tables.TABLES (not imported: this module stays light)
 
 
 class RegistryError(ValueError):
@@ -73,7 +74,8 @@ class Registry:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir()
         shutil.copy2(checkpoint, partial / CHECKPOINT)
-        shutil.copytree(features, partial / FEATURES)
+        # not the serving tables of other checkpoints on those features (GBs at 1M items)
+        shutil.copytree(features, partial / FEATURES, ignore=shutil.ignore_patterns(TABLES))
         partial.rename(target)  # a version is there whole, or not at all
         return version
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import threading
 import time
@@ -91,15 +92,19 @@ def test_the_command_line_publishes_and_rolls_back(
     models: Models, tmp_path: Path, prefix: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     where = ["--registry", str(tmp_path / "reg"), "--redis-url", REDIS, "--redis-prefix", prefix]
-    assert visrec(["publish", str(models.a), "--features", str(models.features), *where]) == 0
-    assert visrec(["publish", str(models.b), "--features", str(models.features), *where]) == 0
+    features = tmp_path / "features"  # with another checkpoint's tables, not to be copied
+    shutil.copytree(models.features, features, ignore=shutil.ignore_patterns("serving"))
+    (features / "serving" / "0123456789ab").mkdir(parents=True)
+    assert visrec(["publish", str(models.a), "--features", str(features), *where]) == 0
+    assert visrec(["publish", str(models.b), "--features", str(features), *where]) == 0
     assert visrec(["rollback", *where]) == 0
     out = capsys.readouterr().out
     assert f"published {_digest(models.b)} (generation 2)" in out
     assert f"rolled back to {_digest(models.a)} (generation 3)" in out
-    for model in (models.a, models.b):  # each version went out with its serving tables
-        tables = tmp_path / "reg" / _digest(model) / "features" / "serving" / _digest(model)
-        assert (tables / "tables.json").is_file() and (tables / "reduced.npy").is_file()
+    for model in (models.a, models.b):  # each version went out with its own serving tables
+        tables = tmp_path / "reg" / _digest(model) / "features" / "serving"
+        assert [p.name for p in tables.iterdir()] == [_digest(model)]
+        assert (tables / _digest(model) / "tables.json").is_file()
     assert visrec(["publish", str(models.a), "--features", str(models.features)]) == 2  # where?
 
 
