@@ -85,6 +85,11 @@ class Settings(BaseSettings):
     # so keep it above the requests in flight at peak: with 50, 200 writers on 2 cores had
     # 1.4% of writes refused against a healthy Redis; with 200, none.
     redis_max_connections: Annotated[int, Field(ge=1, le=10_000)] = 200
+    # Replicas that must have a write before POST /interactions acknowledges it (Redis WAIT;
+    # on a Redis Cluster, the replicas of the primary that holds the user): with 1, a failover
+    # keeps every acknowledged write. 0: acknowledged once the primary applied it.
+    redis_wait_replicas: Annotated[int, Field(ge=0, le=16)] = 0
+    redis_wait_timeout_ms: Annotated[int, Field(ge=1, le=10_000)] = 200
     # Profiles of the users this process read or wrote most recently, for reads while Redis
     # cannot answer: ~100-300 bytes each (stored encoded), so 50,000 take ~20 MB.
     profile_cache_size: Annotated[int, Field(ge=0)] = 50_000

@@ -1,4 +1,5 @@
-"""For tests that run real `visrec-serve` processes on loopback over the local Redis."""
+"""For tests that run real `visrec-serve` processes on loopback over the local Redis, and real
+Redis Clusters (:class:`Cluster`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import urllib.request
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
@@ -58,3 +60,88 @@ def redis_prefix(name: str) -> Iterator[str]:
         if keys:
             client.delete(*keys)
         client.close()
+
+
+@dataclass
+class Cluster:
+    folder: Path
+    primaries: int = 3
+    replicas: int = 0  # per primary
+    ports: list[int] = field(default_factory=list)
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"redis+cluster://127.0.0.1:{self.ports[0]}"
+
+    def start(self) -> None:
+        for _ in range(self.primaries * (1 + self.replicas)):
+            port = _node_port()
+            where = self.folder / str(port)
+            where.mkdir()
+            node = ["--port", str(port), "--bind", "127.0.0.1", "--dir", str(where)]
+            cluster = ["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"]
+            aof = ["--appendonly", "yes", "--appendfsync", "always", "--save", ""]
+            self.procs.append(
+                subprocess.Popen(["redis-server", *node, *cluster, *aof, "--logfile", "redis.log"])
+            )
+            self.ports.append(port)
+        for port in self.ports:
+            _wait(lambda p=port: redis.Redis(port=p).ping())
+        nodes = [f"127.0.0.1:{p}" for p in self.ports]
+        subprocess.run(
+            ["redis-cli", "--cluster", "create", *nodes, "--cluster-replicas",
+             str(self.replicas), "--cluster-yes"],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        _wait(self._ready)
+
+    def _ready(self) -> bool:
+        """Every node sees the whole cluster, serving, with every replica attached, in sync
+        with its primary, and known as a replica to all (a joining node first shows as a
+        primary without slots)."""
+        for port in self.ports:
+            node = redis.Redis(port=port)
+            info = node.cluster("info")
+            if info["cluster_state"] != "ok" or int(info["cluster_known_nodes"]) < len(self.ports):
+                return False
+            replication = node.info("replication")
+            if replication["role"] == "slave" and replication["master_link_status"] != "up":
+                return False
+            seen = node.cluster("nodes").values()
+            if sum("slave" in n["flags"] for n in seen) != self.primaries * self.replicas:
+                return False
+        return True
+
+    def kill(self, port: int) -> None:
+        proc = self.procs[self.ports.index(int(port))]
+        proc.kill()
+        proc.wait()
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.kill()
+            proc.wait()
+
+
+def _node_port() -> int:
+    """A free port whose cluster bus port (+10000) is free and valid too."""
+    while True:
+        port = free_port()
+        if port + 10_000 <= 65_535:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port + 10_000)) != 0:
+                    return port
+
+
+def _wait(ready: object, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if ready():  # type: ignore[operator]
+                return
+        except redis.RedisError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError("the Redis Cluster did not come up")
+        time.sleep(0.05)

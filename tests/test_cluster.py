@@ -5,96 +5,24 @@ create``, each with AOF ``appendfsync always``."""
 from __future__ import annotations
 
 import asyncio
-import socket
-import subprocess
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pytest
-import redis
 from fastapi.testclient import TestClient
 
 from service.api.app import create_app
 from service.config import Settings
 from service.offline.synthetic import World
 from service.store.items import AddedItem, RedisItemStore
-from service.store.profiles import EventConflict, Interaction, RedisProfileStore
-from tests.servers import free_port
-
-
-@dataclass
-class Cluster:
-    folder: Path
-    primaries: int = 3
-    replicas: int = 0  # per primary
-    ports: list[int] = field(default_factory=list)
-    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
-
-    @property
-    def url(self) -> str:
-        return f"redis+cluster://127.0.0.1:{self.ports[0]}"
-
-    def start(self) -> None:
-        for _ in range(self.primaries * (1 + self.replicas)):
-            port = _node_port()
-            where = self.folder / str(port)
-            where.mkdir()
-            node = ["--port", str(port), "--bind", "127.0.0.1", "--dir", str(where)]
-            cluster = ["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"]
-            aof = ["--appendonly", "yes", "--appendfsync", "always", "--save", ""]
-            self.procs.append(
-                subprocess.Popen(["redis-server", *node, *cluster, *aof, "--logfile", "redis.log"])
-            )
-            self.ports.append(port)
-        for port in self.ports:
-            _wait(lambda p=port: redis.Redis(port=p).ping())
-        nodes = [f"127.0.0.1:{p}" for p in self.ports]
-        subprocess.run(
-            ["redis-cli", "--cluster", "create", *nodes, "--cluster-replicas",
-             str(self.replicas), "--cluster-yes"],
-            check=True, capture_output=True,
-        )  # fmt: skip
-        _wait(self._ready)
-
-    def _ready(self) -> bool:
-        """Every node sees the whole cluster, serving, and every replica is attached."""
-        for port in self.ports:
-            info = redis.Redis(port=port).cluster("info")
-            if info["cluster_state"] != "ok" or int(info["cluster_known_nodes"]) < len(self.ports):
-                return False
-        nodes = redis.Redis(port=self.ports[0]).cluster("nodes").values()
-        return sum("slave" in n["flags"] for n in nodes) == self.primaries * self.replicas
-
-    def stop(self) -> None:
-        for proc in self.procs:
-            proc.kill()
-            proc.wait()
-
-
-def _node_port() -> int:
-    """A free port whose cluster bus port (+10000) is free and valid too."""
-    while True:
-        port = free_port()
-        if port + 10_000 <= 65_535:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port + 10_000)) != 0:
-                    return port
-
-
-def _wait(ready: object, timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            if ready():  # type: ignore[operator]
-                return
-        except redis.RedisError:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError("the Redis Cluster did not come up")
-        time.sleep(0.05)
+from service.store.profiles import (
+    EventConflict,
+    Interaction,
+    RedisProfileStore,
+    StoreUnavailable,
+)
+from tests.servers import REDIS, Cluster
 
 
 @pytest.fixture(scope="module")
@@ -216,3 +144,85 @@ def test_a_registry_is_refused_on_a_cluster_url(tmp_path: Path) -> None:
             redis_url="redis+cluster://127.0.0.1:7000",
             registry=tmp_path / "registry",
         )
+
+
+def test_no_acknowledged_write_is_lost_when_a_primary_dies(tmp_path: Path) -> None:
+    """Writers add events (with ids) and count those acknowledged; a primary is SIGKILLed
+    mid-way and one of its two replicas takes over (the other then replicates it, so its slots
+    take acknowledged writes again). With WAIT 1 every acknowledged event is there after."""
+    cluster = Cluster(tmp_path, replicas=2)
+    try:
+        cluster.start()
+        asyncio.run(_writes_across_a_failover(cluster))
+    finally:
+        cluster.stop()
+
+
+async def _writes_across_a_failover(cluster: Cluster) -> None:
+    store = RedisProfileStore.from_url(
+        cluster.url, prefix="t5", deadline_s=2.0, wait_replicas=1, wait_timeout_ms=500
+    )
+    acked: list[Interaction] = []
+    refused = 0
+    stop = asyncio.Event()
+
+    async def writer(w: int) -> None:
+        nonlocal refused
+        n = 0
+        while not stop.is_set():
+            user = USERS[(w + 4 * n) % len(USERS)]
+            event = Interaction(user, 10_000 + 10 * n + w, None, f"w{w}-{n}")
+            try:
+                await store.add([event])
+            except StoreUnavailable:
+                refused += 1  # not acknowledged: sent again, with its id, after a pause
+                await asyncio.sleep(0.05)
+                continue
+            acked.append(event)
+            n += 1
+
+    try:
+        await store.load({u: [1] for u in USERS})
+        victim_key = store.keys(USERS[0]).profile
+        victim = store._client.get_node_from_key(victim_key)
+        assert victim is not None
+        writers = [asyncio.create_task(writer(w)) for w in range(4)]
+        await asyncio.sleep(1.0)
+        before = len(acked)
+        cluster.kill(victim.port)  # SIGKILL: no shutdown, nothing flushed
+        killed_at = len(acked)
+        deadline = asyncio.get_running_loop().time() + 40
+        while asyncio.get_running_loop().time() < deadline:  # until its users are written again
+            await asyncio.sleep(0.2)
+            late = [e for e in acked[killed_at:] if e.user_id == USERS[0]]
+            if late:
+                break
+        await asyncio.sleep(0.5)
+        stop.set()
+        await asyncio.gather(*writers)
+        assert before > 0 and refused > 0  # writes went on before, and the failover was felt
+        assert [e for e in acked[killed_at:] if e.user_id == USERS[0]]  # served again after
+        profiles = await store.profiles(USERS)
+        seen = dict(zip(USERS, (p.seen for p in profiles), strict=True))
+        lost = [e.event_id for e in acked if e.item_id not in seen[e.user_id]]
+        assert lost == [], f"{len(lost)} of {len(acked)} acknowledged writes lost"
+    finally:
+        await store.close()
+
+
+def test_wait_on_a_redis_without_replicas_acknowledges_nothing(tmp_path: Path) -> None:
+    """No replica can have the write, so it is refused (maybe applied): send it again later."""
+
+    async def scenario() -> StoreUnavailable:
+        store = RedisProfileStore.from_url(
+            REDIS, prefix=f"t6-{tmp_path.name}", deadline_s=2.0, wait_replicas=1, wait_timeout_ms=50
+        )
+        try:
+            with pytest.raises(StoreUnavailable) as refused:
+                await store.add([Interaction("u", 3, None, "once")])
+            return refused.value
+        finally:
+            await store.close()
+
+    refused = asyncio.run(scenario())
+    assert "reached 0 of 1 replica" in refused.reason and refused.maybe_applied

@@ -211,6 +211,8 @@ def create_app(
                 max_connections=settings.redis_max_connections,
                 deadline_s=settings.redis_timeout_ms / 1000,
                 write_deadline_s=settings.redis_write_timeout_ms / 1000,
+                wait_replicas=settings.redis_wait_replicas,
+                wait_timeout_ms=settings.redis_wait_timeout_ms,
             )
             inner, name, cache_size = redis, "redis", settings.profile_cache_size
             watch = EpochWatch(redis, histories=profiles, on_loss=metrics.data_losses.inc)

@@ -64,6 +64,7 @@ events ids.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import operator
 import re
 import time
@@ -877,10 +878,17 @@ class RedisProfileStore(ProfileReads):
         clock: Clock = time.time,
         deadline_s: float | None = None,
         write_deadline_s: float | None = None,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 200,
+        timeout_s: float = 2.0,
     ) -> None:
         """``deadline_s``: the most ``profiles``, ``ping`` and ``durable`` wait in all (None:
         only the client's socket timeouts bound them); ``write_deadline_s``: the same for
-        ``add`` (None: ``deadline_s``). ``load`` has none: it is bulk work."""
+        ``add`` (None: ``deadline_s``). ``load`` has none: it is bulk work.
+
+        ``wait_replicas`` > 0: ``add`` returns only once that many replicas have its writes
+        (``WAIT``, up to ``wait_timeout_ms``), else raises StoreUnavailable (maybe applied):
+        then a failover, which promotes a replica, keeps every acknowledged write."""
         if "{" in prefix or "}" in prefix:
             raise ValueError(f"the key prefix must not hold braces (hash tags), got {prefix!r}")
         if client.get_connection_kwargs().get("decode_responses"):
@@ -895,6 +903,11 @@ class RedisProfileStore(ProfileReads):
         self.write_deadline_s = deadline_s if write_deadline_s is None else write_deadline_s
         self._lag = LoopLag()  # the deadlines count Redis's time, not a busy loop's
         self.cluster = isinstance(client, aioredis.RedisCluster)
+        self.wait_replicas = wait_replicas
+        self.wait_timeout_ms = wait_timeout_ms
+        self._timeout_s = timeout_s
+        self._nodes: dict[str, aioredis.Redis] = {}  # a cluster's primaries, for WAIT
+        self._refresh: asyncio.Task[None] | None = None
         self._add_script = client.register_script(_ADD_LUA)
         self._load_script = client.register_script(_LOAD_LUA)
 
@@ -910,6 +923,8 @@ class RedisProfileStore(ProfileReads):
         max_connections: int = 200,
         deadline_s: float | None = None,
         write_deadline_s: float | None = None,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 200,
     ) -> RedisProfileStore:
         """A store on ``redis://host:port/db``; connects lazily, on the first call.
         ``timeout_s`` bounds each socket operation, the deadlines each request-path call."""
@@ -921,6 +936,9 @@ class RedisProfileStore(ProfileReads):
             event_ttl_s=event_ttl_s,
             deadline_s=deadline_s,
             write_deadline_s=write_deadline_s,
+            wait_replicas=wait_replicas,
+            wait_timeout_ms=wait_timeout_ms,
+            timeout_s=timeout_s,
         )
 
     def keys(self, user_id: str) -> UserKeys:
@@ -967,7 +985,63 @@ class RedisProfileStore(ProfileReads):
         for user, group in groups:
             keys += self.keys(user).all
             args += _event_args(group)
-        return list(await self._add_script(keys=keys, args=args))
+        if not self.wait_replicas:
+            return list(await self._add_script(keys=keys, args=args))
+        return await self._replicated(keys, args)
+
+    async def _replicated(self, keys: list[str], args: list[str | int]) -> list[Any]:
+        """The add script, then ``WAIT`` on the same connection (WAIT counts the replicas that
+        have that connection's writes), on the node that holds ``keys``."""
+        try:
+            async with (await self._node_of(keys[0])).client() as conn:
+                reply = list(await self._add_script(keys=keys, args=args, client=conn))
+                wait = ("WAIT", self.wait_replicas, self.wait_timeout_ms)
+                acked = int(await conn.execute_command(*wait))
+        except rx.MovedError as exc:  # refused by a node that no longer holds the slot
+            self._find_nodes_again()
+            raise StoreUnavailable(f"the cluster moved: {exc}", maybe_applied=False) from exc
+        except BaseException:  # an outage, or the deadline: a failover, maybe
+            self._find_nodes_again()
+            raise
+        if acked < self.wait_replicas:
+            raise StoreUnavailable(
+                f"the write reached {acked} of {self.wait_replicas} replica(s) within "
+                f"{self.wait_timeout_ms} ms: not acknowledged (send it again with its event ids)",
+                maybe_applied=True,
+            )
+        return reply
+
+    async def _node_of(self, key: str) -> aioredis.Redis:
+        """A client of the primary that holds ``key``: the store's own, or a cluster node's."""
+        cluster = self._client
+        if not isinstance(cluster, aioredis.RedisCluster):
+            return cluster
+        await cluster.initialize()  # a no-op once it knows the slots
+        node = cluster.get_node_from_key(key)
+        if node is None:  # a slot no primary holds: mid-failover
+            raise rx.ClusterDownError(f"no primary holds {key!r} now")
+        if node.name not in self._nodes:
+            self._nodes[node.name] = aioredis.Redis(
+                host=node.host,
+                port=int(node.port),
+                socket_timeout=self._timeout_s,
+                socket_connect_timeout=self._timeout_s,
+            )
+        return self._nodes[node.name]
+
+    def _find_nodes_again(self) -> None:
+        """Ask the cluster again which primary holds which slots, in the background (a
+        request's deadline must not cut it short), once at a time."""
+        cluster = self._client
+        if isinstance(cluster, aioredis.RedisCluster) and (
+            self._refresh is None or self._refresh.done()
+        ):
+            self._refresh = asyncio.create_task(self._refreshed(cluster))
+
+    @staticmethod
+    async def _refreshed(cluster: aioredis.RedisCluster) -> None:
+        with contextlib.suppress(rx.RedisError, OSError):  # mid-failover: the next one will
+            await cluster.nodes_manager.initialize()
 
     async def load(self, histories: Mapping[str, Sequence[int]]) -> None:
         _check_histories(histories)  # all of them first: a bad id must not leave half a load
@@ -1058,7 +1132,9 @@ class RedisProfileStore(ProfileReads):
         except (StoreUnavailable, rx.ResponseError):
             return None
         table: dict[str, dict[str, Any]] = nodes
-        primaries = {n["node_id"] for n in table.values() if "master" in n["flags"]}
+        primaries = {  # a node that joins shows as a master without slots for a while
+            n["node_id"] for n in table.values() if "master" in n["flags"] and n["slots"]
+        }
         covered = {n["master_id"] for n in table.values() if "slave" in n["flags"]}
         bare = len(primaries - covered)
         if not bare:
@@ -1083,6 +1159,10 @@ class RedisProfileStore(ProfileReads):
 
     async def close(self) -> None:
         await self._lag.stop()
+        if self._refresh is not None:
+            self._refresh.cancel()
+        for node in self._nodes.values():
+            await node.aclose()
         await self._client.aclose()
 
     async def memory_per_user(self, sample: Sequence[str]) -> float:
