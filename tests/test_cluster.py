@@ -109,8 +109,8 @@ def test_the_service_reads_its_writes_on_a_cluster(
         assert ready["durable"] is True and "per node" in ready["replication"]
         before = client.get("/recommend/someone?k=5").json()["items"]
         assert before
+        item = before[0]["item_id"]
         for user in USERS[:10]:
-            item = before[0]["item_id"]
             r = client.post("/interactions", json={"events": [{"user_id": user, "item_id": item}]})
             assert r.status_code == 200, r.text
             answer = client.get(f"/recommend/{user}?k=5").json()

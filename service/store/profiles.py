@@ -845,6 +845,10 @@ def redis_client(
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
         )
+    return _single_client(url, timeout_s=timeout_s, max_connections=max_connections)
+
+
+def _single_client(url: str, *, timeout_s: float, max_connections: int) -> aioredis.Redis:
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,
@@ -881,6 +885,7 @@ class RedisProfileStore(ProfileReads):
         wait_replicas: int = 0,
         wait_timeout_ms: int = 200,
         timeout_s: float = 2.0,
+        max_connections: int = 200,
     ) -> None:
         """``deadline_s``: the most ``profiles``, ``ping`` and ``durable`` wait in all (None:
         only the client's socket timeouts bound them); ``write_deadline_s``: the same for
@@ -888,7 +893,9 @@ class RedisProfileStore(ProfileReads):
 
         ``wait_replicas`` > 0: ``add`` returns only once that many replicas have its writes
         (``WAIT``, up to ``wait_timeout_ms``), else raises StoreUnavailable (maybe applied):
-        then a failover, which promotes a replica, keeps every acknowledged write."""
+        then a failover, which promotes a replica, keeps every acknowledged write. On a
+        cluster that takes a client of the user's primary (``timeout_s``, ``max_connections``:
+        as the store's own client was made with)."""
         if "{" in prefix or "}" in prefix:
             raise ValueError(f"the key prefix must not hold braces (hash tags), got {prefix!r}")
         if client.get_connection_kwargs().get("decode_responses"):
@@ -905,7 +912,7 @@ class RedisProfileStore(ProfileReads):
         self.cluster = isinstance(client, aioredis.RedisCluster)
         self.wait_replicas = wait_replicas
         self.wait_timeout_ms = wait_timeout_ms
-        self._timeout_s = timeout_s
+        self._timeout_s, self._max_connections = timeout_s, max_connections
         self._nodes: dict[str, aioredis.Redis] = {}  # a cluster's primaries, for WAIT
         self._refresh: asyncio.Task[None] | None = None
         self._add_script = client.register_script(_ADD_LUA)
@@ -939,6 +946,7 @@ class RedisProfileStore(ProfileReads):
             wait_replicas=wait_replicas,
             wait_timeout_ms=wait_timeout_ms,
             timeout_s=timeout_s,
+            max_connections=max_connections,
         )
 
     def keys(self, user_id: str) -> UserKeys:
@@ -1020,12 +1028,11 @@ class RedisProfileStore(ProfileReads):
         node = cluster.get_node_from_key(key)
         if node is None:  # a slot no primary holds: mid-failover
             raise rx.ClusterDownError(f"no primary holds {key!r} now")
-        if node.name not in self._nodes:
-            self._nodes[node.name] = aioredis.Redis(
-                host=node.host,
-                port=int(node.port),
-                socket_timeout=self._timeout_s,
-                socket_connect_timeout=self._timeout_s,
+        if node.name not in self._nodes:  # pooled as the store's own client is
+            self._nodes[node.name] = _single_client(
+                f"redis://{node.host}:{node.port}",
+                timeout_s=self._timeout_s,
+                max_connections=self._max_connections,
             )
         return self._nodes[node.name]
 
