@@ -13,7 +13,7 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 # redo it (~13 s) every time. `make install FORCE=1`, or deleting the stamp, redoes it.
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install reinstall browser haproxy serve test image-smoke lint reproduce sweep bench bench-serve bench-reload bench-faults bench-soak bench-workers bench-cluster bench-access-log bench-million clean
+.PHONY: install reinstall browser haproxy serve test image-smoke lint reproduce sweep bench bench-serve bench-reload bench-faults bench-soak bench-workers bench-cluster bench-access-log bench-million bench-probe clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -73,6 +73,12 @@ bench-serve: install
 bench-million: install
 	command -v wrk >/dev/null || apt-get install -y wrk
 	$(BIN)/python benchmarks/million.py
+
+# Can the plan's synthetic world tell component attention from a mean? A linear probe of each
+# item's kind on the mean of its components vs on its object's cells (~2 min). PROBE="--set
+# clutter_min=0.8 --set clutter_max=1.0" tries another world.
+bench-probe: install
+	$(BIN)/python benchmarks/pooling_probe.py $(PROBE)
 
 # Model swaps (POST /admin/reload, SIGHUP) while wrk drives a real server: no request may fail.
 bench-reload: install

@@ -155,6 +155,31 @@ def test_clutter_is_drawn_under_the_object(tmp_path_factory: pytest.TempPathFact
         outside[y0 : y1 + 1, x0 : x1 + 1] = False
         _, counts = np.unique(pixels[outside], axis=0, return_counts=True)
         assert (counts >= 20).sum() >= 1  # flat distractors; the noisy background never repeats
-    for bad in ({"clutter": -1}, {"object_min": 0.5, "object_max": 0.4}):
+    bads = ({"clutter": -1}, {"object_min": 0.5, "object_max": 0.4}, {"clutter_min": 0.6},
+            {"clutter_min": 0.5, "clutter_max": 1.5}, {"clutter_min": 0.0})  # fmt: skip
+    for bad in bads:
         with pytest.raises(ValueError, match=r"clutter|object_min"):
             make_world(tmp_path_factory.mktemp("bad"), WorldSpec(**bad))  # type: ignore[arg-type]
+
+
+def test_distractors_are_as_large_as_asked(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The same world with distractors 0.8-1.0 of the object's side instead of the default
+    third to half: far more of each image is covered by flat distractor colour."""
+    from PIL import Image
+
+    def distractor_share(spec: WorldSpec) -> float:
+        world = make_world(tmp_path_factory.mktemp("sizes"), spec)
+        shares = []
+        for item in range(1, spec.n_items + 1):
+            pixels = np.asarray(Image.open(world.root / "images" / f"{item}.png").convert("RGB"))
+            x0, y0, x1, y1 = world.object_boxes[item - 1]
+            outside = np.ones(pixels.shape[:2], bool)
+            outside[y0 : y1 + 1, x0 : x1 + 1] = False
+            off_object = pixels[outside]
+            _, counts = np.unique(off_object, axis=0, return_counts=True)
+            shares.append(counts[counts >= 20].sum() / len(off_object))  # flat colour areas
+        return float(np.mean(shares))
+
+    small = WorldSpec(n_users=4, n_items=16, clutter=3, seed=5)
+    large = WorldSpec(n_users=4, n_items=16, clutter=3, clutter_min=0.8, clutter_max=1.0, seed=5)
+    assert distractor_share(large) > 2 * distractor_share(small)

@@ -42,10 +42,13 @@ class WorldSpec:
     # The object's side, as a share of the image side, is drawn from [object_min, object_max).
     object_min: float = 1 / 3
     object_max: float = 1 / 2
-    # Distractors per image: shapes of other kinds than the item's, a third to a half of the
-    # object's side, drawn under it. They say nothing about the item, so an image's mean
-    # carries them as noise while attention that finds the object does not.
+    # Distractors per image: shapes of other kinds than the item's, their side a share of the
+    # object's drawn from [clutter_min, clutter_max), drawn under it. They say nothing about
+    # the item, so an image's mean carries them as noise while attention that finds the
+    # object does not.
     clutter: int = 0
+    clutter_min: float = 1 / 3
+    clutter_max: float = 1 / 2
     seed: int = 0
 
 
@@ -71,6 +74,10 @@ def make_world(root: Path, spec: WorldSpec = WorldSpec()) -> World:
         )
     if spec.clutter < 0:
         raise ValueError(f"clutter must be >= 0, got {spec.clutter}")
+    if not 0 < spec.clutter_min < spec.clutter_max <= 1:
+        raise ValueError(
+            f"need 0 < clutter_min < clutter_max <= 1, got {spec.clutter_min}, {spec.clutter_max}"
+        )
     item_kinds = np.arange(spec.n_items) % spec.kinds
     rng.shuffle(item_kinds)
     drawn = [
@@ -159,7 +166,7 @@ def _draw_item(
     side = int(rng.integers(int(size * spec.object_min), int(size * spec.object_max)))
     others = [k for k in range(spec.kinds) if k != kind]
     for _ in range(spec.clutter):  # under the object, so its mask stays whole
-        small = max(int(side * rng.uniform(1 / 3, 1 / 2)), 4)
+        small = max(int(side * rng.uniform(spec.clutter_min, spec.clutter_max)), 4)
         x, y = (int(v) for v in rng.integers(0, size - small + 1, size=2))
         tint = tuple(int(c) for c in rng.integers(0, 256, size=3))
         _draw_shape(draw, KINDS[int(rng.choice(others))], (x, y, x + small, y + small), tint)

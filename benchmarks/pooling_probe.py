@@ -1,0 +1,112 @@
+"""Can a synthetic world tell component attention from a mean? A linear probe says.
+
+Generates the world of the reproduce plan's ``[synthetic]`` table (with the overrides given),
+extracts its features as ``make reproduce`` does, and fits a linear classifier (multinomial
+logistic regression, L2) of each item's kind on half of the items, once on the mean of its
+cell-centred components and once on the mean of its object's cells only (what attention that
+found the object would read). It prints both held-out accuracies against chance. When the
+mean reads the kind about as well as the object's cells, no pooling can beat a mean in that
+world: the object dominates the image and the distractors are noise a linear map averages out.
+No user and no split of interactions is involved, so a world can be chosen on this without
+looking at any model's test figures.
+
+    .venv/bin/python benchmarks/pooling_probe.py [--config configs/reproduce.toml]
+        [--set clutter_min=0.8 --set clutter_max=1.0] [--work runs/probe]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from service.model.feature_store import load_features
+from service.offline.attention import ON_OBJECT
+from service.offline.data import load_dataset
+from service.offline.features import extract_features
+from service.offline.plan import load_plan
+from service.offline.synthetic import WorldSpec, make_world
+from service.runtime import pick_device
+
+
+def probe_accuracy(x: Tensor, y: Tensor, gen: torch.Generator, *, l2: float = 1e-3) -> float:
+    """Held-out accuracy of a linear classifier of ``y`` (M,) from ``x`` (M, C), fitted on a
+    random half of the rows and scored on the other half."""
+    x = (x - x.mean(0)) / (x.std(0) + 1e-6)
+    order = torch.randperm(len(x), generator=gen)
+    fit_rows, held_rows = order[: len(x) // 2], order[len(x) // 2 :]
+    classes = int(y.max()) + 1
+    w = torch.zeros(x.shape[1], classes, requires_grad=True)
+    b = torch.zeros(classes, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=200)
+
+    def loss() -> Tensor:
+        opt.zero_grad()
+        value = F.cross_entropy(x[fit_rows] @ w + b, y[fit_rows]) + l2 * (w**2).sum()
+        value.backward()
+        return value
+
+    opt.step(loss)  # type: ignore[arg-type]
+    with torch.no_grad():
+        return float(((x[held_rows] @ w + b).argmax(1) == y[held_rows]).float().mean())
+
+
+def _override(spec: WorldSpec, pairs: list[str]) -> WorldSpec:
+    types = {f.name: type(getattr(spec, f.name)) for f in dataclasses.fields(spec)}
+    values = {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        if name not in types:
+            raise SystemExit(f"--set {pair}: no world setting {name!r} (known: {sorted(types)})")
+        values[name] = types[name](value)
+    return dataclasses.replace(spec, **values)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", type=Path, default=Path("configs/reproduce.toml"))
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")
+    parser.add_argument("--work", type=Path, help="keep the world and its features here")
+    parser.add_argument("--seed", type=int, default=0, help="of the probe's split")
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+    plan = load_plan(args.config)
+    if plan.synthetic is None:
+        raise SystemExit(f"{args.config} has no [synthetic] table")
+    spec = _override(plan.synthetic.spec, args.set)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = args.work or Path(tmp)
+        world = make_world(root, spec)
+        data = load_dataset(root)
+        features_dir = root / f"features-{plan.backbone}"
+        extract_features(
+            data.item_ids.tolist(),
+            list(data.image_paths),
+            features_dir,
+            backbone=plan.backbone,
+            weights=plan.weights,
+            device=pick_device(args.device),
+        )
+        features, _ = load_features(features_dir)
+        x = torch.as_tensor(np.asarray(features, dtype=np.float32))  # (N, K, C)
+    x = x - x.mean(0)  # each cell centred on its catalogue mean, as training does
+    on_object = torch.as_tensor(world.object_cover >= ON_OBJECT, dtype=torch.float32)  # (N, K)
+    object_cells = (on_object.unsqueeze(-1) * x).sum(1) / on_object.sum(1, keepdim=True).clamp(
+        min=1
+    )
+    y = torch.as_tensor(world.item_kinds)
+    gen = torch.Generator().manual_seed(args.seed)
+    print(f"world: {spec}")
+    print(f"{len(y)} items of {spec.kinds} kinds; chance {1 / spec.kinds:.3f}")
+    print(f"kind read from the mean of all cells:      {probe_accuracy(x.mean(1), y, gen):.3f}")
+    print(f"kind read from the mean of the object's:   {probe_accuracy(object_cells, y, gen):.3f}")
+
+
+if __name__ == "__main__":
+    main()
