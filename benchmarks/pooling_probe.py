@@ -103,7 +103,7 @@ def main() -> None:
     y = torch.as_tensor(world.item_kinds)
     gen = torch.Generator().manual_seed(args.seed)
     print(f"world: {spec}")
-    print(f"{len(y)} items of {spec.kinds} kinds; chance {1 / spec.kinds:.3f}")
+    print(f"{len(y)} items of {spec.classes} kinds; chance {1 / spec.classes:.3f}")
     print(f"kind read from the mean of all cells:      {probe_accuracy(x.mean(1), y, gen):.3f}")
     print(f"kind read from the mean of the object's:   {probe_accuracy(object_cells, y, gen):.3f}")
 

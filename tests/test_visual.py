@@ -183,3 +183,30 @@ def test_distractors_are_as_large_as_asked(tmp_path_factory: pytest.TempPathFact
     small = WorldSpec(n_users=4, n_items=16, clutter=3, seed=5)
     large = WorldSpec(n_users=4, n_items=16, clutter=3, clutter_min=0.8, clutter_max=1.0, seed=5)
     assert distractor_share(large) > 2 * distractor_share(small)
+
+
+def test_a_colour_world_tells_kinds_by_shape_and_palette_colour(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """``colours=2``: 2 shapes x 2 colours = 4 kinds; each object is drawn in its kind's
+    palette colour, and so is every distractor (in another kind's), so the image holds
+    palette colours only besides the background."""
+    from PIL import Image
+
+    from service.offline.synthetic import PALETTE
+
+    spec = WorldSpec(n_users=6, n_items=32, kinds=2, colours=2, clutter=2, seed=4)
+    world = make_world(tmp_path_factory.mktemp("colours"), spec)
+    assert spec.classes == 4 and sorted(set(world.item_kinds)) == [0, 1, 2, 3]
+    assert set(world.user_kinds) <= {0, 1, 2, 3}
+    palette = np.array(list(PALETTE.values()))
+    for item in np.flatnonzero(world.item_kinds % 2 == 1) + 1:  # squares fill their box
+        pixels = np.asarray(Image.open(world.root / "images" / f"{item}.png").convert("RGB"))
+        x0, y0, x1, y1 = world.object_boxes[item - 1]
+        colour = pixels[y0 : y1 + 1, x0 : x1 + 1].reshape(-1, 3).mean(0)
+        nearest = int(np.abs(palette - colour).sum(1).argmin())
+        assert nearest == world.item_kinds[item - 1] // 2  # red for kind 1, green for kind 3
+    names = (world.root / "items.csv").read_text()
+    assert "red circle" in names and "green square" in names
+    with pytest.raises(ValueError, match="colours"):
+        make_world(tmp_path_factory.mktemp("bad"), WorldSpec(colours=len(PALETTE) + 1))

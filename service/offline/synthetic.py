@@ -2,8 +2,10 @@
 
 Items are generated images: one shape (its *kind*) in a random colour, at a random place and of
 a random size, on a textured background, optionally among smaller distractor shapes of other
-kinds (``clutter``) that a model must learn to look past. Each user prefers one kind: most of their
-interactions are items of that kind, the rest are random. A good model therefore recommends a
+kinds (``clutter``) that a model must learn to look past; with ``colours`` an item's kind is its
+object's shape *and* palette colour, and the distractors are drawn in the palette too, so only
+the object's cells say which colour goes with which shape. Each user prefers one kind: most of
+their interactions are items of that kind, the rest are random. A good model therefore recommends a
 user's kind, and its component attention should sit on the object rather than the background:
 ``World.object_cover`` says, for every item and every cell of the 7x7 grid the CNN sees, which
 share of the cell the object covers.
@@ -21,6 +23,9 @@ from PIL import Image, ImageDraw
 from service.model.backbones import GRID  # the grid of cells the CNN sees
 
 KINDS = ("circle", "square", "triangle", "cross", "ring", "diamond", "bar", "star")
+PALETTE = {"red": (220, 30, 30), "green": (30, 190, 60), "blue": (40, 70, 230),
+           "yellow": (240, 220, 30), "magenta": (220, 40, 220), "cyan": (30, 220, 230),
+           "orange": (250, 140, 20), "white": (250, 250, 250)}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -49,7 +54,17 @@ class WorldSpec:
     clutter: int = 0
     clutter_min: float = 1 / 3
     clutter_max: float = 1 / 2
+    # 0: an item's kind is its object's shape, drawn in a colour that stands out from the
+    # background. n > 0: its kind is a shape *and* one of n palette colours (kinds x n kinds in
+    # all), and distractors are drawn in the palette too, so the image's mean holds shapes and
+    # colours without saying which goes with which; only the object's cells do.
+    colours: int = 0
     seed: int = 0
+
+    @property
+    def classes(self) -> int:
+        """Kinds users choose between: shapes, or shapes x colours."""
+        return self.kinds * max(self.colours, 1)
 
 
 @dataclass(frozen=True)
@@ -78,7 +93,9 @@ def make_world(root: Path, spec: WorldSpec = WorldSpec()) -> World:
         raise ValueError(
             f"need 0 < clutter_min < clutter_max <= 1, got {spec.clutter_min}, {spec.clutter_max}"
         )
-    item_kinds = np.arange(spec.n_items) % spec.kinds
+    if not 0 <= spec.colours <= len(PALETTE):
+        raise ValueError(f"colours must be in 0..{len(PALETTE)}, got {spec.colours}")
+    item_kinds = np.arange(spec.n_items) % spec.classes
     rng.shuffle(item_kinds)
     drawn = [
         _draw_item(root / "images" / f"{i + 1}.png", int(k), spec, rng)
@@ -86,19 +103,20 @@ def make_world(root: Path, spec: WorldSpec = WorldSpec()) -> World:
     ]
     boxes = np.stack([box for box, _ in drawn])
     cover = np.stack([cell_cover(mask) for _, mask in drawn])
-    user_kinds = rng.integers(0, spec.kinds, size=spec.n_users)
+    user_kinds = rng.integers(0, spec.classes, size=spec.n_users)
     with (root / "items.csv").open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["item_id", "title", "genres", "image"])
         for i, k in enumerate(item_kinds):
-            w.writerow([i + 1, f"{KINDS[k]} #{i + 1}", KINDS[k], f"images/{i + 1}.png"])
+            name = _kind_name(int(k), spec)
+            w.writerow([i + 1, f"{name} #{i + 1}", name, f"images/{i + 1}.png"])
     with (root / "interactions.csv").open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["user_id", "item_id", "timestamp"])
         for u, kind in enumerate(user_kinds):
             for t, item in enumerate(_history(item_kinds, int(kind), spec, rng)):
                 w.writerow([u, item, 1_000_000 + 60 * t])
-    new_kinds = np.repeat(np.arange(spec.kinds), spec.new_per_kind)
+    new_kinds = np.repeat(np.arange(spec.classes), spec.new_per_kind)
     if len(new_kinds):
         (root / "new").mkdir(exist_ok=True)
     for j, kind in enumerate(new_kinds):
@@ -141,7 +159,7 @@ def _runs(
     item_kinds: np.ndarray, favourite: int, spec: WorldSpec, rng: np.random.Generator
 ) -> list[int]:
     """Runs of one kind each, of geometric length with mean ``run_length``."""
-    kinds = range(spec.kinds)
+    kinds = range(spec.classes)
     unseen = [list(rng.permutation(np.flatnonzero(item_kinds == k) + 1)) for k in kinds]
     items: list[int] = []
     while len(items) < spec.interactions_per_user and any(unseen):
@@ -164,20 +182,44 @@ def _draw_item(
     img = Image.fromarray(pixels)
     draw = ImageDraw.Draw(img)
     side = int(rng.integers(int(size * spec.object_min), int(size * spec.object_max)))
-    others = [k for k in range(spec.kinds) if k != kind]
+    others = [k for k in range(spec.classes) if k != kind]
     for _ in range(spec.clutter):  # under the object, so its mask stays whole
         small = max(int(side * rng.uniform(spec.clutter_min, spec.clutter_max)), 4)
         x, y = (int(v) for v in rng.integers(0, size - small + 1, size=2))
-        tint = tuple(int(c) for c in rng.integers(0, 256, size=3))
-        _draw_shape(draw, KINDS[int(rng.choice(others))], (x, y, x + small, y + small), tint)
+        if spec.colours:
+            other = int(rng.choice(others))
+            shape, tint = _shape(other, spec), _palette(other, spec, rng)
+        else:
+            tint = tuple(int(c) for c in rng.integers(0, 256, size=3))
+            shape = KINDS[int(rng.choice(others))]
+        _draw_shape(draw, shape, (x, y, x + small, y + small), tint)
     x0, y0 = (int(v) for v in rng.integers(0, size - side, size=2))
     box = (x0, y0, x0 + side, y0 + side)
-    colour = tuple(int(c) for c in (255 - background + rng.integers(-30, 30, size=3)).clip(0, 255))
+    if spec.colours:
+        colour = _palette(kind, spec, rng)
+    else:
+        shift = rng.integers(-30, 30, size=3)
+        colour = tuple(int(c) for c in (255 - background + shift).clip(0, 255))
     mask = Image.new("L", (size, size), 0)
-    _draw_shape(draw, KINDS[kind], box, colour)
-    _draw_shape(ImageDraw.Draw(mask), KINDS[kind], box, 255)
+    _draw_shape(draw, _shape(kind, spec), box, colour)
+    _draw_shape(ImageDraw.Draw(mask), _shape(kind, spec), box, 255)
     img.save(path)
     return np.array(box), np.asarray(mask) > 0
+
+
+def _shape(kind: int, spec: WorldSpec) -> str:
+    return KINDS[kind % spec.kinds]
+
+
+def _palette(kind: int, spec: WorldSpec, rng: np.random.Generator) -> tuple[int, ...]:
+    """The kind's palette colour, a little jittered."""
+    base = np.array(list(PALETTE.values())[kind // spec.kinds])
+    return tuple(int(c) for c in (base + rng.integers(-20, 20, size=3)).clip(0, 255))
+
+
+def _kind_name(kind: int, spec: WorldSpec) -> str:
+    colour = f"{list(PALETTE)[kind // spec.kinds]} " if spec.colours else ""
+    return colour + _shape(kind, spec)
 
 
 def _draw_shape(
