@@ -27,13 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from service.model.feature_store import load_features
 from service.model.projection import project
 from service.offline.attention import ON_OBJECT
-from service.offline.data import load_dataset
-from service.offline.features import extract_features
 from service.offline.pipeline import feature_projection
 from service.offline.plan import load_plan
+from service.offline.reproduce import prepare_with_features
 from service.offline.synthetic import WorldSpec, make_world
 from service.offline.train import TrainConfig
 from service.runtime import pick_device
@@ -87,18 +85,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = args.work or Path(tmp)
         world = make_world(root, spec)
-        data = load_dataset(root)
-        features_dir = root / f"features-{plan.backbone}"
-        extract_features(
-            data.item_ids.tolist(),
-            list(data.image_paths),
-            features_dir,
-            backbone=plan.backbone,
-            weights=plan.weights,
-            device=pick_device(args.device),
-        )
-        features, _ = load_features(features_dir)
-        raw = np.asarray(features, dtype=np.float32)  # (N, K, C)
+        prepared = prepare_with_features(root, root, plan, pick_device(args.device))
+        raw = np.asarray(prepared.features, dtype=np.float32)  # (N, K, C), read before cleanup
     inputs = {  # each cell centred on its catalogue mean, as training does
         f"raw {raw.shape[2]}-d components": torch.as_tensor(raw - raw.mean(0)),
         "ACF's inputs (the default projection)": project(

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from service.api.app import create_app
 from service.config import Settings
@@ -139,22 +140,38 @@ def _kinds(world: World, answer: dict) -> np.ndarray:
     return world.item_kinds[np.array([x["item_id"] for x in answer["items"]]) - 1]
 
 
-def test_clutter_is_drawn_under_the_object(tmp_path_factory: pytest.TempPathFactory) -> None:
-    from PIL import Image
+FLAT = 20  # pixels sharing one colour: a flat distractor (the noisy background never repeats)
 
+
+def _pixels(world: World, item: int) -> np.ndarray:
+    return np.asarray(Image.open(world.root / "images" / f"{item}.png").convert("RGB"))
+
+
+def _outside_object(world: World, item: int) -> np.ndarray:
+    """(P, 3) the item's pixels outside its object's box."""
+    pixels = _pixels(world, item)
+    x0, y0, x1, y1 = world.object_boxes[item - 1]
+    outside = np.ones(pixels.shape[:2], bool)
+    outside[y0 : y1 + 1, x0 : x1 + 1] = False
+    return pixels[outside]
+
+
+def _flat_colours(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The colours at least ``FLAT`` of these (P, 3) pixels share, and their counts."""
+    colours, counts = np.unique(pixels, axis=0, return_counts=True)
+    return colours[counts >= FLAT], counts[counts >= FLAT]
+
+
+def test_clutter_is_drawn_under_the_object(tmp_path_factory: pytest.TempPathFactory) -> None:
     spec = WorldSpec(n_users=4, n_items=24, clutter=6, object_min=0.3, object_max=0.45, seed=3)
     world = make_world(tmp_path_factory.mktemp("clutter"), spec)
     squares = np.flatnonzero(world.item_kinds == 1) + 1  # KINDS[1]: a square fills its box
     assert len(squares) == 6
     for item in squares:
-        pixels = np.asarray(Image.open(world.root / "images" / f"{item}.png").convert("RGB"))
         x0, y0, x1, y1 = world.object_boxes[item - 1]
-        inside = pixels[y0 : y1 + 1, x0 : x1 + 1].reshape(-1, 3)
+        inside = _pixels(world, item)[y0 : y1 + 1, x0 : x1 + 1].reshape(-1, 3)
         assert len(np.unique(inside, axis=0)) == 1  # whole: no distractor on top of it
-        outside = np.ones(pixels.shape[:2], bool)
-        outside[y0 : y1 + 1, x0 : x1 + 1] = False
-        _, counts = np.unique(pixels[outside], axis=0, return_counts=True)
-        assert (counts >= 20).sum() >= 1  # flat distractors; the noisy background never repeats
+        assert len(_flat_colours(_outside_object(world, item))[0]) >= 1  # flat distractors
     bads = ({"clutter": -1}, {"object_min": 0.5, "object_max": 0.4}, {"clutter_min": 0.6},
             {"clutter_min": 0.5, "clutter_max": 1.5}, {"clutter_min": 0.0})  # fmt: skip
     for bad in bads:
@@ -165,19 +182,13 @@ def test_clutter_is_drawn_under_the_object(tmp_path_factory: pytest.TempPathFact
 def test_distractors_are_as_large_as_asked(tmp_path_factory: pytest.TempPathFactory) -> None:
     """The same world with distractors 0.8-1.0 of the object's side instead of the default
     third to half: far more of each image is covered by flat distractor colour."""
-    from PIL import Image
 
     def distractor_share(spec: WorldSpec) -> float:
         world = make_world(tmp_path_factory.mktemp("sizes"), spec)
         shares = []
         for item in range(1, spec.n_items + 1):
-            pixels = np.asarray(Image.open(world.root / "images" / f"{item}.png").convert("RGB"))
-            x0, y0, x1, y1 = world.object_boxes[item - 1]
-            outside = np.ones(pixels.shape[:2], bool)
-            outside[y0 : y1 + 1, x0 : x1 + 1] = False
-            off_object = pixels[outside]
-            _, counts = np.unique(off_object, axis=0, return_counts=True)
-            shares.append(counts[counts >= 20].sum() / len(off_object))  # flat colour areas
+            off_object = _outside_object(world, item)
+            shares.append(_flat_colours(off_object)[1].sum() / len(off_object))
         return float(np.mean(shares))
 
     small = WorldSpec(n_users=4, n_items=16, clutter=3, seed=5)
@@ -191,8 +202,6 @@ def test_a_colour_world_tells_kinds_by_shape_and_palette_colour(
     """``colours=2``: 2 shapes x 2 colours = 4 kinds; each object is drawn in its kind's
     palette colour, and so is every distractor (in another kind's), so the image holds
     palette colours only besides the background."""
-    from PIL import Image
-
     from service.offline.synthetic import PALETTE
 
     spec = WorldSpec(n_users=6, n_items=32, kinds=2, colours=2, clutter=2, seed=4)
@@ -201,11 +210,15 @@ def test_a_colour_world_tells_kinds_by_shape_and_palette_colour(
     assert set(world.user_kinds) <= {0, 1, 2, 3}
     palette = np.array(list(PALETTE.values()))
     for item in np.flatnonzero(world.item_kinds % 2 == 1) + 1:  # squares fill their box
-        pixels = np.asarray(Image.open(world.root / "images" / f"{item}.png").convert("RGB"))
         x0, y0, x1, y1 = world.object_boxes[item - 1]
-        colour = pixels[y0 : y1 + 1, x0 : x1 + 1].reshape(-1, 3).mean(0)
+        colour = _pixels(world, item)[y0 : y1 + 1, x0 : x1 + 1].reshape(-1, 3).mean(0)
         nearest = int(np.abs(palette - colour).sum(1).argmin())
         assert nearest == world.item_kinds[item - 1] // 2  # red for kind 1, green for kind 3
+    flat = np.concatenate(  # distractors (some hide under the object): palette colours +-20
+        [_flat_colours(_outside_object(world, item))[0] for item in range(1, spec.n_items + 1)]
+    )
+    assert len(flat) >= spec.n_items
+    assert np.abs(flat[:, None, :].astype(int) - palette[None]).max(-1).min(-1).max() <= 20
     names = (world.root / "items.csv").read_text()
     assert "red circle" in names and "green square" in names
     with pytest.raises(ValueError, match="colours"):

@@ -79,7 +79,7 @@ def reproduce(
 ) -> dict[str, Any]:
     started = time.perf_counter()
     t0 = time.perf_counter()
-    prepared = _prepare(data_dir, work_dir, plan, device)
+    prepared = prepare_with_features(data_dir, work_dir, plan, device)
     feature_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     results, best = run_rows(prepared, plan, plan.rows, device=device, progress=progress)
@@ -117,7 +117,11 @@ def reproduce(
     return payload
 
 
-def _prepare(data_dir: Path, work_dir: Path, plan: Plan, device: torch.device) -> Prepared:
+def prepare_with_features(
+    data_dir: Path, work_dir: Path, plan: Plan, device: torch.device
+) -> Prepared:
+    """The dataset split, with its features extracted by the plan's backbone into
+    ``work_dir/features-<backbone>`` (a matching extraction there is reused or resumed)."""
     dataset = load_dataset(data_dir)
     features_dir = work_dir / f"features-{plan.backbone}"
     extract_features(
@@ -222,7 +226,7 @@ def _synthetic(plan: Plan, work_dir: Path, device: torch.device, progress: bool)
     assert plan.synthetic is not None
     root = work_dir / "synthetic-world"
     world = make_world(root, plan.synthetic.spec)  # deterministic: the same bytes each time
-    prepared = _prepare(root, root, plan, device)
+    prepared = prepare_with_features(root, root, plan, device)
     rows = tuple(
         Row(name, seeded(plan.row(name).config, 0, **plan.synthetic.train))
         for name in plan.synthetic.rows

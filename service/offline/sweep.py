@@ -31,7 +31,7 @@ import torch
 
 from service.offline.pipeline import Prepared, fit
 from service.offline.plan import Plan, load_plan
-from service.offline.reproduce import _prepare
+from service.offline.reproduce import prepare_with_features
 from service.offline.train import SELECTION_METRIC, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ def sweep(
     for i, (name, changes, kind) in enumerate(planned):
         trial = done.get(keys[i])
         if trial is None:
-            prepared = prepared or _prepare(data_dir, work_dir, plan.base, device)
+            prepared = prepared or prepare_with_features(data_dir, work_dir, plan.base, device)
             trial = _trial(prepared, plan, name, changes, kind, device)
         else:
             log.info("sweep %s %s: kept from the earlier run", name, changes or "(as planned)")
