@@ -29,6 +29,7 @@ VARIANTS = [
     replace(BASE, visual="none", item_bias=True),
     replace(BASE, visual="score", recency=3, item_bias=True),
     replace(BASE, visual="score", newest=True, item_bias=True),
+    replace(BASE, visual="score", item_pool="attention", newest=True, item_bias=True),
 ]
 ORDER_BLIND = [c for c in VARIANTS if not (c.recency or c.newest)]
 
@@ -52,7 +53,7 @@ USERS = torch.tensor([0, 3, 6, 2])
 def _name(c: ACFConfig) -> str:
     return (
         f"visual={c.visual},tied={c.tied},W1v={c.item_term},bias={c.item_bias},"
-        f"pool={c.component_pool},recency={c.recency},newest={c.newest}"
+        f"pool={c.component_pool},item_pool={c.item_pool},recency={c.recency},newest={c.newest}"
     )
 
 
@@ -171,6 +172,26 @@ def test_a_new_item_starts_from_the_given_rows_and_is_scored_with_its_image(mode
     torch.testing.assert_close(
         model.vectors_with_image(torch.tensor([1, 2]), image), model.item_vectors()[:2]
     )
+
+
+def test_an_attention_pooled_item_image_is_what_an_unknown_users_profile_pools() -> None:
+    """``item_pool="attention"``: a candidate is scored by the image vector that the component
+    attention of a user the model knows nothing of pools from it as a profile item."""
+    model = _model(replace(BASE, visual="score", item_pool="attention"))
+    items = torch.arange(1, N_ITEMS + 1)
+    alone = model.attend(  # one profile item, so its item weight is 1: user = p + x̄
+        torch.full((N_ITEMS,), UNKNOWN_USER), items[:, None], model.catalogue_tables()
+    )
+    image = model.image_vectors(model.features[1:])
+    torch.testing.assert_close(image, alone.user - model.profile_embedding(items))
+    torch.testing.assert_close(
+        model.item_vectors(), model.vectors_with_image(items, image), msg="scored as it pools"
+    )
+    mean = model.reduce(model.features[1:].mean(1))
+    assert not torch.allclose(image, mean, atol=1e-3)
+    ablation = ACF(replace(model.config, component_pool="mean"), model.features[1:])
+    ablation.load_state_dict(model.state_dict())  # the mean-pool ablation pools items by means
+    torch.testing.assert_close(ablation.image_vectors(model.features[1:]), mean)
 
 
 def test_tutorial_way_of_reducing_gives_the_same_user(model: ACF) -> None:

@@ -25,9 +25,10 @@ from redis import Redis
 
 from service.api.app import create_app
 from service.config import Settings
-from service.model.checkpoint import save_checkpoint
+from service.model.checkpoint import load_checkpoint, save_checkpoint
+from service.model.feature_store import load_features
 from service.offline.data import load_dataset
-from service.offline.evaluate import holdout_task
+from service.offline.evaluate import holdout_task, rank_new_items
 from service.offline.features import extract_features
 from service.offline.pipeline import Prepared, fit, prepare, to_checkpoint
 from service.offline.synthetic import World, WorldSpec, make_world
@@ -131,6 +132,26 @@ def test_a_new_item_is_recommended_to_users_of_its_kind_from_its_image(
     assert image.headers["content-type"] == "image/png"
     history = client.post("/recommend", json={"history": [item], "k": 5})
     assert history.status_code == 200  # a profile can hold it too
+
+
+def test_new_items_ranked_offline_are_of_the_kind_each_user_picks_next(
+    cold: tuple[World, Prepared, Path], tmp_path: Path
+) -> None:
+    """What `make reproduce` reports for new items: the same serving path, offline."""
+    world, prepared, path = cold
+    ckpt = load_checkpoint(path)
+    raw, meta = load_features(world.root / "features")
+    model = ckpt.build_model(raw, inputs_hash=meta.inputs_hash, item_ids=meta.item_ids)
+    ids = _new_ids(world)
+    paths = [world.root / "new" / f"{i}.png" for i in ids]
+    extract_features(ids, paths, tmp_path / "new", progress=False)
+    new, _ = load_features(tmp_path / "new")
+    task = holdout_task(prepared.split, "standard")
+    top = rank_new_items(model, ckpt.feature_map, new, task, k=2, device=torch.device("cpu"))
+    assert top.shape == (len(task.users), 2) and (top[:, 0] != top[:, 1]).all()
+    wants = world.item_kinds[task.targets - 1]
+    precision = (world.new_kinds[top] == wants[:, None]).mean()
+    assert precision >= 4 / COLD_WORLD.kinds, precision  # chance: 1 / kinds
 
 
 def test_bad_uploads_are_refused_and_change_nothing(

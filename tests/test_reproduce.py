@@ -46,6 +46,7 @@ n_users = 40
 n_items = 40
 interactions_per_user = 12
 run_length = 3.0
+new_per_kind = 3
 [synthetic.train]
 epochs = 1
 """
@@ -129,9 +130,17 @@ def test_reproduce_writes_both_protocols_for_every_row_and_seed(
     synthetic = results["synthetic"]
     assert set(synthetic["protocols"]["standard"]) == {"acf", "acf_tutorial"}
     assert "object_mass" in synthetic["heatmaps"]["acf"][0]
+    # New items: ranked by the rows that score items from their images (not the tutorial's)
+    assert set(synthetic["new_items_precision_at_20"]) == {"acf"}
+    mean, low, high = synthetic["new_items_precision_at_20"]["acf"]
+    assert 0 <= low <= mean <= high <= 1
+    assert results["new_items_precision_at_20"] == {}  # ml-style data has no new items
     page = (docs / "results.md").read_text()
     for words in ("## What wins", "tutorial ACF, Wikimedia (reference)", "mass on object"):
         assert words in page
+    ablations = page[page.index("## The visual half") :].splitlines()
+    tutorial = next(line for line in ablations if line.startswith("| acf_tutorial |"))
+    assert "new items P@20" in page and tutorial.endswith("| cannot | — |")
     assert (docs / "training.png").stat().st_size > 10_000
     ckpt = load_checkpoint(tmp_path / "work" / "acf.pt")
     assert ckpt.features["backbone"] == "mobilenet_v2" and ckpt.train_config["seed"] in (3, 4)

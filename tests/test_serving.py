@@ -21,11 +21,16 @@ N_ITEMS, K, C = 40, 49, 12
 CPU = torch.device("cpu")
 
 
-@pytest.fixture
-def trained() -> ACF:
-    config = ACFConfig(
-        n_users=5, n_items=N_ITEMS, feature_dim=C, dim=8, attention_dim=8, item_bias=True
-    )
+BASE = ACFConfig(n_users=5, n_items=N_ITEMS, feature_dim=C, dim=8, attention_dim=8, item_bias=True)
+SCORED = replace(BASE, visual="score")  # candidates are scored by their images too
+
+
+@pytest.fixture(
+    params=[BASE, SCORED, replace(SCORED, item_pool="attention")],
+    ids=["tutorial", "image-mean", "image-attention"],
+)
+def trained(request: pytest.FixtureRequest) -> ACF:
+    config = request.param
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     model = ACF(config, torch.randn(N_ITEMS, K, C, generator=g)).eval()

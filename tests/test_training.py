@@ -275,8 +275,10 @@ def test_command_line_refuses_features_of_another_dataset(
         ({"ease_l2": -1.0}, "ease_l2=-1.0"),
         ({"entropy_bonus": -0.1}, "entropy_bonus=-0.1"),
         ({"feature_rank": -1}, "feature_rank=-1"),
+        ({"item_pool": "max"}, "item_pool='max'"),
+        ({"visual": "both"}, "visual='both'"),
     ],
 )
-def test_a_bad_setting_is_refused_by_name(change: dict[str, float], named: str) -> None:
+def test_a_bad_setting_is_refused_by_name(change: dict[str, object], named: str) -> None:
     with pytest.raises(ValueError, match=f"invalid training setting.*{named}"):
         TrainConfig(**change)  # type: ignore[arg-type]

@@ -15,8 +15,11 @@ Notation (B users, L profile items, K components, C feature dim, D model dim, A 
   the profile can draw the weight onto the items that share it;
 - user vector ``u_i + Σ_l α(i,l) c_l`` with ``c_l = p_l`` (``visual="attention"``, the tutorial)
   or ``c_l = p_l + x̄(i,l)`` (``visual="score"``);
-- item vector ``v_j`` or, with ``visual="score"``, ``v_j + x̃_j`` where ``x̃_j`` is the mean of
-  the item's reduced components; score ``scale · (user · item) [+ b_j]``.
+- item vector ``v_j`` or, with ``visual="score"``, ``v_j + x̃_j`` where ``x̃_j`` pools the item's
+  reduced components: their mean, or (``item_pool="attention"``) ``Σ_m γ(j,m) x_jm`` with ``γ``
+  the component attention of a zero user, taken as constant (no gradient), so a candidate is
+  scored by the part of its image the attention picks out; score
+  ``scale · (user · item) [+ b_j]``.
 
 With ``visual="score"`` the gradient of the score reaches the component attention directly, so
 looking at the part of an image that predicts preference is rewarded; with
@@ -58,6 +61,9 @@ class ACFConfig:
     item_term: bool = False  # the paper's W1v v_l term in the item attention
     item_bias: bool = False
     component_pool: Literal["attention", "mean"] = "attention"  # "mean": ablation
+    # How an item's own image vector x̃ pools its components (``visual="score"``): their mean,
+    # or the component attention a user the model knows nothing of gives them (zero query)
+    item_pool: Literal["mean", "attention"] = "mean"
     visual: Visual = "attention"  # where the image acts; "attention" is the tutorial's ACF
     recency: int = 0  # > 0: learned recency vectors for this many newest profile positions
     newest: bool = False  # the item attention also asks how each item relates to the newest
@@ -151,6 +157,11 @@ class ACF(nn.Module):
     def uses_images(self) -> bool:
         return self.config.visual != "none"
 
+    @property
+    def _mean_images(self) -> bool:
+        """Items' own image vectors are means (so is every pooling of the mean-pool ablation)."""
+        return "mean" in (self.config.item_pool, self.config.component_pool)
+
     # --- user-independent part -------------------------------------------------------------
     def encode_items(self, features: Tensor) -> ItemTables:
         """Features (M, K, C) -> reduced components and their attention keys."""
@@ -243,8 +254,11 @@ class ACF(nn.Module):
         (the mean of its reduced components), so an item is also scored by what it shows."""
         if items is None:
             items = torch.arange(1, self.config.n_items + 1, device=self.pooled.device)
-        image = self.reduce(self.pooled[items]) if self.config.visual == "score" else None
-        return self.vectors_with_image(items, image)  # mean of reduced = reduced of mean
+        if self.config.visual != "score":
+            return self.vectors_with_image(items, None)
+        if self._mean_images:  # mean of reduced = reduced of mean
+            return self.vectors_with_image(items, self.reduce(self.pooled[items]))
+        return self.vectors_with_image(items, self._images(self.features[items]))
 
     def vectors_with_image(self, items: Tensor, image: Tensor | None) -> Tensor:
         """Item vectors from the items' embedding rows and the given (M, D) image vectors."""
@@ -263,7 +277,23 @@ class ACF(nn.Module):
                 f"a model with visual={self.config.visual!r} scores items by their trained "
                 "embedding only; it cannot score new items from their images"
             )
-        return self.reduce(features.float().mean(1))
+        return self._images(features.float())
+
+    def _images(self, features: Tensor) -> Tensor:
+        """(M, K, C) -> x̃ (M, D). The weights are constants, and the reduction is linear with
+        weights summing to 1, so it reduces the pooled features: the gradient reaches
+        ``reduce`` through M rows, not M x K."""
+        with torch.no_grad():
+            weights = self.image_weights(self.reduce(features))  # (M, K)
+        return self.reduce((weights.unsqueeze(1) @ features).squeeze(1))
+
+    def image_weights(self, reduced: Tensor) -> Tensor:
+        """(M, K, D) reduced components -> (M, K) the weights x̃ pools them with (see
+        ``item_pool``)."""
+        if self._mean_images:
+            return reduced.new_full(reduced.shape[:2], 1.0 / reduced.shape[1])
+        keys = self.comp_key(reduced)  # the query of a zero user is zero
+        return torch.softmax(self.comp_out(F.relu(keys)).squeeze(-1), dim=-1)
 
     def with_new_items(self, rows: Mapping[str, Tensor]) -> ACF:
         """The same model for a catalogue of N + M items, the new ones (N+1..) starting from the

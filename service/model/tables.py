@@ -209,7 +209,7 @@ def _chunks(
         raw = features[start : start + CHUNK]
         x = project(raw, projection).to(device)  # (n, K, R) float32
         reduced = model.reduce(x)  # (n, K, D)
-        image = reduced.mean(1)  # reduced of the mean: the linear map commutes with it
+        image = (model.image_weights(reduced).unsqueeze(1) @ reduced).squeeze(1)  # x̃
         items = torch.arange(first + start, first + start + len(x), device=device)
         visual = model.config.visual == "score"
         vectors = model.vectors_with_image(items, image if visual else None)

@@ -120,7 +120,9 @@ def heatmap_stats(
     - ``item_top_weight_median``: median largest item weight, profiles of 2+ items;
     - with ``object_cover`` ((N, K) share of each cell on the object, items 1..N): the mean
       attention mass on the object's cells (``object_mass``) against their mean share of the
-      grid (``object_area``), and the share of heatmaps whose strongest cell is on the object.
+      grid (``object_area``), the share of heatmaps whose strongest cell is on the object,
+      and the mass on the object of the weights every item's own image vector pools its
+      components with (``image_object_mass``; the area under a mean, see ``item_pool``).
     """
     device = model.features.device
     users, profiles = users.to(device), profiles.to(device)
@@ -144,4 +146,7 @@ def heatmap_stats(
             "object_area": float(on_object.mean()),
             "strongest_on_object": float(on_object[np.arange(len(strongest)), strongest].mean()),
         }
+        with torch.no_grad():
+            weights = model.image_weights(model.reduce(model.features[1:])).double().cpu().numpy()
+        stats["image_object_mass"] = float((weights * (object_cover >= ON_OBJECT)).sum(1).mean())
     return stats

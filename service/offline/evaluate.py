@@ -9,6 +9,7 @@ Protocols (one held-out item per user, ranked among the whole catalogue):
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -17,6 +18,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from service.model.acf import ACF
+from service.model.projection import Projection
+from service.model.serving import ServingModel
 from service.offline.data import Split
 from service.offline.metrics import Exclusions, metric_table, rank_targets
 from service.offline.sampling import last_items
@@ -103,3 +107,24 @@ def evaluate(model: Scorer, task: Task, *, device: torch.device) -> dict[str, np
     scores = score_users(model, task.users, task.profiles, device=device)
     ranks, n_candidates = rank_targets(scores, task.targets - 1, task.exclude)
     return metric_table(ranks, n_candidates, catalogue_size=task.n_items, protocol=task.protocol)
+
+
+def rank_new_items(
+    model: ACF,
+    projection: Projection | None,
+    features: np.ndarray,
+    task: Task,
+    *,
+    k: int = 20,
+    device: torch.device,
+) -> np.ndarray:
+    """(U, k) 0-based rows of ``features``, the raw (M, K, C) features of items no model was
+    trained on: the k of them each user of ``task`` is shown first, ranked among themselves,
+    once they are added while serving (:meth:`ServingModel.with_items`, what ``POST /items``
+    does). ValueError for a model that cannot score items from their images."""
+    serving = ServingModel.from_model(
+        copy.deepcopy(model), device=device, projection=projection, dtype=np.float32
+    )
+    grown = serving.with_items(features)
+    scores = grown.queries(task.users, task.profiles) @ grown.item_vectors[model.config.n_items :].T
+    return np.argsort(-scores, axis=1, kind="stable")[:, :k]

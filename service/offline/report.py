@@ -84,6 +84,12 @@ def results_json(report: Report) -> dict[str, Any]:
                 for p, rows in c.diffs.items()
             },
             "heatmaps": {r.name: r.heatmaps for r in c.rows if r.heatmaps},
+            "new_items_precision_at_20": {
+                m: [iv.mean, iv.low, iv.high] for m, iv in c.new_items.items()
+            },
+            "new_items_difference_to_reference_95": {
+                m: [iv.mean, iv.low, iv.high] for m, iv in c.new_items_diffs.items()
+            },
             "runs": [
                 {
                     "row": run.name,
@@ -234,24 +240,32 @@ def _world_lines(report: Report) -> list[str]:
     if report.plan.synthetic is None:
         return []
     w = report.plan.synthetic.spec
-    return [
+    kinds = f"{w.kinds} shapes" + (f" x {w.colours} colours" if w.colours else "")
+    lines = [
         f"The synthetic world (`service/offline/synthetic.py`, seed {w.seed}): {w.n_users} users "
-        f"with {w.interactions_per_user} interactions each, in runs of one shape (mean length "
-        f"{w.run_length:g}; the favourite shape's with probability {w.taste:g}), over "
-        f"{w.n_items} items of {w.kinds} shapes, {w.clutter} smaller distractor shapes of "
-        "other kinds per image.",
-        "",
+        f"with {w.interactions_per_user} interactions each, in runs of one kind (mean length "
+        f"{w.run_length:g}; the favourite kind's with probability {w.taste:g}), over "
+        f"{w.n_items} items of {kinds}, {w.clutter} distractor shapes of other kinds per image "
+        f"({w.clutter_min:.2g}-{w.clutter_max:.2g} times the object's side, drawn under it)."
     ]
+    if w.new_per_kind:
+        lines.append(
+            f"New items: {w.new_per_kind} more images of each kind that no row was trained on, "
+            "added after training as `POST /items` adds them. A test user's precision@20 "
+            "among them is the share of the first 20 that are of their held-out item's kind "
+            f"(chance {1 / w.classes:.3f}); `cannot`: the row cannot score items from images."
+        )
+    return [" ".join(lines), ""]
 
 
 def _ablation_section(report: Report) -> list[str]:
-    """The ACF rows side by side on the real data and the synthetic world (standard)."""
+    """The ACF rows side by side on the real data and the synthetic world (standard), with
+    the new items of the synthetic world where it has them."""
     comparisons = _comparisons(report)
     acf_rows = [r.name for r in report.main.rows if r.runs[0].config.get("model") == "acf"]
     ref = report.plan.reference
-    header = "| row | " + " | ".join(
-        f"{c.dataset} {k} | {c.dataset} Δ {k}" for c in comparisons for k in HEADLINE
-    )
+    columns = [f"{c.dataset} {k} | {c.dataset} Δ {k}" for c in comparisons for k in HEADLINE]
+    columns += [f"{c.dataset} new items P@20 | Δ" for c in comparisons if c.new_items]
     lines = [
         "## The visual half: ablations (protocol `standard`)",
         "",
@@ -261,8 +275,8 @@ def _ablation_section(report: Report) -> list[str]:
         "profile items.",
         "",
         *_world_lines(report),
-        header + " |",
-        "|---|" + "---|---|" * len(HEADLINE) * len(comparisons),
+        "| row | " + " | ".join(columns) + " |",
+        "|---|" + "---|---|" * len(columns),
     ]
     for name in acf_rows:
         cells = []
@@ -274,6 +288,13 @@ def _ablation_section(report: Report) -> list[str]:
                 cells.append(f"{c.summary['standard'][name][k].mean:.4f}")
                 diff = c.diffs["standard"].get(name)
                 cells.append(_diff(diff[k]) if diff else "—")
+        for c in comparisons:
+            if c.new_items and name not in c.summary["standard"]:
+                cells += ["", ""]
+            elif c.new_items:
+                ranked, change = c.new_items.get(name), c.new_items_diffs.get(name)
+                cells.append(f"{ranked.mean:.4f}" if ranked else "cannot")
+                cells.append(_diff(change) if change else "—")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return [*lines, ""]
 
@@ -287,11 +308,15 @@ def _heatmap_section(report: Report) -> list[str]:
         "cell lies against the share of such cells (chance), and the median largest item "
         "weight of profiles of two or more items. In the synthetic world the object's cells "
         "(covered at least a quarter by the object) are known: the attention mass on them "
-        "against their share of the grid, and how often the strongest cell is on them.",
+        "against their share of the grid, and how often the strongest cell is on them; and the "
+        "mass on them of the weights each item's own image vector (what it is scored by as a "
+        "candidate) pools its cells with: the component attention of a user the model knows "
+        "nothing of, or the mean.",
         "",
         "| data | row | entropy | strongest on border (chance) | strongest in a corner (chance)"
-        " | top item weight (median) | mass on object (area) | strongest on object |",
-        "|---|---|---|---|---|---|---|---|",
+        " | top item weight (median) | mass on object (area) | strongest on object"
+        " | items' own image: mass on object |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for c in _comparisons(report):
         for row in c.rows:
@@ -302,15 +327,16 @@ def _heatmap_section(report: Report) -> list[str]:
                 (
                     f"{h['object_mass']:.3f} ({h['object_area']:.3f})",
                     f"{h['strongest_on_object']:.3f}",
+                    f"{h['image_object_mass']:.3f}" if "image_object_mass" in h else "",
                 )
                 if "object_mass" in h
-                else ("", "")
+                else ("", "", "")
             )
             lines.append(
                 f"| {c.dataset} | {row.name} | {h['component_entropy']:.3f} | "
                 f"{h['strongest_on_border']:.3f} ({h['border_chance']:.3f}) | "
                 f"{h['strongest_in_corner']:.3f} ({h['corner_chance']:.3f}) | "
-                f"{h['item_top_weight_median']:.3f} | {obj[0]} | {obj[1]} |"
+                f"{h['item_top_weight_median']:.3f} | {obj[0]} | {obj[1]} | {obj[2]} |"
             )
     return [*lines, ""]
 

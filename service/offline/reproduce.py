@@ -22,15 +22,16 @@ import torch
 
 from service.model.acf import ACF
 from service.model.checkpoint import save_checkpoint
+from service.model.feature_store import load_features
 from service.offline.attention import heatmap_stats
 from service.offline.data import load_dataset
-from service.offline.evaluate import PROTOCOLS, evaluate, holdout_task
+from service.offline.evaluate import PROTOCOLS, evaluate, holdout_task, rank_new_items
 from service.offline.features import extract_features
 from service.offline.metrics import Interval, bootstrap, paired_bootstrap
 from service.offline.pipeline import Prepared, fit, prepare, to_checkpoint
 from service.offline.plan import Plan, Row, seeded
 from service.offline.report import ModelRun, Report, plot_history, results_json, results_markdown
-from service.offline.synthetic import make_world
+from service.offline.synthetic import World, make_world
 from service.offline.train import SELECTION_METRIC, TrainResult
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class RowResult:
     runs: list[ModelRun] = field(default_factory=list)
     tables: dict[str, list[Table]] = field(default_factory=dict)  # protocol -> per seed
     heatmaps: list[dict[str, float]] = field(default_factory=list)  # per seed (ACF)
+    new_items: list[np.ndarray] = field(default_factory=list)  # per seed: (U,) precision@20
 
     def pooled(self, protocol: str) -> Table:
         """Per-user metrics averaged over seeds."""
@@ -66,6 +68,18 @@ class Comparison:
     summary: dict[str, dict[str, dict[str, Interval]]]  # protocol -> row -> metric
     spread: dict[str, dict[str, dict[str, float]]]  # protocol -> row -> metric: sd over seeds
     diffs: dict[str, dict[str, dict[str, Interval]]]  # protocol -> row -> metric: ref - row
+    # Rows that rank new items from their images: precision@20 among them, and ref - row
+    new_items: dict[str, Interval] = field(default_factory=dict)
+    new_items_diffs: dict[str, Interval] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class NewItems:
+    """Items added after training (the synthetic world's unlisted images), and which of them
+    each user of the standard test task would pick: those of their held-out item's kind."""
+
+    features: np.ndarray  # (M, K, C) raw features
+    relevant: np.ndarray  # (U, M) bool
 
 
 def reproduce(
@@ -143,9 +157,11 @@ def run_rows(
     device: torch.device,
     progress: bool = True,
     object_cover: np.ndarray | None = None,
+    new_items: NewItems | None = None,
 ) -> tuple[list[RowResult], tuple[TrainResult, Any] | None]:
-    """Every row with every seed, evaluated under both protocols. Also returns the reference
-    row's run with the best validation nDCG@20 and its config, for the checkpoint."""
+    """Every row with every seed, evaluated under both protocols (and, for ACF rows that can,
+    on ranking ``new_items``). Also returns the reference row's run with the best validation
+    nDCG@20 and its config, for the checkpoint."""
     tasks = {p: holdout_task(prepared.split, p) for p in PROTOCOLS}
     results, best = [], None
     for row in rows:
@@ -173,6 +189,12 @@ def run_rows(
                         object_cover=object_cover,
                     )
                 )
+            if new_items is not None and isinstance(model, ACF) and model.config.visual == "score":
+                top = rank_new_items(
+                    model, fitted.projection, new_items.features, tasks["standard"], device=device
+                )
+                shown = np.take_along_axis(new_items.relevant, top, axis=1)  # (U, 20)
+                result.new_items.append(shown.mean(1))
             if row.name == plan.reference and (
                 best is None
                 or fitted.validation[SELECTION_METRIC] > best[0].validation[SELECTION_METRIC]
@@ -219,7 +241,14 @@ def compare(dataset: str, results: list[RowResult], plan: Plan) -> Comparison:
         }
         for p in protocols
     }
-    return Comparison(dataset, results, summary, spread, diffs)
+    ranked = {r.name: np.mean(r.new_items, axis=0) for r in results if r.new_items}
+    new_items = {n: bootstrap(v, rng=rng, n_resamples=plan.n_resamples) for n, v in ranked.items()}
+    new_diffs = {
+        n: paired_bootstrap(ranked[plan.reference], v, rng=rng, n_resamples=plan.n_resamples)
+        for n, v in ranked.items()
+        if n != plan.reference and plan.reference in ranked
+    }
+    return Comparison(dataset, results, summary, spread, diffs, new_items, new_diffs)
 
 
 def _synthetic(plan: Plan, work_dir: Path, device: torch.device, progress: bool) -> Comparison:
@@ -232,6 +261,26 @@ def _synthetic(plan: Plan, work_dir: Path, device: torch.device, progress: bool)
         for name in plan.synthetic.rows
     )
     results, _ = run_rows(
-        prepared, plan, rows, device=device, progress=progress, object_cover=world.object_cover
+        prepared,
+        plan,
+        rows,
+        device=device,
+        progress=progress,
+        object_cover=world.object_cover,
+        new_items=_new_items(world, prepared, plan, device) if len(world.new_kinds) else None,
     )
     return compare("synthetic world", results, plan)
+
+
+def _new_items(world: World, prepared: Prepared, plan: Plan, device: torch.device) -> NewItems:
+    """The world's unlisted images, featurised by the plan's backbone; a test user would pick
+    those of the kind of their held-out item."""
+    first = prepared.split.n_items + 1
+    ids = list(range(first, first + len(world.new_kinds)))
+    out = world.root / f"new-features-{plan.backbone}"
+    paths = [world.root / "new" / f"{i}.png" for i in ids]
+    extract_features(ids, paths, out, backbone=plan.backbone, weights=plan.weights, device=device)
+    features, _ = load_features(out)
+    test = holdout_task(prepared.split, "standard")
+    picked = world.item_kinds[test.targets - 1]  # (U,) kinds of the held-out items
+    return NewItems(features, picked[:, None] == world.new_kinds[None, :])
