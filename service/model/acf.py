@@ -251,7 +251,8 @@ class ACF(nn.Module):
         ``query_vectors(user) @ item_vectors().T`` is the model's score.
 
         Under ``visual="score"`` an item's vector is its embedding plus its image vector x̃
-        (the mean of its reduced components), so an item is also scored by what it shows."""
+        (its reduced components pooled as ``item_pool`` says), so an item is also scored by
+        what it shows."""
         if items is None:
             items = torch.arange(1, self.config.n_items + 1, device=self.pooled.device)
         if self.config.visual != "score":
