@@ -284,6 +284,8 @@ class ACF(nn.Module):
         """(M, K, C) -> x̃ (M, D). The weights are constants, and the reduction is linear with
         weights summing to 1, so it reduces the pooled features: the gradient reaches
         ``reduce`` through M rows, not M x K."""
+        if self._mean_images:  # no components to reduce for weights known in advance
+            return self.reduce(features.mean(1))
         with torch.no_grad():
             weights = self.image_weights(self.reduce(features))  # (M, K)
         return self.reduce((weights.unsqueeze(1) @ features).squeeze(1))

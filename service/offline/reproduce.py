@@ -75,11 +75,16 @@ class Comparison:
 
 @dataclass(frozen=True)
 class NewItems:
-    """Items added after training (the synthetic world's unlisted images), and which of them
-    each user of the standard test task would pick: those of their held-out item's kind."""
+    """Items added after training (the synthetic world's unlisted images) and their kinds; a
+    user would pick those of their held-out item's kind."""
 
     features: np.ndarray  # (M, K, C) raw features
-    relevant: np.ndarray  # (U, M) bool
+    kinds: np.ndarray  # (M,)
+    item_kinds: np.ndarray  # (N,) kinds of the trained items 1..N
+
+    def relevant(self, targets: np.ndarray) -> np.ndarray:
+        """(U, M) bool: the new items of each held-out item's (1..N) kind."""
+        return self.item_kinds[targets - 1][:, None] == self.kinds[None, :]
 
 
 def reproduce(
@@ -190,10 +195,12 @@ def run_rows(
                     )
                 )
             if new_items is not None and isinstance(model, ACF) and model.config.visual == "score":
+                standard = tasks["standard"]
                 top = rank_new_items(
-                    model, fitted.projection, new_items.features, tasks["standard"], device=device
+                    model, fitted.projection, new_items.features, standard, device=device
                 )
-                shown = np.take_along_axis(new_items.relevant, top, axis=1)  # (U, 20)
+                relevant = new_items.relevant(standard.targets)
+                shown = np.take_along_axis(relevant, top, axis=1)  # (U, 20)
                 result.new_items.append(shown.mean(1))
             if row.name == plan.reference and (
                 best is None
@@ -267,20 +274,17 @@ def _synthetic(plan: Plan, work_dir: Path, device: torch.device, progress: bool)
         device=device,
         progress=progress,
         object_cover=world.object_cover,
-        new_items=_new_items(world, prepared, plan, device) if len(world.new_kinds) else None,
+        new_items=_new_items(world, plan, device) if len(world.new_kinds) else None,
     )
     return compare("synthetic world", results, plan)
 
 
-def _new_items(world: World, prepared: Prepared, plan: Plan, device: torch.device) -> NewItems:
-    """The world's unlisted images, featurised by the plan's backbone; a test user would pick
-    those of the kind of their held-out item."""
-    first = prepared.split.n_items + 1
+def _new_items(world: World, plan: Plan, device: torch.device) -> NewItems:
+    """The world's unlisted images, featurised by the plan's backbone, with their kinds."""
+    first = len(world.item_kinds) + 1
     ids = list(range(first, first + len(world.new_kinds)))
     out = world.root / f"new-features-{plan.backbone}"
     paths = [world.root / "new" / f"{i}.png" for i in ids]
     extract_features(ids, paths, out, backbone=plan.backbone, weights=plan.weights, device=device)
     features, _ = load_features(out)
-    test = holdout_task(prepared.split, "standard")
-    picked = world.item_kinds[test.targets - 1]  # (U,) kinds of the held-out items
-    return NewItems(features, picked[:, None] == world.new_kinds[None, :])
+    return NewItems(features, world.new_kinds, world.item_kinds)
