@@ -13,7 +13,7 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 # redo it (~13 s) every time. `make install FORCE=1`, or deleting the stamp, redoes it.
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install reinstall browser haproxy serve test image-smoke lint reproduce sweep bench bench-serve bench-reload bench-faults bench-soak bench-workers bench-cluster bench-access-log bench-million bench-probe clean
+.PHONY: install reinstall browser haproxy serve test image-smoke lint reproduce tune generalise sweep bench bench-serve bench-reload bench-faults bench-soak bench-workers bench-cluster bench-access-log bench-million bench-probe clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -52,8 +52,20 @@ lint:
 	$(BIN)/ruff check service tests benchmarks
 	$(BIN)/mypy
 
+# The plan tuned on DATA: configs/reproduce.toml for ml100k (`make sweep`), runs/<data>/plan.toml
+# once `make tune` wrote it; for data with neither, `visrec reproduce` tunes first.
 reproduce: install
-	$(BIN)/visrec reproduce $(DATA) --config configs/reproduce.toml
+	$(BIN)/visrec reproduce $(DATA)
+
+# Every row's settings chosen on DATA's validation, the same budget of runs per row (BUDGET,
+# default 4): runs/<data>/plan.toml, which `make reproduce DATA=...` then uses.
+tune: install
+	$(BIN)/visrec tune $(DATA) $(if $(BUDGET),--budget $(BUDGET))
+
+# Tune and compare ACF with SASRec again where tuning could not look: test users disjoint from
+# the validation users, and a later period than everything tuned on (docs/generalisation.md).
+generalise: install
+	$(BIN)/visrec generalise $(DATA) $(if $(BUDGET),--budget $(BUDGET))
 
 # Equal-budget search of every model's settings on validation (docs/sweep.md); its best
 # settings are what configs/reproduce.toml uses. Hours on 2 cores.

@@ -5,7 +5,9 @@ reduces them from scratch each step; the previous version of this project reduce
 catalogue once per step (N x 49 x C, shared by the batch). Here only the batch's distinct profile
 items are reduced. All three compute the same loss on the same model and batches (tests check
 that the user vectors agree); this script times them, then one full epoch of the default
-configuration (centred, projected features and the softmax loss) and a full evaluation.
+configuration (centred, projected features and the softmax loss) and a full evaluation, and one
+epoch of ACF and of SASRec with every position of a row trained in one pass against one pass
+per window.
 
 Then the same default configuration on a generated catalogue of ``--items`` items (100,000) and
 ``--interactions`` interactions (1,000,000; 20 per user, popularity-skewed): random projected
@@ -31,7 +33,7 @@ from service.model.acf import ACF
 from service.offline.data import load_dataset
 from service.offline.evaluate import PROTOCOLS, evaluate, holdout_task
 from service.offline.features import extract_features
-from service.offline.pipeline import fit, prepare
+from service.offline.pipeline import Prepared, fit, prepare
 from service.offline.sampling import Batch, build_samples, epoch_batches
 from service.offline.train import Objective, TrainConfig, bpr_loss, build_model
 from service.runtime import keep_freed_memory
@@ -40,6 +42,7 @@ from service.runtime import keep_freed_memory
 TUTORIAL = TrainConfig(
     visual="attention",
     loss="bpr",
+    every_position=False,
     centre_components=False,
     feature_rank=0,
     recency=False,
@@ -141,6 +144,23 @@ def large_catalogue(n_items: int, n_interactions: int, n_batches: int) -> None:
     print(f"catalogue {slow:9.0f} samples/s  -> ours is {rate / slow:.0f}x")
 
 
+def every_position(prepared: Prepared) -> None:
+    """One epoch of ACF (the default) and of SASRec batched both ways: one pass per window,
+    and every position of a row in one pass (``every_position``); positives per second."""
+    positives = len(prepared.split.train_items)
+    for model in ("acf", "sasrec"):
+        seconds = {}
+        for every in (False, True):
+            config = replace(TrainConfig(), model=model, epochs=1, every_position=every)
+            result = fit(prepared, config, device=torch.device("cpu"), progress=False)
+            seconds[every] = result.history[0]["seconds"]
+        print(
+            f"{model:6s} one epoch: a pass per window {positives / seconds[False]:6.0f} "
+            f"positives/s, every position in one pass {positives / seconds[True]:6.0f} "
+            f"positives/s ({seconds[False] / seconds[True]:.1f}x)"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("data", type=Path, nargs="?", default=Path("../shared/datasets/ml100k"))
@@ -197,6 +217,7 @@ def main() -> None:
             f"evaluation, {protocol}: {len(split.test_users)} users x {split.n_items} items "
             f"in {time.perf_counter() - started:.2f} s"
         )
+    every_position(prepared)
     if args.items:
         large_catalogue(args.items, args.interactions, args.batches * 3)
 

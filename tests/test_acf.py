@@ -30,8 +30,10 @@ VARIANTS = [
     replace(BASE, visual="score", recency=3, item_bias=True),
     replace(BASE, visual="score", newest=True, item_bias=True),
     replace(BASE, visual="score", item_pool="attention", newest=True, item_bias=True),
+    replace(BASE, visual="score", context_blocks=2, positions=4, newest=True, item_bias=True),
+    replace(BASE, visual="score", users=False, recency=3, item_bias=True),
 ]
-ORDER_BLIND = [c for c in VARIANTS if not (c.recency or c.newest)]
+ORDER_BLIND = [c for c in VARIANTS if not (c.recency or c.newest or c.context_blocks)]
 
 
 def _model(config: ACFConfig, seed: int = 0) -> ACF:
@@ -53,7 +55,8 @@ USERS = torch.tensor([0, 3, 6, 2])
 def _name(c: ACFConfig) -> str:
     return (
         f"visual={c.visual},tied={c.tied},W1v={c.item_term},bias={c.item_bias},"
-        f"pool={c.component_pool},item_pool={c.item_pool},recency={c.recency},newest={c.newest}"
+        f"pool={c.component_pool},item_pool={c.item_pool},recency={c.recency},newest={c.newest},"
+        f"context={c.context_blocks},users={c.users}"
     )
 
 
@@ -86,7 +89,12 @@ def test_shapes_and_attention_sums(model: ACF) -> None:
 
 def test_empty_profile_gives_the_plain_user_embedding(model: ACF) -> None:
     out = model.attend(USERS[3:], PROFILES[3:], model.catalogue_tables())
-    torch.testing.assert_close(out.user, model.user_embedding(USERS[3:]))
+    expected = (
+        model.user_embedding(USERS[3:])
+        if model.user_embedding is not None
+        else torch.zeros(1, model.config.dim)
+    )
+    torch.testing.assert_close(out.user, expected)
 
 
 def test_padded_positions_change_nothing(model: ACF) -> None:
@@ -110,6 +118,19 @@ def test_profile_order_does_not_matter_without_recency(order_blind: ACF) -> None
     torch.testing.assert_close(a, b)
 
 
+def test_context_blocks_read_the_order_of_the_profile() -> None:
+    """Without recency or the newest item, only the context blocks can tell an order."""
+    model = _model(replace(BASE, visual="score", context_blocks=1, positions=4))
+    with torch.no_grad():  # positions made to differ (they start at zero, order-blind)
+        model.context.position.weight.normal_()  # type: ignore[union-attr]
+    tables = model.catalogue_tables()
+    a = model.attend(USERS[2:3], torch.tensor([[2, 4, 6, 8]]), tables)
+    b = model.attend(USERS[2:3], torch.tensor([[8, 2, 6, 4]]), tables)
+    assert not torch.allclose(a.user, b.user)
+    # The explanation is still one weight per profile item, after context
+    torch.testing.assert_close(a.item_attention.sum(-1), torch.ones(1))
+
+
 def test_recency_makes_the_newest_items_count_by_position() -> None:
     model = _model(replace(BASE, recency=4))
     with torch.no_grad():  # the newest position strongly preferred, whatever the item
@@ -120,6 +141,20 @@ def test_recency_makes_the_newest_items_count_by_position() -> None:
         out = model.attend(USERS[2:3], torch.tensor([profile]), tables)
         newest = max(i for i, item in enumerate(profile) if item != PAD)
         assert int(out.item_attention[0].argmax()) == newest
+
+
+def test_every_position_is_attention_over_each_prefix_of_the_row(model: ACF) -> None:
+    """One pass over a row gives, at position t, the user vector of the profile rows[:, :t+1]
+    (padding anywhere, as profile dropout leaves it); with context blocks, whose positions
+    count back from the row's newest item, at the last position."""
+    rows = torch.tensor([[0, 3, 5, 7, 9], [2, 4, 0, 6, 8], [0, 0, 0, 0, 1], [0, 0, 0, 0, 0]])
+    users = torch.tensor([0, 3, UNKNOWN_USER, 2])
+    every = model.attend_every_position(users, rows)
+    tables = model.catalogue_tables()
+    last = rows.shape[1] - 1
+    for t in range(last + 1) if model.context is None else (last,):
+        window = model.attend(users, rows[:, : t + 1], tables).user
+        torch.testing.assert_close(every[:, t], window, rtol=1e-5, atol=1e-6)
 
 
 def test_batch_equals_one_at_a_time(model: ACF) -> None:
@@ -204,12 +239,20 @@ def test_tutorial_way_of_reducing_gives_the_same_user(model: ACF) -> None:
     torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("visual", ["attention", "score"])
-def test_gradients_reach_every_parameter(visual: str) -> None:
+@pytest.mark.parametrize(("visual", "context"), [("attention", 0), ("score", 0), ("score", 2)])
+def test_gradients_reach_every_parameter(visual: str, context: int) -> None:
     config = replace(
-        BASE, tied=False, item_term=True, item_bias=True, recency=4, newest=True, visual=visual
+        BASE,
+        tied=False,
+        item_term=True,
+        item_bias=True,
+        recency=4,
+        newest=True,
+        visual=visual,  # type: ignore[arg-type]
+        context_blocks=context,
+        positions=4,
     )
-    model = _model(config).train()  # type: ignore[arg-type]
+    model = _model(config).train()
     scores = model.queries(USERS, PROFILES) @ model.item_vectors().T
     scores.logsumexp(-1).sum().backward()
     # The attention logits' output biases (c1, c2) shift every logit of a softmax alike, so
@@ -281,10 +324,15 @@ def test_an_unknown_user_is_their_profile_alone(model: ACF) -> None:
     profiles = torch.tensor([[3, 5, 0], [0, 0, 0], [3, 5, 0]])
     out = model.attend(unknown, profiles, tables)
     assert torch.all(out.user[1] == 0)  # no embedding, no profile: nothing to go on
+    if model.user_embedding is None:  # everyone is their profile alone
+        torch.testing.assert_close(out.user[0], out.user[2])
+        return
+    assert not torch.allclose(out.user[0], out.user[2])  # user 0's own embedding counts
+    if model.context is not None:  # the pooled items are contextualised: no closed form
+        return
     content = model.profile_embedding(profiles[0])  # (L, D)
     if model.config.visual == "score":  # the attended image content is part of each item
         beta = out.component_attention[0]  # (L, K)
         content = content + (beta.unsqueeze(1) @ tables.reduced[profiles[0]]).squeeze(1)
     expected = (out.item_attention[0].unsqueeze(-1) * content).sum(0)
     torch.testing.assert_close(out.user[0], expected)
-    assert not torch.allclose(out.user[0], out.user[2])  # user 0's own embedding counts

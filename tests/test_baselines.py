@@ -135,3 +135,15 @@ def test_sasrec_is_causal(length: int) -> None:
     a = model.encode(torch.tensor([[1, 2, 3, 4]]))
     b = model.encode(torch.tensor([[1, 2, 3, 4][:length] + [9, 10, 11, 12][length:]]))
     torch.testing.assert_close(a[:, :length], b[:, :length])
+
+
+def test_sasrec_every_position_reads_each_prefix_causally() -> None:
+    torch.manual_seed(0)
+    model = SASRec(SASRecConfig(n_items=20, max_len=5, dim=16, dropout=0.0)).eval()
+    rows = torch.tensor([[0, 3, 5, 7, 9], [2, 4, 6, 8, 1]])
+    every = model.queries_every_position(torch.zeros(2, dtype=torch.long), rows)
+    torch.testing.assert_close(every[:, -1], model.queries(torch.zeros(2), rows))
+    changed = rows.clone()
+    changed[:, 3:] = 11  # later items change nothing before them
+    again = model.queries_every_position(torch.zeros(2, dtype=torch.long), changed)
+    torch.testing.assert_close(again[:, :3], every[:, :3])

@@ -54,6 +54,7 @@ TUTORIAL = """
 [train]
 visual = "attention"
 loss = "bpr"
+every_position = false
 feature_rank = 0
 centre_components = false
 """
@@ -78,7 +79,7 @@ def test_plans_layer_defaults_shared_base_and_row_settings(plan_file: Path) -> N
 
 def test_an_ablation_is_like_its_row_with_one_change(tmp_path: Path) -> None:
     (tmp_path / "p.toml").write_text(
-        "[models.acf]\nlr = 0.02\nentropy_bonus = 0.3\n"
+        "[models.acf]\nlr = 0.02\nentropy_bonus = 0.3\nevery_position = false\n"
         '[models.acf_mean_pool]\nlike = "acf"\ncomponent_pool = "mean"\n'
         '[models.acf_mean_pool_no_visual]\nlike = "acf_mean_pool"\nvisual = "none"\n'
     )
@@ -184,7 +185,7 @@ def sweep_file(plan_file: Path) -> Path:
     path = plan_file.parent / "sweep.toml"
     path.write_text(
         'base = "plan.toml"\nbudget = 2\n[space.transitions]\ntransition_window = [1, 9]\n'
-        '[compare.acf]\nloss = ["bpr"]\n'
+        "[compare.acf]\nevery_position = [false]\n"
     )
     return path
 

@@ -7,10 +7,12 @@ import pytest
 
 from service.offline.sampling import (
     build_samples,
+    chunk_batches,
     epoch_batches,
     last_items,
     preceding,
     sample_negatives,
+    sequence_chunks,
 )
 
 
@@ -80,3 +82,30 @@ def test_runs_keep_consecutive_samples_of_a_user_together() -> None:
     assert (lengths == 8).sum() == 8
     # and the runs are shuffled across users
     assert len(np.unique(users[starts][:4])) > 1
+
+
+@pytest.mark.parametrize("size", [1, 3, 9])
+def test_chunks_make_every_item_the_positive_of_its_own_profile_once(size: int) -> None:
+    rng = np.random.default_rng(0)
+    sequences = [rng.permutation(np.arange(1, 40))[:n] for n in (1, 2, 3, 9, 10, 11, 25)]
+    samples = build_samples(sequences, n_items=40, profile_size=size)
+    for s, again in zip(sequences, samples.sequences(), strict=True):
+        np.testing.assert_array_equal(s, again)
+    users, rows = sequence_chunks(sequences, size)
+    seen: list[tuple[int, int, tuple[int, ...]]] = []
+    for batch in chunk_batches(users, rows, batch_size=2 * size, rng=rng):
+        for u, inputs, targets in zip(batch.users, batch.profiles, batch.positives, strict=True):
+            for t in np.flatnonzero(targets):
+                profile = tuple(int(i) for i in inputs[: t + 1] if i)
+                seen.append((int(u), int(targets[t]), profile))
+    windows = {  # (user, item) -> the <= size items just before it
+        (u, int(item)): tuple(int(i) for i in s[max(0, t - size) : t])
+        for u, s in enumerate(sequences)
+        for t, item in enumerate(s)
+    }
+    assert sorted((u, item) for u, item, _ in seen) == sorted(windows)  # each once
+    for u, item, profile in seen:  # the end of its window: what came before it in its row
+        window = windows[(u, item)]
+        assert profile == window[len(window) - len(profile) :]
+    full = sum(len(p) == len(windows[(u, i)]) for u, i, p in seen)
+    assert full >= len(seen) / size  # at least each row's last position sees its whole window

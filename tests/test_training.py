@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from service.model.acf import ACF
+from service.model.acf import ACF, UNKNOWN_USER, Attended
 from service.model.checkpoint import load_checkpoint
 from service.model.feature_store import load_features
 from service.offline.attention import (
@@ -28,7 +28,7 @@ from service.offline.evaluate import evaluate, holdout_task, validation_task
 from service.offline.pipeline import Prepared, fit, prepare
 from service.offline.sampling import build_samples
 from service.offline.synthetic import World
-from service.offline.train import TrainConfig, TrainResult, build_model, train
+from service.offline.train import Objective, TrainConfig, TrainResult, build_model, train
 
 CPU = torch.device("cpu")
 SMALL = TrainConfig(dim=16, attention_dim=16, epochs=12, batch_size=128, lr=1e-2, patience=0)
@@ -76,7 +76,7 @@ def test_the_best_epoch_is_kept_not_the_last(prepared: Prepared, acf: TrainResul
 
 
 def test_training_is_reproducible(prepared: Prepared) -> None:
-    config = replace(SMALL, epochs=2, loss="warp")
+    config = replace(SMALL, epochs=2, loss="warp", every_position=False)
     a = fit(prepared, config, device=CPU, progress=False)
     b = fit(prepared, config, device=CPU, progress=False)
     assert [h["loss"] for h in a.history] == [h["loss"] for h in b.history]
@@ -148,8 +148,19 @@ def test_flat_attention_is_warned_about(
         {"model": "sasrec"},
         {"component_pool": "mean"},
         {"visual": "none"},
-        {"visual": "attention", "loss": "bpr", "centre_components": False, "feature_rank": 0},
+        {
+            "visual": "attention",
+            "loss": "bpr",
+            "every_position": False,
+            "centre_components": False,
+            "feature_rank": 0,
+        },
         {"loss": "softmax", "full_softmax_items": 1, "negatives": 64},  # sampled softmax
+        {"context_blocks": 0},  # order from recency and the newest item alone
+        {"user_embedding": False},
+        {"user_dropout": 0.5},
+        {"every_position": False},  # a pass per window
+        {"model": "sasrec", "every_position": False},
         {"model": "transitions"},
         {"model": "ease"},
     ],
@@ -277,8 +288,42 @@ def test_command_line_refuses_features_of_another_dataset(
         ({"feature_rank": -1}, "feature_rank=-1"),
         ({"item_pool": "max"}, "item_pool='max'"),
         ({"visual": "both"}, "visual='both'"),
+        ({"user_dropout": 1.0}, "user_dropout=1.0"),
+        ({"context_blocks": -1}, "context_blocks=-1"),
+        ({"loss": "bpr"}, "every_position=True"),
+        ({"entropy_bonus": 0.1}, "every_position=True"),
     ],
 )
 def test_a_bad_setting_is_refused_by_name(change: dict[str, object], named: str) -> None:
     with pytest.raises(ValueError, match=f"invalid training setting.*{named}"):
         TrainConfig(**change)  # type: ignore[arg-type]
+
+
+def test_user_dropout_hides_a_share_of_users_as_unknown(
+    prepared: Prepared, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = replace(SMALL, user_dropout=0.5)
+    model = build_model(config, prepared.split, prepared.features)
+    assert isinstance(model, ACF)
+    samples = build_samples(
+        prepared.split.train_sequences(), n_items=prepared.split.n_items, profile_size=9
+    )
+    seen: list[torch.Tensor] = []
+    real_attend = model.attend_profiles
+
+    def spy(users: torch.Tensor, profiles: torch.Tensor) -> Attended:
+        seen.append(users)
+        return real_attend(users, profiles)
+
+    monkeypatch.setattr(model, "attend_profiles", spy)
+    users = torch.as_tensor(samples.users[:1000])
+    batch = (
+        users,
+        torch.as_tensor(samples.profiles[:1000]),
+        torch.as_tensor(samples.positives[:1000]),
+        users,
+    )
+    Objective.create(config, samples, CPU)(model, batch, torch.Generator().manual_seed(0))
+    hidden = seen[0] == UNKNOWN_USER
+    assert 0.4 < float(hidden.float().mean()) < 0.6
+    assert torch.equal(seen[0][~hidden], users[~hidden])  # the others are themselves

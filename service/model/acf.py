@@ -15,6 +15,13 @@ Notation (B users, L profile items, K components, C feature dim, D model dim, A 
   the profile can draw the weight onto the items that share it;
 - user vector ``u_i + Σ_l α(i,l) c_l`` with ``c_l = p_l`` (``visual="attention"``, the tutorial)
   or ``c_l = p_l + x̄(i,l)`` (``visual="score"``);
+- order inside the profile (``context_blocks`` > 0): before the item attention, the profile's
+  ``c_l`` plus a learned vector per position (counted back from the newest item) go through
+  causal self-attention blocks (:mod:`service.model.blocks`, as in SASRec), and the item
+  attention weighs and pools the contextualised ``c'_l`` (its ``W1p`` reads ``c'_l`` instead of
+  ``p_l``): ``α(i,l)`` is then the weight of profile item ``l`` *after* context, which is what
+  ``/explain`` shows;
+- ``users=False``: no user embedding (``u_i = 0``), the vector comes from the profile alone;
 - item vector ``v_j`` or, with ``visual="score"``, ``v_j + x̃_j`` where ``x̃_j`` pools the item's
   reduced components: their mean, or (``item_pool="attention"``) ``Σ_m γ(j,m) x_jm`` with ``γ``
   the component attention of a zero user, taken as constant (no gradient), so a candidate is
@@ -43,6 +50,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from service.model.blocks import Block, causal_blocked, positions_back
+
 PAD = 0  # item index 0 is padding; real items are 1..N
 UNKNOWN_USER = -1  # user index of someone the model has no embedding for
 
@@ -68,6 +77,11 @@ class ACFConfig:
     recency: int = 0  # > 0: learned recency vectors for this many newest profile positions
     newest: bool = False  # the item attention also asks how each item relates to the newest
     score_scale: float | None = None  # None: 1 / dim, as in the tutorial
+    users: bool = True  # a learned embedding per user; False: the profile alone
+    context_blocks: int = 0  # > 0: causal self-attention blocks over the profile (see above)
+    heads: int = 1  # of those blocks
+    dropout: float = 0.0  # in those blocks (training only)
+    positions: int = 9  # position vectors of the context blocks (the newest this many)
 
     @property
     def scale(self) -> float:
@@ -87,6 +101,29 @@ class Attended:
     user: Tensor  # (B, D) user vector
     item_attention: Tensor  # (B, L) sums to 1 over real profile items, 0 on padding
     component_attention: Tensor  # (B, L, K) sums to 1 per real profile item, 0 on padding
+
+
+class Context(nn.Module):
+    """Causal self-attention over a profile's content vectors: (B, L, D) -> (B, L, D), each
+    real slot contextualised by the real items at or before it, padding left at zero."""
+
+    def __init__(self, dim: int, blocks: int, heads: int, dropout: float, positions: int) -> None:
+        super().__init__()
+        self.position = nn.Embedding(positions, dim)  # counted back from the newest item
+        self.blocks = nn.ModuleList(Block(dim, heads, dropout) for _ in range(blocks))
+        self.norm = nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(dropout)
+        self.heads = heads
+        nn.init.zeros_(self.position.weight)  # starts order-blind, as ACF's recency
+
+    def forward(self, content: Tensor, mask: Tensor) -> Tensor:
+        real = mask.unsqueeze(-1)
+        x = content + self.position(positions_back(mask, self.position.num_embeddings))
+        x = self.dropout(x) * real
+        blocked = causal_blocked(mask, self.heads)
+        for block in self.blocks:
+            x = block(x, blocked) * real
+        return self.norm(x) * real
 
 
 class ACF(nn.Module):
@@ -116,7 +153,7 @@ class ACF(nn.Module):
         )
         self.register_buffer("features", padded, persistent=False)
         self.register_buffer("pooled", padded.mean(1), persistent=False)
-        self.user_embedding = nn.Embedding(config.n_users, d)
+        self.user_embedding = nn.Embedding(config.n_users, d) if config.users else None
         self.item_embedding = nn.Embedding(config.n_items + 1, d, padding_idx=PAD)  # v
         self.profile_embedding = (  # p
             self.item_embedding
@@ -138,6 +175,11 @@ class ACF(nn.Module):
             nn.Embedding(config.n_items + 1, 1, padding_idx=PAD) if config.item_bias else None
         )
         self._init_weights()
+        self.context = (  # PyTorch's initialisation, as SASRec's blocks
+            Context(d, config.context_blocks, config.heads, config.dropout, config.positions)
+            if config.context_blocks
+            else None
+        )
 
     def _init_weights(self) -> None:
         for module in self.modules():
@@ -190,26 +232,75 @@ class ACF(nn.Module):
         mask = profiles != PAD  # (B, L)
         u = self.user_vectors(users)  # (B, D)
         p = self.profile_embedding(profiles)  # (B, L, D)
-        h = self.item_user(u).unsqueeze(1) + self.item_profile(p)  # (B, L, A)
         if self.uses_images:
             beta, x_bar = self._pool_components(users, u, tables, rows)  # (B, L, K), (B, L, D)
-            h = h + self.item_component(x_bar)
         else:
             beta, x_bar = p.new_zeros(*profiles.shape, self.config.n_components), None
+        content = p + x_bar if self.config.visual == "score" and x_bar is not None else p
+        if self.context is not None:
+            content = self.context(content, mask)
+        keyed = p if self.context is None else content
+        h = self.item_user(u).unsqueeze(1) + self.item_profile(keyed)  # (B, L, A)
+        if x_bar is not None:
+            h = h + self.item_component(x_bar)
         if self.item_self is not None:
             h = h + self.item_self(self.item_embedding(profiles))
         if self.recency is not None:
-            h = h + self.recency(_positions_back(mask, self.config.recency))
-        content = p + x_bar if self.config.visual == "score" and x_bar is not None else p
+            h = h + self.recency(positions_back(mask, self.config.recency))
         if self.item_newest is not None:
             h = h + self.item_newest(_newest(content, mask)).unsqueeze(1)
         alpha = _masked_softmax(self.item_out(F.relu(h)).squeeze(-1), mask)  # (B, L)
         user = u + (alpha.unsqueeze(-2) @ content).squeeze(-2)  # (B, D)
         return Attended(user, alpha, beta * mask.unsqueeze(-1))
 
+    def attend_every_position(self, users: Tensor, rows: Tensor) -> Tensor:
+        """(B,) users, (B, L) consecutive items of each (oldest first, PAD on the left) ->
+        (B, L, D) the user vector after each position: position t's is :meth:`attend`'s for the
+        profile ``rows[:, :t+1]``, all of them from one pass over the row (training on every
+        position, as SASRec is). The item attention is exact for every t (recency counts back
+        from t); context blocks read the row causally, with positions counted back from its
+        newest item, so before the last position they see positions as a longer profile would.
+        """
+        items, index = torch.unique(rows, return_inverse=True)
+        tables = self.encode_items(self.features[items]) if self.uses_images else _NO_TABLES
+        mask = rows != PAD  # (B, L)
+        u = self.user_vectors(users)
+        p = self.profile_embedding(rows)
+        if self.uses_images:
+            _, x_bar = self._pool_components(users, u, tables, index)
+        else:
+            x_bar = None
+        content = p + x_bar if self.config.visual == "score" and x_bar is not None else p
+        if self.context is not None:
+            content = self.context(content, mask)
+        keyed = p if self.context is None else content
+        h = self.item_user(u).unsqueeze(1) + self.item_profile(keyed)  # (B, L, A) per item l
+        if x_bar is not None:
+            h = h + self.item_component(x_bar)
+        if self.item_self is not None:
+            h = h + self.item_self(self.item_embedding(rows))
+        length = rows.shape[1]
+        h = h.unsqueeze(1).expand(-1, length, -1, -1)  # (B, T, L, A): item l seen from t
+        if self.recency is not None:  # real items after l up to t, wherever padding is
+            count = mask.long().cumsum(-1)  # (B, L)
+            back = (count.unsqueeze(2) - count.unsqueeze(1)).clamp(0, self.config.recency - 1)
+            h = h + self.recency(back)  # (B, T, L, A)
+        if self.item_newest is not None:  # window t's newest: its last real item
+            positions = torch.arange(length, device=rows.device)
+            last = (positions * mask).cummax(-1).values  # (B, T)
+            newest = content.gather(1, last.unsqueeze(-1).expand_as(content))
+            newest = newest * (mask.long().cumsum(-1) > 0).unsqueeze(-1)
+            h = h + self.item_newest(newest).unsqueeze(2)
+        seen = torch.ones(length, length, dtype=torch.bool, device=rows.device).tril()
+        visible = seen & mask.unsqueeze(1)  # (B, T, L)
+        alpha = _masked_softmax(self.item_out(F.relu(h)).squeeze(-1), visible)
+        return u.unsqueeze(1) + alpha @ content  # (B, T, D)
+
     def user_vectors(self, users: Tensor) -> Tensor:
         """(B,) user indices -> (B, D) embeddings; ``UNKNOWN_USER`` (a user the model was not
         trained on) gets a zero vector, so their vector comes from their profile alone."""
+        if self.user_embedding is None:
+            return self.reduce.weight.new_zeros(len(users), self.config.dim)
         known = users != UNKNOWN_USER
         u = self.user_embedding(users.clamp(min=0))
         return u * known.unsqueeze(-1)
@@ -345,13 +436,6 @@ def _newest(content: Tensor, mask: Tensor) -> Tensor:
     last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(-1)  # (B,)
     rows = content[torch.arange(len(content), device=content.device), last]
     return rows * mask.any(-1, keepdim=True)
-
-
-def _positions_back(mask: Tensor, size: int) -> Tensor:
-    """(B, L) position of each real profile item counted back from the newest (0 = newest),
-    ignoring padding wherever it is; capped at ``size - 1``."""
-    after = mask.flip(-1).cumsum(-1).flip(-1) - mask.long()  # real items newer than this one
-    return after.clamp(max=size - 1)
 
 
 def _masked_softmax(logits: Tensor, mask: Tensor) -> Tensor:

@@ -26,6 +26,7 @@ from service.offline import distributed
 from service.offline.data import DatasetError, load_dataset
 from service.offline.evaluate import PROTOCOLS, evaluate, holdout_task
 from service.offline.features import extract_features
+from service.offline.generalise import generalise
 from service.offline.metrics import summarise
 from service.offline.pipeline import (
     PipelineError,
@@ -39,10 +40,13 @@ from service.offline.report import ModelRun, plot_history
 from service.offline.reproduce import reproduce
 from service.offline.sweep import best_settings, load_sweep, sweep
 from service.offline.train import TrainConfig
+from service.offline.tune import DEFAULT_BUDGET, plan_for, tune
 from service.registry import Registry
 from service.runtime import keep_freed_memory, pick_device
 
 log = logging.getLogger("visrec")
+
+DEFAULT_PLAN = Path("configs/reproduce.toml")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -194,9 +198,17 @@ def _evaluate(args: argparse.Namespace) -> None:
 def _reproduce(args: argparse.Namespace) -> None:
     work = args.work_dir or _default_work_dir(args.data)
     args.docs.mkdir(parents=True, exist_ok=True)
+    config = args.config or plan_for(args.data, work, DEFAULT_PLAN)
+    if config is None:
+        print(
+            f"no plan was tuned on {args.data}: choosing its settings on its own validation "
+            f"first (visrec tune, {args.budget} runs per row)"
+        )
+        config = _run_tune(args, work)
+    print(f"plan: {config}")
     payload = reproduce(
         args.data,
-        plan=load_plan(args.config),
+        plan=load_plan(config),
         work_dir=work,
         docs_dir=args.docs,
         device=pick_device(args.device),
@@ -212,6 +224,46 @@ def _reproduce(args: argparse.Namespace) -> None:
         f"results: {args.docs / 'results.md'}, {args.docs / 'results.json'} "
         f"({payload['timings']['total_s'] / 60:.1f} min)"
     )
+
+
+def _run_tune(args: argparse.Namespace, work: Path) -> Path:
+    return tune(
+        args.data,
+        sweep_plan=load_sweep(args.sweep),
+        work_dir=work,
+        device=pick_device(args.device),
+        budget=args.budget,
+    )
+
+
+def _tune(args: argparse.Namespace) -> None:
+    path = _run_tune(args, args.work_dir or _default_work_dir(args.data))
+    print(f"tuned plan: {path} (`visrec reproduce {args.data}` uses it)")
+
+
+def _generalise(args: argparse.Namespace) -> None:
+    checks = generalise(
+        args.data,
+        sweep_plan=load_sweep(args.sweep),
+        work_dir=args.work_dir or _default_work_dir(args.data),
+        docs_dir=args.docs,
+        device=pick_device(args.device),
+        budget=args.budget,
+        rows=tuple(args.rows.split(",")),
+        seeds=tuple(int(s) for s in args.seeds.split(",")) if args.seeds else None,
+    )
+    ref, other = args.rows.split(",")[:2]
+    for check in checks:
+        for protocol, rows in check.comparison.diffs.items():
+            d = rows[other]
+            print(
+                f"  {check.name:6s} {protocol:8s} {ref} - {other}: "
+                + "  ".join(
+                    f"{k} {d[k].mean:+.4f} [{d[k].low:+.4f}, {d[k].high:+.4f}]"
+                    for k in ("R@20", "nDCG@20")
+                )
+            )
+    print(f"generalisation: {args.docs / 'generalisation.md'}")
 
 
 def _sweep(args: argparse.Namespace) -> None:
@@ -282,12 +334,38 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("reproduce", help="features, ACF and baselines, results page")
     _data_arg(p)
-    p.add_argument("--config", type=Path, help="TOML plan ([features], [train], [models.*])")
     p.add_argument(
-        "--work-dir", type=Path, help="features and checkpoints (default runs/<dataset>)"
+        "--config",
+        type=Path,
+        help="TOML plan ([features], [train], [models.*]); default: the plan tuned on this "
+        f"dataset (runs/<dataset>/plan.toml, or {DEFAULT_PLAN} when it was tuned on it), "
+        "else `visrec tune` makes one first",
     )
+    _tune_args(p)
     p.add_argument("--docs", type=Path, default=Path("docs"))
     p.set_defaults(run=_reproduce)
+
+    p = sub.add_parser(
+        "tune", help="choose every row's settings on this dataset's validation: its plan"
+    )
+    _data_arg(p)
+    _tune_args(p)
+    p.set_defaults(run=_tune)
+
+    p = sub.add_parser(
+        "generalise",
+        help="tune and compare again on user-disjoint and later-in-time splits of the data",
+    )
+    _data_arg(p)
+    _tune_args(p)
+    p.add_argument(
+        "--rows",
+        default="acf,sasrec",
+        help="plan rows to tune and compare, the reference first (default %(default)s)",
+    )
+    p.add_argument("--seeds", help="seeds to train each row with, e.g. 0,1 (default: the plan's)")
+    p.add_argument("--docs", type=Path, default=Path("docs"))
+    p.set_defaults(run=_generalise)
 
     p = sub.add_parser("sweep", help="equal-budget search of every model's settings, validation")
     _data_arg(p)
@@ -298,6 +376,24 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--docs", type=Path, default=Path("docs"))
     p.set_defaults(run=_sweep)
     return parser
+
+
+def _tune_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--work-dir", type=Path, help="features, checkpoints, plan (default runs/<dataset>)"
+    )
+    p.add_argument(
+        "--sweep",
+        type=Path,
+        default=Path("configs/sweep.toml"),
+        help="what tuning searches: base plan and each row's grid (default %(default)s)",
+    )
+    p.add_argument(
+        "--budget",
+        type=int,
+        default=DEFAULT_BUDGET,
+        help="training runs per row when tuning, the same for every row (default %(default)s)",
+    )
 
 
 def _data_arg(p: argparse.ArgumentParser) -> None:

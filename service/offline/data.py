@@ -14,9 +14,10 @@ users as ``0..U-1`` in order of first appearance.
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -171,6 +172,17 @@ def load_dataset(root: Path, *, check_images: bool = True) -> Dataset:
     )
 
 
+def fingerprint(root: Path) -> str:
+    """What a plan's settings were tuned on: the first 16 hex digits of the sha256 of the
+    dataset's ``interactions.csv`` (another folder name for the same data matches; the same
+    name for other data does not)."""
+    digest = hashlib.sha256()
+    with (Path(root) / "interactions.csv").open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
 def leave_last_out(data: Dataset) -> Split:
     """Per user, the last interaction is test and the one before it validation.
 
@@ -187,7 +199,18 @@ def leave_last_out(data: Dataset) -> Split:
     test = from_end == 0
     val = (from_end == 1) & (n_user >= 3)
     test &= n_user >= 2
-    train = ~(test | val)
+    return _parts(data, users, items, ~(test | val), val, test)
+
+
+def _parts(
+    data: Dataset,
+    users: np.ndarray,
+    items: np.ndarray,
+    train: np.ndarray,
+    val: np.ndarray,
+    test: np.ndarray,
+) -> Split:
+    """The split of the (time-ordered) ``users``/``items`` by the three masks."""
     return Split(
         n_users=data.n_users,
         n_items=data.n_items,
@@ -198,6 +221,52 @@ def leave_last_out(data: Dataset) -> Split:
         test_users=users[test],
         test_items=items[test],
     )
+
+
+def user_disjoint(split: Split, rng: np.random.Generator) -> Split:
+    """The same split with validation items of one half of the users (drawn with ``rng``)
+    and test items of the other half only: settings chosen on its validation are judged on
+    users whose held-out items never took part in choosing them. Training data is unchanged."""
+    tuning = rng.permutation(split.n_users)[: split.n_users // 2]
+    val = np.isin(split.val_users, tuning)
+    test = ~np.isin(split.test_users, tuning)
+    return replace(
+        split,
+        val_users=split.val_users[val],
+        val_items=split.val_items[val],
+        test_users=split.test_users[test],
+        test_items=split.test_items[test],
+    )
+
+
+def split_at(data: Dataset, cut: int) -> Split:
+    """A split in time: interactions before ``cut`` (a timestamp) are split leave-last-out
+    into training and validation (each user's last one before the cut; users with two or
+    more), and a user's test item is their first interaction at or after the cut (users with
+    a validation item). Nothing after the cut is trained on or validated with."""
+    order = np.lexsort((np.arange(len(data.users)), data.timestamps, data.users))
+    users, items, before = data.users[order], data.items[order], data.timestamps[order] < cut
+    n_before = np.bincount(users[before], minlength=data.n_users)
+    # rows before the cut come first in each user's run, in time order
+    starts = np.r_[0, np.cumsum(np.bincount(users, minlength=data.n_users))[:-1]]
+    index = np.arange(len(users)) - starts[users]  # position within the user's run
+    validated = (n_before >= 2)[users]
+    val = before & (index == n_before[users] - 1) & validated
+    test = ~before & (index == n_before[users]) & validated
+    return _parts(data, users, items, before & ~val, val, test)
+
+
+def busiest_cut(data: Dataset, quantiles: Sequence[float] = (0.5, 0.6, 0.7, 0.8, 0.9)) -> int:
+    """The timestamp, among these quantiles of all of them, that leaves the most users with
+    a test item in :func:`split_at` (no label is read: only who was active when)."""
+
+    def tested(cut: int) -> int:
+        before = np.bincount(data.users[data.timestamps < cut], minlength=data.n_users)
+        after = np.bincount(data.users[data.timestamps >= cut], minlength=data.n_users)
+        return int(((before >= 2) & (after >= 1)).sum())
+
+    cuts = [int(np.quantile(data.timestamps, q)) for q in quantiles]
+    return max(cuts, key=tested)
 
 
 def _group(users: np.ndarray, items: np.ndarray, n_users: int) -> list[np.ndarray]:

@@ -7,6 +7,11 @@ tutorial.toml`` for the tutorial's ACF), then the row's own ``[models.<row>]`` t
 name is not a model's says which model it is with ``model = ...``. An ablation says
 ``like = "<row>"``: it starts from that row's table (model included) and changes one thing, so
 settings the sweep finds for the row reach its ablations too.
+
+A plan says where its settings were chosen (``[tuned]``: the dataset, a fingerprint of its
+interactions, and how), so a run on other data can tell that they were not chosen there. A
+plan written by ``visrec tune`` names another plan as its ``base`` and holds only the row
+settings it found on its dataset's validation, layered on the base's rows.
 """
 
 from __future__ import annotations
@@ -37,6 +42,15 @@ class SyntheticPlan:
 
 
 @dataclass(frozen=True)
+class Tuned:
+    """Where a plan's row settings were chosen."""
+
+    dataset: str  # the dataset folder's name
+    fingerprint: str  # data.fingerprint of its interactions
+    by: str  # how, in words (the command, its budget, where its page is)
+
+
+@dataclass(frozen=True)
 class Plan:
     rows: tuple[Row, ...]
     backbone: str = DEFAULT_BACKBONE
@@ -46,6 +60,7 @@ class Plan:
     n_resamples: int = 1000
     bootstrap_seed: int = 0
     synthetic: SyntheticPlan | None = None
+    tuned: Tuned | None = None
 
     def row(self, name: str) -> Row:
         for row in self.rows:
@@ -57,11 +72,36 @@ class Plan:
     def row_names(self) -> list[str]:
         return [r.name for r in self.rows]
 
+    def tuned_on(self, fingerprint: str) -> bool:
+        """Were the settings chosen on the data with this fingerprint (``data.fingerprint``)?"""
+        return self.tuned is not None and self.tuned.fingerprint == fingerprint
+
+    def settings_note(self, fingerprint: str) -> str:
+        """Where the settings were chosen, in words, for a run on the data with this
+        fingerprint (the results page)."""
+        if self.tuned is None:
+            return (
+                "The plan does not say where its settings were chosen; `visrec tune` chooses "
+                "them on this dataset's validation."
+            )
+        if self.tuned_on(fingerprint):
+            return (
+                f"Settings of every row were chosen on this dataset's validation by "
+                f"{self.tuned.by}."
+            )
+        return (
+            f"**Settings were chosen on `{self.tuned.dataset}`'s validation, not on this "
+            f"dataset's** ({self.tuned.by}); `visrec tune` chooses them here."
+        )
+
 
 def load_plan(path: Path | None) -> Plan:
     """A plan file; with none, every model once with its defaults."""
     raw: dict[str, Any] = tomllib.loads(path.read_text()) if path else {}
     here = path.parent if path else Path()
+    if "base" in raw:  # a tuned plan: the base plan's, with its own row settings on top
+        base_path = here / raw["base"]
+        raw, here = _layered(tomllib.loads(base_path.read_text()), raw), base_path.parent
     shared = raw.get("train", {})
     tables = raw.get("models") or {m: {} for m in MODELS}
     rows = tuple(_row(name, _table(name, tables), shared, here) for name in tables)
@@ -75,6 +115,7 @@ def load_plan(path: Path | None) -> Plan:
         n_resamples=int(raw.get("n_resamples", 1000)),
         bootstrap_seed=int(raw.get("bootstrap_seed", 0)),
         synthetic=_synthetic(raw["synthetic"]) if "synthetic" in raw else None,
+        tuned=Tuned(**raw["tuned"]) if "tuned" in raw else None,
     )
     plan.row(plan.reference)  # must exist
     if not plan.seeds:
@@ -82,6 +123,19 @@ def load_plan(path: Path | None) -> Plan:
     for name in plan.synthetic.rows if plan.synthetic else ():
         plan.row(name)
     return plan
+
+
+def _layered(base: dict[str, Any], tuned: dict[str, Any]) -> dict[str, Any]:
+    """The base plan with the tuned plan's row settings (and ``[tuned]``) on top."""
+    models = {name: dict(table) for name, table in base.get("models", {}).items()}
+    for name, table in tuned.get("models", {}).items():
+        if name not in models:
+            raise ValueError(f"the tuned plan sets row {name!r}, which its base plan lacks")
+        models[name].update(table)
+    layered = {**base, "models": models}
+    if "tuned" in tuned:
+        layered["tuned"] = tuned["tuned"]
+    return layered
 
 
 def _table(name: str, tables: dict[str, Any], seen: tuple[str, ...] = ()) -> dict[str, Any]:

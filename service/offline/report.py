@@ -59,6 +59,7 @@ class Report:
     n_items: int
     timings: dict[str, float]
     device: str
+    chosen: str = ""  # where the plan's settings were chosen, in words
 
 
 def results_json(report: Report) -> dict[str, Any]:
@@ -114,6 +115,7 @@ def results_json(report: Report) -> dict[str, Any]:
         "timings": report.timings,
         "bootstrap_seed": report.plan.bootstrap_seed,
         "device": report.device,
+        "settings_chosen": report.chosen,
     }
 
 
@@ -152,8 +154,8 @@ def _notes(report: Report) -> list[str]:
         "transitions, EASE) have no randomness and are fitted once. A figure is the mean over "
         "seeds of the mean over users, ± the standard deviation over seeds, [the 95% bootstrap "
         f"interval over users of their metric averaged over seeds] ({plan.n_resamples} "
-        f"resamples, seed {plan.bootstrap_seed}). Differences pair the same users. Settings "
-        "of every row were chosen on validation by `make sweep` ([sweep.md](sweep.md)).",
+        f"resamples, seed {plan.bootstrap_seed}). Differences pair the same users. "
+        f"{report.chosen}",
         "",
         f"Wall times on `{report.device}`: features {t['features_s']:.0f} s, training and "
         f"evaluation {t['training_and_evaluation_s']:.0f} s, synthetic world "

@@ -24,7 +24,7 @@ from service.model.acf import ACF
 from service.model.checkpoint import save_checkpoint
 from service.model.feature_store import load_features
 from service.offline.attention import heatmap_stats
-from service.offline.data import load_dataset
+from service.offline.data import fingerprint, load_dataset
 from service.offline.evaluate import PROTOCOLS, evaluate, holdout_task, rank_new_items
 from service.offline.features import extract_features
 from service.offline.metrics import Interval, bootstrap, paired_bootstrap
@@ -125,6 +125,7 @@ def reproduce(
         n_items=prepared.split.n_items,
         timings=timings,
         device=str(device),
+        chosen=plan.settings_note(fingerprint(data_dir)),
     )
     plot_history(
         [r for row in results for r in row.runs if r.seed == plan.seeds[0]],

@@ -3,6 +3,12 @@
 Every training interaction is a positive once per epoch; its profile is the ≤ L items the user
 interacted with just before it, and, for pairwise losses, its negative is drawn uniformly from
 the items the user has no training interaction with.
+
+Two ways to batch them: one sample per window (:func:`epoch_batches`: a batch row is a profile
+and its positive), or every position of a stretch of a user's sequence at once
+(:func:`chunk_batches`: a batch row is L + 1 consecutive items; the model reads the first L
+once, causally, and each item after the first is the positive of the items before it in the
+row, as SASRec is trained).
 """
 
 from __future__ import annotations
@@ -22,6 +28,11 @@ class Samples:
     profiles: np.ndarray  # (T, L) int64, the items just before the positive, PAD-filled
     seen: np.ndarray  # sorted unique keys user * (N + 1) + item of training interactions
     n_items: int
+
+    def sequences(self) -> list[np.ndarray]:
+        """Each user's training items in order (the samples are stored user by user)."""
+        starts = np.flatnonzero(np.r_[True, self.users[1:] != self.users[:-1]])
+        return np.split(self.positives, starts[1:]) if len(self.users) else []
 
 
 @dataclass(frozen=True)
@@ -60,6 +71,38 @@ def last_items(sequences: Sequence[np.ndarray], size: int) -> np.ndarray:
         tail = s[-size:] if size else s[:0]
         out[u, size - len(tail) :] = tail
     return out
+
+
+def sequence_chunks(sequences: Sequence[np.ndarray], size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Users (C,) and rows (C, size + 1) of consecutive items, oldest first, PAD on the left:
+    each user's sequence cut from its end into stretches that overlap by one item, so every
+    item is the positive of exactly one row position (a user's first item, of an empty
+    profile), as in :func:`build_samples`. A position's profile is the items before it in its
+    row only, so it holds between 0 and ``size`` items."""
+    users, rows = [], []
+    for u, s in enumerate(sequences):
+        for end in range(len(s), 0, -size):
+            row = np.full(size + 1, PAD, dtype=np.int64)
+            part = s[max(0, end - size - 1) : end]
+            row[size + 1 - len(part) :] = part
+            users.append(u)
+            rows.append(row)
+    if not rows:
+        return np.zeros(0, dtype=np.int64), np.zeros((0, size + 1), dtype=np.int64)
+    return np.array(users, dtype=np.int64), np.stack(rows)
+
+
+def chunk_batches(
+    users: np.ndarray, rows: np.ndarray, batch_size: int, rng: np.random.Generator
+) -> Iterator[Batch]:
+    """One epoch of :func:`sequence_chunks`' rows, shuffled, about ``batch_size`` positives a
+    batch: ``profiles`` (B, L) are each row's first L items and ``positives`` (B, L) the L
+    after them (PAD where a position has no positive)."""
+    per_batch = max(1, batch_size // (rows.shape[1] - 1))
+    order = rng.permutation(len(users))
+    for start in range(0, len(order), per_batch):
+        idx = order[start : start + per_batch]
+        yield Batch(users[idx], rows[idx, :-1], rows[idx, 1:], np.zeros(0, dtype=np.int64))
 
 
 def sample_negatives(users: np.ndarray, samples: Samples, rng: np.random.Generator) -> np.ndarray:

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from service.model.acf import PAD
+from service.model.blocks import Block, causal_blocked
 
 
 @dataclass(frozen=True)
@@ -30,27 +31,6 @@ class SASRecConfig:
     dropout: float = 0.2
 
 
-class _Block(nn.Module):
-    """Pre-norm transformer block: masked self-attention, then a position-wise feed-forward."""
-
-    def __init__(self, dim: int, heads: int, dropout: float) -> None:
-        super().__init__()
-        self.norm_attention = nn.LayerNorm(dim)
-        self.attention = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
-        self.norm_ff = nn.LayerNorm(dim)
-        self.ff = nn.Sequential(
-            nn.Linear(dim, dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(dim, dim)
-        )
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x: Tensor, blocked: Tensor) -> Tensor:
-        """x (B, L, D); blocked (B·heads, L, L) True where a position may not look."""
-        h = self.norm_attention(x)
-        attended, _ = self.attention(h, h, h, attn_mask=blocked, need_weights=False)
-        x = x + self.dropout(attended)
-        return x + self.dropout(self.ff(self.norm_ff(x)))
-
-
 class SASRec(nn.Module):
     def __init__(self, config: SASRecConfig) -> None:
         super().__init__()
@@ -59,7 +39,7 @@ class SASRec(nn.Module):
         self.item_embedding = nn.Embedding(config.n_items + 1, d, padding_idx=PAD)
         self.position = nn.Embedding(config.max_len, d)  # counted back from the newest item
         self.blocks = nn.ModuleList(
-            _Block(d, config.heads, config.dropout) for _ in range(config.blocks)
+            Block(d, config.heads, config.dropout) for _ in range(config.blocks)
         )
         self.norm = nn.LayerNorm(d)
         self.dropout = nn.Dropout(config.dropout)
@@ -77,10 +57,7 @@ class SASRec(nn.Module):
         back = torch.arange(length - 1, -1, -1, device=profiles.device)  # newest = 0
         x = self.item_embedding(profiles) * math.sqrt(self.config.dim) + self.position(back)
         x = self.dropout(x) * real.unsqueeze(-1)  # (B, L', D)
-        causal = torch.ones(length, length, dtype=torch.bool, device=profiles.device).tril()
-        allowed = causal & real.unsqueeze(1)  # (B, L', L'): key j is an item at or before t
-        allowed |= torch.eye(length, dtype=torch.bool, device=profiles.device)  # never empty
-        blocked = (~allowed).repeat_interleave(self.config.heads, dim=0)  # (B·heads, L', L')
+        blocked = causal_blocked(real, self.config.heads)  # (B·heads, L', L')
         for block in self.blocks:
             x = block(x, blocked) * real.unsqueeze(-1)
         return self.norm(x)
@@ -88,6 +65,11 @@ class SASRec(nn.Module):
     def queries(self, users: Tensor, profiles: Tensor) -> Tensor:
         """(B, D): the hidden state at the newest position (users are not used)."""
         return self.encode(profiles)[:, -1]
+
+    def queries_every_position(self, users: Tensor, rows: Tensor) -> Tensor:
+        """(B, L) consecutive items -> (B, L, D): position t's query reads ``rows[:, :t+1]``
+        (causally, in one pass; positions count back from the row's newest item)."""
+        return self.encode(rows)
 
     def item_vectors(self, items: Tensor | None = None) -> Tensor:
         """(M, D) output vectors of ``items`` (default: 1..N), shared with the input."""

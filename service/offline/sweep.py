@@ -42,6 +42,7 @@ Settings = dict[str, Any]
 @dataclass(frozen=True)
 class SweepPlan:
     base: Plan
+    base_path: Path  # the plan file ``base`` was read from
     budget: int = 8
     seed: int = 0
     spaces: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
@@ -62,7 +63,8 @@ class Trial:
 
 def load_sweep(path: Path) -> SweepPlan:
     raw = tomllib.loads(path.read_text())
-    base = load_plan(path.parent / raw["base"])
+    base_path = path.parent / raw["base"]
+    base = load_plan(base_path)
     spaces, compare = raw.get("space", {}), raw.get("compare", {})
     for name in (*spaces, *compare):
         base.row(name)
@@ -71,7 +73,9 @@ def load_sweep(path: Path) -> SweepPlan:
         unknown = sorted(set(table) - known)
         if unknown:
             raise ValueError(f"{path}: unknown training setting(s) {', '.join(unknown)}")
-    return SweepPlan(base, int(raw.get("budget", 8)), int(raw.get("seed", 0)), spaces, compare)
+    return SweepPlan(
+        base, base_path, int(raw.get("budget", 8)), int(raw.get("seed", 0)), spaces, compare
+    )
 
 
 def candidates(
@@ -93,8 +97,16 @@ def candidates(
 
 
 def sweep(
-    data_dir: Path, *, plan: SweepPlan, work_dir: Path, docs_dir: Path, device: torch.device
+    data_dir: Path,
+    *,
+    plan: SweepPlan,
+    work_dir: Path,
+    docs_dir: Path,
+    device: torch.device,
+    prepared: Prepared | None = None,
 ) -> list[Trial]:
+    """Every trial of ``plan`` on ``data_dir``'s validation (or on ``prepared``'s: another
+    split of it), resuming from ``docs_dir/sweep.json``."""
     planned = [
         (name, changes, "search")
         for name, space in plan.spaces.items()
@@ -109,7 +121,6 @@ def sweep(
     ]
     done = _earlier_trials(docs_dir / "sweep.json", data_dir, plan)
     keys = [_key(name, changes, kind, _fingerprint(plan, name)) for name, changes, kind in planned]
-    prepared: Prepared | None = None
     trials: list[Trial] = []
     for i, (name, changes, kind) in enumerate(planned):
         trial = done.get(keys[i])
