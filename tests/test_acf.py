@@ -144,15 +144,13 @@ def test_recency_makes_the_newest_items_count_by_position() -> None:
 
 
 def test_every_position_is_attention_over_each_prefix_of_the_row(model: ACF) -> None:
-    """One pass over a row gives, at position t, the user vector of the profile rows[:, :t+1]
-    (padding anywhere, as profile dropout leaves it); with context blocks, whose positions
-    count back from the row's newest item, at the last position."""
+    """One pass over a row gives, at every position t, the user vector of the profile
+    rows[:, :t+1] (padding anywhere, as profile dropout leaves it)."""
     rows = torch.tensor([[0, 3, 5, 7, 9], [2, 4, 0, 6, 8], [0, 0, 0, 0, 1], [0, 0, 0, 0, 0]])
     users = torch.tensor([0, 3, UNKNOWN_USER, 2])
     every = model.attend_every_position(users, rows)
     tables = model.catalogue_tables()
-    last = rows.shape[1] - 1
-    for t in range(last + 1) if model.context is None else (last,):
+    for t in range(rows.shape[1]):
         window = model.attend(users, rows[:, : t + 1], tables).user
         torch.testing.assert_close(every[:, t], window, rtol=1e-5, atol=1e-6)
 

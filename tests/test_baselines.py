@@ -142,7 +142,10 @@ def test_sasrec_every_position_reads_each_prefix_causally() -> None:
     model = SASRec(SASRecConfig(n_items=20, max_len=5, dim=16, dropout=0.0)).eval()
     rows = torch.tensor([[0, 3, 5, 7, 9], [2, 4, 6, 8, 1]])
     every = model.queries_every_position(torch.zeros(2, dtype=torch.long), rows)
-    torch.testing.assert_close(every[:, -1], model.queries(torch.zeros(2), rows))
+    for t in range(rows.shape[1]):  # each prefix, exactly as a profile of its own
+        torch.testing.assert_close(
+            every[:, t], model.queries(torch.zeros(2), rows[:, : t + 1]), rtol=1e-5, atol=1e-6
+        )
     changed = rows.clone()
     changed[:, 3:] = 11  # later items change nothing before them
     again = model.queries_every_position(torch.zeros(2, dtype=torch.long), changed)

@@ -156,11 +156,11 @@ def test_flat_attention_is_warned_about(
             "feature_rank": 0,
         },
         {"loss": "softmax", "full_softmax_items": 1, "negatives": 64},  # sampled softmax
-        {"context_blocks": 0},  # order from recency and the newest item alone
+        {"context_blocks": 2},  # order inside the profile
         {"user_embedding": False},
         {"user_dropout": 0.5},
-        {"every_position": False},  # a pass per window
-        {"model": "sasrec", "every_position": False},
+        {"context_blocks": 2, "every_position": True},
+        {"model": "sasrec", "every_position": True},
         {"model": "transitions"},
         {"model": "ease"},
     ],
@@ -290,8 +290,8 @@ def test_command_line_refuses_features_of_another_dataset(
         ({"visual": "both"}, "visual='both'"),
         ({"user_dropout": 1.0}, "user_dropout=1.0"),
         ({"context_blocks": -1}, "context_blocks=-1"),
-        ({"loss": "bpr"}, "every_position=True"),
-        ({"entropy_bonus": 0.1}, "every_position=True"),
+        ({"loss": "bpr", "every_position": True}, "every_position=True"),
+        ({"entropy_bonus": 0.1, "every_position": True}, "every_position=True"),
     ],
 )
 def test_a_bad_setting_is_refused_by_name(change: dict[str, object], named: str) -> None:

@@ -16,7 +16,7 @@ Notation (B users, L profile items, K components, C feature dim, D model dim, A 
 - user vector ``u_i + Σ_l α(i,l) c_l`` with ``c_l = p_l`` (``visual="attention"``, the tutorial)
   or ``c_l = p_l + x̄(i,l)`` (``visual="score"``);
 - order inside the profile (``context_blocks`` > 0): before the item attention, the profile's
-  ``c_l`` plus a learned vector per position (counted back from the newest item) go through
+  ``c_l`` plus a learned vector per position (counted from the oldest item) go through
   causal self-attention blocks (:mod:`service.model.blocks`, as in SASRec), and the item
   attention weighs and pools the contextualised ``c'_l`` (its ``W1p`` reads ``c'_l`` instead of
   ``p_l``): ``α(i,l)`` is then the weight of profile item ``l`` *after* context, which is what
@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from service.model.blocks import Block, causal_blocked, positions_back
+from service.model.blocks import Block, causal_blocked, positions_back, positions_forward
 
 PAD = 0  # item index 0 is padding; real items are 1..N
 UNKNOWN_USER = -1  # user index of someone the model has no embedding for
@@ -109,7 +109,7 @@ class Context(nn.Module):
 
     def __init__(self, dim: int, blocks: int, heads: int, dropout: float, positions: int) -> None:
         super().__init__()
-        self.position = nn.Embedding(positions, dim)  # counted back from the newest item
+        self.position = nn.Embedding(positions, dim)  # counted from the oldest item
         self.blocks = nn.ModuleList(Block(dim, heads, dropout) for _ in range(blocks))
         self.norm = nn.LayerNorm(dim)
         self.dropout = nn.Dropout(dropout)
@@ -118,7 +118,7 @@ class Context(nn.Module):
 
     def forward(self, content: Tensor, mask: Tensor) -> Tensor:
         real = mask.unsqueeze(-1)
-        x = content + self.position(positions_back(mask, self.position.num_embeddings))
+        x = content + self.position(positions_forward(mask, self.position.num_embeddings))
         x = self.dropout(x) * real
         blocked = causal_blocked(mask, self.heads)
         for block in self.blocks:
@@ -257,9 +257,8 @@ class ACF(nn.Module):
         """(B,) users, (B, L) consecutive items of each (oldest first, PAD on the left) ->
         (B, L, D) the user vector after each position: position t's is :meth:`attend`'s for the
         profile ``rows[:, :t+1]``, all of them from one pass over the row (training on every
-        position, as SASRec is). The item attention is exact for every t (recency counts back
-        from t); context blocks read the row causally, with positions counted back from its
-        newest item, so before the last position they see positions as a longer profile would.
+        position, as SASRec is): the context blocks read the row causally with positions counted
+        from its oldest item, and the item attention's recency counts back from t.
         """
         items, index = torch.unique(rows, return_inverse=True)
         tables = self.encode_items(self.features[items]) if self.uses_images else _NO_TABLES

@@ -1,9 +1,11 @@
 """Causal self-attention over a profile, shared by SASRec and ACF's order-aware variant.
 
 A profile is (B, L) item slots, oldest first; PAD slots may sit anywhere (on the left in
-training, nowhere when serving). Positions are counted back from the newest real item, so the
-same item in the same place relative to "now" gets the same position however the profile is
-padded. Notation: B profiles, L slots, D model dim.
+training, nowhere when serving). Self-attention positions count real items from the oldest
+(:func:`positions_forward`), as SASRec's count from the start of its window: slot t then has the
+same position whether the profile ends at t or goes on after it, so a causal pass over a row
+gives every prefix of it exactly what a pass over that prefix alone would (every-position
+training). Notation: B profiles, L slots, D model dim.
 """
 
 from __future__ import annotations
@@ -41,6 +43,13 @@ def causal_blocked(real: Tensor, heads: int) -> Tensor:
     allowed = causal & real.unsqueeze(1)  # (B, L, L): key j is an item at or before t
     allowed |= torch.eye(length, dtype=torch.bool, device=real.device)
     return (~allowed).repeat_interleave(heads, dim=0)
+
+
+def positions_forward(mask: Tensor, size: int) -> Tensor:
+    """(B, L) position of each real profile item counted from the oldest (0 = oldest), ignoring
+    padding wherever it is; capped at ``size - 1``."""
+    before = mask.long().cumsum(-1) - mask.long()  # real items older than this one
+    return before.clamp(max=size - 1)
 
 
 def positions_back(mask: Tensor, size: int) -> Tensor:

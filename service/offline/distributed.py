@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from service.model.acf import PAD
 from service.offline.sampling import Batch
 
 
@@ -54,7 +55,8 @@ def is_main() -> bool:
 
 def share(batch: Batch) -> tuple[Batch, float]:
     """This process's share of a global batch, and the weight of its mean loss such that the
-    average over processes is the global batch's mean loss. A batch smaller than the number of
+    average over processes is the global batch's mean loss (weighted by positives: a row of
+    every-position batches holds several, some rows fewer). A batch smaller than the number of
     processes is trained whole by each of them."""
     world = world_size()
     n = len(batch.users)
@@ -67,7 +69,12 @@ def share(batch: Batch) -> tuple[Batch, float]:
         batch.positives[idx],
         batch.negatives[idx] if len(batch.negatives) else batch.negatives,
     )
-    return part, len(idx) * world / n
+    return part, _positives(part) * world / _positives(batch)
+
+
+def _positives(batch: Batch) -> int:
+    """How many positives a batch's mean loss is over (PAD marks none)."""
+    return int(np.count_nonzero(batch.positives != PAD))
 
 
 def total(values: list[float]) -> list[float]:

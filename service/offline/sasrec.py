@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from service.model.acf import PAD
-from service.model.blocks import Block, causal_blocked
+from service.model.blocks import Block, causal_blocked, positions_forward
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class SASRec(nn.Module):
         self.config = config
         d = config.dim
         self.item_embedding = nn.Embedding(config.n_items + 1, d, padding_idx=PAD)
-        self.position = nn.Embedding(config.max_len, d)  # counted back from the newest item
+        self.position = nn.Embedding(config.max_len, d)  # counted from the oldest item
         self.blocks = nn.ModuleList(
             Block(d, config.heads, config.dropout) for _ in range(config.blocks)
         )
@@ -52,10 +52,9 @@ class SASRec(nn.Module):
         """(B, L) item indices, oldest first, PAD on the left -> (B, L', D) hidden states,
         L' = min(L, max_len); position t sees only positions <= t that hold an item."""
         profiles = profiles[:, -self.config.max_len :]
-        length = profiles.shape[1]
         real = profiles != PAD  # (B, L')
-        back = torch.arange(length - 1, -1, -1, device=profiles.device)  # newest = 0
-        x = self.item_embedding(profiles) * math.sqrt(self.config.dim) + self.position(back)
+        position = self.position(positions_forward(real, self.config.max_len))
+        x = self.item_embedding(profiles) * math.sqrt(self.config.dim) + position
         x = self.dropout(x) * real.unsqueeze(-1)  # (B, L', D)
         blocked = causal_blocked(real, self.config.heads)  # (B·heads, L', L')
         for block in self.blocks:
@@ -67,8 +66,8 @@ class SASRec(nn.Module):
         return self.encode(profiles)[:, -1]
 
     def queries_every_position(self, users: Tensor, rows: Tensor) -> Tensor:
-        """(B, L) consecutive items -> (B, L, D): position t's query reads ``rows[:, :t+1]``
-        (causally, in one pass; positions count back from the row's newest item)."""
+        """(B, L) consecutive items -> (B, L, D): position t's query is :meth:`queries` of
+        ``rows[:, :t+1]``, all from one causal pass (positions count from the oldest item)."""
         return self.encode(rows)
 
     def item_vectors(self, items: Tensor | None = None) -> Tensor:
