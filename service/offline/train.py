@@ -98,7 +98,7 @@ class TrainConfig:
     sample_run: int = 16
     # ACF and SASRec (softmax loss): every position of a stretch of profile_size + 1 items of a
     # user trained in one pass (sampling.chunk_batches), as SASRec is, instead of one pass per
-    # window. Validation, 3 seeds, ACF with context blocks: nDCG@20 0.1561 against 0.1586 a
+    # window. Validation, 3 seeds, ACF with context blocks: nDCG@20 0.1547 against 0.1586 a
     # pass per window, ~10 s an epoch against 17.6 s (README). Other models: a pass per window.
     every_position: bool = False
     profile_dropout: float = 0.0  # training: each profile item is hidden with this probability
