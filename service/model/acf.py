@@ -228,8 +228,52 @@ class ACF(nn.Module):
         slots, oldest first; ``rows`` (B, L) are the rows of ``tables`` holding each profile
         item (default: the item index).
         """
-        rows = profiles if rows is None else rows
         mask = profiles != PAD  # (B, L)
+        t = self._profile_terms(users, profiles, tables, profiles if rows is None else rows)
+        h = t.keys
+        if self.recency is not None:
+            h = h + self.recency(positions_back(mask, self.config.recency))
+        if self.item_newest is not None:
+            h = h + self.item_newest(_newest(t.content, mask)).unsqueeze(1)
+        alpha = _masked_softmax(self.item_out(F.relu(h)).squeeze(-1), mask)  # (B, L)
+        user = t.user + (alpha.unsqueeze(-2) @ t.content).squeeze(-2)  # (B, D)
+        return Attended(user, alpha, t.component_attention * mask.unsqueeze(-1))
+
+    def attend_every_position(self, users: Tensor, rows: Tensor) -> Tensor:
+        """(B,) users, (B, L) consecutive items of each (oldest first, PAD on the left) ->
+        (B, L, D) the user vector after each position: position t's is :meth:`attend`'s for the
+        profile ``rows[:, :t+1]``, all of them from one pass over the row (training on every
+        position, as SASRec is): the context blocks read the row causally with positions counted
+        from its oldest item, and the item attention's recency counts back from t.
+        """
+        items, index = torch.unique(rows, return_inverse=True)
+        tables = self.encode_items(self.features[items]) if self.uses_images else _NO_TABLES
+        mask = rows != PAD  # (B, L)
+        t = self._profile_terms(users, rows, tables, index)
+        content, length = t.content, rows.shape[1]
+        h = t.keys.unsqueeze(1).expand(-1, length, -1, -1)  # (B, T, L, A): item l seen from t
+        if self.recency is not None:  # real items after l up to t, wherever padding is
+            count = mask.long().cumsum(-1)  # (B, L)
+            back = (count.unsqueeze(2) - count.unsqueeze(1)).clamp(0, self.config.recency - 1)
+            h = h + self.recency(back)  # (B, T, L, A)
+        if self.item_newest is not None:  # window t's newest: its last real item
+            positions = torch.arange(length, device=rows.device)
+            last = (positions * mask).cummax(-1).values  # (B, T)
+            newest = content.gather(1, last.unsqueeze(-1).expand_as(content))
+            newest = newest * (mask.long().cumsum(-1) > 0).unsqueeze(-1)
+            h = h + self.item_newest(newest).unsqueeze(2)
+        seen = torch.ones(length, length, dtype=torch.bool, device=rows.device).tril()
+        visible = seen & mask.unsqueeze(1)  # (B, T, L)
+        alpha = _masked_softmax(self.item_out(F.relu(h)).squeeze(-1), visible)
+        return t.user.unsqueeze(1) + alpha @ content  # (B, T, D)
+
+    def _profile_terms(
+        self, users: Tensor, profiles: Tensor, tables: ItemTables, rows: Tensor
+    ) -> _ProfileTerms:
+        """What both attentions' callers share: the user embeddings, each slot's component
+        attention, its content (contextualised with context blocks) and the part of its item
+        attention logit's input that does not depend on which slot is the newest."""
+        mask = profiles != PAD
         u = self.user_vectors(users)  # (B, D)
         p = self.profile_embedding(profiles)  # (B, L, D)
         if self.uses_images:
@@ -245,55 +289,7 @@ class ACF(nn.Module):
             h = h + self.item_component(x_bar)
         if self.item_self is not None:
             h = h + self.item_self(self.item_embedding(profiles))
-        if self.recency is not None:
-            h = h + self.recency(positions_back(mask, self.config.recency))
-        if self.item_newest is not None:
-            h = h + self.item_newest(_newest(content, mask)).unsqueeze(1)
-        alpha = _masked_softmax(self.item_out(F.relu(h)).squeeze(-1), mask)  # (B, L)
-        user = u + (alpha.unsqueeze(-2) @ content).squeeze(-2)  # (B, D)
-        return Attended(user, alpha, beta * mask.unsqueeze(-1))
-
-    def attend_every_position(self, users: Tensor, rows: Tensor) -> Tensor:
-        """(B,) users, (B, L) consecutive items of each (oldest first, PAD on the left) ->
-        (B, L, D) the user vector after each position: position t's is :meth:`attend`'s for the
-        profile ``rows[:, :t+1]``, all of them from one pass over the row (training on every
-        position, as SASRec is): the context blocks read the row causally with positions counted
-        from its oldest item, and the item attention's recency counts back from t.
-        """
-        items, index = torch.unique(rows, return_inverse=True)
-        tables = self.encode_items(self.features[items]) if self.uses_images else _NO_TABLES
-        mask = rows != PAD  # (B, L)
-        u = self.user_vectors(users)
-        p = self.profile_embedding(rows)
-        if self.uses_images:
-            _, x_bar = self._pool_components(users, u, tables, index)
-        else:
-            x_bar = None
-        content = p + x_bar if self.config.visual == "score" and x_bar is not None else p
-        if self.context is not None:
-            content = self.context(content, mask)
-        keyed = p if self.context is None else content
-        h = self.item_user(u).unsqueeze(1) + self.item_profile(keyed)  # (B, L, A) per item l
-        if x_bar is not None:
-            h = h + self.item_component(x_bar)
-        if self.item_self is not None:
-            h = h + self.item_self(self.item_embedding(rows))
-        length = rows.shape[1]
-        h = h.unsqueeze(1).expand(-1, length, -1, -1)  # (B, T, L, A): item l seen from t
-        if self.recency is not None:  # real items after l up to t, wherever padding is
-            count = mask.long().cumsum(-1)  # (B, L)
-            back = (count.unsqueeze(2) - count.unsqueeze(1)).clamp(0, self.config.recency - 1)
-            h = h + self.recency(back)  # (B, T, L, A)
-        if self.item_newest is not None:  # window t's newest: its last real item
-            positions = torch.arange(length, device=rows.device)
-            last = (positions * mask).cummax(-1).values  # (B, T)
-            newest = content.gather(1, last.unsqueeze(-1).expand_as(content))
-            newest = newest * (mask.long().cumsum(-1) > 0).unsqueeze(-1)
-            h = h + self.item_newest(newest).unsqueeze(2)
-        seen = torch.ones(length, length, dtype=torch.bool, device=rows.device).tril()
-        visible = seen & mask.unsqueeze(1)  # (B, T, L)
-        alpha = _masked_softmax(self.item_out(F.relu(h)).squeeze(-1), visible)
-        return u.unsqueeze(1) + alpha @ content  # (B, T, D)
+        return _ProfileTerms(u, beta, content, h)
 
     def user_vectors(self, users: Tensor) -> Tensor:
         """(B,) user indices -> (B, D) embeddings; ``UNKNOWN_USER`` (a user the model was not
@@ -423,6 +419,14 @@ class ACF(nn.Module):
     def score_all(self, users: Tensor, profiles: Tensor) -> Tensor:
         """(B, N) scores of items 1..N."""
         return self.queries(users, profiles) @ self.item_vectors().T
+
+
+@dataclass(frozen=True)
+class _ProfileTerms:
+    user: Tensor  # (B, D) user embeddings
+    component_attention: Tensor  # (B, L, K)
+    content: Tensor  # (B, L, D) what the item attention pools
+    keys: Tensor  # (B, L, A) item attention logits' input before recency and the newest item
 
 
 _NO_TABLES = ItemTables(torch.empty(0), torch.empty(0))

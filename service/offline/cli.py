@@ -36,7 +36,7 @@ from service.offline.pipeline import (
     training_state_path,
 )
 from service.offline.plan import load_plan
-from service.offline.report import ModelRun, plot_history
+from service.offline.report import HEADLINE, ModelRun, plot_history, signed_interval
 from service.offline.reproduce import reproduce
 from service.offline.sweep import best_settings, load_sweep, sweep
 from service.offline.train import TrainConfig
@@ -258,10 +258,7 @@ def _generalise(args: argparse.Namespace) -> None:
             d = rows[other]
             print(
                 f"  {check.name:6s} {protocol:8s} {ref} - {other}: "
-                + "  ".join(
-                    f"{k} {d[k].mean:+.4f} [{d[k].low:+.4f}, {d[k].high:+.4f}]"
-                    for k in ("R@20", "nDCG@20")
-                )
+                + "  ".join(f"{k} {signed_interval(d[k])}" for k in HEADLINE)
             )
     print(f"generalisation: {args.docs / 'generalisation.md'}")
 

@@ -17,7 +17,6 @@ results page of the same dataset (``docs/results.json``), when there is one.
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,13 +29,11 @@ from service.offline.data import busiest_cut, split_at, user_disjoint
 from service.offline.metrics import Interval
 from service.offline.pipeline import Prepared
 from service.offline.plan import Plan, Row
+from service.offline.report import HEADLINE, signed_interval
 from service.offline.reproduce import Comparison, compare, prepare_with_features, run_rows
 from service.offline.sweep import Settings, SweepPlan, best_settings, sweep
 
-log = logging.getLogger(__name__)
-
-HEADLINE = ("R@20", "nDCG@20")
-PROTOCOLS = ("standard", "seed")
+PROTOCOLS = ("standard", "seed")  # the order of the page's columns
 
 
 @dataclass(frozen=True)
@@ -185,7 +182,7 @@ def generalisation_markdown(
             cells = [_interval(c.summary[p][name][m]) for p in PROTOCOLS for m in HEADLINE]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         for name in rows[1:]:
-            cells = [_diff(c.diffs[p][name][m]) for p in PROTOCOLS for m in HEADLINE]
+            cells = [signed_interval(c.diffs[p][name][m]) for p in PROTOCOLS for m in HEADLINE]
             lines.append(f"| `{ref}` − `{name}` | " + " | ".join(cells) + " |")
         lines += ["", *_agreement(check, ref, other, main), ""]
     return "\n".join(lines) + "\n"
@@ -210,7 +207,3 @@ def _agreement(
 
 def _interval(iv: Interval) -> str:
     return f"{iv.mean:.4f} [{iv.low:.4f}, {iv.high:.4f}]"
-
-
-def _diff(iv: Interval) -> str:
-    return f"{iv.mean:+.4f} [{iv.low:+.4f}, {iv.high:+.4f}]"

@@ -234,7 +234,8 @@ def _protocol_section(c: Comparison, protocol: str, ref: str) -> list[str]:
         "|---|" + "---|" * len(PAGE_METRICS),
     ]
     for name, table in c.diffs[protocol].items():
-        lines.append(f"| {name} | " + " | ".join(_diff(table[k]) for k in PAGE_METRICS) + " |")
+        row = " | ".join(signed_interval(table[k]) for k in PAGE_METRICS)
+        lines.append(f"| {name} | {row} |")
     return [*lines, ""]
 
 
@@ -289,14 +290,14 @@ def _ablation_section(report: Report) -> list[str]:
                     continue
                 cells.append(f"{c.summary['standard'][name][k].mean:.4f}")
                 diff = c.diffs["standard"].get(name)
-                cells.append(_diff(diff[k]) if diff else "—")
+                cells.append(signed_interval(diff[k]) if diff else "—")
         for c in comparisons:
             if c.new_items and name not in c.summary["standard"]:
                 cells += ["", ""]
             elif c.new_items:
                 ranked, change = c.new_items.get(name), c.new_items_diffs.get(name)
                 cells.append(f"{ranked.mean:.4f}" if ranked else "cannot")
-                cells.append(_diff(change) if change else "—")
+                cells.append(signed_interval(change) if change else "—")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return [*lines, ""]
 
@@ -384,7 +385,7 @@ def _cell(iv: Interval, sd: float) -> str:
     return f"{iv.mean:.4f} ± {sd:.4f} [{iv.low:.4f}, {iv.high:.4f}]"
 
 
-def _diff(iv: Interval) -> str:
+def signed_interval(iv: Interval) -> str:
     return f"{iv.mean:+.4f} [{iv.low:+.4f}, {iv.high:+.4f}]"
 
 

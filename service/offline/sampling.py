@@ -92,13 +92,18 @@ def sequence_chunks(sequences: Sequence[np.ndarray], size: int) -> tuple[np.ndar
     return np.array(users, dtype=np.int64), np.stack(rows)
 
 
+def rows_per_batch(batch_size: int, size: int) -> int:
+    """Rows of :func:`chunk_batches` (``size`` positives each) in a batch of ~``batch_size``."""
+    return max(1, batch_size // size)
+
+
 def chunk_batches(
     users: np.ndarray, rows: np.ndarray, batch_size: int, rng: np.random.Generator
 ) -> Iterator[Batch]:
     """One epoch of :func:`sequence_chunks`' rows, shuffled, about ``batch_size`` positives a
     batch: ``profiles`` (B, L) are each row's first L items and ``positives`` (B, L) the L
     after them (PAD where a position has no positive)."""
-    per_batch = max(1, batch_size // (rows.shape[1] - 1))
+    per_batch = rows_per_batch(batch_size, rows.shape[1] - 1)
     order = rng.permutation(len(users))
     for start in range(0, len(order), per_batch):
         idx = order[start : start + per_batch]

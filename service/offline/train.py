@@ -43,6 +43,7 @@ from service.offline.sampling import (
     Samples,
     chunk_batches,
     epoch_batches,
+    rows_per_batch,
     sequence_chunks,
 )
 from service.offline.sasrec import SASRec, SASRecConfig
@@ -607,8 +608,7 @@ def _run_epoch(
     batches: Iterator[Batch]
     if config.trains_every_position:
         users, rows = sequence_chunks(samples.sequences(), config.profile_size)
-        per_batch = max(1, config.batch_size // config.profile_size)
-        n_batches = -(-len(users) // per_batch)
+        n_batches = -(-len(users) // rows_per_batch(config.batch_size, config.profile_size))
         batches = chunk_batches(users, rows, config.batch_size, rng)
     else:
         n_batches = -(-len(samples.users) // config.batch_size)
