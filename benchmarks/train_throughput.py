@@ -6,8 +6,8 @@ catalogue once per step (N x 49 x C, shared by the batch). Here only the batch's
 items are reduced. All three compute the same loss on the same model and batches (tests check
 that the user vectors agree); this script times them, then one full epoch of the default
 configuration (centred, projected features and the softmax loss) and a full evaluation, and one
-epoch of ACF and of SASRec with every position of a row trained in one pass against one pass
-per window.
+epoch of ACF (without and with context blocks) and of SASRec with every position of a row
+trained in one pass against one pass per window.
 
 Then the same default configuration on a generated catalogue of ``--items`` items (100,000) and
 ``--interactions`` interactions (1,000,000; 20 per user, popularity-skewed): random projected
@@ -145,17 +145,23 @@ def large_catalogue(n_items: int, n_interactions: int, n_batches: int) -> None:
 
 
 def every_position(prepared: Prepared) -> None:
-    """One epoch of ACF (the default) and of SASRec batched both ways: one pass per window,
-    and every position of a row in one pass (``every_position``); positives per second."""
+    """One epoch of ACF (the default, and the plan's: two context blocks) and of SASRec batched
+    both ways: one pass per window, and every position of a row in one pass
+    (``every_position``); positives per second."""
     positives = len(prepared.split.train_items)
-    for model in ("acf", "sasrec"):
+    rows = {
+        "acf": TrainConfig(),
+        "acf, 2 context blocks": TrainConfig(context_blocks=2),
+        "sasrec": TrainConfig(model="sasrec"),
+    }
+    for name, row in rows.items():
         seconds = {}
         for every in (False, True):
-            config = replace(TrainConfig(), model=model, epochs=1, every_position=every)
+            config = replace(row, epochs=1, every_position=every)
             result = fit(prepared, config, device=torch.device("cpu"), progress=False)
             seconds[every] = result.history[0]["seconds"]
         print(
-            f"{model:6s} one epoch: a pass per window {positives / seconds[False]:6.0f} "
+            f"{name:21s} one epoch: a pass per window {positives / seconds[False]:6.0f} "
             f"positives/s, every position in one pass {positives / seconds[True]:6.0f} "
             f"positives/s ({seconds[False] / seconds[True]:.1f}x)"
         )

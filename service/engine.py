@@ -1,8 +1,8 @@
 """Where a serving engine is built from files, for start-up, `/admin/reload` and SIGHUP, and
 for the process that loads the model before forking workers: checkpoint + features -> model
--> :class:`~service.model.serving.ServingModel` -> :class:`~service.recommender.Recommender`,
-with the checkpoint's serving contract checked on the way (its features, its item order, the
-number of newest items it reads)."""
+-> :class:`~service.model.serving.Serving` (ACF over its tables, or SASRec) ->
+:class:`~service.recommender.Recommender`, with the checkpoint's serving contract checked on the
+way (its features, its item order, the number of newest items it reads)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from service.config import Settings
 from service.index.item_index import IndexKind
 from service.model.checkpoint import Checkpoint, CheckpointError, read_checkpoint
 from service.model.feature_store import load_features
-from service.model.serving import ServingModel
+from service.model.sasrec import SASRec
+from service.model.serving import SequenceServing, Serving, ServingModel
 from service.model.tables import compute_tables, ensure_tables, tables_folder
 from service.recommender import Recommender
 from service.registry import VERSION_CHARS, Current, Registry
@@ -47,10 +48,8 @@ def load_engine(source: Source, *, device: torch.device, index: IndexKind = "fla
             f"profile store keeps {MAX_RECENT}: train it with profile_size <= {MAX_RECENT}"
         )
     ckpt.check_features(meta.inputs_hash, meta.item_ids)
-    model = ckpt.serving_model().to(device)  # the tables are computed where it runs
     folder = tables_folder(source.features, digest)
-    tables = ensure_tables(folder, model, features, ckpt.feature_map)
-    serving = ServingModel(model, tables, device=device, projection=ckpt.feature_map)
+    serving = _serving(ckpt, features, device=device, folder=folder)
     version = "/".join(filter(None, (ckpt.code_version, digest[:VERSION_CHARS])))
     return Recommender.from_checkpoint(
         ckpt, serving, index=index, index_cache=folder, version=version
@@ -71,10 +70,25 @@ def build_engine(
     with its tables in memory. ``version``: what answers name the model by (default: the
     checkpoint's code version)."""
     checkpoint.check_features(inputs_hash, item_ids)
-    model = checkpoint.serving_model()
-    tables = compute_tables(model, features, checkpoint.feature_map)
-    serving = ServingModel(model, tables, device=device, projection=checkpoint.feature_map)
+    serving = _serving(checkpoint, features, device=device, folder=None)
     return Recommender.from_checkpoint(checkpoint, serving, index=index, version=version)
+
+
+def _serving(
+    ckpt: Checkpoint, features: np.ndarray, *, device: torch.device, folder: Path | None
+) -> Serving:
+    """SASRec over its embeddings; ACF over its tables, kept in ``folder`` (computed in memory
+    without one), computed where it runs."""
+    model = ckpt.serving_model().to(device)
+    if isinstance(model, SASRec):
+        return SequenceServing(model, device=device)
+    projection = ckpt.feature_map
+    tables = (
+        compute_tables(model, features, projection)
+        if folder is None
+        else ensure_tables(folder, model, features, projection)
+    )
+    return ServingModel(model, tables, device=device, projection=projection)
 
 
 def registry_of(settings: Settings) -> Registry | None:

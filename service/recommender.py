@@ -15,7 +15,7 @@ import numpy as np
 from service.index.item_index import IndexKind, ItemIndex
 from service.model.acf import PAD, UNKNOWN_USER
 from service.model.checkpoint import Checkpoint
-from service.model.serving import Explanation, ServingModel
+from service.model.serving import Explanation, Serving
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class Recommender:
 
     def __init__(
         self,
-        serving: ServingModel,
+        serving: Serving,
         *,
         item_ids: Sequence[int],
         user_ids: Sequence[int | str],
@@ -81,7 +81,7 @@ class Recommender:
     def from_checkpoint(
         cls,
         ckpt: Checkpoint,
-        serving: ServingModel,
+        serving: Serving,
         *,
         index: IndexKind = "flat",
         index_cache: Path | None = None,
@@ -124,7 +124,7 @@ class Recommender:
     @property
     def takes_new_items(self) -> bool:
         """Whether items it was not trained on can be scored from their image."""
-        return self.serving.model.config.visual == "score"
+        return self.serving.takes_new_items
 
     def unknown_items(self, raw_ids: Collection[int]) -> list[int]:
         return sorted({i for i in raw_ids if i not in self._item_index})
@@ -139,7 +139,8 @@ class Recommender:
         """One attention forward and one index search for the whole batch."""
         users = np.array([self._user(q.user_id) for q in queries], dtype=np.int64)
         profiles = np.stack([self._profile(q.history) for q in queries])
-        personal = (users != UNKNOWN_USER) | (profiles != PAD).any(axis=1)
+        known = (users != UNKNOWN_USER) & self.serving.reads_users
+        personal = known | (profiles != PAD).any(axis=1)
         out: list[Recommendation | None] = [None] * len(queries)
         rows = np.flatnonzero(personal).tolist()
         if len(rows):

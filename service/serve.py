@@ -56,8 +56,11 @@ def histories(dataset: Dataset) -> dict[str, list[int]]:
 def prepare_serving(
     data: Path | None, work: Path, device: torch.device, epochs: int | None = None
 ) -> tuple[Dataset, Path, Path]:
-    """(dataset, features folder, checkpoint), building whatever does not exist yet. A
-    training run that was interrupted is resumed where it stopped, not started over."""
+    """(dataset, features folder, checkpoint), building whatever does not exist yet. The
+    checkpoint is the one `visrec reproduce` chose to serve when it ran on this data, else ACF's
+    (trained here when missing: a training run that was interrupted is resumed where it
+    stopped, not started over)."""
+    from service.model.checkpoint import SERVED_FILE
     from service.offline.data import load_dataset
     from service.offline.features import extract_features
 
@@ -69,6 +72,11 @@ def prepare_serving(
     features, checkpoint = run_dir / "features-efficientnet_lite0", run_dir / "acf.pt"
     dataset = load_dataset(data)
     extract_features(dataset.item_ids.tolist(), list(dataset.image_paths), features, device=device)
+    if (run_dir / SERVED_FILE).is_file():
+        log.info(
+            "serving %s, the row `visrec reproduce` chose on validation", run_dir / SERVED_FILE
+        )
+        return dataset, features, run_dir / SERVED_FILE
     if not checkpoint.is_file():
         _train(data, features, checkpoint, device, epochs)
     return dataset, features, checkpoint

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 import time
 import uuid
@@ -18,11 +19,14 @@ from redis import Redis
 from service.api.app import create_app
 from service.config import Settings
 from service.model.checkpoint import save_checkpoint
+from service.offline.cli import main
 from service.offline.data import load_dataset
 from service.offline.pipeline import fit, prepare, to_checkpoint
 from service.offline.synthetic import World
 from service.offline.train import TrainConfig
+from service.registry import Registry
 from service.serve import histories
+from tests.servers import redis_prefix
 
 REDIS = "redis://127.0.0.1:6379/0"
 CONFIG = TrainConfig(dim=16, attention_dim=16, epochs=6, batch_size=128, lr=1e-2)
@@ -347,3 +351,38 @@ def test_every_route_is_described_in_openapi(client: TestClient) -> None:
     ]
     assert undescribed == []
     assert spec["info"]["description"]
+
+
+def test_a_published_sasrec_is_served_with_what_it_can_explain(
+    world: World,
+    world_features: tuple[Path, np.ndarray],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Where SASRec wins, `visrec train --model sasrec` gives a checkpoint that `visrec
+    publish` publishes and the service runs."""
+    ckpt, features = tmp_path / "sasrec.pt", f"--features={world_features[0]}"
+    flags = ["--model=sasrec", "--dim=16", "--epochs=20", "--lr=1e-2", "--device=cpu"]
+    assert main(["train", str(world.root), features, f"--out={ckpt}", *flags]) == 0
+    assert f"checkpoint: {ckpt}" in capsys.readouterr().out
+    with redis_prefix("sasrec") as prefix:
+        where = {"registry": tmp_path / "registry", "redis_url": REDIS, "redis_prefix": prefix}
+        flags = [f"--{k.replace('_', '-')}={v}" for k, v in where.items()]
+        assert main(["publish", str(ckpt), features, *flags]) == 0
+        found = Registry(tmp_path / "registry", REDIS, prefix).current_files()  # as served
+        assert found is not None
+        _, served, served_features = found
+        settings = Settings(checkpoint=served, features=served_features, device="cpu", **where)
+        app = create_app(settings, profiles=histories(load_dataset(world.root)))
+        with TestClient(app) as c:
+            history = (np.flatnonzero(world.item_kinds == 2) + 1)[:12].tolist()
+            top = c.post("/recommend", json={"history": history, "k": 10}).json()["items"]
+            kinds = world.item_kinds[np.array([t["item_id"] for t in top]) - 1]
+            assert np.mean(kinds == 2) > 0.5  # chance is 0.25: it learnt the runs of one kind
+            item = top[0]["item_id"]
+            why = c.post("/explain", json={"history": history, "item_id": item}).json()
+    assert why["model_version"].endswith(hashlib.sha256(ckpt.read_bytes()).hexdigest()[:12])
+    assert [p["item_id"] for p in why["profile"]] == history[-9:]
+    assert [p["components"] for p in why["profile"]] == [None] * 9  # it reads no images
+    assert sum(p["attention"] for p in why["profile"]) == pytest.approx(1.0, abs=1e-5)
+    assert why["score"] == pytest.approx(top[0]["score"], rel=1e-4)

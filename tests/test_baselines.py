@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from service.model.acf import PAD
+from service.model.sasrec import SASRec, SASRecConfig
 from service.offline.baselines import EASE, Transitions
 from service.offline.data import Split
 from service.offline.evaluate import validation_task
 from service.offline.sampling import build_samples
-from service.offline.sasrec import SASRec, SASRecConfig
 from service.offline.train import TrainConfig, build_model, train
 
 

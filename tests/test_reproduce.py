@@ -12,7 +12,7 @@ import torch
 
 from service.model.checkpoint import load_checkpoint
 from service.offline import sweep as sweep_module
-from service.offline.pipeline import Prepared
+from service.offline.pipeline import Prepared, prepare
 from service.offline.plan import load_plan
 from service.offline.reproduce import reproduce
 from service.offline.sweep import Trial, candidates, load_sweep, sweep
@@ -37,6 +37,8 @@ lr = 0.01
 [models.bpr_mf]
 lr = 0.02
 loss = "bpr"
+[models.sasrec]
+model = "sasrec"
 [models.acf_tutorial]
 model = "acf"
 base = "tutorial.toml"
@@ -69,7 +71,14 @@ def plan_file(tmp_path: Path) -> Path:
 
 def test_plans_layer_defaults_shared_base_and_row_settings(plan_file: Path) -> None:
     plan = load_plan(plan_file)
-    assert plan.row_names == ["acf", "popularity", "transitions", "bpr_mf", "acf_tutorial"]
+    assert plan.row_names == [
+        "acf",
+        "popularity",
+        "transitions",
+        "bpr_mf",
+        "sasrec",
+        "acf_tutorial",
+    ]
     assert plan.row("bpr_mf").config.lr == 0.02 and plan.row("acf").config.lr == 0.01
     tutorial = plan.row("acf_tutorial").config
     assert (tutorial.model, tutorial.visual, tutorial.dim) == ("acf", "attention", 8)
@@ -145,6 +154,27 @@ def test_reproduce_writes_both_protocols_for_every_row_and_seed(
     assert (docs / "training.png").stat().st_size > 10_000
     ckpt = load_checkpoint(tmp_path / "work" / "acf.pt")
     assert ckpt.features["backbone"] == "mobilenet_v2" and ckpt.train_config["seed"] in (3, 4)
+    # The served row: the servable one (not a baseline) with the best mean validation nDCG@20
+    validation: dict[str, list[float]] = {}
+    for r in runs:
+        validation.setdefault(r["row"], []).append(r["history"][r["best_epoch"] - 1]["nDCG@20"])
+    servable = {"acf", "acf_tutorial", "sasrec"}
+    assert results["served"] == max(servable, key=lambda row: np.mean(validation[row]))
+    served = load_checkpoint(tmp_path / "work" / "served.pt")
+    assert served.model == ("sasrec" if results["served"] == "sasrec" else "acf")
+    assert served.validation["nDCG@20"] == max(validation[results["served"]])
+    assert f"**Served.** `{results['served']}`" in page
+    # The long tail: every test user in exactly one bucket of their target's training count
+    tail = results["tail_standard"]
+    prepared = prepare(world.root, tmp_path / "work" / "features-mobilenet_v2")
+    counts = np.bincount(prepared.split.train_items)[prepared.split.test_items]
+    assert sum(b["users"] for b in tail.values()) == len(counts)
+    assert tail["≤ 5"]["users"] == int((counts <= 5).sum())
+    for bucket in tail.values():
+        mean, low, high = bucket["rows"]["popularity"]["R@20"]
+        assert 0 <= low <= mean <= high <= 1
+        assert set(bucket["difference_to_reference_95"]) == set(plan.row_names) - {"acf"}
+    assert "## The long tail (protocol `standard`)" in page
 
 
 def test_a_plan_with_an_unknown_model_or_setting_is_refused(tmp_path: Path) -> None:

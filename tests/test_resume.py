@@ -155,3 +155,15 @@ def test_visrec_serve_resumes_an_interrupted_training(
     loaded = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert loaded.returncode == 0, loaded.stderr
     assert "service.offline.train" not in loaded.stdout and "service.offline.data" in loaded.stdout
+
+
+def test_visrec_serve_serves_the_row_reproduce_chose(
+    world: World, world_features: tuple[Path, np.ndarray], tmp_path: Path
+) -> None:
+    run_dir = tmp_path / world.root.resolve().name
+    run_dir.mkdir()
+    (run_dir / "features-efficientnet_lite0").symlink_to(world_features[0])
+    (run_dir / "served.pt").write_bytes(b"what visrec reproduce chose")  # not read here
+    _, _, served = prepare_serving(world.root, tmp_path, CPU, epochs=1)
+    assert served == run_dir / "served.pt"
+    assert not (run_dir / "acf.pt").exists()  # nothing was trained

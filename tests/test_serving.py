@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+from service.engine import build_engine
 from service.index.item_index import ItemIndex
 from service.model.acf import ACF, UNKNOWN_USER, ACFConfig, Visual
-from service.model.checkpoint import Checkpoint
+from service.model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from service.model.sasrec import SASRec, SASRecConfig
 from service.model.serving import ServingModel
 from service.model.tables import Rows, compute_tables, read_tables, write_tables
 from service.recommender import Query, Recommender
@@ -61,7 +63,7 @@ def test_explanation_matches_the_ranking_attention(trained: ACF) -> None:
     attended = model.attend(np.array([2]), np.array([profile]))
     np.testing.assert_allclose(why.item_attention, attended.item_attention[0].numpy())
     assert why.item_attention.sum() == pytest.approx(1.0)
-    assert why.component_attention.shape == (4, 7, 7)
+    assert why.component_attention is not None and why.component_attention.shape == (4, 7, 7)
     np.testing.assert_allclose(why.component_attention.sum(axis=(1, 2)), 1.0, rtol=1e-5)
     expected = model.queries(np.array([2]), np.array([profile]))[0] @ model.item_vectors[22]
     assert why.score == pytest.approx(float(expected), rel=1e-5)
@@ -156,3 +158,67 @@ def copy_of(model: ACF, visual: Visual | None = None) -> ACF:
     twin = ACF(config, model.features[1:].clone())
     twin.load_state_dict(model.state_dict())
     return twin.eval()
+
+
+def _served_sasrec(tmp_path: Path) -> tuple[SASRec, Recommender]:
+    """A SASRec through a checkpoint file into the engine, as `visrec publish` serves it."""
+    torch.manual_seed(0)
+    model = SASRec(SASRecConfig(N_ITEMS, max_len=5, dim=8, heads=2)).eval()
+    ckpt = Checkpoint(
+        config=model.config,
+        state=model.state_dict(),
+        user_ids=[10, 11],
+        item_ids=list(range(101, 101 + N_ITEMS)),
+        features={"inputs_hash": "h"},
+        item_popularity=list(range(N_ITEMS)),
+        train_config={"profile_size": 5},
+        model="sasrec",
+    )
+    save_checkpoint(tmp_path / "sasrec.pt", ckpt)
+    loaded = load_checkpoint(tmp_path / "sasrec.pt")
+    assert loaded.model == "sasrec" and loaded.config == model.config
+    no_images = np.zeros((N_ITEMS, 1, 1), np.float16)  # it reads none; they fix the items
+    engine = build_engine(loaded, no_images, inputs_hash="h", item_ids=loaded.item_ids, device=CPU)
+    return model, engine
+
+
+def test_a_served_sasrec_ranks_and_explains_as_the_model(tmp_path: Path) -> None:
+    model, engine = _served_sasrec(tmp_path)
+    history = [101, 105, 109]
+    with torch.no_grad():
+        full = model.score_all(torch.empty(0), torch.tensor([[1, 5, 9]]))[0].numpy()
+    [answer] = engine.recommend([Query("10", history, set(), k=N_ITEMS)])
+    assert not answer.fallback and sorted(answer.items) == list(range(101, 101 + N_ITEMS))
+    np.testing.assert_allclose(answer.scores, full[np.array(answer.items) - 101], atol=1e-5)
+    np.testing.assert_allclose(answer.scores, np.sort(full)[::-1], atol=1e-5)
+
+    why = engine.explain("10", history, 120)
+    assert why.component_attention is None  # no images: no heatmaps
+    assert why.profile.tolist() == [1, 5, 9]
+    assert why.item_attention.shape == (3,) and why.item_attention.sum() == pytest.approx(1.0)
+    assert why.score == pytest.approx(float(full[19]), abs=1e-5)
+
+
+def test_sasrecs_attention_ignores_padding_and_depends_on_order() -> None:
+    torch.manual_seed(0)
+    model = SASRec(SASRecConfig(N_ITEMS, max_len=5, dim=8, heads=2)).eval()
+    with torch.no_grad():
+        padded = model.newest_attention(torch.tensor([[0, 0, 1, 5, 9]]))[0]
+        bare = model.newest_attention(torch.tensor([[1, 5, 9]]))[0]
+        reordered = model.newest_attention(torch.tensor([[9, 5, 1]]))[0]
+    assert padded[:2].tolist() == [0.0, 0.0]
+    np.testing.assert_allclose(padded[2:].numpy(), bare.numpy(), atol=1e-6)
+    assert not np.allclose(bare.numpy(), reordered.flip(0).numpy(), atol=1e-4)
+
+
+def test_a_served_sasrec_falls_back_to_popular_items_without_a_history(tmp_path: Path) -> None:
+    _, engine = _served_sasrec(tmp_path)
+    known_user_no_items, anonymous = engine.recommend(
+        [Query("10", [], set(), k=3), Query(None, [], set(), k=3)]
+    )
+    # SASRec reads no user embedding: a known user with no items is as unknown as anyone
+    assert known_user_no_items.fallback and anonymous.fallback
+    assert known_user_no_items.items == [101 + N_ITEMS - 1, 101 + N_ITEMS - 2, 101 + N_ITEMS - 3]
+    assert not engine.takes_new_items
+    with pytest.raises(ValueError, match="cannot score items it was not trained on"):
+        engine.with_items([999], np.zeros((1, 1, 1), np.float16))

@@ -520,7 +520,8 @@ def _routes(app: FastAPI, metrics: Metrics, guards: Guards) -> None:
     )
     async def explain_user(user_id: str, item_id: int, state: StateDep) -> ExplainResponse:
         """Why ``item_id`` scores as it does for a stored user: the item-level attention over
-        their last items and each item's 7x7 component attention, and the score."""
+        their last items and each item's 7x7 component attention, and the score (a served
+        SASRec gives its newest position's attention over those items, and no components)."""
         (history,) = await state.store.recent([user_id])
         return await _explain(state, user_id, history, item_id)
 
@@ -542,13 +543,15 @@ async def _explain(
     """The attentions behind ``item_id`` over the profile that ``/recommend`` ranks with."""
     engine = state.engine  # one model for the whole answer, also across a reload
     why = await run_in_threadpool(engine.explain, user_id, history, item_id)
+    heatmaps = why.component_attention
     profile = [
-        ProfileItem(item_id=raw, attention=float(a), components=c.tolist())
-        for raw, a, c in zip(
-            engine.raw_ids(why.profile),
-            why.item_attention,
-            why.component_attention,
-            strict=True,
+        ProfileItem(
+            item_id=raw,
+            attention=float(a),
+            components=None if heatmaps is None else heatmaps[j].tolist(),
+        )
+        for j, (raw, a) in enumerate(
+            zip(engine.raw_ids(why.profile), why.item_attention, strict=True)
         )
     ]
     return ExplainResponse(

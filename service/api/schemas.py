@@ -117,7 +117,10 @@ class InteractionsResponse(BaseModel):
 class ProfileItem(BaseModel):
     item_id: int
     attention: float
-    components: list[list[float]] = Field(description="7x7 component attention, sums to 1")
+    components: list[list[float]] | None = Field(
+        description="7x7 component attention, sums to 1; null when the served model reads no "
+        "images (SASRec, served where it ranks better than ACF)"
+    )
 
 
 class ExplainRequest(Body):

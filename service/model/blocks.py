@@ -34,6 +34,13 @@ class Block(nn.Module):
         x = x + self.dropout(attended)
         return x + self.dropout(self.ff(self.norm_ff(x)))
 
+    def weights(self, x: Tensor, blocked: Tensor) -> Tensor:
+        """(B, L, L) the attention :meth:`forward` gives ``x``: row t, slot t's weights over
+        the slots, averaged over heads."""
+        h = self.norm_attention(x)
+        _, weights = self.attention(h, h, h, attn_mask=blocked, need_weights=True)
+        return weights
+
 
 def causal_blocked(real: Tensor, heads: int) -> Tensor:
     """(B, L) True on real items -> (B·heads, L, L) True where slot t may not look at slot j:

@@ -1,9 +1,10 @@
-"""Self-contained ACF checkpoints: everything but the item features themselves.
+"""Self-contained checkpoints of the served models (ACF, or SASRec where it wins): everything
+but the item features themselves.
 
-A checkpoint holds the model config and weights, the user and item id maps, the metadata of the
-features it was trained on (so that other features are refused), the training config, the
-validation metrics and history, and the code version. It is a plain ``torch.save`` dict that
-loads with ``weights_only=True`` (no pickled code).
+A checkpoint holds which model it is, its config and weights, the user and item id maps, the
+metadata of the features it was trained on (so that other features are refused), the training
+config, the validation metrics and history, and the code version. It is a plain ``torch.save``
+dict that loads with ``weights_only=True`` (no pickled code).
 """
 
 from __future__ import annotations
@@ -22,10 +23,19 @@ import torch
 
 from service.model.acf import ACF, ACFConfig
 from service.model.projection import Projection, project
+from service.model.sasrec import SASRec, SASRecConfig
 
-FORMAT = "visrec-acf/2"
-# /1 had no feature projection; its checkpoints load as ones without it.
-READABLE = (FORMAT, "visrec-acf/1")
+FORMAT = "visrec/3"
+# visrec-acf/2 was ACF only; /1 had no feature projection either. Both load as ACF checkpoints.
+READABLE = (FORMAT, "visrec-acf/2", "visrec-acf/1")
+CONFIGS: dict[str, type[ACFConfig] | type[SASRecConfig]] = {
+    "acf": ACFConfig,
+    "sasrec": SASRecConfig,
+}
+SERVED = tuple(CONFIGS)  # the models a checkpoint can hold
+# `visrec reproduce` writes the checkpoint of the row it chose to serve (best on validation
+# among the rows of SERVED models) as <work dir>/SERVED_FILE; `visrec-serve` serves it
+SERVED_FILE = "served.pt"
 
 
 DEFAULT_PROFILE_SIZE = 9
@@ -37,7 +47,7 @@ class CheckpointError(ValueError):
 
 @dataclass(frozen=True)
 class Checkpoint:
-    config: ACFConfig
+    config: ACFConfig | SASRecConfig
     state: dict[str, torch.Tensor]
     user_ids: list[int]  # raw id of user index u
     item_ids: list[int]  # raw id of item index i + 1
@@ -48,6 +58,7 @@ class Checkpoint:
     history: list[dict[str, float]] = field(default_factory=list)
     code_version: str = ""
     projection: dict[str, torch.Tensor] | None = None  # Projection.as_state(); None: raw
+    model: str = "acf"  # one of SERVED; SASRec reads no features (they still fix the items)
 
     @property
     def profile_size(self) -> int:
@@ -62,17 +73,21 @@ class Checkpoint:
 
     def build_model(
         self, features: np.ndarray | torch.Tensor, *, inputs_hash: str, item_ids: Sequence[int]
-    ) -> ACF:
+    ) -> ACF | SASRec:
         """The trained model on raw ``features`` (N, K, C), which must be the ones it was trained
         on."""
         self.check_features(inputs_hash, item_ids)
+        if isinstance(self.config, SASRecConfig):
+            return self.serving_model()
         model = ACF(self.config, project(features, self.feature_map))
         model.load_state_dict(self.state)
         return model.eval()
 
-    def serving_model(self) -> ACF:
-        """The trained model without features, for :mod:`service.model.tables`."""
-        model = ACF(self.config, None)
+    def serving_model(self) -> ACF | SASRec:
+        """The trained model without features (ACF's go through :mod:`service.model.tables`)."""
+        model = (
+            SASRec(self.config) if isinstance(self.config, SASRecConfig) else ACF(self.config, None)
+        )
         model.load_state_dict(self.state)
         return model.eval()
 
@@ -117,8 +132,13 @@ def read_checkpoint(
     if not isinstance(payload, dict) or payload.get("format") not in READABLE:
         raise CheckpointError(f"{path} is not a {FORMAT} checkpoint")
     payload.pop("format")
+    kind = payload.get("model", "acf")
+    if kind not in CONFIGS:
+        raise CheckpointError(
+            f"{path} holds a {kind!r} model; this code serves {', '.join(SERVED)}"
+        )
     try:
-        payload["config"] = ACFConfig(**payload["config"])
+        payload["config"] = CONFIGS[kind](**payload["config"])
         ckpt = Checkpoint(**payload)
     except (KeyError, TypeError) as err:
         raise CheckpointError(f"{path} is an incomplete {FORMAT} checkpoint: {err}") from err

@@ -1,8 +1,11 @@
-"""ACF prepared for serving: everything that does not depend on the user is computed once.
+"""A trained model prepared for serving: everything that does not depend on the user is
+computed once, and a user's score for an item is the inner product of a query and the item's
+vector, so the item vectors go into an inner-product index.
 
-The catalogue's reduced components and item vectors (:mod:`service.model.tables`) replace the
-raw C-dimensional features; the vectors go into an inner-product index. A request reads its
-profile items' rows and runs the two attentions over them.
+:class:`ServingModel` serves ACF: the catalogue's reduced components and item vectors
+(:mod:`service.model.tables`) replace the raw C-dimensional features, and a request reads its
+profile items' rows and runs the two attentions over them. :class:`SequenceServing` serves
+SASRec, for datasets on which it is the better model: its item vectors are its embeddings.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -17,6 +21,7 @@ import torch.nn.functional as F
 
 from service.model.acf import ACF, ITEM_ROWS, PAD, Attended, ItemTables
 from service.model.projection import Projection, project
+from service.model.sasrec import SASRec
 from service.model.tables import ServingTables, compute_tables, table_rows
 
 
@@ -26,8 +31,22 @@ class Explanation:
 
     profile: np.ndarray  # (L,) item indices, oldest first
     item_attention: np.ndarray  # (L,) sums to 1
-    component_attention: np.ndarray  # (L, G, G) each sums to 1 (G x G grid over the image)
+    component_attention: np.ndarray | None  # (L, G, G) each sums to 1; None: not an image model
     score: float
+
+
+class Serving(Protocol):
+    """What :class:`~service.recommender.Recommender` needs of a served model."""
+
+    @property
+    def item_vectors(self) -> np.ndarray: ...  # (N, D') float32
+    @property
+    def takes_new_items(self) -> bool: ...  # whether with_items can score items from images
+    @property
+    def reads_users(self) -> bool: ...  # whether a known user's embedding shapes the query
+    def queries(self, users: np.ndarray, profiles: np.ndarray) -> np.ndarray: ...  # (B, D')
+    def explain(self, user: int, profile: Sequence[int], item: int) -> Explanation: ...
+    def with_items(self, features: np.ndarray) -> Serving: ...
 
 
 NEIGHBOURS = 10  # trained items whose embeddings a new item starts from
@@ -78,6 +97,14 @@ class ServingModel:
     def item_vectors(self) -> np.ndarray:
         """(N, D') float32: the inner product of a query with an item's row is its score."""
         return self.tables.vectors
+
+    @property
+    def takes_new_items(self) -> bool:
+        return self.model.config.visual == "score"
+
+    @property
+    def reads_users(self) -> bool:
+        return self.model.config.users
 
     def with_items(self, features: np.ndarray) -> ServingModel:
         """A new serving model whose catalogue also holds items N+1..N+M with these raw
@@ -137,4 +164,48 @@ class ServingModel:
             .numpy()
             .reshape(n, self.grid, self.grid),
             score=float(query @ self.item_vectors[item - 1]),
+        )
+
+
+class SequenceServing:
+    """SASRec served: the query is the hidden state at the newest profile item, the item
+    vectors its (input and output) item embeddings. It reads no images, so it neither scores new
+    items nor has component attention to explain; ``/explain`` gives what its query read of
+    the profile (the last block's attention of the newest position)."""
+
+    takes_new_items = False
+    reads_users = False  # a known user with no profile gets the popular items
+
+    def __init__(self, model: SASRec, *, device: torch.device) -> None:
+        self.model = model.to(device).eval()
+        self.device = device
+        with torch.inference_mode():
+            self._vectors = model.item_vectors().float().cpu().numpy()
+
+    @property
+    def item_vectors(self) -> np.ndarray:
+        return self._vectors
+
+    def with_items(self, features: np.ndarray) -> SequenceServing:
+        raise ValueError(
+            "this model (SASRec) ranks items by their trained embeddings and reads no images, "
+            "so it cannot score items it was not trained on: serve an ACF checkpoint to add them"
+        )
+
+    @torch.inference_mode()
+    def queries(self, users: np.ndarray, profiles: np.ndarray) -> np.ndarray:
+        p = torch.as_tensor(np.asarray(profiles, dtype=np.int64), device=self.device)
+        return self.model.queries(torch.empty(0), p).float().cpu().numpy()
+
+    @torch.inference_mode()
+    def explain(self, user: int, profile: Sequence[int], item: int) -> Explanation:
+        items = np.array([i for i in profile if i != PAD], dtype=np.int64)
+        row = torch.as_tensor(items if len(items) else np.array([PAD]), device=self.device)[None]
+        query = self.model.queries(torch.empty(0), row).float().cpu().numpy()[0]
+        weights = self.model.newest_attention(row)[0, row.shape[1] - len(items) :]
+        return Explanation(
+            profile=items,
+            item_attention=weights.float().cpu().numpy(),
+            component_attention=None,
+            score=float(query @ self._vectors[item - 1]),
         )

@@ -179,14 +179,15 @@ def ensure_tables(
 
 
 def write_serving_tables(checkpoint: Path, features: Path) -> Path:
-    """Write a checkpoint's tables beside its features unless they are there (``visrec
+    """Write an ACF checkpoint's tables beside its features unless they are there (``visrec
     publish`` does, so that replicas only read them); their folder."""
     raw, meta = load_features(features)
     ckpt, digest = read_checkpoint(checkpoint)
     ckpt.check_features(meta.inputs_hash, meta.item_ids)
     folder = tables_folder(features, digest)
-    if read_tables(folder) is None:
-        write_tables(folder, ckpt.serving_model(), raw, ckpt.feature_map, progress=True)
+    model = ckpt.serving_model()
+    if isinstance(model, ACF) and read_tables(folder) is None:  # SASRec has none
+        write_tables(folder, model, raw, ckpt.feature_map, progress=True)
     return folder
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from service.model.backbones import BACKBONES, DEFAULT_BACKBONE
-from service.model.checkpoint import load_checkpoint, save_checkpoint
+from service.model.checkpoint import SERVED, load_checkpoint, save_checkpoint
 from service.model.feature_store import FeatureError, load_features
 from service.model.tables import write_serving_tables
 from service.offline import distributed
@@ -114,7 +114,7 @@ def _train_and_save(args: argparse.Namespace, config: TrainConfig, device: torch
     result = fit(prepared, config, device=device, state_path=state, resume=args.resume)
     if not main:
         return
-    if config.model != "acf":  # baselines are for comparison; only ACF is served
+    if config.model not in SERVED:  # the other baselines are for comparison only
         print(f"{config.model}: validation {_figures(result.validation)} (no checkpoint)")
         state.unlink(missing_ok=True)
         return

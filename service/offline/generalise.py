@@ -29,7 +29,7 @@ from service.offline.data import busiest_cut, split_at, user_disjoint
 from service.offline.metrics import Interval
 from service.offline.pipeline import Prepared
 from service.offline.plan import Plan, Row
-from service.offline.report import HEADLINE, signed_interval
+from service.offline.report import HEADLINE, interval, signed_interval
 from service.offline.reproduce import Comparison, compare, prepare_with_features, run_rows
 from service.offline.sweep import Settings, SweepPlan, best_settings, sweep
 
@@ -179,7 +179,7 @@ def generalisation_markdown(
             "|---|" + "---|" * (len(PROTOCOLS) * len(HEADLINE)),
         ]
         for name in rows:
-            cells = [_interval(c.summary[p][name][m]) for p in PROTOCOLS for m in HEADLINE]
+            cells = [interval(c.summary[p][name][m]) for p in PROTOCOLS for m in HEADLINE]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         for name in rows[1:]:
             cells = [signed_interval(c.diffs[p][name][m]) for p in PROTOCOLS for m in HEADLINE]
@@ -203,7 +203,3 @@ def _agreement(
                 line += f"; on the results page {_words(there)}: {verdict}"
             out.append(line + ".")
     return out
-
-
-def _interval(iv: Interval) -> str:
-    return f"{iv.mean:.4f} [{iv.low:.4f}, {iv.high:.4f}]"

@@ -10,9 +10,10 @@ import numpy as np
 import torch
 
 from service.model.acf import ACF
-from service.model.checkpoint import Checkpoint, code_version
+from service.model.checkpoint import SERVED, Checkpoint, code_version
 from service.model.feature_store import FeatureMeta, load_features
 from service.model.projection import Projection, fit_projection
+from service.model.sasrec import SASRec
 from service.offline.attention import attention_probe
 from service.offline.data import Dataset, Split, leave_last_out, load_dataset
 from service.offline.evaluate import validation_task
@@ -111,8 +112,10 @@ def feature_projection(features: np.ndarray, config: TrainConfig) -> Projection 
 
 def to_checkpoint(prepared: Prepared, result: TrainResult, config: TrainConfig) -> Checkpoint:
     model = result.model
-    if not isinstance(model, ACF):
-        raise PipelineError(f"only ACF models are checkpointed for serving, not {config.model}")
+    if not isinstance(model, ACF | SASRec):
+        raise PipelineError(
+            f"{config.model} is for comparison only: the served models are {', '.join(SERVED)}"
+        )
     meta = prepared.meta
     counts = np.bincount(prepared.split.train_items, minlength=prepared.split.n_items + 1)
     return Checkpoint(
@@ -132,4 +135,5 @@ def to_checkpoint(prepared: Prepared, result: TrainResult, config: TrainConfig) 
         history=result.history,
         code_version=code_version(),
         projection=None if result.projection is None else result.projection.as_state(),
+        model=config.model,
     )

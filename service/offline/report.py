@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from service.model.checkpoint import SERVED_FILE
 from service.offline.attention import (
     COMPONENT_ENTROPY,
     IN_CORNER,
@@ -16,6 +17,7 @@ from service.offline.attention import (
     grid_regions,
 )
 from service.offline.metrics import Interval
+from service.offline.train import SELECTION_METRIC
 
 if TYPE_CHECKING:
     from service.offline.plan import Plan
@@ -49,6 +51,11 @@ class ModelRun:
     history: list[dict[str, float]] = field(default_factory=list)
     seed: int = 0
 
+    @property
+    def validation(self) -> dict[str, float]:
+        """The kept epoch's validation row."""
+        return self.history[max(self.best_epoch, 1) - 1] if self.history else {}
+
 
 @dataclass(frozen=True)
 class Report:
@@ -60,6 +67,7 @@ class Report:
     timings: dict[str, float]
     device: str
     chosen: str = ""  # where the plan's settings were chosen, in words
+    served: str = ""  # the row whose checkpoint the service serves on this data
 
 
 def results_json(report: Report) -> dict[str, Any]:
@@ -87,6 +95,20 @@ def results_json(report: Report) -> dict[str, Any]:
             "heatmaps": {r.name: r.heatmaps for r in c.rows if r.heatmaps},
             "new_items_precision_at_20": {
                 m: [iv.mean, iv.low, iv.high] for m, iv in c.new_items.items()
+            },
+            "tail_standard": {
+                b.label: {
+                    "users": b.users,
+                    "rows": {
+                        m: {k: [iv.mean, iv.low, iv.high] for k, iv in t.items()}
+                        for m, t in b.summary.items()
+                    },
+                    "difference_to_reference_95": {
+                        m: {k: [iv.mean, iv.low, iv.high] for k, iv in t.items()}
+                        for m, t in b.diffs.items()
+                    },
+                }
+                for b in c.tail
             },
             "new_items_difference_to_reference_95": {
                 m: [iv.mean, iv.low, iv.high] for m, iv in c.new_items_diffs.items()
@@ -116,6 +138,7 @@ def results_json(report: Report) -> dict[str, Any]:
         "bootstrap_seed": report.plan.bootstrap_seed,
         "device": report.device,
         "settings_chosen": report.chosen,
+        "served": report.served,
     }
 
 
@@ -126,9 +149,11 @@ def results_markdown(report: Report) -> str:
     lines += ["## What wins", ""]
     for protocol in ("standard", "seed"):
         lines += [f"**Protocol `{protocol}`.** " + " ".join(_verdict(main, protocol, ref)), ""]
+    lines += _served(report)
     for protocol in ("standard", "seed"):
         lines += _protocol_section(main, protocol, ref)
     lines += _ablation_section(report)
+    lines += _tail_section(main, ref)
     lines += _heatmap_section(report)
     lines += _runs_section(report)
     return "\n".join(lines) + "\n"
@@ -161,6 +186,22 @@ def _notes(report: Report) -> list[str]:
         f"evaluation {t['training_and_evaluation_s']:.0f} s, synthetic world "
         f"{t['synthetic_s']:.0f} s, whole run {t['total_s']:.0f} s "
         f"({t['total_s'] / 60:.1f} min). Training curves (first seed): `training.png`.",
+    ]
+
+
+def _served(report: Report) -> list[str]:
+    """Which row the service serves on this data, and why."""
+    if not report.served:
+        return []
+    rows = {r.name: r for r in report.main.rows}
+    chosen, ref = rows[report.served], rows.get(report.plan.reference)
+    against = f" against {ref.validation:.4f} for `{ref.name}`" if ref and ref is not chosen else ""
+    return [
+        f"**Served.** `{chosen.name}`: of the rows the service can serve (ACF's and SASRec), "
+        f"the best on validation ({SELECTION_METRIC} {chosen.validation:.4f} over seeds"
+        f"{against}). Its best seed's checkpoint is `{SERVED_FILE}` in the run folder, which "
+        "`visrec-serve` (`make serve DATA=...`) serves.",
+        "",
     ]
 
 
@@ -302,6 +343,31 @@ def _ablation_section(report: Report) -> list[str]:
     return [*lines, ""]
 
 
+def _tail_section(c: Comparison, ref: str) -> list[str]:
+    """`standard` by how many training interactions the target item had (the long tail)."""
+    if not c.tail:
+        return []
+    columns = [f"{b.label} ({b.users} users) {k} | Δ" for b in c.tail for k in HEADLINE]
+    lines = [
+        "## The long tail (protocol `standard`)",
+        "",
+        "Test users bucketed by their target item's training interactions; each row's mean over "
+        f"seeds [95% interval], and `{ref}` − row paired over the bucket's users (Δ).",
+        "",
+        "| row | " + " | ".join(columns) + " |",
+        "|---|" + "---|---|" * len(columns),
+    ]
+    for name in c.summary["standard"]:
+        cells = []
+        for b in c.tail:
+            for k in HEADLINE:
+                cells.append(interval(b.summary[name][k]))
+                diff = b.diffs.get(name)
+                cells.append(signed_interval(diff[k]) if diff else "—")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
 def _heatmap_section(report: Report) -> list[str]:
     lines = [
         "## Where the component attention looks",
@@ -383,6 +449,10 @@ def _comparisons(report: Report) -> list[Comparison]:
 
 def _cell(iv: Interval, sd: float) -> str:
     return f"{iv.mean:.4f} ± {sd:.4f} [{iv.low:.4f}, {iv.high:.4f}]"
+
+
+def interval(iv: Interval) -> str:
+    return f"{iv.mean:.4f} [{iv.low:.4f}, {iv.high:.4f}]"
 
 
 def signed_interval(iv: Interval) -> str:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from service.model.acf import ACF
-from service.model.checkpoint import save_checkpoint
+from service.model.checkpoint import SERVED, SERVED_FILE, save_checkpoint
 from service.model.feature_store import load_features
 from service.offline.attention import heatmap_stats
 from service.offline.data import fingerprint, load_dataset
@@ -30,13 +30,27 @@ from service.offline.features import extract_features
 from service.offline.metrics import Interval, bootstrap, paired_bootstrap
 from service.offline.pipeline import Prepared, fit, prepare, to_checkpoint
 from service.offline.plan import Plan, Row, seeded
-from service.offline.report import ModelRun, Report, plot_history, results_json, results_markdown
+from service.offline.report import (
+    HEADLINE,
+    ModelRun,
+    Report,
+    plot_history,
+    results_json,
+    results_markdown,
+)
 from service.offline.synthetic import World, make_world
-from service.offline.train import SELECTION_METRIC, TrainResult
+from service.offline.train import SELECTION_METRIC, TrainConfig, TrainResult
 
 log = logging.getLogger(__name__)
 
 Table = dict[str, np.ndarray]  # metric -> (U,) per-user values
+# The long tail: `standard`'s test users bucketed by their target's training interactions
+TAIL_BUCKETS: tuple[tuple[str, int, float], ...] = (
+    ("≤ 5", 0, 5),
+    ("6–20", 6, 20),
+    ("> 20", 21, np.inf),
+)
+Fitted = tuple[TrainResult, TrainConfig]  # a run and its settings, for a checkpoint
 
 
 @dataclass
@@ -58,6 +72,11 @@ class RowResult:
         per_seed = self.tables[protocol]
         return {k: [float(t[k].mean()) for t in per_seed] for k in per_seed[0]}
 
+    @property
+    def validation(self) -> float:
+        """The selection metric on validation, mean over seeds (what chooses the served row)."""
+        return float(np.mean([run.validation[SELECTION_METRIC] for run in self.runs]))
+
 
 @dataclass(frozen=True)
 class Comparison:
@@ -71,6 +90,17 @@ class Comparison:
     # Rows that rank new items from their images: precision@20 among them, and ref - row
     new_items: dict[str, Interval] = field(default_factory=dict)
     new_items_diffs: dict[str, Interval] = field(default_factory=dict)
+    tail: list[TailBucket] = field(default_factory=list)  # `standard`, by target popularity
+
+
+@dataclass(frozen=True)
+class TailBucket:
+    """`standard`'s test users whose target had ``low..high`` training interactions."""
+
+    label: str
+    users: int
+    summary: dict[str, dict[str, Interval]]  # row -> metric
+    diffs: dict[str, dict[str, Interval]]  # row -> metric: ref - row, paired over these users
 
 
 @dataclass(frozen=True)
@@ -102,10 +132,15 @@ def reproduce(
     feature_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     results, best = run_rows(prepared, plan, plan.rows, device=device, progress=progress)
-    main = compare(data_dir.resolve().name, results, plan)
+    main = compare(data_dir.resolve().name, results, plan, tail=target_counts(prepared))
     training_seconds = time.perf_counter() - t0
-    if best is not None:
-        save_checkpoint(work_dir / f"{plan.reference}.pt", to_checkpoint(prepared, *best))
+    if plan.reference in best:
+        save_checkpoint(
+            work_dir / f"{plan.reference}.pt", to_checkpoint(prepared, *best[plan.reference])
+        )
+    served = served_row(results, best)
+    if served is not None:  # what `visrec-serve` serves on this data
+        save_checkpoint(work_dir / SERVED_FILE, to_checkpoint(prepared, *best[served]))
     synthetic, world_seconds = None, 0.0
     if plan.synthetic is not None:
         t0 = time.perf_counter()
@@ -126,6 +161,7 @@ def reproduce(
         timings=timings,
         device=str(device),
         chosen=plan.settings_note(fingerprint(data_dir)),
+        served=served or "",
     )
     plot_history(
         [r for row in results for r in row.runs if r.seed == plan.seeds[0]],
@@ -164,12 +200,13 @@ def run_rows(
     progress: bool = True,
     object_cover: np.ndarray | None = None,
     new_items: NewItems | None = None,
-) -> tuple[list[RowResult], tuple[TrainResult, Any] | None]:
+) -> tuple[list[RowResult], dict[str, Fitted]]:
     """Every row with every seed, evaluated under both protocols (and, for ACF rows that can,
-    on ranking ``new_items``). Also returns the reference row's run with the best validation
-    nDCG@20 and its config, for the checkpoint."""
+    on ranking ``new_items``). Also returns, for each row the service can serve (ACF's and
+    SASRec), its run with the best validation nDCG@20 and that run's config."""
     tasks = {p: holdout_task(prepared.split, p) for p in PROTOCOLS}
-    results, best = [], None
+    results: list[RowResult] = []
+    best: dict[str, Fitted] = {}
     for row in rows:
         result = RowResult(row.name, tables={p: [] for p in PROTOCOLS})
         fitted: TrainResult | None = None
@@ -203,17 +240,36 @@ def run_rows(
                 relevant = new_items.relevant(standard.targets)
                 shown = np.take_along_axis(relevant, top, axis=1)  # (U, 20)
                 result.new_items.append(shown.mean(1))
-            if row.name == plan.reference and (
-                best is None
-                or fitted.validation[SELECTION_METRIC] > best[0].validation[SELECTION_METRIC]
+            kept = best.get(row.name)
+            if config.model in SERVED and (
+                kept is None
+                or fitted.validation[SELECTION_METRIC] > kept[0].validation[SELECTION_METRIC]
             ):
-                best = (fitted, config)
+                best[row.name] = (fitted, config)
             log.info("%s seed %d: %.0f s", row.name, seed, seconds)
         results.append(result)
     return results, best
 
 
-def compare(dataset: str, results: list[RowResult], plan: Plan) -> Comparison:
+def served_row(results: list[RowResult], servable: dict[str, Fitted]) -> str | None:
+    """The row to serve: of those the service can serve, the best on validation (the mean
+    over seeds of the selection metric; the test split chooses nothing)."""
+    rows = [r for r in results if r.name in servable]
+    return max(rows, key=lambda r: r.validation).name if rows else None
+
+
+def target_counts(prepared: Prepared) -> np.ndarray:
+    """(U,) training interactions of each `standard` test user's target item."""
+    split = prepared.split
+    counts = np.bincount(split.train_items, minlength=split.n_items + 1)
+    return counts[holdout_task(split, "standard").targets]
+
+
+def compare(
+    dataset: str, results: list[RowResult], plan: Plan, *, tail: np.ndarray | None = None
+) -> Comparison:
+    """Every row's figures and its paired difference to the reference; with ``tail`` (the
+    :func:`target_counts` of `standard`'s users), the same by :data:`TAIL_BUCKETS` too."""
     rng = np.random.default_rng(plan.bootstrap_seed)
     reference = next(r for r in results if r.name == plan.reference)
     protocols: list[str] = list(PROTOCOLS)
@@ -256,7 +312,38 @@ def compare(dataset: str, results: list[RowResult], plan: Plan) -> Comparison:
         for n, v in ranked.items()
         if n != plan.reference and plan.reference in ranked
     }
-    return Comparison(dataset, results, summary, spread, diffs, new_items, new_diffs)
+    buckets = [] if tail is None else _tail(results, reference, tail, plan, rng)
+    return Comparison(dataset, results, summary, spread, diffs, new_items, new_diffs, buckets)
+
+
+def _tail(
+    results: list[RowResult],
+    reference: RowResult,
+    counts: np.ndarray,
+    plan: Plan,
+    rng: np.random.Generator,
+) -> list[TailBucket]:
+    out, n = [], plan.n_resamples
+    pooled = {r.name: r.pooled("standard") for r in results}
+    ref = pooled[reference.name]
+    for label, low, high in TAIL_BUCKETS:
+        here = (counts >= low) & (counts <= high)
+        if not here.any():
+            continue
+        summary = {
+            name: {k: bootstrap(t[k][here], rng=rng, n_resamples=n) for k in HEADLINE}
+            for name, t in pooled.items()
+        }
+        diffs = {
+            name: {
+                k: paired_bootstrap(ref[k][here], t[k][here], rng=rng, n_resamples=n)
+                for k in HEADLINE
+            }
+            for name, t in pooled.items()
+            if name != reference.name
+        }
+        out.append(TailBucket(label, int(here.sum()), summary, diffs))
+    return out
 
 
 def _synthetic(plan: Plan, work_dir: Path, device: torch.device, progress: bool) -> Comparison:

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from service.model.acf import ACF, PAD, UNKNOWN_USER, ACFConfig, Visual
 from service.model.projection import Projection
+from service.model.sasrec import SASRec, SASRecConfig
 from service.offline import distributed
 from service.offline.attention import LEVELS, Probe, attention_stats, flat_levels
 from service.offline.baselines import BPRMF, EASE, VBPR, Popularity, Transitions
@@ -46,7 +47,6 @@ from service.offline.sampling import (
     rows_per_batch,
     sequence_chunks,
 )
-from service.offline.sasrec import SASRec, SASRecConfig
 from service.runtime import bar_interval
 
 ModelName = Literal["acf", "sasrec", "bpr_mf", "vbpr", "ease", "transitions", "popularity"]

@@ -97,7 +97,8 @@ function drawProfile(why, items) {
     const fill = el("span", { style: `width: ${100 * p.attention}%` });
     const bar = el("div", { className: "bar" }, fill);
     const value = el("span", { className: "attention" }, `attention ${p.attention.toFixed(3)}`);
-    return card(items.get(p.item_id), "profile-item", heatmap(p.components), [bar, value]);
+    const overlay = p.components ? heatmap(p.components) : null; // null: a model without images
+    return card(items.get(p.item_id), "profile-item", overlay, [bar, value]);
   });
   $("profile").replaceChildren(...(cards.length ? cards : ["No history yet: add an item."]));
 }

@@ -12,6 +12,7 @@ Notation: B users, L profile positions, D model dim.
 from __future__ import annotations
 
 import math
+import typing
 from dataclasses import dataclass
 
 import torch
@@ -51,15 +52,28 @@ class SASRec(nn.Module):
     def encode(self, profiles: Tensor) -> Tensor:
         """(B, L) item indices, oldest first, PAD on the left -> (B, L', D) hidden states,
         L' = min(L, max_len); position t sees only positions <= t that hold an item."""
+        return self._encode(profiles, weights=False)[0]
+
+    def newest_attention(self, profiles: Tensor) -> Tensor:
+        """(B, L') what the query reads: the last block's attention of the newest position
+        over the profile (averaged over heads; 0 on padding), for ``/explain``."""
+        weights = self._encode(profiles, weights=True)[1]
+        assert weights is not None
+        return weights[:, -1]
+
+    def _encode(self, profiles: Tensor, *, weights: bool) -> tuple[Tensor, Tensor | None]:
         profiles = profiles[:, -self.config.max_len :]
         real = profiles != PAD  # (B, L')
         position = self.position(positions_forward(real, self.config.max_len))
         x = self.item_embedding(profiles) * math.sqrt(self.config.dim) + position
         x = self.dropout(x) * real.unsqueeze(-1)  # (B, L', D)
         blocked = causal_blocked(real, self.config.heads)  # (B·heads, L', L')
+        seen = torch.eye(real.shape[1], device=x.device).expand(len(x), -1, -1)  # no blocks
         for block in self.blocks:
+            if weights:  # the last block's are kept
+                seen = typing.cast(Block, block).weights(x, blocked)
             x = block(x, blocked) * real.unsqueeze(-1)
-        return self.norm(x)
+        return self.norm(x), seen if weights else None
 
     def queries(self, users: Tensor, profiles: Tensor) -> Tensor:
         """(B, D): the hidden state at the newest position (users are not used)."""
