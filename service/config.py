@@ -39,7 +39,7 @@ class Settings(BaseSettings):
     rate_limit_per_s: Annotated[float, Field(ge=0)] = 1000.0  # per key or client; 0 = off
     rate_burst: Annotated[int, Field(ge=1)] = 2000
     # Failed authentications per client address: a token bucket of its own; when it is empty
-    # the address gets 429 without its key being checked. 0 = off.
+    # the address's wrong keys get 429 (its valid keys still work). 0 = off.
     auth_failures_per_s: Annotated[float, Field(ge=0)] = 1.0
     auth_failure_burst: Annotated[int, Field(ge=1)] = 20
     # Proxies (IPs or CIDR networks, comma-separated) whose X-Forwarded-For names the client;

@@ -187,6 +187,15 @@ def test_bad_input_is_a_4xx_with_a_reason(
     assert "detail" in r.json()
 
 
+@pytest.mark.parametrize("path", ["/recommend/{}", "/explain/{}?item_id=1"])
+@pytest.mark.parametrize("user", ["a%00b", "a%0D%0Ab", "x" * 10_000], ids=["nul", "crlf", "10kb"])
+def test_reads_refuse_the_user_ids_writes_refuse(client: TestClient, path: str, user: str) -> None:
+    """One rule for ids everywhere: these answered 200 on reads while writes refused them."""
+    r = client.get(path.format(user))
+    assert r.status_code == 422, r.text
+    assert "user_id" in str(r.json()["detail"])
+
+
 def test_settings_are_required(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("VISREC_CHECKPOINT", raising=False)
     with pytest.raises(ValueError, match="checkpoint"):

@@ -11,19 +11,23 @@ from __future__ import annotations
 import asyncio
 import io
 import socket
+import struct
 import time
 import uuid
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from fastapi import HTTPException
 from fastapi.testclient import TestClient
 from PIL import Image
 from redis import Redis
 
 from service.api.app import create_app
+from service.api.items import decode_image
 from service.config import Settings
 from service.model.checkpoint import load_checkpoint, save_checkpoint
 from service.model.feature_store import load_features
@@ -176,8 +180,18 @@ def test_bad_uploads_are_refused_and_change_nothing(
         ),  # item 1 exists
         client.post("/items", data={"item_id": str(item)}, headers={"X-API-Key": ADMIN}),
     ]
-    assert [r.status_code for r in refused] == [401, 415, 409, 422]
+    for title in ("a\x00b", "evil\u202egnp.exe", "caf\x8e"):  # \x8e: bad UTF-8 as Latin-1
+        refused.append(
+            client.post(
+                "/items",
+                data={"item_id": str(item), "title": title},
+                files={"image": ("x.png", _png(8, 8))},
+                headers={"X-API-Key": ADMIN},
+            )
+        )
+    assert [r.status_code for r in refused] == [401, 415, 409, 422, 422, 422, 422]
     assert "already in the catalogue" in refused[2].json()["detail"]
+    assert all("title" in str(r.json()["detail"]) for r in refused[4:])
     assert client.get("/readyz").json()["items"] == before
     assert client.post("/recommend", json={"history": [item]}).status_code == 422
 
@@ -242,6 +256,44 @@ def _png(width: int, height: int, *, noise: bool = False) -> bytes:
     out = io.BytesIO()
     Image.fromarray(pixels.astype(np.uint8)).save(out, format="PNG")
     return out.getvalue()
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that declares its size and holds no pixels (what a decompression bomb sends)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data)
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize(
+    ("data", "status", "words"),
+    [
+        # Pillow's own bomb bound came first and answered 415 with its internal message
+        (_png_header(20_000, 20_000), 413, "over 40000000 pixels"),
+        # within the pixel bound, but took 6 s to decode and resize
+        (_png(1, 30_000), 422, "1x30000, over 20 times longer than wide"),
+    ],
+    ids=["bomb", "strip"],
+)
+def test_huge_or_elongated_images_are_refused_from_their_header(
+    data: bytes, status: int, words: str
+) -> None:
+    with pytest.raises(HTTPException) as refused:
+        decode_image(data, 40_000_000)
+    assert refused.value.status_code == status and words in str(refused.value.detail)
+
+
+def test_a_cameras_multi_picture_jpeg_is_read() -> None:
+    """MPO (a JPEG with several pictures, as cameras write them) was refused with 415."""
+    out = io.BytesIO()
+    first, second = Image.new("RGB", (64, 48), "red"), Image.new("RGB", (64, 48), "blue")
+    first.save(out, format="MPO", save_all=True, append_images=[second])
+    picture, media_type = decode_image(out.getvalue(), 40_000_000)
+    assert (picture.format, media_type, picture.size) == ("MPO", "image/jpeg", (64, 48))
 
 
 def test_a_redis_item_store_that_cannot_answer_is_an_outage_not_an_error() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -176,6 +177,18 @@ def test_files_outside_the_model_folders_are_refused(
         assert r.status_code == 422
         assert "outside the model folders" in r.json()["detail"]
         assert "VISREC_MODEL_DIRS" in r.json()["detail"]
+        assert r.json()["model_version"] == old
+
+
+@pytest.mark.parametrize("path", ["runs/a\x00b.pt", "runs/\ud800.pt"], ids=["nul", "surrogate"])
+def test_a_path_that_is_not_one_is_refused(client: TestClient, path: str) -> None:
+    """A NUL byte or a lone surrogate in a path answered 500 (Path.resolve raised)."""
+    (old,) = versions(client)
+    for field in ("checkpoint", "features"):
+        body = json.dumps({field: path}, ensure_ascii=True)  # \ud800 stays a lone surrogate
+        r = client.post("/admin/reload", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 422, r.text
+        assert "is not a usable path" in r.json()["detail"]
         assert r.json()["model_version"] == old
 
 

@@ -25,6 +25,7 @@ from benchmarks.fault_injection import RedisServer
 from benchmarks.serve_load import Catalogue, synthetic_catalogue
 from service.api.app import create_app
 from service.store.deadline import LoopLag, deadline
+from service.store.epoch import EpochWatch
 from service.store.profiles import (
     Interaction,
     MemoryProfileStore,
@@ -649,3 +650,48 @@ async def add_one(url: str, prefix: str, event: Interaction) -> None:
         assert await store.add([event]) == 1
     finally:
         await store.close()
+
+
+class _Epochs:
+    """An epoch store whose claims another process may win (``rival``)."""
+
+    def __init__(self, stored: str | None, rival: str | None = None) -> None:
+        self.stored, self.rival, self.merged = stored, rival, 0
+
+    async def read_epoch(self) -> str | None:
+        return self.stored
+
+    async def claim_epoch(self, token: str) -> str:
+        if self.stored is None:
+            self.stored = self.rival or token
+        return self.stored
+
+    async def merge(self, histories: Any) -> None:
+        self.merged += len(histories)
+
+
+@pytest.mark.parametrize("case", ["another-data-set", "empty-claimed-by-another", "empty-ours"])
+def test_a_lost_data_set_is_reported_as_it_was(case: str) -> None:
+    """Redis back with another data set was logged as "came back empty; another instance
+    reloads the profiles": wrong on both counts."""
+    store = _Epochs("old")
+    watch = EpochWatch(store, histories={"3": [1, 2]}, clock=lambda: 0.0)
+    asyncio.run(watch.start())
+    store.stored, store.rival = {
+        "another-data-set": ("other", None),
+        "empty-claimed-by-another": (None, "theirs"),
+        "empty-ours": (None, None),
+    }[case]
+    asyncio.run(watch.check())
+    assert watch.losses == 1 and watch.lost is not None
+    if case == "another-data-set":
+        assert "another data set" in watch.lost and "came back empty and" in watch.lost
+        assert "reloads" not in watch.lost and store.merged == 0
+    elif case == "empty-claimed-by-another":
+        assert "came back empty; another process set it up again first" in watch.lost
+        assert store.merged == 0
+    else:
+        assert "came back empty; profiles of 1 users reloaded" in watch.lost
+        assert store.merged == 1
+    asyncio.run(watch.check())  # the new epoch is known now: reported once
+    assert watch.losses == 1

@@ -96,7 +96,15 @@ def test_a_batch_of_requests_equals_one_at_a_time(trained: ACF) -> None:
     ]
     batched = engine.recommend(queries)
     for query, answer in zip(queries, batched, strict=True):
-        assert engine.recommend([query])[0] == answer
+        alone = engine.recommend([query])[0]
+        # A batched BLAS call may round differently from a single one (float32): the same
+        # items in the same order, scores equal within rounding
+        assert (alone.items, alone.fallback, alone.version) == (
+            answer.items,
+            answer.fallback,
+            answer.version,
+        )
+        np.testing.assert_allclose(alone.scores, answer.scores, rtol=1e-5, atol=1e-6)
         assert len(answer.items) == query.k
         assert not set(answer.items) & set(query.exclude)
     assert [b.fallback for b in batched] == [False, False, False, True]

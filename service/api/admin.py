@@ -86,7 +86,11 @@ def _inside(text: str | None, folders: tuple[Path, ...]) -> Path | None:
     if not text:
         return None
     path = Path(text)
-    if any(path.resolve().is_relative_to(folder) for folder in folders):
+    try:
+        resolved = path.resolve()
+    except (ValueError, OSError) as err:  # a NUL byte, a lone surrogate, a loop of links
+        raise OutsideModelFolders(f"{text!r} is not a usable path ({err})") from err
+    if any(resolved.is_relative_to(folder) for folder in folders):
         return path
     allowed = ", ".join(str(f) for f in folders)
     raise OutsideModelFolders(

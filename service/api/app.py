@@ -46,6 +46,7 @@ from service.api.schemas import (
     RecommendResponse,
     ScoredItem,
     StoreRefused,
+    UserIdInPath,
 )
 from service.api.security import (
     Access,
@@ -465,7 +466,7 @@ def _routes(app: FastAPI, metrics: Metrics, guards: Guards) -> None:
         responses=GUARDED,
     )
     async def recommend_user(
-        user_id: str,
+        user_id: UserIdInPath,
         state: StateDep,
         k: Annotated[int, Query(ge=1, le=MAX_K)] = 20,
         offset: Annotated[int, Query(ge=0, le=MAX_K)] = 0,
@@ -518,7 +519,7 @@ def _routes(app: FastAPI, metrics: Metrics, guards: Guards) -> None:
         dependencies=guards.read,
         responses=GUARDED | UNKNOWN_ITEMS | STORE_NEEDED,
     )
-    async def explain_user(user_id: str, item_id: int, state: StateDep) -> ExplainResponse:
+    async def explain_user(user_id: UserIdInPath, item_id: int, state: StateDep) -> ExplainResponse:
         """Why ``item_id`` scores as it does for a stored user: the item-level attention over
         their last items and each item's 7x7 component attention, and the score (a served
         SASRec gives its newest position's attention over those items, and no components)."""

@@ -34,7 +34,21 @@ from service.store.items import AddedItem, ItemStore
 from service.store.profiles import MAX_ITEM_ID, StoreUnavailable
 
 log = logging.getLogger("visrec.items")
-FORMATS = {"JPEG": "image/jpeg", "PNG": "image/png", "GIF": "image/gif", "WEBP": "image/webp"}
+# MPO: a camera's JPEG holding several pictures (the first is read)
+FORMATS = {
+    "JPEG": "image/jpeg",
+    "MPO": "image/jpeg",
+    "PNG": "image/png",
+    "GIF": "image/gif",
+    "WEBP": "image/webp",
+}
+# Longest side over shortest: a 1 x 39M-pixel strip is within the pixel bound but took 6 s to
+# decode and resize for a picture of nothing; posters and photos are within 1:4
+MAX_ASPECT = 20
+# A title is shown on the page: no control characters (C0, DEL, C1: also what invalid UTF-8
+# often becomes, as the form parser falls back to Latin-1) and no bidirectional overrides,
+# which can make a title read as something else (U+202E)
+TITLE_PATTERN = r"^[^\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]*$"
 
 
 class AddedItemResponse(BaseModel):
@@ -107,6 +121,8 @@ ADD_RESPONSES = {
             413: "the image is over the size limit (bytes or pixels); nothing was changed",
             415: "the file is not an image this service reads (JPEG, PNG, GIF, WebP); nothing "
             "was changed",
+            422: f"a form field is missing or invalid, or the image is more than {MAX_ASPECT} "
+            "times longer than wide; nothing was changed",
             503: "the item store is unavailable; nothing was changed, retry later",
         }
     ),
@@ -128,7 +144,7 @@ def install_items(app: FastAPI, *, dependencies: list[Any]) -> None:
         request: Request,
         item_id: Annotated[int, Form(ge=0, le=MAX_ITEM_ID)],
         image: Annotated[UploadFile, File(description="the item's image: JPEG, PNG, GIF or WebP")],
-        title: Annotated[str, Form(max_length=1000)] = "",
+        title: Annotated[str, Form(max_length=1000, pattern=TITLE_PATTERN)] = "",
     ) -> AddedItemResponse:
         """Add an item from its image (multipart form: ``item_id``, ``image``, optional
         ``title``; admin key). The serving backbone turns the image into the model's
@@ -142,7 +158,7 @@ def install_items(app: FastAPI, *, dependencies: list[Any]) -> None:
         data = await image.read(items.max_image_bytes + 1)
         if len(data) > items.max_image_bytes:
             raise HTTPException(413, f"the image is over {items.max_image_bytes} bytes")
-        picture, media_type = await run_in_threadpool(_open, data, items.max_image_pixels)
+        picture, media_type = await run_in_threadpool(decode_image, data, items.max_image_pixels)
         if not slot.engine.takes_new_items:
             raise HTTPException(409, "the serving model cannot score items it was not trained on")
         async with items.lock:
@@ -171,9 +187,10 @@ def install_items(app: FastAPI, *, dependencies: list[Any]) -> None:
         )
 
 
-def _open(data: bytes, max_pixels: int) -> tuple[Image.Image, str]:
+def decode_image(data: bytes, max_pixels: int) -> tuple[Image.Image, str]:
     """The decoded image and its media type; 415 for what is not a readable image, 413 for one
-    over ``max_pixels`` (checked from the header, before the pixels are decoded)."""
+    over ``max_pixels`` and 422 for one over :data:`MAX_ASPECT` (both checked from the header,
+    before the pixels are decoded)."""
     try:
         picture = Image.open(io.BytesIO(data))
         if picture.format not in FORMATS:
@@ -181,7 +198,13 @@ def _open(data: bytes, max_pixels: int) -> tuple[Image.Image, str]:
         width, height = picture.size
         if width * height > max_pixels:
             raise HTTPException(413, f"the image is {width}x{height}, over {max_pixels} pixels")
+        if max(width, height) > MAX_ASPECT * min(width, height):
+            raise HTTPException(
+                422, f"the image is {width}x{height}, over {MAX_ASPECT} times longer than wide"
+            )
         picture.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as err:
+    except Image.DecompressionBombError as err:  # Pillow's own bound, met before ours
+        raise HTTPException(413, f"the image is over {max_pixels} pixels") from err
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise HTTPException(415, f"the file is not a readable image: {err}") from err
     return picture, FORMATS[picture.format or ""]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Annotated, Any
 
+from fastapi import Path
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 
 from service.store.profiles import MAX_TIMESTAMP_S
@@ -74,8 +75,19 @@ def _decimal_user_id(value: object) -> object:
 
 # A user id must be usable in the URL path of GET /recommend/{user_id}: no "/" (a path
 # separator, even percent-encoded once decoded) and no control characters.
+USER_ID_PATTERN, USER_ID_CHARS = r"^[^/\x00-\x1f\x7f]+$", 128
 UserIdText = Annotated[
-    str, StringConstraints(min_length=1, max_length=128, pattern=r"^[^/\x00-\x1f\x7f]+$")
+    str, StringConstraints(min_length=1, max_length=USER_ID_CHARS, pattern=USER_ID_PATTERN)
+]
+# The same rule for ids in URL paths (reads), so that no id is read that writes refuse
+UserIdInPath = Annotated[
+    str,
+    Path(
+        min_length=1,
+        max_length=USER_ID_CHARS,
+        pattern=USER_ID_PATTERN,
+        description="1-128 characters without '/' or control characters",
+    ),
 ]
 UserId = Annotated[
     UserIdText,

@@ -5,7 +5,9 @@ Keys travel in the ``X-API-Key`` header and are compared in constant time. An ad
 everything a write key may. A caller is limited by a token bucket per *valid* key, or per client
 address otherwise (a made-up key per request is the address's bucket too); over the limit it
 gets 429 with ``Retry-After``. Failed authentications take tokens from a bucket of their own per
-address; once it is empty, the address gets 429 before its key is even compared. The client
+address; once it is empty, the address's wrong keys get 429 instead of 401, and a valid key from
+it still works (behind NAT or a proxy, one client's guesses must not lock out the others; keys
+are long and random, so a block never stood between a guesser and a key anyway). The client
 address is the TCP peer, or what ``X-Forwarded-For`` says when the peer is a trusted proxy.
 """
 
@@ -157,17 +159,16 @@ def guard(access: Access, role: Role) -> Callable[..., object]:
 
     def enforce(request: Request, key: str | None) -> None:
         client = access.proxies.client(request)
-        if not keys.allows(None, role):  # a key is needed: brute force is limited first
+        if not keys.allows(key, role):  # a key was needed and this one is not it
             blocked = access.failures.peek(f"addr:{client}")
             if blocked > 0:
                 raise _too_many(blocked, "too many failed authentications from this address")
-            if not keys.allows(key, role):
-                access.failures.wait(f"addr:{client}")
-                raise HTTPException(
-                    status_code=401,
-                    detail=f"this call needs a valid {role} API key in the X-API-Key header",
-                    headers={"WWW-Authenticate": "X-API-Key"},
-                )
+            access.failures.wait(f"addr:{client}")
+            raise HTTPException(
+                status_code=401,
+                detail=f"this call needs a valid {role} API key in the X-API-Key header",
+                headers={"WWW-Authenticate": "X-API-Key"},
+            )
         # Only a key that checks out has a bucket of its own: made-up keys share the address's.
         caller = f"key:{key}" if keys.valid(key) else f"addr:{client}"
         wait = access.limiter.wait(caller)

@@ -11,7 +11,8 @@ description for /readyz, and, when the service was started with histories (a dat
 new epoch and merges the histories back (``RedisProfileStore.merge``: as events older than any
 live one, so writes that reached the empty Redis in between are kept, and land after them).
 Only the process that writes the new epoch restores; others see a token they did not know,
-count the loss and move on.
+count the loss and say so (a token it did not know can also be another data set altogether:
+they cannot be told apart, and the report says both).
 """
 
 from __future__ import annotations
@@ -82,19 +83,29 @@ class EpochWatch:
         when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self._clock()))
         self.losses += 1
         self._on_loss()
-        restored = ""
         if current is None:  # empty: whoever writes the new epoch first restores
             token = secrets.token_hex(8)
             current = await self.store.claim_epoch(token)
-            if current == token and self.histories:
-                await self.store.merge(self.histories)
-                restored = f"; profiles of {len(self.histories):,} users reloaded from the dataset"
-        if not restored:
-            restored = (
-                "; the service was started without profiles to reload: users' histories are gone"
-                if not self.histories
-                else "; another instance reloads the profiles"
+            what = "came back empty" + await self._restored(first=current == token)
+        else:  # it cannot be told which: say both
+            what = (
+                f"holds another data set than the one this process knew (epoch {current}, not "
+                f"{self._known}): it came back empty and another process set it up again, or "
+                "it was replaced; whatever this process knew of users is gone"
             )
-        self.lost = f"Redis lost its data (came back empty) at {when}{restored}"
+        self.lost = f"Redis lost its data at {when}: it {what}"
         log.error("%s", self.lost)
         self._known = current
+
+    async def _restored(self, *, first: bool) -> str:
+        """What became of the profiles after an empty Redis, in words (restoring them when
+        this process is the one to)."""
+        if not first:
+            return (
+                "; another process set it up again first (it reloads the profiles if it was "
+                "started with them)"
+            )
+        if not self.histories:
+            return "; the service was started without profiles to reload: users' histories are gone"
+        await self.store.merge(self.histories)
+        return f"; profiles of {len(self.histories):,} users reloaded from the dataset"
