@@ -16,7 +16,9 @@ import time
 import uuid
 import zlib
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -38,7 +40,12 @@ from service.offline.pipeline import Prepared, fit, prepare, to_checkpoint
 from service.offline.synthetic import World, WorldSpec, make_world
 from service.offline.train import TrainConfig
 from service.serve import histories
-from service.store.items import AddedItem, RedisItemStore
+from service.store.items import (
+    AddedItem,
+    DirectoryItemStore,
+    MemoryItemStore,
+    RedisItemStore,
+)
 from service.store.profiles import StoreUnavailable
 
 COLD_WORLD = WorldSpec(
@@ -88,6 +95,52 @@ def client(cold: tuple[World, Prepared, Path]) -> Iterator[TestClient]:
     app = create_app(_settings(cold), profiles=histories(cold[1].dataset))
     with TestClient(app) as c:
         yield c
+
+
+class _LateStore:
+    """An item store whose next answers are lost: ``stores`` says whether the call applied."""
+
+    def __init__(self, inner: Any, outcomes: list[bool]) -> None:
+        self.inner, self.outcomes = inner, outcomes
+
+    async def add(self, item: AddedItem) -> bool:
+        if not self.outcomes:
+            return bool(await self.inner.add(item))
+        if self.outcomes.pop(0):
+            await self.inner.add(item)
+            raise StoreUnavailable("Redis did not answer in time", maybe_applied=True)
+        raise StoreUnavailable("Redis refused the call (OOM)", maybe_applied=False)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+@pytest.mark.parametrize("stored", [True, False], ids=["answer-lost", "refused"])
+def test_a_refused_add_says_whether_it_applied_and_its_retry_succeeds(
+    cold: tuple[World, Prepared, Path], stored: bool
+) -> None:
+    """The answer was 503 "nothing was changed" though the item had been stored, and the
+    retry got 409."""
+    world, prepared, _ = cold
+    with TestClient(create_app(_settings(cold), profiles=histories(prepared.dataset))) as c:
+        items = c.app_state["items"]
+        items.store = _LateStore(items.store, [stored])
+        item = _new_ids(world)[1]
+        first = _add(c, world, item)
+        assert first.status_code == 503 and first.headers["Retry-After"] == "1"
+        assert first.json()["nothing_applied"] is (not stored)
+        assert ("may have been stored" in first.json()["detail"]) is stored
+        retry = _add(c, world, item)
+        assert retry.status_code == 201, retry.text
+        assert _add(c, world, item).status_code == 201  # and again: the same item
+        other = c.post(
+            "/items",
+            data={"item_id": str(item)},
+            files={"image": ("x.png", _png(8, 8))},
+            headers={"X-API-Key": ADMIN},
+        )
+        assert other.status_code == 409  # another image under the id
+        assert c.get("/readyz").json()["items"] == COLD_WORLD.n_items + 1
 
 
 def _new_ids(world: World) -> list[int]:
@@ -317,14 +370,28 @@ def test_a_redis_item_store_that_cannot_answer_is_an_outage_not_an_error() -> No
 
     prefix = f"test-items-{uuid.uuid4().hex}"
 
-    async def twice() -> list[bool]:
-        store = RedisItemStore.from_url(REDIS, prefix=prefix, deadline_s=1)
-        try:
-            return [await store.add(item), await store.add(item)]
-        finally:
-            await store.close()
-
+    store = RedisItemStore.from_url(REDIS, prefix=prefix, deadline_s=1)
     try:
-        assert asyncio.run(twice()) == [True, False]
+        assert asyncio.run(_adds(store, item)) == [True, True, False]
     finally:
         Redis.from_url(REDIS).delete(f"{prefix}:items")
+
+
+async def _adds(store: Any, item: AddedItem) -> list[bool]:
+    """Adding ``item``, the same again (a retry), then another image under its id."""
+    try:
+        other = replace(item, image=b"another image")
+        return [await store.add(item), await store.add(item), await store.add(other)]
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("kind", ["memory", "directory"])
+def test_an_item_sent_again_is_taken_and_another_under_its_id_is_not(
+    kind: str, tmp_path: Path
+) -> None:
+    """A retry after a lost answer must succeed (it got 409); the Redis store's case is
+    in the test above."""
+    item = AddedItem(7, "t", "image/png", b"png", np.zeros((49, 8), dtype=np.float16))
+    store = MemoryItemStore() if kind == "memory" else DirectoryItemStore(tmp_path)
+    assert asyncio.run(_adds(store, item)) == [True, True, False]

@@ -32,6 +32,7 @@ from service.api.schemas import (
     JSON_BODY,
     MAX_CLOCK_SKEW_S,
     MAX_K,
+    RETRY_AFTER_S,
     STORE_NEEDED,
     UNKNOWN_ITEMS,
     ConflictingEvents,
@@ -86,7 +87,6 @@ from service.store.profiles import (
 from service.store.resilient import ResilientStore
 
 log = logging.getLogger("visrec.api")
-RETRY_AFTER_S = 1  # what a refused write is told to wait: Redis restarts take about a second
 EPOCH_CHECK_S = 1.0  # how often a process looks whether Redis came back empty
 
 

@@ -15,18 +15,19 @@ import io
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Annotated, Any
 
 import numpy as np
 import torch
 from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi.responses import JSONResponse
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from service.api.reload import ModelSlot
-from service.api.schemas import GUARDED, refusals
+from service.api.schemas import GUARDED, RETRY_AFTER_S, StoreRefused, refusals
 from service.catalogue import Catalogue, CatalogueItem
 from service.model.backbones import Backbone, component_features, load_backbone
 from service.recommender import Recommender
@@ -123,7 +124,9 @@ ADD_RESPONSES = {
             "was changed",
             422: f"a form field is missing or invalid, or the image is more than {MAX_ASPECT} "
             "times longer than wide; nothing was changed",
-            503: "the item store is unavailable; nothing was changed, retry later",
+            503: "the item store is unavailable: `nothing_applied` says whether the item may "
+            "have been stored all the same; send the same request again (the same image and "
+            "title under the same id are taken again, 201)",
         }
     ),
 }
@@ -145,12 +148,14 @@ def install_items(app: FastAPI, *, dependencies: list[Any]) -> None:
         item_id: Annotated[int, Form(ge=0, le=MAX_ITEM_ID)],
         image: Annotated[UploadFile, File(description="the item's image: JPEG, PNG, GIF or WebP")],
         title: Annotated[str, Form(max_length=1000, pattern=TITLE_PATTERN)] = "",
-    ) -> AddedItemResponse:
+    ) -> AddedItemResponse | JSONResponse:
         """Add an item from its image (multipart form: ``item_id``, ``image``, optional
         ``title``; admin key). The serving backbone turns the image into the model's
         components, the item is scored from its image alone, and it is recommendable,
         explainable and on the page as soon as this answers 201; it is stored so that a
-        restart, a reloaded model and every replica have it too."""
+        restart, a reloaded model and every replica have it too. Sending the same image and
+        title under the same id again answers 201 too (a safe retry); another item under a
+        taken id is 409."""
         started = time.perf_counter()
         items: Items = request.state.items
         slot: ModelSlot = request.state.models
@@ -161,30 +166,56 @@ def install_items(app: FastAPI, *, dependencies: list[Any]) -> None:
         picture, media_type = await run_in_threadpool(decode_image, data, items.max_image_pixels)
         if not slot.engine.takes_new_items:
             raise HTTPException(409, "the serving model cannot score items it was not trained on")
+        sent = AddedItem(item_id, title, media_type, data, np.empty(0, np.float16))
         async with items.lock:
-            if slot.engine.knows(item_id) or item_id in items.known:
+            known = items.known.get(item_id)
+            if known is not None and known.same_as(sent):  # a retry of an item it has
+                return _added(known, slot, started)
+            if known is not None or slot.engine.knows(item_id):
                 raise HTTPException(409, f"item {item_id} is already in the catalogue")
             features = await run_in_threadpool(
                 lambda: component_features(items.backbone(), [picture], device=items.device)[0]
             )
-            added = AddedItem(item_id, title, media_type, data, features)
+            added = replace(sent, features=features)
             try:
-                stored = await items.store.add(added)
+                stored = await items.store.add(added)  # True too for a retry it stored before
             except StoreUnavailable as err:
-                raise HTTPException(503, f"the item store is unavailable: {err}") from err
-            if not stored:  # another replica took the id meanwhile; its item will sync
+                return _unavailable(err)
+            if not stored:  # another item took the id meanwhile (another replica's)
                 raise HTTPException(409, f"item {item_id} is already in the catalogue")
             items.known = {**items.known, item_id: added}
             await slot.update(items.added_to)
         catalogue.add(_catalogue_item(added))
         log.info("item %d added from its image", item_id)
-        return AddedItemResponse(
-            item_id=item_id,
-            title=title,
-            model_version=slot.engine.version,
-            items=len(slot.engine.item_ids),
-            seconds=round(time.perf_counter() - started, 3),
-        )
+        return _added(added, slot, started)
+
+
+def _added(item: AddedItem, slot: ModelSlot, started: float) -> AddedItemResponse:
+    return AddedItemResponse(
+        item_id=item.item_id,
+        title=item.title,
+        model_version=slot.engine.version,
+        items=len(slot.engine.item_ids),
+        seconds=round(time.perf_counter() - started, 3),
+    )
+
+
+def _unavailable(err: StoreUnavailable) -> JSONResponse:
+    """503 saying whether the item may have been stored (then a retry of the same request is
+    answered 201), as refused interactions do."""
+    outcome = (
+        "the call reached the store and its answer was lost or late, so the item may have been "
+        "stored: send the same request again (the same image and title are accepted again)"
+        if err.maybe_applied
+        else "nothing was changed; retry later"
+    )
+    body = StoreRefused(
+        detail=f"the item store is unavailable: {err.reason}; {outcome}",
+        reason=err.reason,
+        nothing_applied=not err.maybe_applied,
+    )
+    headers = {"Retry-After": str(RETRY_AFTER_S)}
+    return JSONResponse(status_code=503, content=body.model_dump(), headers=headers)
 
 
 def decode_image(data: bytes, max_pixels: int) -> tuple[Image.Image, str]:

@@ -62,6 +62,7 @@ class HistoryRequest(Body):
     exclude_seen: bool = True
 
 
+RETRY_AFTER_S = 1  # what a refused write is told to wait: Redis restarts take about a second
 MAX_USER_ID = 2**53 - 1  # exact in a double, as JSON tools read numbers
 
 
@@ -267,7 +268,8 @@ GUARDED = refusals(
 
 
 class StoreRefused(Problem):
-    """The profile store could not take the call now; retry after ``Retry-After`` seconds."""
+    """The store (of profiles, or of added items) could not take the call now; retry after
+    ``Retry-After`` seconds."""
 
     reason: str = Field(description="why, e.g. Redis out of memory, unreachable, or too slow")
     nothing_applied: bool = Field(

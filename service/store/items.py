@@ -10,6 +10,9 @@ Redis layout, for prefix ``visrec``: one hash ``visrec:items`` from item id to t
 encoded as below. ``HSETNX`` adds an item only when its id is free, atomically, so two
 replicas adding the same id at once cannot both succeed.
 
+Adding is idempotent: an item whose id is stored with the same image and title counts as added
+(a client retrying after an answer that was lost or late, when the first call had stored it).
+
 Encoding: a 4-byte little-endian length, a JSON header (title, media type, feature shape and
 dtype, image length), the feature bytes, then the image bytes.
 """
@@ -38,10 +41,21 @@ class AddedItem:
     image: bytes
     features: np.ndarray  # (K, C) float16 raw component features of the image
 
+    def same_as(self, other: AddedItem) -> bool:
+        """Whether ``other`` is this item sent again: the same id, image and title (features
+        are what a backbone made of the image, which may differ in the last bits by machine)."""
+        return (self.item_id, self.title, self.media_type, self.image) == (
+            other.item_id,
+            other.title,
+            other.media_type,
+            other.image,
+        )
+
 
 class ItemStore(Protocol):
     async def add(self, item: AddedItem) -> bool:
-        """Store ``item``; False, changing nothing, when its id is already stored."""
+        """Store ``item``; True also when it is stored already (:meth:`AddedItem.same_as`),
+        False, changing nothing, when its id holds another item."""
         ...
 
     async def ids(self) -> list[int]: ...
@@ -90,10 +104,8 @@ class MemoryItemStore:
         self._items: dict[int, AddedItem] = {}
 
     async def add(self, item: AddedItem) -> bool:
-        if item.item_id in self._items:
-            return False
-        self._items[item.item_id] = item
-        return True
+        stored = self._items.setdefault(item.item_id, item)
+        return stored.same_as(item)
 
     async def ids(self) -> list[int]:
         return list(self._items)
@@ -126,7 +138,7 @@ class DirectoryItemStore:
         try:
             os.link(tmp, final)  # fails if the id is taken
         except FileExistsError:
-            return False
+            return decode_item(final.read_bytes()).same_as(item)
         finally:
             tmp.unlink()
         return True
@@ -160,8 +172,12 @@ class RedisItemStore:
         return cls(redis_client(url), prefix=prefix, deadline_s=deadline_s)
 
     async def add(self, item: AddedItem) -> bool:
+        field = str(item.item_id)
         async with reaching(self._deadline_s, self._lag):
-            return bool(await self._client.hsetnx(self._key, str(item.item_id), encode_item(item)))
+            if await self._client.hsetnx(self._key, field, encode_item(item)):
+                return True
+            stored = await self._client.hget(self._key, field)
+        return isinstance(stored, bytes) and decode_item(stored).same_as(item)
 
     async def ids(self) -> list[int]:
         async with reaching(self._deadline_s, self._lag):
