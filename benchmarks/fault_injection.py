@@ -51,6 +51,7 @@ from service.config import Settings
 from service.store.profiles import (
     _ADD_LUA,  # the add script itself: --cost times what the service runs
     EVENT_TTL_S,
+    MAX_EVENT_IDS,
     RedisProfileStore,
     decode_profile,
     user_keys,
@@ -372,8 +373,9 @@ def redis_benchmark(port: int, *, clients: int, requests: int) -> tuple[float, f
     """(events/s, p50 ms) of the store's own add script, one event a call, run by Redis's C
     client ``redis-benchmark``: Redis and its disk alone, without Python in the way."""
     keys = [f"cost:{{u:__rand_int__}}:{k}" for k in ("p", "ev", "evp")]
-    # max_recent, ttl, now (s, ms), then one user's one event: item, event id, no time
-    args = ["9", str(EVENT_TTL_S), "1000000000", "1000000000000", "1"]
+    # max_recent, ttl, now (s, ms), max event ids, then one user's one event: item, event id,
+    # no time
+    args = ["9", str(EVENT_TTL_S), "1000000000", "1000000000000", str(MAX_EVENT_IDS), "1"]
     args += ["__rand_int__", "e__rand_int__", ""]
     load = ["-q", "-c", str(clients), "-n", str(requests), "-r", "1000000"]
     out = subprocess.run(

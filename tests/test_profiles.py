@@ -298,6 +298,28 @@ def test_event_ids_are_forgotten_after_their_ttl(with_store: Runner) -> None:
     with_store(scenario, event_ttl_s=100, clock=clock)
 
 
+def test_a_users_event_id_log_keeps_the_newest_ids_only(with_store: Runner) -> None:
+    """It was bounded by the TTL alone: 1.87 M ids on one user in 40 s took 748 MiB."""
+    clock = FakeClock()
+
+    async def scenario(store: ProfileStore) -> None:
+        for batch in range(3):  # 12 ids, in calls of 4, a second apart
+            events = [Interaction("u", 1, event_id=f"e{batch * 4 + j}") for j in range(4)]
+            assert await store.add(events) == 4
+            clock.now += 1
+        assert await store.add([Interaction("u", 1, event_id="e2")]) == 0  # still logged
+        assert await store.add([Interaction("u", 1, event_id="e1")]) == 1  # the oldest two
+        assert await store.add([Interaction("u", 1, event_id="e0")]) == 1  # are forgotten
+        assert await store.add([Interaction("v", 1, event_id="e0")]) == 1  # per user
+        if isinstance(store, RedisProfileStore):  # and forgotten in Redis, payloads too
+            client = redis.Redis.from_url(REDIS_URL)
+            keys = user_keys(store.prefix, "u")
+            assert client.zcard(keys.events) == 10 and client.hlen(keys.payloads) == 10
+            client.close()
+
+    with_store(scenario, max_event_ids=10, clock=clock)
+
+
 def test_events_of_several_users_in_one_call(with_store: Runner) -> None:
     rng = random.Random(0)
     users = ["a", "b", "c", "d"]

@@ -9,8 +9,9 @@ others (``ValueError``; ``TypeError`` for non-integers) before changing anything
 Redis key layout, for prefix ``visrec`` and user ``alice``::
 
     visrec:{u:alice}:p    string: the profile, encoded as below
-    visrec:{u:alice}:ev   sorted set: applied event id -> time applied (seconds); with a TTL.
-                          Only exists while events with ids were applied in the last TTL.
+    visrec:{u:alice}:ev   sorted set: applied event id -> time applied (seconds); with a TTL,
+                          and the newest MAX_EVENT_IDS ids at most. Only exists while events
+                          with ids were applied in the last TTL.
     visrec:{u:alice}:evp  hash: applied event id -> "item:time given in ms" (empty: none), to
                           refuse an id sent again for another event; same TTL as :ev.
 
@@ -56,9 +57,12 @@ Only the time the event loop was free to read Redis's reply counts (``service.st
 a loop busy with other requests does not turn a healthy Redis's prompt reply into a timeout.
 
 A write that timed out may still have been applied. Sent again with the same event ids, each
-event is applied once. Events without ids are applied again, which leaves the same profile only
-if nothing else reached the user in between (then ``recent`` and ``seen`` are unchanged): give
-events ids.
+event is applied once, as long as its id is still logged: for ``EVENT_TTL_S`` (7 days), and
+among the user's newest ``MAX_EVENT_IDS`` (10,000) ids (one user's log was bounded by the TTL
+alone: 1.87 M ids in 40 s took 748 MiB in process, 120 MiB per 296 k in Redis; ids are at most
+128 characters, so a user's log now holds at most ~2 MB). Events without ids are applied
+again, which leaves the same profile only if nothing else reached the user in between (then
+``recent`` and ``seen`` are unchanged): give events ids.
 """
 
 from __future__ import annotations
@@ -92,6 +96,7 @@ from service.store.deadline import LoopLag, deadline
 
 MAX_RECENT = 9
 EVENT_TTL_S = 7 * 24 * 3600
+MAX_EVENT_IDS = 10_000  # per user: a retry after more newer events of that user applies again
 MAX_ITEM_ID = 2**53 - 1  # the largest integer a Lua number (a double) holds exactly
 MAX_TIMESTAMP_S = 4_102_444_800  # 2100-01-01: times are kept in ms, exact in a double
 # Users per pipeline round trip in bulk calls: bounds the client's buffers, not correctness.
@@ -265,11 +270,13 @@ def _check_histories(histories: Mapping[str, Sequence[int]]) -> None:
             item_id(item)
 
 
-def _check_limits(max_recent: int, event_ttl_s: int) -> None:
+def _check_limits(max_recent: int, event_ttl_s: int, max_event_ids: int) -> None:
     if max_recent < 1:
         raise ValueError(f"max_recent must be at least 1, got {max_recent}")
     if event_ttl_s < 1:
         raise ValueError(f"event_ttl_s must be at least 1 second, got {event_ttl_s}")
+    if max_event_ids < 1:
+        raise ValueError(f"max_event_ids must be at least 1, got {max_event_ids}")
 
 
 def _by_user(events: Iterable[Interaction]) -> dict[str, list[Interaction]]:
@@ -379,11 +386,13 @@ class MemoryProfileStore(ProfileReads):
         max_recent: int = MAX_RECENT,
         *,
         event_ttl_s: int = EVENT_TTL_S,
+        max_event_ids: int = MAX_EVENT_IDS,
         clock: Clock = time.time,
         max_users: int | None = None,
         on_evict: Callable[[], object] = lambda: None,
     ) -> None:
-        _check_limits(max_recent, event_ttl_s)
+        _check_limits(max_recent, event_ttl_s, max_event_ids)
+        self.max_event_ids = max_event_ids
         if max_users is not None and max_users < 1:
             raise ValueError(f"max_users must be at least 1, got {max_users}")
         self.max_recent = max_recent
@@ -491,6 +500,8 @@ class MemoryProfileStore(ProfileReads):
             if event.event_id:
                 profile.events[event.event_id] = (now, payload(event))
             applied += 1
+        while len(profile.events) > self.max_event_ids:  # the oldest ids go first
+            profile.events.popitem(last=False)
         return applied
 
 
@@ -532,14 +543,15 @@ end
 # no reader sees half an update, concurrent adds for one user cannot interleave, and a call of
 # several users is applied whole (event-id conflicts are checked for all of them first).
 # KEYS: per user, (profile, event log, event payloads). ARGV: max_recent, event_ttl_s, now (s),
-# now (ms), then per user: its number of events n, then n x (item, event_id, time in ms), with
-# "" for no event id and for no time (then: now). Returns {applied} or {-1, conflicting ids...}.
+# now (ms), max_event_ids, then per user: its number of events n, then n x (item, event_id,
+# time in ms), with "" for no event id and for no time (then: now). Returns {applied} or
+# {-1, conflicting ids...}.
 _ADD_LUA = (
     _SHEBANG
     + _VARINT_LUA
     + """
 local max_recent, ttl = tonumber(ARGV[1]), tonumber(ARGV[2])
-local now, now_ms = tonumber(ARGV[3]), tonumber(ARGV[4])
+local now, now_ms, max_ids = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local cutoff = now - ttl
 
 -- The rule of profiles.place: an item sits at its latest event, after items of the same time.
@@ -563,7 +575,7 @@ local function place(recent, times, item, t)
 end
 
 -- Pass 1: read the call, and refuse it whole if an event id is taken by another payload.
-local users, conflicts, a = {}, {}, 5
+local users, conflicts, a = {}, {}, 6
 while a <= #ARGV do
   local k = #users * 3
   local log, payloads = KEYS[k + 2], KEYS[k + 3]
@@ -640,6 +652,14 @@ for _, user in ipairs(users) do
   if logged then
     redis.call('EXPIRE', log, ttl)
     redis.call('EXPIRE', payloads, ttl)
+    local excess = redis.call('ZCARD', log) - max_ids
+    if excess > 0 then  -- the oldest ids go first
+      local old = redis.call('ZRANGE', log, 0, excess - 1)
+      redis.call('ZREMRANGEBYRANK', log, 0, excess - 1)
+      for i = 1, #old, 1000 do
+        redis.call('HDEL', payloads, unpack(old, i, math.min(i + 999, #old)))
+      end
+    end
   end
   if count > 0 then
     table.sort(new)
@@ -879,6 +899,7 @@ class RedisProfileStore(ProfileReads):
         prefix: str = "visrec",
         max_recent: int = MAX_RECENT,
         event_ttl_s: int = EVENT_TTL_S,
+        max_event_ids: int = MAX_EVENT_IDS,
         clock: Clock = time.time,
         deadline_s: float | None = None,
         write_deadline_s: float | None = None,
@@ -900,9 +921,10 @@ class RedisProfileStore(ProfileReads):
             raise ValueError(f"the key prefix must not hold braces (hash tags), got {prefix!r}")
         if client.get_connection_kwargs().get("decode_responses"):
             raise ValueError("the Redis client must not decode responses: profiles are binary")
-        _check_limits(max_recent, event_ttl_s)
+        _check_limits(max_recent, event_ttl_s, max_event_ids)
         self.max_recent = max_recent
         self.event_ttl_s = event_ttl_s
+        self.max_event_ids = max_event_ids
         self.prefix = prefix
         self._client = client
         self._clock = clock
@@ -989,7 +1011,13 @@ class RedisProfileStore(ProfileReads):
         self, groups: Sequence[tuple[str, Sequence[Interaction]]], now: float
     ) -> list[Any]:
         keys: list[str] = []
-        args: list[str | int] = [self.max_recent, self.event_ttl_s, repr(float(now)), millis(now)]
+        args: list[str | int] = [
+            self.max_recent,
+            self.event_ttl_s,
+            repr(float(now)),
+            millis(now),
+            self.max_event_ids,
+        ]
         for user, group in groups:
             keys += self.keys(user).all
             args += _event_args(group)
