@@ -695,3 +695,42 @@ def test_a_lost_data_set_is_reported_as_it_was(case: str) -> None:
         assert store.merged == 1
     asyncio.run(watch.check())  # the new epoch is known now: reported once
     assert watch.losses == 1
+
+
+@pytest.mark.parametrize("source", [True, False], ids=["with-histories", "without"])
+def test_a_service_starts_while_redis_is_down_and_catches_up(
+    catalogue: Catalogue, tmp_path: Path, source: bool
+) -> None:
+    """Start-up read the added items and the epoch from Redis and raised: a restart during an
+    outage crash-looped instead of serving degraded reads as a running process does."""
+    server = RedisServer(tmp_path, fsync="off")  # not started yet
+    settings = catalogue.settings.model_copy(
+        update={"redis_url": server.url, "redis_prefix": "late", "redis_timeout_ms": TIMEOUT_MS}
+    )
+    app = create_app(settings, profiles=catalogue.histories if source else None)
+    try:
+        with TestClient(app) as client:
+            ready = client.get("/readyz").json()
+            assert ready["degraded"] is True and ready["data_lost"] is None
+            answer = client.get("/recommend/3")
+            assert answer.status_code == 200 and answer.json()["degraded"] is True
+            server.start()
+            redis = server.client()
+            profile_key = user_keys("late", "3").profile
+            for _ in range(50):  # the epoch check runs every second
+                time.sleep(0.2)
+                ready = client.get("/readyz").json()
+                set_up = redis.exists("late:epoch") and (redis.exists(profile_key) or not source)
+                if not ready["degraded"] and set_up:
+                    break
+            assert ready["degraded"] is False and ready["data_lost"] is None  # no false alarm
+            assert redis.get("late:epoch") is not None  # the data set is set up
+            if source:  # merged in once Redis answered
+                assert stored(server, "late", "3")[0].seen == set(catalogue.histories["3"])
+            answer = client.get("/recommend/3", params={"k": 50}).json()
+            assert answer["degraded"] is False
+            seen = set(catalogue.histories["3"]) if source else set()
+            assert not seen & {i["item_id"] for i in answer["items"]}  # its history is known
+            redis.close()
+    finally:
+        server.kill()

@@ -202,7 +202,10 @@ def create_app(
         models = await run_in_threadpool(_load, settings, items.added_to, source, engine)
         metrics.model_version = lambda: models.engine.version
         catalogue = await run_in_threadpool(load_catalogue, settings.data)  # titles, images
-        await items.sync(models, catalogue)  # added by an earlier run or another replica
+        try:
+            await items.sync(models, catalogue)  # added by an earlier run or another replica
+        except StoreUnavailable as err:  # the periodic sync picks them up once it answers
+            log.warning("starting without the added items: the item store is down (%s)", err)
         watch: EpochWatch | None = None
         inner: ProfileStore
         if settings.redis_url:
@@ -223,10 +226,15 @@ def create_app(
             )
             inner, name, cache_size = memory, "memory", 0  # it never fails
         store = ResilientStore(inner, cache_size=cache_size)
-        if profiles:
-            await store.load(profiles)
-        if watch is not None:
-            await watch.start()  # after the load: the data set the service knows
+        try:
+            if profiles:
+                await store.load(profiles)
+            if watch is not None:
+                await watch.start()  # after the load: the data set the service knows
+        except StoreUnavailable as err:  # serve degraded reads; the watch sets Redis up later
+            log.warning(
+                "starting while Redis is down (%s): reads are degraded until it answers", err
+            )
         # Everything loaded so far lives as long as the app: keep it out of the cyclic garbage
         # collector's full passes, whose pauses were the p99 of a loaded server.
         gc.freeze()

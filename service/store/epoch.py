@@ -10,6 +10,11 @@ On noticing, :class:`EpochWatch` logs an error, counts it (``losses``, for /metr
 description for /readyz, and, when the service was started with histories (a dataset), writes a
 new epoch and merges the histories back (``RedisProfileStore.merge``: as events older than any
 live one, so writes that reached the empty Redis in between are kept, and land after them).
+A process that starts while Redis is down cannot know the data set yet: it serves degraded
+reads, and its first check that reaches Redis sets it up as start-up would have (adopting the
+epoch, or writing a fresh one and merging its histories in, not loading them over what was
+written meanwhile), without reporting a loss.
+
 Only the process that writes the new epoch restores; others see a token they did not know,
 count the loss and say so (a token it did not know can also be another data set altogether:
 they cannot be told apart, and the report says both).
@@ -58,7 +63,9 @@ class EpochWatch:
         self._lock = asyncio.Lock()
 
     async def start(self) -> None:
-        """Adopt the stored epoch, or set one up (a fresh Redis: nothing was lost)."""
+        """Adopt the stored epoch, or set one up (a fresh Redis: nothing was lost). Raises
+        StoreUnavailable when Redis cannot answer: then the first :meth:`check` that reaches
+        it sets it up."""
         self._known = await self.store.claim_epoch(secrets.token_hex(8))
 
     async def check(self) -> None:
@@ -66,6 +73,9 @@ class EpochWatch:
         one check restores, others wait for it. Never raises StoreUnavailable."""
         async with self._lock:
             try:
+                if self._known is None:  # started while Redis was down
+                    await self._set_up()
+                    return
                 current = await self.store.read_epoch()
                 if current == self._known:
                     return
@@ -78,6 +88,16 @@ class EpochWatch:
         while True:
             await asyncio.sleep(every_s)
             await self.check()
+
+    async def _set_up(self) -> None:
+        """What start-up could not do: adopt the data set's epoch, or write a fresh one and
+        merge the histories in."""
+        token = secrets.token_hex(8)
+        current = await self.store.claim_epoch(token)
+        if current == token and self.histories:
+            await self.store.merge(self.histories)
+            log.warning("Redis answers: profiles of %d users merged in", len(self.histories))
+        self._known = current
 
     async def _lost(self, current: str | None) -> None:
         when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self._clock()))
