@@ -164,8 +164,9 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--load-profiles",
         action="store_true",
-        help="replace the Redis profiles with the dataset's histories (the in-process store "
-        "always starts from them)",
+        help="merge the dataset's histories into Redis, once per data set: the first process "
+        "started with them does (and merges them back if Redis loses its data); live events "
+        "are kept (the in-process store always starts from them)",
     )
     return parser
 

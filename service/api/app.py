@@ -186,7 +186,8 @@ def create_app(
     profiles: Mapping[str, Sequence[int]] | None = None,
     preloaded: Preloaded | None = None,
 ) -> FastAPI:
-    """``profiles``: histories (raw item ids, oldest first) loaded into the store at start-up.
+    """``profiles``: histories (raw item ids, oldest first) for the store: the in-process one
+    starts from them; into Redis they are merged once per data set (:mod:`service.store.epoch`).
     ``preloaded``: the model already loaded (by the process that forked this worker, so that
     the workers share its memory); by default the lifespan loads it: the registry's current
     version when there is a registry, else the configured files."""
@@ -227,10 +228,10 @@ def create_app(
             inner, name, cache_size = memory, "memory", 0  # it never fails
         store = ResilientStore(inner, cache_size=cache_size)
         try:
-            if profiles:
+            if watch is not None:  # Redis: the histories go in once per data set
+                await watch.start()
+            elif profiles:
                 await store.load(profiles)
-            if watch is not None:
-                await watch.start()  # after the load: the data set the service knows
         except StoreUnavailable as err:  # serve degraded reads; the watch sets Redis up later
             log.warning(
                 "starting while Redis is down (%s): reads are degraded until it answers", err

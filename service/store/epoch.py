@@ -1,4 +1,4 @@
-"""Noticing a Redis that came back empty, and restoring what can be restored.
+"""Noticing a Redis that lost its data, and putting the dataset's histories in, once.
 
 Redis may restart without its data (a lost volume, a failover to an empty replica). Profiles are
 then gone: answers stop being personal, seen items are recommended again, and nothing fails.
@@ -6,18 +6,20 @@ So the service keeps an *epoch* key in Redis: a random token written once when t
 first set up. Each process remembers the token it saw; when the key is missing, or holds another
 token, the data the process knew is gone.
 
-On noticing, :class:`EpochWatch` logs an error, counts it (``losses``, for /metrics), keeps a
-description for /readyz, and, when the service was started with histories (a dataset), writes a
-new epoch and merges the histories back (``RedisProfileStore.merge``: as events older than any
-live one, so writes that reached the empty Redis in between are kept, and land after them).
-A process that starts while Redis is down cannot know the data set yet: it serves degraded
-reads, and its first check that reaches Redis sets it up as start-up would have (adopting the
-epoch, or writing a fresh one and merging its histories in, not loading them over what was
-written meanwhile), without reporting a loss.
+The dataset's histories (``visrec-serve --load-profiles``) go into a data set once: a process
+started with them merges them in (``RedisProfileStore.merge``: as events older than any live
+one, so what users did since is kept) only when the data set's *loaded* marker, a key beside
+the epoch, is missing, and sets it after. A worker or replica that starts later, or a
+replacement for one that died, finds the marker and loads nothing: loading at every start
+replaced the live profiles (and the event-id logs, so retries were applied twice).
 
-Only the process that writes the new epoch restores; others see a token they did not know,
-count the loss and say so (a token it did not know can also be another data set altogether:
-they cannot be told apart, and the report says both).
+On a loss, :class:`EpochWatch` logs an error, counts it (``losses``, for /metrics) and keeps a
+description for /readyz. Any process writes a new epoch when the key is missing (so the next
+loss is noticed too); every process started with histories then sees the marker missing and
+merges them back, and retries at its next check until that is done, whoever wrote the epoch (a
+process without histories claiming it first kept the one with them from restoring). A process
+that starts while Redis is down serves degraded reads; its first check that reaches Redis sets
+it up as start-up would have, without reporting a loss.
 """
 
 from __future__ import annotations
@@ -41,6 +43,10 @@ class EpochStore(Protocol):
         """Write ``token`` unless an epoch exists; the epoch now stored, either way."""
         ...
 
+    async def histories_loaded(self) -> bool: ...
+
+    async def mark_histories_loaded(self) -> None: ...
+
     async def merge(self, histories: Mapping[str, Sequence[int]]) -> None: ...
 
 
@@ -57,29 +63,33 @@ class EpochWatch:
         self.histories = histories
         self.losses = 0
         self.lost: str | None = None  # what happened at the last loss, for /readyz
-        self._known: str | None = None
+        self._known: str | None = None  # the epoch of the data set this process serves
+        self._pending = False  # histories to merge back (a loss, or a start while down)
         self._on_loss = on_loss
         self._clock = clock
         self._lock = asyncio.Lock()
 
     async def start(self) -> None:
-        """Adopt the stored epoch, or set one up (a fresh Redis: nothing was lost). Raises
-        StoreUnavailable when Redis cannot answer: then the first :meth:`check` that reaches
-        it sets it up."""
+        """Adopt the stored epoch, or set one up (a fresh Redis: nothing was lost), and merge
+        the histories in if the data set has not had them. Raises StoreUnavailable when Redis
+        cannot answer: then the first :meth:`check` that reaches it does this."""
+        self._pending = True
         self._known = await self.store.claim_epoch(secrets.token_hex(8))
+        await self._load()
 
     async def check(self) -> None:
         """Compare the stored epoch with the known one; on a loss, report and restore. While
         one check restores, others wait for it. Never raises StoreUnavailable."""
         async with self._lock:
             try:
-                if self._known is None:  # started while Redis was down
-                    await self._set_up()
-                    return
-                current = await self.store.read_epoch()
-                if current == self._known:
-                    return
-                await self._lost(current)
+                if self._known is not None:  # else: started while Redis was down
+                    current = await self.store.read_epoch()
+                    if current == self._known:
+                        await self._load()  # if a merge is still to be done
+                        return
+                    self._lost(current is None)
+                    self._known = None  # reported once; set up again now or next time
+                await self.start()
             except StoreUnavailable:
                 return  # ping says so; the next check tries again
 
@@ -89,43 +99,33 @@ class EpochWatch:
             await asyncio.sleep(every_s)
             await self.check()
 
-    async def _set_up(self) -> None:
-        """What start-up could not do: adopt the data set's epoch, or write a fresh one and
-        merge the histories in."""
-        token = secrets.token_hex(8)
-        current = await self.store.claim_epoch(token)
-        if current == token and self.histories:
+    async def _load(self) -> None:
+        """Merge the histories in unless the data set had them; retried until done."""
+        if not self._pending:
+            return
+        if self.histories and not await self.store.histories_loaded():
             await self.store.merge(self.histories)
-            log.warning("Redis answers: profiles of %d users merged in", len(self.histories))
-        self._known = current
+            await self.store.mark_histories_loaded()
+            log.warning("profiles of %d users merged into Redis", len(self.histories))
+            if self.lost:
+                self.lost += f"; profiles of {len(self.histories):,} users merged back"
+        self._pending = False
 
-    async def _lost(self, current: str | None) -> None:
+    def _lost(self, empty: bool) -> None:
         when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self._clock()))
         self.losses += 1
         self._on_loss()
-        if current is None:  # empty: whoever writes the new epoch first restores
-            token = secrets.token_hex(8)
-            current = await self.store.claim_epoch(token)
-            what = "came back empty" + await self._restored(first=current == token)
-        else:  # it cannot be told which: say both
-            what = (
-                f"holds another data set than the one this process knew (epoch {current}, not "
-                f"{self._known}): it came back empty and another process set it up again, or "
-                "it was replaced; whatever this process knew of users is gone"
-            )
-        self.lost = f"Redis lost its data at {when}: it {what}"
+        what = (
+            "came back empty"
+            if empty
+            else "holds another data set than the one this process knew (it came back empty "
+            "and another process set it up again, or it was replaced)"
+        )
+        then = (
+            "this process merges the dataset's histories back in"
+            if self.histories
+            else "this process was started without the dataset's histories: a process started "
+            "with them (--load-profiles) merges them back, if there is one, else they are gone"
+        )
+        self.lost = f"Redis lost its data at {when}: it {what}; {then}"
         log.error("%s", self.lost)
-        self._known = current
-
-    async def _restored(self, *, first: bool) -> str:
-        """What became of the profiles after an empty Redis, in words (restoring them when
-        this process is the one to)."""
-        if not first:
-            return (
-                "; another process set it up again first (it reloads the profiles if it was "
-                "started with them)"
-            )
-        if not self.histories:
-            return "; the service was started without profiles to reload: users' histories are gone"
-        await self.store.merge(self.histories)
-        return f"; profiles of {len(self.histories):,} users reloaded from the dataset"

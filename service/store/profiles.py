@@ -1112,6 +1112,16 @@ class RedisProfileStore(ProfileReads):
             value = await self._client.get(self.epoch_key)
         return _text(value) if value is not None else token
 
+    async def histories_loaded(self) -> bool:
+        """Whether the dataset's histories were merged into this data set (see
+        :mod:`service.store.epoch`): a key that goes with the data, as the epoch does."""
+        async with self._reaching(self.deadline_s):
+            return bool(await self._client.exists(f"{self.epoch_key}:loaded"))
+
+    async def mark_histories_loaded(self) -> None:
+        async with self._reaching(self.write_deadline_s):
+            await self._client.set(f"{self.epoch_key}:loaded", "1")
+
     async def merge(self, histories: Mapping[str, Sequence[int]], chunk: int = 5000) -> None:
         """Add each user's history (raw item ids, oldest first) as events at time 0, older
         than any live event: unlike ``load``, what the users did since is kept. No deadline:
