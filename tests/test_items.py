@@ -41,12 +41,13 @@ from service.offline.synthetic import World, WorldSpec, make_world
 from service.offline.train import TrainConfig
 from service.serve import histories
 from service.store.items import (
+    ITEMS_PER_CALL,
     AddedItem,
     DirectoryItemStore,
     MemoryItemStore,
     RedisItemStore,
 )
-from service.store.profiles import StoreUnavailable
+from service.store.profiles import StoreUnavailable, redis_client
 
 COLD_WORLD = WorldSpec(
     n_users=300,
@@ -395,3 +396,47 @@ def test_an_item_sent_again_is_taken_and_another_under_its_id_is_not(
     item = AddedItem(7, "t", "image/png", b"png", np.zeros((49, 8), dtype=np.float16))
     store = MemoryItemStore() if kind == "memory" else DirectoryItemStore(tmp_path)
     assert asyncio.run(_adds(store, item)) == [True, True, False]
+
+
+class _CountingClient:
+    """A Redis client that records how many fields each HMGET asks for."""
+
+    def __init__(self, client: Any) -> None:
+        self.client, self.asked = client, []
+
+    async def hmget(self, key: str, fields: list[str]) -> Any:
+        self.asked.append(len(fields))
+        return await self.client.hmget(key, fields)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.client, name)
+
+
+def test_added_items_are_read_in_bounded_pieces() -> None:
+    """Start-up read every added item in one HMGET under the 250 ms read deadline: from ~600
+    items (>= 125 KB each) on, no process could start."""
+    prefix = f"test-items-{uuid.uuid4().hex}"
+    counting = _CountingClient(redis_client(REDIS))
+    store = RedisItemStore(counting, prefix=prefix, deadline_s=1)  # type: ignore[arg-type]
+    items = [
+        AddedItem(i, f"t{i}", "image/png", bytes([i]), np.full((49, 8), i, dtype=np.float16))
+        for i in range(1, 41)
+    ]
+
+    async def round_trip() -> list[AddedItem]:
+        try:
+            assert all([await store.add(item) for item in items])
+            return await store.get([item.item_id for item in items])
+        finally:
+            await store.close()
+
+    try:
+        read = asyncio.run(round_trip())
+    finally:
+        Redis.from_url(REDIS).delete(f"{prefix}:items")
+    assert [i.item_id for i in read] == list(range(1, 41))
+    assert all(
+        a.same_as(b) and np.array_equal(a.features, b.features)
+        for a, b in zip(read, items, strict=True)
+    )
+    assert sum(counting.asked) == 40 and max(counting.asked) <= ITEMS_PER_CALL

@@ -32,6 +32,10 @@ import redis.asyncio as aioredis
 from service.store.deadline import LoopLag
 from service.store.profiles import reaching, redis_client
 
+# Items per HMGET: an item is >= 125 KB of features, and reading every added item in one call
+# under the read deadline (250 ms) failed from ~600 items on, so no process could start
+ITEMS_PER_CALL = 16
+
 
 @dataclass(frozen=True)
 class AddedItem:
@@ -185,11 +189,15 @@ class RedisItemStore:
         return sorted(int(k) for k in keys)
 
     async def get(self, ids: list[int]) -> list[AddedItem]:
-        if not ids:
-            return []
-        async with reaching(self._deadline_s, self._lag):
-            blobs = await self._client.hmget(self._key, [str(i) for i in ids])
-        return [decode_item(b) for b in blobs if isinstance(b, bytes)]
+        """The stored items of ``ids``, read ``ITEMS_PER_CALL`` at a time, each call under
+        the deadline (so their number is not bounded by it)."""
+        out: list[AddedItem] = []
+        for start in range(0, len(ids), ITEMS_PER_CALL):
+            fields = [str(i) for i in ids[start : start + ITEMS_PER_CALL]]
+            async with reaching(self._deadline_s, self._lag):
+                blobs = await self._client.hmget(self._key, fields)
+            out += [decode_item(b) for b in blobs if isinstance(b, bytes)]
+        return out
 
     async def close(self) -> None:
         await self._lag.stop()
