@@ -289,7 +289,14 @@ def test_added_items_survive_a_restart_a_reload_and_reach_every_replica(
             while b.post("/recommend", json={"history": [item]}).status_code != 200:
                 assert time.monotonic() < deadline, "the other replica never got the item"
                 time.sleep(0.1)
-            assert _add(b, world, item).status_code == 409  # one id, once, across replicas
+            assert _add(b, world, item).status_code == 201  # the same item again: a retry
+            other = b.post(
+                "/items",
+                data={"item_id": str(item)},
+                files={"image": ("x.png", _png(8, 8))},
+                headers={"X-API-Key": ADMIN},
+            )
+            assert other.status_code == 409  # one id, one item, across replicas
             assert a.post("/admin/reload", headers={"X-API-Key": ADMIN}).status_code == 200
             assert a.post("/recommend", json={"history": [item]}).status_code == 200
         with TestClient(create_app(_settings(cold, **shared))) as restarted:
@@ -302,6 +309,42 @@ def test_added_items_survive_a_restart_a_reload_and_reach_every_replica(
     with TestClient(create_app(_settings(cold, **folder))) as c:
         assert c.post("/recommend", json={"history": [item]}).status_code == 200
         assert c.get(f"/items/{item}").json()["title"] == f"new #{item}"
+
+
+def test_added_items_lost_by_redis_are_reported_and_put_back(
+    cold: tuple[World, Prepared, Path],
+) -> None:
+    """After FLUSHALL an old process served 415 items and a new one 400, and the new one
+    took the same id with another image: one id named two items, for good."""
+    world, _, _ = cold
+    item = _new_ids(world)[2]
+    prefix = f"test-items-{uuid.uuid4().hex}"
+    shared = {"redis_url": REDIS, "redis_prefix": prefix, "items_sync_s": 0.2}
+    redis = Redis.from_url(REDIS)
+    try:
+        with TestClient(create_app(_settings(cold, **shared))) as old:
+            assert _add(old, world, item).status_code == 201
+            assert old.get("/readyz").json()["items_lost"] is None
+            redis.delete(f"{prefix}:items")  # Redis lost its data
+            deadline = time.monotonic() + 10
+            while not redis.hexists(f"{prefix}:items", str(item)):
+                assert time.monotonic() < deadline, "the lost item was never put back"
+                time.sleep(0.1)
+            lost = old.get("/readyz").json()["items_lost"]
+            assert "lost 1 added item(s)" in lost and "1 put back" in lost
+            assert "visrec_added_items_lost_total 1.0" in old.get("/metrics").text
+            with TestClient(create_app(_settings(cold, **shared))) as new:
+                assert new.post("/recommend", json={"history": [item]}).status_code == 200
+                another = new.post(
+                    "/items",
+                    data={"item_id": str(item)},
+                    files={"image": ("x.png", _png(8, 8))},
+                    headers={"X-API-Key": ADMIN},
+                )
+                assert another.status_code == 409  # the id still names one item
+    finally:
+        redis.delete(f"{prefix}:items")
+        redis.close()
 
 
 def _png(width: int, height: int, *, noise: bool = False) -> bytes:

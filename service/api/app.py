@@ -97,6 +97,7 @@ class State:
     store_name: str
     batcher: MicroBatcher[RecQuery, Recommendation]
     watch: EpochWatch | None  # whether Redis lost its data; None for the in-process store
+    items: Items  # added items
 
     @property
     def engine(self) -> Recommender:
@@ -195,6 +196,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         items = await run_in_threadpool(_items, settings)
+        items.on_loss = metrics.items_lost.inc
         if preloaded is None:
             source, serving = await run_in_threadpool(start_source, settings)
             engine = None
@@ -258,7 +260,7 @@ def create_app(
             with reload_on_hangup(models, asyncio.get_running_loop()):
                 # The batcher asks the slot, so a batch runs on the engine current at its start.
                 async with MicroBatcher(models.recommend, window_s=window) as batcher:
-                    state = State(models, store, name, batcher, watch)
+                    state = State(models, store, name, batcher, watch, items)
                     yield {
                         "app_state": state,
                         "catalogue": catalogue,
@@ -466,6 +468,7 @@ def _routes(app: FastAPI, metrics: Metrics, guards: Guards) -> None:
             index=state.engine.index.kind,
             store=f"{state.store_name}: {health}",
             data_lost=state.watch.lost if state.watch else None,
+            items_lost=state.items.lost,
         )
 
     @app.get(

@@ -14,7 +14,7 @@ import asyncio
 import io
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Annotated, Any
 
@@ -71,6 +71,8 @@ class Items:
     max_image_pixels: int
     known: dict[int, AddedItem] = field(default_factory=dict)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one addition at a time
+    on_loss: Callable[[int], object] = lambda n: None  # items found missing from the store
+    lost: str | None = None  # what happened at the last loss, for /readyz
     _backbone: Backbone | None = None
 
     def backbone(self) -> Backbone:
@@ -86,8 +88,11 @@ class Items:
         return _with(engine, [i for i in known.values() if not engine.knows(i.item_id)])
 
     async def sync(self, slot: ModelSlot, catalogue: Catalogue) -> int:
-        """Pick up items other replicas (or an earlier run) added; how many were new."""
-        fresh = [i for i in await self.store.ids() if i not in self.known]
+        """Pick up items other replicas (or an earlier run) added, and put back the ones this
+        process knows that the store lost (Redis back empty); how many were new."""
+        stored = set(await self.store.ids())
+        await self._put_back([i for n, i in self.known.items() if n not in stored])
+        fresh = sorted(stored - set(self.known))
         if not fresh:
             return 0
         items = await self.store.get(fresh)
@@ -98,6 +103,25 @@ class Items:
             catalogue.add(_catalogue_item(item))
         log.info("picked up %d added item(s): %s", len(items), [i.item_id for i in items])
         return len(items)
+
+    async def _put_back(self, missing: list[AddedItem]) -> None:
+        """Store again the items the store lost, from this process's copy: an id another
+        item took meanwhile (added again after the loss) is reported, not overwritten."""
+        if not missing:
+            return
+        taken = [i.item_id for i in missing if not await self.store.add(i)]
+        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+        self.lost = (
+            f"the item store lost {len(missing)} added item(s) at {when}; "
+            f"{len(missing) - len(taken)} put back from this process's copy"
+        )
+        if taken:
+            self.lost += (
+                f"; {len(taken)} id(s) hold another item there now, added after the loss, "
+                f"which this process does not serve: {', '.join(map(str, sorted(taken)))}"
+            )
+        self.on_loss(len(missing))
+        log.error("%s", self.lost)
 
 
 def _with(engine: Recommender, items: Iterable[AddedItem]) -> Recommender:

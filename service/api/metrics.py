@@ -37,6 +37,11 @@ class Metrics:
             "Times the profile store was found to have lost its data (Redis back empty)",
             registry=self.registry,
         )
+        self.items_lost = Counter(
+            "visrec_added_items_lost",
+            "Added items found missing from the item store (Redis back empty), then put back",
+            registry=self.registry,
+        )
         self.evictions = Counter(
             "visrec_memory_store_evicted_users",
             "Users the in-process profile store forgot to stay within its bound (LRU)",

@@ -169,6 +169,11 @@ class Ready(BaseModel):
         description="when the profile store was last found to have lost its data (Redis back "
         "empty) and whether profiles were reloaded; null if never, since this process started",
     )
+    items_lost: str | None = Field(
+        None,
+        description="when the item store was last found to have lost added items, how many "
+        "this process put back, and which ids hold another item now; null if never",
+    )
     durable: bool | None = Field(
         None,
         description="whether an acknowledged write survives a crash of the store (Redis with "
