@@ -1,0 +1,128 @@
+"""The cold-item protocol: items held out entirely, as a new film known only by its poster is,
+then ranked for the users who chose them.
+
+A share of the items that have interactions (default 20%, drawn with a generator) is held out,
+half for validation (where settings are chosen) and half for test. Models train on the rest,
+the *warm* dataset: the warm items renumbered 1..Nw in ``items.csv`` order, every interaction
+with a held-out item dropped. A user who chose held-out items has all of them as targets and
+their last warm items as profile; held-out items enter a model after training, as the service
+adds them (``POST /items``), so they are numbered Nw+1.. in the order given here.
+
+Metrics with several targets a user: recall@k (the share of a user's targets in their top k)
+and nDCG@k (binary gains, over the ideal order of those targets). Ties count against the model,
+as in :mod:`service.offline.metrics`: a target ranks below every other candidate scoring as
+much as it does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from service.offline.data import Dataset
+from service.offline.sampling import last_items
+
+COLD_SHARE = 0.2
+
+
+@dataclass(frozen=True)
+class ColdTargets:
+    """Users who chose held-out items: their warm profile and the held-out items they chose."""
+
+    users: np.ndarray  # (U,) user indices (the same in the warm and the full dataset)
+    profiles: np.ndarray  # (U, L) warm items 1..Nw, oldest first, PAD on the left
+    targets: tuple[np.ndarray, ...]  # per user: columns 0..M-1 of the held-out items chosen
+
+
+@dataclass(frozen=True)
+class ColdSplit:
+    warm: Dataset  # without the held-out items, renumbered 1..Nw
+    warm_items: np.ndarray  # (Nw,) full-dataset index (1..N) of warm item 1..Nw
+    validation_items: np.ndarray  # (Mv,) full-dataset indices of the validation half
+    test_items: np.ndarray  # (Mt,) full-dataset indices of the test half
+    validation: ColdTargets  # targets: columns of validation_items
+    test: ColdTargets  # targets: columns of test_items
+
+
+def cold_split(
+    data: Dataset,
+    rng: np.random.Generator,
+    *,
+    share: float = COLD_SHARE,
+    profile_size: int = 9,
+) -> ColdSplit:
+    """Hold ``share`` of the items with interactions out of ``data`` (see the module doc)."""
+    if not 0 < share < 1:
+        raise ValueError(f"the held-out share must be in (0, 1), got {share}")
+    chosen = np.unique(data.items)
+    held = rng.permutation(chosen)[: max(2, round(share * len(chosen)))]
+    if len(held) >= len(chosen):
+        raise ValueError(f"{data.root}: too few items to hold {share:.0%} of them out")
+    validation_items, test_items = np.sort(held[: len(held) // 2]), np.sort(held[len(held) // 2 :])
+    cold = np.zeros(data.n_items + 1, dtype=bool)
+    cold[held] = True
+    warm_items = np.flatnonzero(~cold[1:]) + 1
+    renumber = np.zeros(data.n_items + 1, dtype=np.int64)
+    renumber[warm_items] = np.arange(1, len(warm_items) + 1)
+    order = np.lexsort((np.arange(len(data.users)), data.timestamps))  # time, then file order
+    users, items = data.users[order], data.items[order]
+    keep = ~cold[data.items]
+    warm = replace(
+        data,
+        item_ids=data.item_ids[warm_items - 1],
+        image_paths=tuple(data.image_paths[i - 1] for i in warm_items),
+        titles=tuple(data.titles[i - 1] for i in warm_items),
+        users=data.users[keep],
+        items=renumber[data.items[keep]],
+        timestamps=data.timestamps[keep],
+    )
+    warm_sequences = [np.empty(0, np.int64)] * data.n_users
+    for u in np.unique(users):
+        mine = items[users == u]
+        warm_sequences[u] = renumber[mine[~cold[mine]]]
+    return ColdSplit(
+        warm,
+        warm_items,
+        validation_items,
+        test_items,
+        _targets(users, items, validation_items, warm_sequences, profile_size),
+        _targets(users, items, test_items, warm_sequences, profile_size),
+    )
+
+
+def _targets(
+    users: np.ndarray,
+    items: np.ndarray,
+    held: np.ndarray,
+    warm_sequences: list[np.ndarray],
+    profile_size: int,
+) -> ColdTargets:
+    column = {int(item): c for c, item in enumerate(held)}
+    chosen: dict[int, list[int]] = {}
+    for u, item in zip(users.tolist(), items.tolist(), strict=True):
+        if item in column:
+            chosen.setdefault(u, []).append(column[item])
+    who = np.array(sorted(chosen), dtype=np.int64)
+    return ColdTargets(
+        who,
+        last_items([warm_sequences[u] for u in who], profile_size),
+        tuple(np.array(chosen[u], dtype=np.int64) for u in who),
+    )
+
+
+def multi_target_metrics(
+    scores: np.ndarray, targets: tuple[np.ndarray, ...], *, k: int = 20
+) -> dict[str, np.ndarray]:
+    """Per user: R@k and nDCG@k of ``targets`` (columns of ``scores``, (U, M))."""
+    recall = np.zeros(len(targets))
+    ndcg = np.zeros(len(targets))
+    discounts = 1 / np.log2(np.arange(k) + 2)
+    for u, columns in enumerate(targets):
+        row = scores[u]
+        # a target's rank: every other candidate scoring at least as much is above it
+        ranks = (row[None, :] >= row[columns][:, None]).sum(1) - 1
+        hits = ranks[ranks < k]
+        recall[u] = len(hits) / len(columns)
+        ndcg[u] = discounts[hits].sum() / discounts[: min(k, len(columns))].sum()
+    return {f"R@{k}": recall, f"nDCG@{k}": ndcg}
