@@ -16,10 +16,16 @@ much as it does.
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
+import torch
 
+from service.model.acf import ACF
+from service.model.projection import Projection
+from service.model.serving import ServingModel
 from service.offline.data import Dataset
 from service.offline.sampling import last_items
 
@@ -73,6 +79,7 @@ def cold_split(
         item_ids=data.item_ids[warm_items - 1],
         image_paths=tuple(data.image_paths[i - 1] for i in warm_items),
         titles=tuple(data.titles[i - 1] for i in warm_items),
+        genres=tuple(data.genres[i - 1] for i in warm_items) if data.genres else (),
         users=data.users[keep],
         items=renumber[data.items[keep]],
         timestamps=data.timestamps[keep],
@@ -126,3 +133,72 @@ def multi_target_metrics(
         recall[u] = len(hits) / len(columns)
         ndcg[u] = discounts[hits].sum() / discounts[: min(k, len(columns))].sum()
     return {f"R@{k}": recall, f"nDCG@{k}": ndcg}
+
+
+# --------------------------------------------------------------------------- cold-item scorers
+# Each gives (U, M) scores of held-out items ``candidates`` (full-dataset indices) for the
+# users of ``part``, whose profiles are warm items (see ColdSplit.warm_items).
+
+
+def profile_items(split: ColdSplit, part: ColdTargets) -> list[np.ndarray]:
+    """Per user of ``part``: their profile as full-dataset item indices, oldest first."""
+    return [split.warm_items[p[p > 0] - 1] for p in part.profiles]
+
+
+def random_scores(
+    part: ColdTargets, candidates: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
+    return rng.random((len(part.users), len(candidates)))
+
+
+def genre_scores(
+    split: ColdSplit, part: ColdTargets, candidates: np.ndarray, genres: Sequence[frozenset[str]]
+) -> np.ndarray:
+    """Metadata alone: the mean, over a candidate's genres, of the share of the user's profile
+    items that have that genre (``genres``: of full-dataset items 1..N)."""
+    names = sorted(set().union(*genres))
+    column = {g: c for c, g in enumerate(names)}
+    has = np.zeros((len(genres) + 1, len(names)))
+    for item, gs in enumerate(genres, start=1):
+        has[item, [column[g] for g in gs]] = 1
+    shares = np.stack(
+        [has[p].mean(0) if len(p) else np.zeros(len(names)) for p in profile_items(split, part)]
+    )  # (U, G)
+    chosen = has[candidates]  # (M, G)
+    return shares @ chosen.T / np.maximum(chosen.sum(1), 1)
+
+
+def image_scores(
+    split: ColdSplit, part: ColdTargets, candidates: np.ndarray, features: np.ndarray
+) -> np.ndarray:
+    """The image alone: cosine of a candidate's image (its components' mean, from the raw
+    (N, K, C) ``features`` of items 1..N) with the mean of the profile's."""
+    pooled = np.asarray(features, dtype=np.float32).mean(1)
+    pooled /= np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
+    profiles = np.stack(
+        [
+            pooled[p - 1].mean(0) if len(p) else np.zeros(pooled.shape[1], np.float32)
+            for p in profile_items(split, part)
+        ]
+    )
+    profiles /= np.maximum(np.linalg.norm(profiles, axis=1, keepdims=True), 1e-12)
+    return profiles @ pooled[candidates - 1].T
+
+
+def served_scores(
+    model: ACF,
+    projection: Projection | None,
+    part: ColdTargets,
+    candidates: np.ndarray,
+    features: np.ndarray,
+    *,
+    device: torch.device,
+) -> np.ndarray:
+    """ACF trained on the warm data, the held-out items added after training through the
+    serving code (``ServingModel.with_items``, what ``POST /items`` runs): (U, Nw + M) scores,
+    the warm items first, then ``candidates`` in order, from their raw (N, K, C) features."""
+    serving = ServingModel.from_model(
+        copy.deepcopy(model), device=device, projection=projection, dtype=np.float32
+    )
+    grown = serving.with_items(np.asarray(features[candidates - 1], dtype=np.float32))
+    return grown.queries(part.users, part.profiles) @ grown.item_vectors.T

@@ -3,8 +3,8 @@
 A dataset is a folder with:
 - ``interactions.csv``: ``user_id,item_id,timestamp`` (optional ``rating``), every row an implicit
   positive;
-- ``items.csv``: ``item_id,image`` (optional ``title``, ``genres``), ``image`` relative to the
-  folder;
+- ``items.csv``: ``item_id,image`` (optional ``title``, and ``genres``, ``|``-separated),
+  ``image`` relative to the folder;
 - the images.
 
 Items are encoded as ``1..N`` in ``items.csv`` order (``0`` is the padding index of the model) and
@@ -80,6 +80,7 @@ class Dataset:
     items: np.ndarray
     timestamps: np.ndarray
     report: LoadReport = field(default_factory=LoadReport)
+    genres: tuple[frozenset[str], ...] = ()  # (N,) empty sets where unknown; () without a column
 
     @property
     def n_users(self) -> int:
@@ -122,6 +123,11 @@ def load_dataset(root: Path, *, check_images: bool = True) -> Dataset:
         raise DatasetError(f"{root / 'items.csv'}: item_id values are not unique")
     paths = [root / row["image"] for row in item_rows]
     titles = [row.get("title") or "" for row in item_rows]
+    genres = (
+        [frozenset(g for g in (row["genres"] or "").split("|") if g) for row in item_rows]
+        if "genres" in item_rows[0]
+        else []
+    )
 
     rows = _read_csv(root / "interactions.csv", required=("user_id", "item_id", "timestamp"))
     inter_path = root / "interactions.csv"
@@ -164,6 +170,7 @@ def load_dataset(root: Path, *, check_images: bool = True) -> Dataset:
         item_ids=kept_ids,
         image_paths=tuple(p for p, k in zip(paths, keep_item, strict=True) if k),
         titles=tuple(t for t, k in zip(titles, keep_item, strict=True) if k),
+        genres=tuple(g for g, k in zip(genres, keep_item, strict=True) if k) if genres else (),
         user_ids=user_ids,
         users=users.astype(np.int64),
         items=np.array([item_index[int(i)] for i in raw_items], dtype=np.int64),
