@@ -14,6 +14,7 @@ from service.offline.cold import (
     cold_split,
     genre_scores,
     image_scores,
+    mixed_ranking,
     multi_target_metrics,
     profile_items,
     random_scores,
@@ -117,3 +118,25 @@ def test_held_out_items_added_as_the_service_adds_them_reach_users_of_their_kind
         random_scores(part, candidates, np.random.default_rng(0)), part.targets, k=5
     )["R@5"]
     assert acf.mean() > 1.5 * chance.mean(), (acf.mean(), chance.mean())
+
+
+def test_the_mixed_ranking_removes_what_users_saw_and_measures_exposure(ml100k: Path) -> None:
+    data = load_dataset(ml100k, check_images=False)
+    split = cold_split(data, np.random.default_rng(0))
+    part, n_warm = split.test, split.warm.n_items
+    scores = np.zeros((len(part.users), n_warm + len(split.test_items)))
+    scores[:, n_warm:] = 1.0  # every held-out item above every warm one
+    flooded = mixed_ranking(split, part, scores)
+    assert flooded.shown.tolist() == [1.0] * len(part.users) and flooded.exposure > 2
+    # the warm items a user chose score highest, but they are removed from their ranking
+    scores = np.zeros_like(scores)
+    for row, user in enumerate(part.users.tolist()):
+        scores[row, split.warm.items[split.warm.users == user] - 1] = 5.0
+        scores[row, n_warm + part.targets[row]] = 1.0  # then their held-out items
+    found = mixed_ranking(split, part, scores)
+    few = np.array([len(t) <= 20 for t in part.targets])
+    assert np.all(found.metrics["R@20"][few] == 1.0)
+    mine = data.items[data.users == part.users[0]]
+    held = np.concatenate([split.validation_items, split.test_items])
+    tested, warm = np.isin(mine, split.test_items).sum(), (~np.isin(mine, held)).sum()
+    assert found.chosen[0] == pytest.approx(tested / (tested + warm))

@@ -202,3 +202,35 @@ def served_scores(
     )
     grown = serving.with_items(np.asarray(features[candidates - 1], dtype=np.float32))
     return grown.queries(part.users, part.profiles) @ grown.item_vectors.T
+
+
+@dataclass(frozen=True)
+class Mixed:
+    """The held-out items among the whole catalogue, as a user of the service sees them."""
+
+    metrics: dict[str, np.ndarray]  # per user: R@k and nDCG@k of their held-out items
+    shown: np.ndarray  # (U,) share of held-out items in the user's top k
+    chosen: np.ndarray  # (U,) share of held-out items among everything the user chose
+
+    @property
+    def exposure(self) -> float:
+        """Held-out items' share of top-k lists over their share of what users chose: < 0.5
+        buries them, > 2 floods the lists with them."""
+        return float(self.shown.mean() / self.chosen.mean())
+
+
+def mixed_ranking(split: ColdSplit, part: ColdTargets, scores: np.ndarray, *, k: int = 20) -> Mixed:
+    """``scores`` (U, Nw + M): warm items first, then the held-out ones (as
+    :func:`served_scores` gives them). A user's warm items are removed from their ranking, as
+    the service removes what a user has seen."""
+    warm = split.warm
+    n_warm = warm.n_items
+    masked = np.array(scores, dtype=np.float64)
+    chosen = np.zeros(len(part.users))
+    for row, user in enumerate(part.users.tolist()):
+        seen = warm.items[warm.users == user]
+        masked[row, seen - 1] = -np.inf
+        chosen[row] = len(part.targets[row]) / (len(part.targets[row]) + len(seen))
+    targets = tuple(t + n_warm for t in part.targets)
+    top = np.argsort(-masked, axis=1, kind="stable")[:, :k]
+    return Mixed(multi_target_metrics(masked, targets, k=k), (top >= n_warm).mean(1), chosen)
