@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -82,7 +83,8 @@ def test_added_items_on_a_cluster(cluster: Cluster) -> None:
             features = np.arange(12, dtype=np.float16).reshape(3, 4)
             item = AddedItem(77, "new", "image/png", b"png bytes", features)
             assert await items.add(item) is True
-            assert await items.add(item) is False  # the id exists
+            assert await items.add(item) is True  # the same item again: a retry
+            assert await items.add(replace(item, image=b"other")) is False  # the id exists
             assert await items.ids() == [77]
             (found,) = await items.get([77])
             assert (found.item_id, found.title, found.image) == (77, "new", b"png bytes")

@@ -143,11 +143,10 @@ ADD_RESPONSES = {
             400: "the body is not a readable multipart form",
             409: "an item with this id exists, or the serving model cannot score items it was "
             "not trained on; nothing was changed",
-            413: "the image is over the size limit (bytes or pixels); nothing was changed",
+            413: "the image is over the size limits (bytes, pixels, or 20 times longer than "
+            "wide); nothing was changed",
             415: "the file is not an image this service reads (JPEG, PNG, GIF, WebP); nothing "
             "was changed",
-            422: f"a form field is missing or invalid, or the image is more than {MAX_ASPECT} "
-            "times longer than wide; nothing was changed",
             503: "the item store is unavailable: `nothing_applied` says whether the item may "
             "have been stored all the same; send the same request again (the same image and "
             "title under the same id are taken again, 201)",
@@ -179,7 +178,7 @@ def install_items(app: FastAPI, *, dependencies: list[Any]) -> None:
         explainable and on the page as soon as this answers 201; it is stored so that a
         restart, a reloaded model and every replica have it too. Sending the same image and
         title under the same id again answers 201 too (a safe retry); another item under a
-        taken id is 409."""
+        taken id is 409. A title with control characters or bidirectional overrides is 422."""
         started = time.perf_counter()
         items: Items = request.state.items
         slot: ModelSlot = request.state.models
@@ -244,7 +243,7 @@ def _unavailable(err: StoreUnavailable) -> JSONResponse:
 
 def decode_image(data: bytes, max_pixels: int) -> tuple[Image.Image, str]:
     """The decoded image and its media type; 415 for what is not a readable image, 413 for one
-    over ``max_pixels`` and 422 for one over :data:`MAX_ASPECT` (both checked from the header,
+    over ``max_pixels`` or :data:`MAX_ASPECT` (both checked from the header,
     before the pixels are decoded)."""
     try:
         picture = Image.open(io.BytesIO(data))
@@ -255,7 +254,7 @@ def decode_image(data: bytes, max_pixels: int) -> tuple[Image.Image, str]:
             raise HTTPException(413, f"the image is {width}x{height}, over {max_pixels} pixels")
         if max(width, height) > MAX_ASPECT * min(width, height):
             raise HTTPException(
-                422, f"the image is {width}x{height}, over {MAX_ASPECT} times longer than wide"
+                413, f"the image is {width}x{height}, over {MAX_ASPECT} times longer than wide"
             )
         picture.load()
     except Image.DecompressionBombError as err:  # Pillow's own bound, met before ours
