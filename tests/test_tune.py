@@ -202,3 +202,4 @@ def test_generalise_tunes_on_each_split_and_says_whether_the_signs_agree(
     page = (docs / "generalisation.md").read_text()
     assert page.count("on the results page ahead") == 8  # 2 checks x 2 protocols x 2 metrics
     assert "| `transitions` − `popularity` |" in page
+    assert "This run: 2 tuning runs per row (the plan's settings and 1 from its grid)" in page

@@ -107,7 +107,9 @@ def generalise(
             )
         )
     main = _main_differences(docs_dir / "results.json", data_dir.resolve().name)
-    page = generalisation_markdown(data_dir.resolve().name, checks, rows, main)
+    page = generalisation_markdown(
+        data_dir.resolve().name, checks, rows, main, budget=budget, seeds=plan.seeds
+    )
     docs_dir.mkdir(parents=True, exist_ok=True)
     (docs_dir / "generalisation.md").write_text(page)
     return checks
@@ -150,8 +152,16 @@ def generalisation_markdown(
     checks: list[Check],
     rows: tuple[str, ...],
     main: dict[str, dict[str, Any]] | None,
+    *,
+    budget: int,
+    seeds: tuple[int, ...],
 ) -> str:
     ref, other = rows[0], rows[1]
+    tuning = (
+        "1 tuning run per row: the plan's settings, so nothing was tuned"
+        if budget == 1
+        else f"{budget} tuning runs per row (the plan's settings and {budget - 1} from its grid)"
+    )
     lines = [
         f"# Does it hold where it was not tuned? (`{dataset}`)",
         "",
@@ -159,7 +169,8 @@ def generalisation_markdown(
         "the same budget of tuning runs on that split's validation, is trained with the plan's "
         "seeds, and is judged on that split's test items, which took no part in tuning. Figures "
         "as on the results page: mean over seeds, [95% bootstrap interval over users], "
-        f"differences `{ref}` − row paired over users.",
+        f"differences `{ref}` − row paired over users. This run: {tuning}; seeds "
+        f"{', '.join(map(str, seeds))}.",
         "",
     ]
     for check in checks:
