@@ -68,12 +68,14 @@ class SASRec(nn.Module):
         x = self.item_embedding(profiles) * math.sqrt(self.config.dim) + position
         x = self.dropout(x) * real.unsqueeze(-1)  # (B, L', D)
         blocked = causal_blocked(real, self.config.heads)  # (B·heads, L', L')
-        seen = torch.eye(real.shape[1], device=x.device).expand(len(x), -1, -1)  # no blocks
+        last = x  # the last block's input
         for block in self.blocks:
-            if weights:  # the last block's are kept
-                seen = typing.cast(Block, block).weights(x, blocked)
-            x = block(x, blocked) * real.unsqueeze(-1)
-        return self.norm(x), seen if weights else None
+            last, x = x, block(x, blocked) * real.unsqueeze(-1)
+        if not weights:
+            return self.norm(x), None
+        if not self.blocks:  # each position's state is its own item's
+            return self.norm(x), torch.eye(real.shape[1], device=x.device).expand(len(x), -1, -1)
+        return self.norm(x), typing.cast(Block, self.blocks[-1]).weights(last, blocked)
 
     def queries(self, users: Tensor, profiles: Tensor) -> Tensor:
         """(B, D): the hidden state at the newest position (users are not used)."""

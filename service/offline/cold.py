@@ -26,7 +26,7 @@ import torch
 from service.model.acf import ACF
 from service.model.projection import Projection
 from service.model.serving import ServingModel
-from service.offline.data import Dataset
+from service.offline.data import Dataset, group_by_user
 from service.offline.sampling import last_items
 
 COLD_SHARE = 0.2
@@ -84,10 +84,8 @@ def cold_split(
         items=renumber[data.items[keep]],
         timestamps=data.timestamps[keep],
     )
-    warm_sequences = [np.empty(0, np.int64)] * data.n_users
-    for u in np.unique(users):
-        mine = items[users == u]
-        warm_sequences[u] = renumber[mine[~cold[mine]]]
+    warm_in_time = ~cold[items]
+    warm_sequences = group_by_user(users[warm_in_time], renumber[items[warm_in_time]], data.n_users)
     return ColdSplit(
         warm,
         warm_items,

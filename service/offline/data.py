@@ -109,7 +109,7 @@ class Split:
 
     def train_sequences(self) -> list[np.ndarray]:
         """Per user, their training items in chronological order."""
-        return _group(self.train_users, self.train_items, self.n_users)
+        return group_by_user(self.train_users, self.train_items, self.n_users)
 
 
 def load_dataset(root: Path, *, check_images: bool = True) -> Dataset:
@@ -276,7 +276,8 @@ def busiest_cut(data: Dataset, quantiles: Sequence[float] = (0.5, 0.6, 0.7, 0.8,
     return max(cuts, key=tested)
 
 
-def _group(users: np.ndarray, items: np.ndarray, n_users: int) -> list[np.ndarray]:
+def group_by_user(users: np.ndarray, items: np.ndarray, n_users: int) -> list[np.ndarray]:
+    """Per user 0..n_users-1, their ``items`` in the order given (a stable grouping)."""
     order = np.argsort(users, kind="stable")
     bounds = np.cumsum(np.bincount(users, minlength=n_users))[:-1]
     return np.split(items[order], bounds)
