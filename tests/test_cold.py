@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +19,15 @@ from service.offline.cold import (
     multi_target_metrics,
     profile_items,
     random_scores,
+    run_cold,
     served_scores,
+    warm_prepared,
 )
 from service.offline.data import leave_last_out, load_dataset
+from service.offline.evaluate import holdout_task
 from service.offline.pipeline import Prepared, fit
+from service.offline.plan import ColdPlan, Plan, Row
+from service.offline.report import cold_section
 from service.offline.synthetic import World
 from service.offline.train import TrainConfig
 
@@ -104,7 +110,7 @@ def test_held_out_items_added_as_the_service_adds_them_reach_users_of_their_kind
     data = load_dataset(world.root)
     split = cold_split(data, np.random.default_rng(0), share=0.4)  # 40 items to rank
     features, meta = world_features[1], load_features(world_features[0])[1]
-    warm = Prepared(split.warm, leave_last_out(split.warm), features[split.warm_items - 1], meta)
+    warm = warm_prepared(Prepared(data, leave_last_out(data), features, meta), split)
     config = TrainConfig(dim=16, attention_dim=16, epochs=4, batch_size=128, lr=1e-2)
     result = fit(warm, config, device=torch.device("cpu"), progress=False)
     assert isinstance(result.model, ACF)
@@ -140,3 +146,40 @@ def test_the_mixed_ranking_removes_what_users_saw_and_measures_exposure(ml100k: 
     held = np.concatenate([split.validation_items, split.test_items])
     tested, warm = np.isin(mine, split.test_items).sum(), (~np.isin(mine, held)).sum()
     assert found.chosen[0] == pytest.approx(tested / (tested + warm))
+
+
+def test_the_protocol_run_ranks_trained_rows_three_ways_and_baselines_cold_only(
+    world: World, world_features: tuple[Path, np.ndarray]
+) -> None:
+    features, meta = world_features[1], load_features(world_features[0])[1]
+    data = load_dataset(world.root)
+    prepared = Prepared(data, leave_last_out(data), features, meta)
+    small = TrainConfig(dim=16, attention_dim=16, epochs=3, batch_size=128, lr=1e-2)
+    cold = ColdPlan(("acf", "acf_item_dropout"), share=0.4)
+    plan = Plan(
+        rows=(Row("acf", small), Row("acf_item_dropout", replace(small, item_dropout=0.5))),
+        seeds=(0,),
+        n_resamples=50,
+        cold=cold,
+    )
+    c = run_cold(prepared, plan, device=torch.device("cpu"), progress=False)
+    names = [r.name for r in c.rows]
+    assert names[-2:] == ["acf", "acf_item_dropout"] and names[:2] == ["random", "image only"]
+    for ranking in ("all", "warm"):  # baselines cannot rank the warm items beside the cold
+        assert set(c.summary[ranking]) == {"acf", "acf_item_dropout"}
+    assert set(c.summary["cold"]) == set(names)
+    assert set(c.diffs["cold"]) == set(names) - {"acf"}
+    split = cold_split(data, np.random.default_rng(0), share=0.4)  # the plan's draw
+    assert (c.test_users, c.test_items) == (len(split.test.users), len(split.test_items))
+    assert c.warm_items == split.warm.n_items
+    warm_users = len(holdout_task(warm_prepared(prepared, split).split, "standard").users)
+    acf = next(r for r in c.rows if r.name == "acf")
+    assert len(acf.tables["warm"][0]["R@20"]) == warm_users
+    assert len(acf.tables["cold"][0]["R@20"]) == c.test_users
+    assert acf.exposure[0] > 0 and 0 < c.target_share < 1
+    for row in c.rows:
+        iv = c.summary["cold"][row.name]["R@20"]
+        assert iv.low <= iv.mean <= iv.high
+        assert 0 <= row.validation[0] <= 1
+    page = "\n".join(cold_section(c, cold))
+    assert "| `acf_item_dropout` |" in page and "x as often as users chose them" in page

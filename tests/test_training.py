@@ -26,7 +26,7 @@ from service.offline.attention import (
 from service.offline.cli import main
 from service.offline.evaluate import evaluate, holdout_task, validation_task
 from service.offline.pipeline import Prepared, fit, prepare
-from service.offline.sampling import build_samples
+from service.offline.sampling import Samples, build_samples
 from service.offline.synthetic import World
 from service.offline.train import Objective, TrainConfig, TrainResult, build_model, train
 
@@ -159,6 +159,7 @@ def test_flat_attention_is_warned_about(
         {"context_blocks": 2},  # order inside the profile
         {"user_embedding": False},
         {"user_dropout": 0.5},
+        {"item_dropout": 0.5},
         {"context_blocks": 2, "every_position": True},
         {"model": "sasrec", "every_position": True},
         {"model": "transitions"},
@@ -289,6 +290,7 @@ def test_command_line_refuses_features_of_another_dataset(
         ({"item_pool": "max"}, "item_pool='max'"),
         ({"visual": "both"}, "visual='both'"),
         ({"user_dropout": 1.0}, "user_dropout=1.0"),
+        ({"item_dropout": -0.1}, "item_dropout=-0.1"),
         ({"context_blocks": -1}, "context_blocks=-1"),
         ({"loss": "bpr", "every_position": True}, "every_position=True"),
         ({"entropy_bonus": 0.1, "every_position": True}, "every_position=True"),
@@ -305,9 +307,7 @@ def test_user_dropout_hides_a_share_of_users_as_unknown(
     config = replace(SMALL, user_dropout=0.5)
     model = build_model(config, prepared.split, prepared.features)
     assert isinstance(model, ACF)
-    samples = build_samples(
-        prepared.split.train_sequences(), n_items=prepared.split.n_items, profile_size=9
-    )
+    samples, batch = _first_samples(prepared, 1000)
     seen: list[torch.Tensor] = []
     real_attend = model.attend_profiles
 
@@ -316,14 +316,54 @@ def test_user_dropout_hides_a_share_of_users_as_unknown(
         return real_attend(users, profiles)
 
     monkeypatch.setattr(model, "attend_profiles", spy)
-    users = torch.as_tensor(samples.users[:1000])
-    batch = (
-        users,
-        torch.as_tensor(samples.profiles[:1000]),
-        torch.as_tensor(samples.positives[:1000]),
-        users,
-    )
+    users = batch[0]
     Objective.create(config, samples, CPU)(model, batch, torch.Generator().manual_seed(0))
     hidden = seen[0] == UNKNOWN_USER
     assert 0.4 < float(hidden.float().mean()) < 0.6
     assert torch.equal(seen[0][~hidden], users[~hidden])  # the others are themselves
+
+
+def test_item_dropout_scores_a_share_of_the_catalogue_by_image_and_bias_alone(
+    prepared: Prepared,
+) -> None:
+    config = replace(SMALL, item_dropout=0.5)
+    model = build_model(config, prepared.split, prepared.features)
+    assert isinstance(model, ACF)
+    samples, batch = _first_samples(prepared, 64)
+    with torch.no_grad():
+        model.item_embedding.weight.normal_()
+    full = model.item_vectors()
+    hidden = torch.zeros(model.config.n_items + 1, dtype=torch.bool)
+    hidden[1::2] = True  # items 1, 3, 5, ...
+    dropped = model.item_vectors(hidden=hidden)
+    image = model.item_vectors(hidden=torch.ones_like(hidden))
+    assert torch.equal(dropped[0::2], image[0::2]) and torch.equal(dropped[1::2], full[1::2])
+    embedding = model.item_embedding.weight[1:] * model.config.scale
+    torch.testing.assert_close(full[:, :-1] - image[:, :-1], embedding)
+    assert torch.equal(full[:, -1], image[:, -1])  # the bias stays
+    # Training hides about the share asked for, drawn from the step's generator
+    seen: list[torch.Tensor] = []
+    real = model.item_vectors
+
+    def spy(
+        items: torch.Tensor | None = None, *, hidden: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        assert hidden is not None
+        seen.append(hidden)
+        return real(items, hidden=hidden)
+
+    model.item_vectors = spy  # type: ignore[method-assign]
+    Objective.create(config, samples, CPU)(model, batch, torch.Generator().manual_seed(0))
+    assert 0.35 < float(seen[0][1:].float().mean()) < 0.65
+
+
+def _first_samples(
+    prepared: Prepared, n: int
+) -> tuple[Samples, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The training samples, and a batch of their first ``n`` (users stand in as negatives)."""
+    samples = build_samples(
+        prepared.split.train_sequences(), n_items=prepared.split.n_items, profile_size=9
+    )
+    users = torch.as_tensor(samples.users[:n])
+    profiles = torch.as_tensor(samples.profiles[:n])
+    return samples, (users, profiles, torch.as_tensor(samples.positives[:n]), users)

@@ -332,24 +332,30 @@ class ACF(nn.Module):
         )
 
     # --- scoring ---------------------------------------------------------------------------
-    def item_vectors(self, items: Tensor | None = None) -> Tensor:
+    def item_vectors(self, items: Tensor | None = None, *, hidden: Tensor | None = None) -> Tensor:
         """(M, D[+1]) vectors of ``items`` (default: all of 1..N, in order) such that
         ``query_vectors(user) @ item_vectors().T`` is the model's score.
 
         Under ``visual="score"`` an item's vector is its embedding plus its image vector x̃
         (its reduced components pooled as ``item_pool`` says), so an item is also scored by
-        what it shows."""
+        what it shows. ``hidden`` (N+1,) bool, training only: items whose embedding is left
+        out (item-id dropout)."""
         if items is None:
             items = torch.arange(1, self.config.n_items + 1, device=self.pooled.device)
         if self.config.visual != "score":
-            return self.vectors_with_image(items, None)
+            return self.vectors_with_image(items, None, hidden)
         if self._mean_images:  # mean of reduced = reduced of mean
-            return self.vectors_with_image(items, self.reduce(self.pooled[items]))
-        return self.vectors_with_image(items, self._images(self.features[items]))
+            return self.vectors_with_image(items, self.reduce(self.pooled[items]), hidden)
+        return self.vectors_with_image(items, self._images(self.features[items]), hidden)
 
-    def vectors_with_image(self, items: Tensor, image: Tensor | None) -> Tensor:
-        """Item vectors from the items' embedding rows and the given (M, D) image vectors."""
+    def vectors_with_image(
+        self, items: Tensor, image: Tensor | None, hidden: Tensor | None = None
+    ) -> Tensor:
+        """Item vectors from the items' embedding rows (those ``hidden`` says left out) and the
+        given (M, D) image vectors."""
         v = self.item_embedding(items)  # (M, D)
+        if hidden is not None:
+            v = v.masked_fill(hidden[items].unsqueeze(-1), 0.0)
         if image is not None:
             v = v + image
         v = v * self.config.scale

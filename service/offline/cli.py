@@ -27,7 +27,7 @@ from service.offline.data import DatasetError, load_dataset
 from service.offline.evaluate import PROTOCOLS, evaluate, holdout_task
 from service.offline.features import extract_features
 from service.offline.generalise import generalise
-from service.offline.metrics import summarise
+from service.offline.metrics import HEADLINE, summarise
 from service.offline.pipeline import (
     PipelineError,
     fit,
@@ -36,7 +36,7 @@ from service.offline.pipeline import (
     training_state_path,
 )
 from service.offline.plan import load_plan
-from service.offline.report import HEADLINE, ModelRun, plot_history, signed_interval
+from service.offline.report import ModelRun, plot_history, signed_interval
 from service.offline.reproduce import reproduce
 from service.offline.sweep import best_settings, load_sweep, sweep
 from service.offline.train import TrainConfig

@@ -17,8 +17,10 @@ much as it does.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -26,10 +28,20 @@ import torch
 from service.model.acf import ACF
 from service.model.projection import Projection
 from service.model.serving import ServingModel
-from service.offline.data import Dataset, group_by_user
+from service.offline.data import Dataset, group_by_user, leave_last_out
+from service.offline.evaluate import evaluate, holdout_task
+from service.offline.metrics import HEADLINE, Interval, bootstrap, paired_bootstrap
+from service.offline.pipeline import Prepared, fit
+from service.offline.plan import Plan, seeded
 from service.offline.sampling import last_items
 
+log = logging.getLogger(__name__)
+
 COLD_SHARE = 0.2
+# The three rankings: the held-out items among themselves; the whole catalogue with them added
+# (what a user of the service sees); `standard` on the warm items (what the cold gain costs)
+RANKINGS = ("cold", "all", "warm")
+Table = dict[str, np.ndarray]  # metric -> (U,) per-user values
 
 
 @dataclass(frozen=True)
@@ -232,3 +244,159 @@ def mixed_ranking(split: ColdSplit, part: ColdTargets, scores: np.ndarray, *, k:
     targets = tuple(t + n_warm for t in part.targets)
     top = np.argsort(-masked, axis=1, kind="stable")[:, :k]
     return Mixed(multi_target_metrics(masked, targets, k=k), (top >= n_warm).mean(1), chosen)
+
+
+# ------------------------------------------------------------------------- the protocol's run
+@dataclass
+class ColdRow:
+    """One row's per-seed tables by ranking; baselines have the ``cold`` ranking only."""
+
+    name: str
+    tables: dict[str, list[Table]] = field(default_factory=dict)  # ranking -> per seed
+    exposure: list[float] = field(default_factory=list)  # per seed: Mixed.exposure
+    validation: list[float] = field(default_factory=list)  # per seed: cold validation nDCG@20
+    seconds: float = 0.0
+
+    @property
+    def mean_exposure(self) -> float:
+        return float(np.mean(self.exposure))
+
+    def pooled(self, ranking: str) -> Table:
+        per_seed = self.tables[ranking]
+        return {k: np.mean([t[k] for t in per_seed], axis=0) for k in HEADLINE}
+
+
+@dataclass(frozen=True)
+class ColdComparison:
+    """What the page says about the cold-item protocol."""
+
+    rows: list[ColdRow]
+    reference: str
+    test_users: int
+    test_items: int
+    warm_items: int
+    target_share: float  # held-out items' share of what the test users chose (the `all` base)
+    summary: dict[str, dict[str, dict[str, Interval]]]  # ranking -> row -> metric
+    diffs: dict[str, dict[str, dict[str, Interval]]]  # ranking -> row -> metric: ref - row
+    seeds: tuple[int, ...]
+    seconds: float
+
+
+def warm_prepared(prepared: Prepared, split: ColdSplit) -> Prepared:
+    """The warm data, split as every row trains, with its items' features."""
+    meta = replace(prepared.meta, item_ids=split.warm.item_ids.tolist())
+    features = prepared.features[split.warm_items - 1]
+    return Prepared(split.warm, leave_last_out(split.warm), features, meta)
+
+
+def run_cold(
+    prepared: Prepared, plan: Plan, *, device: torch.device, progress: bool = True
+) -> ColdComparison:
+    """The plan's ``[cold]`` rows, each trained with every seed on the warm items, and the
+    baselines, ranked for the test users (see the module doc)."""
+    assert plan.cold is not None
+    started = time.perf_counter()
+    split = cold_split(
+        prepared.dataset, np.random.default_rng(plan.cold.seed), share=plan.cold.share
+    )
+    warm = warm_prepared(prepared, split)
+    features = prepared.features  # raw, of items 1..N: the held-out ones are added from them
+    seeds = plan.cold.seeds or plan.seeds
+    rows = _baselines(prepared, split, seeds)
+    warm_task = holdout_task(warm.split, "standard")
+    target_share = 0.0
+    for name in plan.cold.rows:
+        row, t0 = ColdRow(name, {r: [] for r in RANKINGS}), time.perf_counter()
+        for seed in seeds:
+            config = seeded(plan.row(name).config, seed)
+            fitted = fit(warm, config, device=device, progress=progress)
+            if not isinstance(fitted.model, ACF) or fitted.model.config.visual != "score":
+                raise ValueError(f"[cold] row {name!r} cannot score items by their images")
+            model, projection = fitted.model, fitted.projection
+            test = served_scores(
+                model, projection, split.test, split.test_items, features, device=device
+            )
+            row.tables["cold"].append(
+                multi_target_metrics(test[:, split.warm.n_items :], split.test.targets)
+            )
+            mixed = mixed_ranking(split, split.test, test)
+            row.tables["all"].append(mixed.metrics)
+            row.exposure.append(mixed.exposure)
+            target_share = float(mixed.chosen.mean())
+            row.tables["warm"].append(evaluate(model, warm_task, device=device))
+            val = served_scores(
+                model, projection, split.validation, split.validation_items, features, device=device
+            )
+            row.validation.append(
+                _validation(val[:, split.warm.n_items :], split.validation.targets)
+            )
+            log.info("cold %s seed %d: %.0f s", name, seed, time.perf_counter() - t0)
+        row.seconds = time.perf_counter() - t0
+        rows.append(row)
+    summary, diffs = _intervals(rows, plan.cold.rows[0], plan)
+    return ColdComparison(
+        rows,
+        plan.cold.rows[0],
+        len(split.test.users),
+        len(split.test_items),
+        split.warm.n_items,
+        target_share,
+        summary,
+        diffs,
+        seeds,
+        time.perf_counter() - started,
+    )
+
+
+def _baselines(prepared: Prepared, split: ColdSplit, seeds: Sequence[int]) -> list[ColdRow]:
+    """Rows that rank the held-out items without training: random (a generator per seed),
+    metadata alone (genres) and the image alone; the cold ranking only."""
+    scorers: dict[str, Callable[[ColdTargets, np.ndarray, int], np.ndarray]] = {
+        "random": lambda part, items, seed: random_scores(
+            part, items, np.random.default_rng([seed, 2])
+        ),
+        "image only": lambda part, items, _: image_scores(split, part, items, prepared.features),
+    }
+    if prepared.dataset.genres:
+        scorers["genres only"] = lambda part, items, _: genre_scores(
+            split, part, items, prepared.dataset.genres
+        )
+    rows = []
+    for name, scorer in scorers.items():
+        row = ColdRow(name, {"cold": []})
+        for seed in seeds:
+            test = scorer(split.test, split.test_items, seed)
+            row.tables["cold"].append(multi_target_metrics(test, split.test.targets))
+            val = scorer(split.validation, split.validation_items, seed)
+            row.validation.append(_validation(val, split.validation.targets))
+        rows.append(row)
+    return rows
+
+
+def _validation(scores: np.ndarray, targets: tuple[np.ndarray, ...]) -> float:
+    return float(multi_target_metrics(scores, targets)["nDCG@20"].mean())
+
+
+def _intervals(
+    rows: list[ColdRow], reference: str, plan: Plan
+) -> tuple[dict[str, dict[str, dict[str, Interval]]], dict[str, dict[str, dict[str, Interval]]]]:
+    rng, n = np.random.default_rng(plan.bootstrap_seed), plan.n_resamples
+    ref = next(r for r in rows if r.name == reference)
+    summary: dict[str, dict[str, dict[str, Interval]]] = {}
+    diffs: dict[str, dict[str, dict[str, Interval]]] = {}
+    for ranking in RANKINGS:
+        here = [r for r in rows if ranking in r.tables]
+        summary[ranking] = {
+            r.name: {k: bootstrap(v, rng=rng, n_resamples=n) for k, v in r.pooled(ranking).items()}
+            for r in here
+        }
+        base = ref.pooled(ranking)
+        diffs[ranking] = {
+            r.name: {
+                k: paired_bootstrap(base[k], v, rng=rng, n_resamples=n)
+                for k, v in r.pooled(ranking).items()
+            }
+            for r in here
+            if r is not ref
+        }
+    return summary, diffs

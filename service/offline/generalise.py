@@ -26,10 +26,10 @@ import numpy as np
 import torch
 
 from service.offline.data import busiest_cut, split_at, user_disjoint
-from service.offline.metrics import Interval
+from service.offline.metrics import HEADLINE, Interval
 from service.offline.pipeline import Prepared
 from service.offline.plan import Plan, Row
-from service.offline.report import HEADLINE, interval, signed_interval
+from service.offline.report import interval, signed_interval
 from service.offline.reproduce import Comparison, compare, prepare_with_features, run_rows
 from service.offline.sweep import Settings, SweepPlan, best_settings, sweep
 

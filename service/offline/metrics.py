@@ -32,6 +32,8 @@ _MAX_BLOCK = 1 << 24
 # Largest number of resampled indices held at once in a bootstrap (32 MiB of int64).
 _MAX_RESAMPLE_BLOCK = 1 << 22
 
+HEADLINE = ("R@20", "nDCG@20")  # what "wins" means on the page
+
 
 @dataclass(frozen=True)
 class Exclusions:

@@ -42,6 +42,17 @@ class SyntheticPlan:
 
 
 @dataclass(frozen=True)
+class ColdPlan:
+    """The cold-item protocol (:mod:`service.offline.cold`): which rows are trained on the
+    warm items and ranked with the held-out ones added as ``POST /items`` adds them."""
+
+    rows: tuple[str, ...]  # names of the plan's rows (ACF rows that score items by image)
+    share: float = 0.2  # of the items with interactions, held out (half validation, half test)
+    seed: int = 0  # draws the held-out items
+    seeds: tuple[int, ...] = ()  # the rows' training seeds; empty: the plan's
+
+
+@dataclass(frozen=True)
 class Tuned:
     """Where a plan's row settings were chosen."""
 
@@ -60,6 +71,7 @@ class Plan:
     n_resamples: int = 1000
     bootstrap_seed: int = 0
     synthetic: SyntheticPlan | None = None
+    cold: ColdPlan | None = None
     tuned: Tuned | None = None
 
     def row(self, name: str) -> Row:
@@ -115,12 +127,16 @@ def load_plan(path: Path | None) -> Plan:
         n_resamples=int(raw.get("n_resamples", 1000)),
         bootstrap_seed=int(raw.get("bootstrap_seed", 0)),
         synthetic=_synthetic(raw["synthetic"]) if "synthetic" in raw else None,
+        cold=_cold(raw["cold"]) if "cold" in raw else None,
         tuned=Tuned(**raw["tuned"]) if "tuned" in raw else None,
     )
     plan.row(plan.reference)  # must exist
     if not plan.seeds:
         raise ValueError(f"{path}: seeds is empty")
-    for name in plan.synthetic.rows if plan.synthetic else ():
+    for name in (
+        *(plan.synthetic.rows if plan.synthetic else ()),
+        *(plan.cold.rows if plan.cold else ()),
+    ):
         plan.row(name)
     return plan
 
@@ -170,6 +186,21 @@ def _synthetic(raw: dict[str, Any]) -> SyntheticPlan:
     if unknown:
         raise ValueError(f"[synthetic]: unknown world setting(s) {', '.join(unknown)}")
     return SyntheticPlan(WorldSpec(**raw), rows, train)
+
+
+def _cold(raw: dict[str, Any]) -> ColdPlan:
+    unknown = sorted(set(raw) - {f.name for f in fields(ColdPlan)})
+    if unknown:
+        raise ValueError(f"[cold]: unknown setting(s) {', '.join(unknown)}")
+    cold = ColdPlan(
+        tuple(raw["rows"]),
+        float(raw.get("share", 0.2)),
+        int(raw.get("seed", 0)),
+        tuple(int(s) for s in raw.get("seeds", ())),
+    )
+    if not cold.rows or not 0 < cold.share < 1:
+        raise ValueError(f"[cold]: rows must name rows and share be in (0, 1), got {raw}")
+    return cold
 
 
 def seeded(config: TrainConfig, seed: int, **changes: Any) -> TrainConfig:

@@ -16,11 +16,12 @@ from service.offline.attention import (
     ON_BORDER,
     grid_regions,
 )
-from service.offline.metrics import Interval
+from service.offline.cold import RANKINGS, ColdComparison
+from service.offline.metrics import HEADLINE, Interval
 from service.offline.train import SELECTION_METRIC
 
 if TYPE_CHECKING:
-    from service.offline.plan import Plan
+    from service.offline.plan import ColdPlan, Plan
     from service.offline.reproduce import Comparison
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,6 @@ TUTORIAL_WIKIMEDIA: dict[str, float] = {
     "nDCG@100": 0.03781,
 }
 PAGE_METRICS = ("R@20", "nDCG@20", "AUC", "RR", "R@100", "nDCG@100")
-HEADLINE = ("R@20", "nDCG@20")  # what "wins" means on the page
 ATTENTION_LINES = ((ITEM_ENTROPY, "item", "o-"), (COMPONENT_ENTROPY, "component", "s--"))
 
 
@@ -68,6 +68,7 @@ class Report:
     device: str
     chosen: str = ""  # where the plan's settings were chosen, in words
     served: str = ""  # the row whose checkpoint the service serves on this data
+    cold: ColdComparison | None = None  # the cold-item protocol, when the plan has [cold]
 
 
 def results_json(report: Report) -> dict[str, Any]:
@@ -85,13 +86,7 @@ def results_json(report: Report) -> dict[str, Any]:
                 for p, rows in c.summary.items()
             },
             "spread_over_seeds": c.spread,
-            "difference_to_reference_95": {
-                p: {
-                    m: {k: [iv.mean, iv.low, iv.high] for k, iv in t.items()}
-                    for m, t in rows.items()
-                }
-                for p, rows in c.diffs.items()
-            },
+            "difference_to_reference_95": {p: _triples(rows) for p, rows in c.diffs.items()},
             "heatmaps": {r.name: r.heatmaps for r in c.rows if r.heatmaps},
             "new_items_precision_at_20": {
                 m: [iv.mean, iv.low, iv.high] for m, iv in c.new_items.items()
@@ -99,14 +94,8 @@ def results_json(report: Report) -> dict[str, Any]:
             "tail_standard": {
                 b.label: {
                     "users": b.users,
-                    "rows": {
-                        m: {k: [iv.mean, iv.low, iv.high] for k, iv in t.items()}
-                        for m, t in b.summary.items()
-                    },
-                    "difference_to_reference_95": {
-                        m: {k: [iv.mean, iv.low, iv.high] for k, iv in t.items()}
-                        for m, t in b.diffs.items()
-                    },
+                    "rows": _triples(b.summary),
+                    "difference_to_reference_95": _triples(b.diffs),
                 }
                 for b in c.tail
             },
@@ -139,6 +128,31 @@ def results_json(report: Report) -> dict[str, Any]:
         "device": report.device,
         "settings_chosen": report.chosen,
         "served": report.served,
+        "cold": _cold_json(report.cold) if report.cold else None,
+    }
+
+
+def _triples(rows: dict[str, dict[str, Interval]]) -> dict[str, dict[str, list[float]]]:
+    """row -> metric -> [mean, low, high]"""
+    return {m: {k: [iv.mean, iv.low, iv.high] for k, iv in t.items()} for m, t in rows.items()}
+
+
+def _cold_json(c: ColdComparison) -> dict[str, Any]:
+    return {
+        "reference": c.reference,
+        "test_users": c.test_users,
+        "test_items": c.test_items,
+        "warm_items": c.warm_items,
+        "target_share": c.target_share,
+        "seconds": c.seconds,
+        "rankings": {ranking: _triples(rows) for ranking, rows in c.summary.items()},
+        "difference_to_reference_95": {
+            ranking: _triples(rows) for ranking, rows in c.diffs.items()
+        },
+        "rows": {
+            r.name: {"exposure": r.exposure, "validation_ndcg20": r.validation, "s": r.seconds}
+            for r in c.rows
+        },
     }
 
 
@@ -154,6 +168,8 @@ def results_markdown(report: Report) -> str:
         lines += _protocol_section(main, protocol, ref)
     lines += _ablation_section(report)
     lines += _tail_section(main, ref)
+    if report.cold is not None and plan.cold is not None:
+        lines += cold_section(report.cold, plan.cold)
     lines += _heatmap_section(report)
     lines += _runs_section(report)
     return "\n".join(lines) + "\n"
@@ -183,7 +199,8 @@ def _notes(report: Report) -> list[str]:
         f"{report.chosen}",
         "",
         f"Wall times on `{report.device}`: features {t['features_s']:.0f} s, training and "
-        f"evaluation {t['training_and_evaluation_s']:.0f} s, synthetic world "
+        f"evaluation {t['training_and_evaluation_s']:.0f} s, cold-item protocol "
+        f"{t.get('cold_s', 0.0):.0f} s, synthetic world "
         f"{t['synthetic_s']:.0f} s, whole run {t['total_s']:.0f} s "
         f"({t['total_s'] / 60:.1f} min). Training curves (first seed): `training.png`.",
     ]
@@ -366,6 +383,103 @@ def _tail_section(c: Comparison, ref: str) -> list[str]:
                 cells.append(signed_interval(diff[k]) if diff else "—")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return [*lines, ""]
+
+
+def cold_section(c: ColdComparison, cold: ColdPlan) -> list[str]:
+    """The cold-item protocol: new items known only by their poster."""
+    ref = c.reference
+    lines = [
+        "## New items known only by their poster (cold-item protocol)",
+        "",
+        f"{cold.share:.0%} of the items with interactions are held out (drawn with seed "
+        f"{cold.seed}), half for validation and half for test ({c.test_items} items); every "
+        f"row is trained on the other {c.warm_items}, with seeds {_seeds(c)}. The "
+        f"{c.test_users} users who chose "
+        "held-out test items have all of them as targets and their last 9 warm items as "
+        "profile. A trained row gets the held-out items after training through "
+        "`ServingModel.with_items`, the code `POST /items` runs, so these are the scores a user "
+        "of the API gets. Rankings: **cold**, the held-out test items among themselves; "
+        "**all**, the warm catalogue with them added (a user's warm items removed), what the "
+        "service shows; **warm**, `standard` on the warm items, what the cold gain costs. "
+        "**Exposure**: held-out items' share of users' top 20 in the *all* ranking over their "
+        f"share of the targets ({c.target_share:.1%}); below 0.5x buries them, above 2x "
+        "floods the lists. **Validation**: the cold ranking's nDCG@20 on the validation half, "
+        "where settings are chosen. Baselines rank the cold items only: random; genres only "
+        "(the share of the profile with each of a candidate's genres); image only (cosine of "
+        "the candidate's mean image feature with the profile's). Mean over seeds [95% bootstrap "
+        "interval over users].",
+        "",
+        "| row | cold R@20 | cold nDCG@20 | all R@20 | all nDCG@20 | exposure | warm R@20 "
+        "| warm nDCG@20 | validation nDCG@20 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in c.rows:
+        cells = [
+            interval(c.summary[k][r.name][m]) if r.name in c.summary[k] else "—"
+            for k in RANKINGS
+            for m in HEADLINE
+        ]
+        exposure = f"{r.mean_exposure:.2f}x" if r.exposure else "—"
+        cells.insert(4, exposure)
+        validation = f"{sum(r.validation) / len(r.validation):.4f}"
+        lines.append(f"| `{r.name}` | " + " | ".join(cells) + f" | {validation} |")
+    lines += [
+        "",
+        f"`{ref}` − row, paired over the same users:",
+        "",
+        "| row | " + " | ".join(f"{k} {m}" for k in RANKINGS for m in HEADLINE) + " |",
+        "|---|" + "---|" * 6,
+    ]
+    for r in c.rows:
+        if r.name == ref:
+            continue
+        cells = [
+            signed_interval(c.diffs[k][r.name][m]) if r.name in c.diffs[k] else "—"
+            for k in RANKINGS
+            for m in HEADLINE
+        ]
+        lines.append(f"| `{r.name}` | " + " | ".join(cells) + " |")
+    return [*lines, "", *_cold_verdict(c), ""]
+
+
+def _seeds(c: ColdComparison) -> str:
+    return ", ".join(map(str, c.seeds))
+
+
+def _cold_verdict(c: ColdComparison) -> list[str]:
+    """The issue's goals for new items, met or not, in words."""
+    ref, cold = c.reference, c.diffs["cold"]
+    baselines = [n for n in cold if n not in c.summary["all"]]
+    won = [n for n in baselines if all(cold[n][m].low > 0 for m in HEADLINE)]
+    lost = [n for n in baselines if n not in won]
+    out = []
+    if won:
+        out.append(
+            f"Cold only: `{ref}` ranks the new items better than {_names(won)} on both R@20 "
+            "and nDCG@20 (paired interval above zero)."
+        )
+    if lost:
+        out.append(
+            f"Cold only: **`{ref}` is not ahead of {_names(lost)}** with the interval above "
+            "zero on both metrics."
+        )
+    exposure = next(r for r in c.rows if r.name == ref).mean_exposure
+    verdict = "buries them" if exposure < 0.5 else "floods the lists" if exposure > 2 else ""
+    out.append(
+        f"All: `{ref}` shows the new items {exposure:.2f}x as often as users chose them: "
+        + (f"it **{verdict}**" if verdict else "neither buried nor flooding")
+        + " (goal 0.5x–2x)."
+    )
+    for name, d in c.diffs["warm"].items():
+        out.append(
+            f"Warm: `{name}` is {-d['nDCG@20'].mean:+.4f} nDCG@20 and {-d['R@20'].mean:+.4f} "
+            f"R@20 against `{ref}` (goal: no worse than −0.005)."
+        )
+    out.append(
+        "Not measured yet: ACF with metadata as a second content channel (so whether the image "
+        "adds something beyond tags), title text as metadata."
+    )
+    return [" ".join(out)]
 
 
 def _heatmap_section(report: Report) -> list[str]:

@@ -5,7 +5,8 @@ Each row is trained once per seed; the fitted baselines (popularity, transitions
 randomness and are fitted once. A row's figures are the mean over seeds of the per-seed means
 over users, with the spread over seeds; its 95% interval and the paired comparison with the
 reference row (ACF) bootstrap users' metrics averaged over the seeds. The same rows listed in
-the plan's ``[synthetic]`` table run again on a generated world whose right answer is known.
+the plan's ``[synthetic]`` table run again on a generated world whose right answer is known, and
+those in its ``[cold]`` table on the cold-item protocol (:mod:`service.offline.cold`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from service.model.acf import ACF
 from service.model.checkpoint import SERVED, SERVED_FILE, save_checkpoint
 from service.model.feature_store import load_features
 from service.offline.attention import heatmap_stats
+from service.offline.cold import run_cold
 from service.offline.data import fingerprint, load_dataset
 from service.offline.evaluate import PROTOCOLS, evaluate, holdout_task, rank_new_items
 from service.offline.features import extract_features
@@ -141,6 +143,7 @@ def reproduce(
     served = served_row(results, best)
     if served is not None:  # what `visrec-serve` serves on this data
         save_checkpoint(work_dir / SERVED_FILE, to_checkpoint(prepared, *best[served]))
+    cold = run_cold(prepared, plan, device=device, progress=progress) if plan.cold else None
     synthetic, world_seconds = None, 0.0
     if plan.synthetic is not None:
         t0 = time.perf_counter()
@@ -149,6 +152,7 @@ def reproduce(
     timings = {
         "features_s": feature_seconds,
         "training_and_evaluation_s": training_seconds,
+        "cold_s": cold.seconds if cold else 0.0,
         "synthetic_s": world_seconds,
         "total_s": time.perf_counter() - started,
     }
@@ -162,6 +166,7 @@ def reproduce(
         device=str(device),
         chosen=plan.settings_note(fingerprint(data_dir)),
         served=served or "",
+        cold=cold,
     )
     plot_history(
         [r for row in results for r in row.runs if r.seed == plan.seeds[0]],

@@ -22,6 +22,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal, Protocol, cast, get_args
 
@@ -132,6 +133,10 @@ class TrainConfig:
     # training: each sample's user embedding is left out with this probability, so a user's
     # embedding cannot stand in for their recent items (and unknown users are trained for)
     user_dropout: float = 0.0
+    # training, ACF with visual="score": each step, this share of the catalogue is scored
+    # without its item embedding (its image, bias and profile side unchanged), so the image
+    # path learns to rank an item alone, as it must for an item added after training
+    item_dropout: float = 0.0
     # SASRec (2 blocks and 1 head, as in the paper's ml-1m setting); ACF's context blocks
     dropout: float = 0.2
     blocks: int = 2
@@ -160,7 +165,7 @@ class TrainConfig:
             "transition_window",
         )
         bad = [f"{name}={getattr(self, name)}" for name in positive if getattr(self, name) <= 0]
-        shares = ("profile_dropout", "dropout", "user_dropout")
+        shares = ("profile_dropout", "dropout", "user_dropout", "item_dropout")
         bad += [f"{n}={getattr(self, n)}" for n in shares if not 0 <= getattr(self, n) < 1]
         non_negative = (
             "weight_decay",
@@ -319,6 +324,7 @@ class Objective:
     log_q: Tensor  # (N+1,) log-probability of drawing each item as a sampled negative
     profile_dropout: float
     user_dropout: float
+    item_dropout: float
     entropy_bonus: float
 
     @classmethod
@@ -334,6 +340,7 @@ class Objective:
             log_q=q.log(),
             profile_dropout=config.profile_dropout,
             user_dropout=config.user_dropout,
+            item_dropout=config.item_dropout,
             entropy_bonus=config.entropy_bonus,
         )
 
@@ -356,6 +363,10 @@ class Objective:
         else:
             q = cast(InnerProduct, model).queries(users, profiles)
         vectors = cast(InnerProduct, model).item_vectors
+        if isinstance(model, ACF) and self.item_dropout:
+            n = model.config.n_items + 1
+            hidden = torch.rand(n, generator=gen, device=gen.device) < self.item_dropout
+            vectors = partial(model.item_vectors, hidden=hidden.to(q.device))
 
         if self.loss in PAIRWISE:
             pairs = (q * vectors(pos)).sum(-1), (q * vectors(neg)).sum(-1)
