@@ -33,10 +33,12 @@ from service.api.items import decode_image
 from service.config import Settings
 from service.model.checkpoint import load_checkpoint, save_checkpoint
 from service.model.feature_store import load_features
+from service.offline.cold import ColdTargets, served_scores
 from service.offline.data import load_dataset
 from service.offline.evaluate import holdout_task, rank_new_items
 from service.offline.features import extract_features
 from service.offline.pipeline import Prepared, fit, prepare, to_checkpoint
+from service.offline.sampling import last_items
 from service.offline.synthetic import World, WorldSpec, make_world
 from service.offline.train import TrainConfig
 from service.serve import histories
@@ -210,6 +212,50 @@ def test_new_items_ranked_offline_are_of_the_kind_each_user_picks_next(
     wants = world.item_kinds[task.targets - 1]
     precision = (world.new_kinds[top] == wants[:, None]).mean()
     assert precision >= 4 / COLD_WORLD.kinds, precision  # chance: 1 / kinds
+
+
+def test_the_cold_protocols_scores_are_what_the_api_answers_for_the_same_items(
+    cold: tuple[World, Prepared, Path], client: TestClient, tmp_path: Path
+) -> None:
+    """`make reproduce`'s cold-item figures score new items with ``served_scores``; the API
+    scores the same items, uploaded through ``POST /items``, within float16 table rounding."""
+    world, prepared, path = cold
+    ids = _new_ids(world)
+    for item in ids:
+        assert _add(client, world, item).status_code == 201
+    ckpt = load_checkpoint(path)
+    raw, meta = load_features(world.root / "features")
+    model = ckpt.build_model(raw, inputs_hash=meta.inputs_hash, item_ids=meta.item_ids)
+    extract_features(ids, [world.root / "new" / f"{i}.png" for i in ids], tmp_path, progress=False)
+    new, _ = load_features(tmp_path)
+    data, n = prepared.dataset, prepared.dataset.n_items
+    users = np.arange(0, data.n_users, 15)
+    index = {int(raw_id): i for i, raw_id in enumerate(data.item_ids.tolist(), start=1)}
+    seen = histories(data)
+    profiles = last_items(
+        [np.array([index[i] for i in seen[str(data.user_ids[u])]]) for u in users], 9
+    )
+    part = ColdTargets(users, profiles, ())
+    offline = served_scores(
+        model,
+        ckpt.feature_map,
+        part,
+        np.arange(n + 1, n + len(ids) + 1),
+        np.concatenate([raw, new]),
+        device=torch.device("cpu"),
+    )[:, n:]
+    api = np.array(
+        [
+            [
+                client.get(f"/explain/{data.user_ids[u]}", params={"item_id": item}).json()["score"]
+                for item in ids
+            ]
+            for u in users
+        ]
+    )
+    spread = float(offline.std())
+    np.testing.assert_allclose(api, offline, rtol=0, atol=0.01 * spread)
+    assert spread > 0 and not np.allclose(offline, offline[:, :1])  # the items differ
 
 
 def test_bad_uploads_are_refused_and_change_nothing(
