@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import numpy as np
 import redis
 import torch
 from fastapi import FastAPI
@@ -425,6 +426,86 @@ def cost_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def startup_run(args: argparse.Namespace) -> int:
+    """Seconds from starting an API process to its ``/healthz`` and to ``/readyz`` counting
+    every added item, and its memory, with Redis holding 0 and each of ``args.startup`` added
+    items (random features of the backbone's shape: ~125 KB each with EfficientNet-Lite0)."""
+    from service.model.feature_store import load_features
+    from service.serve import prepare_serving
+    from service.store.items import AddedItem, encode_item
+
+    dataset, features, checkpoint = prepare_serving(None, args.work_dir, torch.device("cpu"))
+    _, meta = load_features(features)
+    shape = (meta.grid * meta.grid, meta.feature_dim)
+    image, rng = _tiny_png(), np.random.default_rng(0)
+    first = int(dataset.item_ids.max()) + 1
+    print(f"{os.cpu_count()} CPUs; a catalogue of {dataset.n_items} items, added ones {shape}")
+    for count in (0, *args.startup):
+        prefix = f"startup-{os.getpid()}-{count}"
+        with tempfile.TemporaryDirectory(dir=args.work_dir) as folder:
+            server = RedisServer(Path(folder), fsync="off")
+            server.start()
+            try:
+                client = server.client()
+                for start in range(0, count, 200):  # pipelined, 200 items a round trip
+                    pipe = client.pipeline(transaction=False)
+                    for item_id in range(first + start, first + min(start + 200, count)):
+                        blob = encode_item(
+                            AddedItem(
+                                item_id,
+                                f"added {item_id}",
+                                "image/png",
+                                image,
+                                rng.normal(size=shape).astype(np.float16),
+                            )
+                        )
+                        pipe.hsetnx(f"{prefix}:items", str(item_id), blob)
+                    pipe.execute()
+                stored = client.memory_usage(f"{prefix}:items") or 0
+                env = api_env(
+                    checkpoint=checkpoint, features=features, redis_url=server.url, prefix=prefix
+                )
+                api = ApiServer(env)
+                t0 = time.monotonic()
+                api.start(timeout_s=1800)
+                healthy = time.monotonic() - t0
+                while (ready := _ready_items(api.url)) < dataset.n_items + count:
+                    if time.monotonic() - t0 > 1800:
+                        raise RuntimeError(f"{ready} items served after 30 min")
+                    time.sleep(0.1)
+                complete = time.monotonic() - t0
+                assert api.proc is not None
+                rss = _rss_mib(api.proc.pid)
+                api.stop()
+            finally:
+                server.kill()
+        print(
+            f"  {count:6d} added items ({stored / 2**20:7.0f} MiB in Redis): /healthz after "
+            f"{healthy:6.1f} s, every item served after {complete:6.1f} s, {rss:6.0f} MiB RSS"
+        )
+    return 0
+
+
+def _tiny_png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (8, 12), (200, 40, 40)).save(out, format="PNG")
+    return out.getvalue()
+
+
+def _ready_items(url: str) -> int:
+    return int(httpx.get(f"{url}/readyz", timeout=5).json()["items"])
+
+
+def _rss_mib(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    found = re.search(r"VmRSS:\s+(\d+) kB", status)
+    return int(found.group(1)) / 1024 if found else float("nan")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("data", type=Path, nargs="?", default=Path("../shared/datasets/ml100k"))
@@ -432,9 +513,16 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--rate", type=float, default=90.0, help="requests/s, 2 reads a write")
     parser.add_argument("--cost", action="store_true", help="events/s per fsync policy instead")
+    parser.add_argument(
+        "--startup",
+        type=lambda s: [int(n) for n in s.split(",")],
+        help="start-up time with Redis holding these numbers of added items, e.g. 1000,10000",
+    )
     args = parser.parse_args()
     if args.cost:
         args.seconds = min(args.seconds, 5.0)
+    if args.startup:
+        sys.exit(startup_run(args))
     sys.exit(cost_run(args) if args.cost else fault_run(args))
 
 
