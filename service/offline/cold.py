@@ -349,28 +349,41 @@ def run_cold(
 
 
 def _baselines(prepared: Prepared, split: ColdSplit, seeds: Sequence[int]) -> list[ColdRow]:
-    """Rows that rank the held-out items without training: random (a generator per seed),
-    metadata alone (genres) and the image alone; the cold ranking only."""
-    scorers: dict[str, Callable[[ColdTargets, np.ndarray, int], np.ndarray]] = {
-        "random": lambda part, items, seed: random_scores(
-            part, items, np.random.default_rng([seed, 2])
-        ),
-        "image only": lambda part, items, _: image_scores(split, part, items, prepared.features),
+    """Rows that rank the held-out items without training, the cold ranking only: random (a
+    generator per seed), and, ranked once since they have no randomness, the image alone and
+    metadata alone (genres)."""
+    random = ColdRow("random", {"cold": []})
+    for seed in seeds:
+
+        def draw(part: ColdTargets, items: np.ndarray, seed: int = seed) -> np.ndarray:
+            return random_scores(part, items, np.random.default_rng([seed, 2]))
+
+        table, validation = _ranked(split, draw)
+        random.tables["cold"].append(table)
+        random.validation.append(validation)
+    fixed: dict[str, Callable[[ColdTargets, np.ndarray], np.ndarray]] = {
+        "image only": lambda part, items: image_scores(split, part, items, prepared.features),
     }
     if prepared.dataset.genres:
-        scorers["genres only"] = lambda part, items, _: genre_scores(
+        fixed["genres only"] = lambda part, items: genre_scores(
             split, part, items, prepared.dataset.genres
         )
-    rows = []
-    for name, scorer in scorers.items():
-        row = ColdRow(name, {"cold": []})
-        for seed in seeds:
-            test = scorer(split.test, split.test_items, seed)
-            row.tables["cold"].append(multi_target_metrics(test, split.test.targets))
-            val = scorer(split.validation, split.validation_items, seed)
-            row.validation.append(_validation(val, split.validation.targets))
-        rows.append(row)
+    rows = [random]
+    for name, scorer in fixed.items():
+        table, validation = _ranked(split, scorer)
+        rows.append(
+            ColdRow(name, {"cold": [table] * len(seeds)}, validation=[validation] * len(seeds))
+        )
     return rows
+
+
+def _ranked(
+    split: ColdSplit, scorer: Callable[[ColdTargets, np.ndarray], np.ndarray]
+) -> tuple[Table, float]:
+    """A baseline's test metrics and its validation nDCG@20."""
+    test = multi_target_metrics(scorer(split.test, split.test_items), split.test.targets)
+    validation = scorer(split.validation, split.validation_items)
+    return test, _validation(validation, split.validation.targets)
 
 
 def _validation(scores: np.ndarray, targets: tuple[np.ndarray, ...]) -> float:
