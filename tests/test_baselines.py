@@ -97,7 +97,7 @@ def test_sasrec_learns_an_order_only_pattern() -> None:
     train(
         model,
         samples,
-        validation_task(split, profile_size=4),
+        [validation_task(split, profile_size=4)],
         config,
         device=torch.device("cpu"),
         rng=np.random.default_rng(0),

@@ -74,13 +74,30 @@ def test_the_model_sees_the_protocols_profile(split: Split) -> None:
         assert profiles[5].tolist() == seqs[u][-size:].tolist()
 
 
-def test_validation_never_sees_the_test_item(split: Split) -> None:
-    task = validation_task(split)
+@pytest.mark.parametrize("protocol", ["seed", "standard"])
+def test_validation_never_sees_the_test_item(split: Split, protocol: str) -> None:
+    task = validation_task(split, protocol)  # type: ignore[arg-type]
     test = dict(zip(split.test_users.tolist(), split.test_items.tolist(), strict=True))
     assert not any(
         test[u] in p.tolist() for u, p in zip(task.users.tolist(), task.profiles, strict=True)
     )
     np.testing.assert_array_equal(task.targets, split.val_items)
+
+
+def test_seed_validation_is_the_seed_protocol_one_step_earlier(split: Split) -> None:
+    """The twin the epochs are chosen on: the last 10 training items shown and only they
+    removed, as the test item is ranked under `seed`; `standard` removes every training item."""
+    seqs = split.train_sequences()
+    seed, standard = validation_task(split, "seed"), validation_task(split, "standard")
+    removed = {"seed": np.diff(seed.exclude.indptr), "standard": np.diff(standard.exclude.indptr)}
+    long = [i for i, u in enumerate(seed.users.tolist()) if len(seqs[u]) > 10]
+    assert len(long) > 100
+    for i in long[:50]:
+        u = int(seed.users[i])
+        assert seed.profiles[i].tolist() == seqs[u][-10:].tolist()
+        assert removed["seed"][i] == 10 and removed["standard"][i] == len(set(seqs[u].tolist()))
+        kept = seed.exclude.indices[seed.exclude.indptr[i] : seed.exclude.indptr[i + 1]]
+        assert sorted(kept + 1) == sorted(seqs[u][-10:].tolist())
 
 
 def test_a_perfect_model_scores_one(split: Split) -> None:

@@ -131,7 +131,7 @@ def _train_and_save(args: argparse.Namespace, config: TrainConfig, device: torch
 
 
 def _figures(validation: dict[str, float]) -> str:
-    return ", ".join(f"{k} {v:.4f}" for k, v in validation.items() if k in ("nDCG@20", "R@20"))
+    return ", ".join(f"{k} {v:.4f}" for k, v in validation.items() if "@" in k)
 
 
 def _registry(args: argparse.Namespace) -> Registry:

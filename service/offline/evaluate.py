@@ -60,14 +60,18 @@ def holdout_task(split: Split, protocol: ProtocolName, *, profile_size: int = 9)
     return _task(users, profiles, split.test_items, removed, split.n_items, protocol)
 
 
-def validation_task(split: Split, *, profile_size: int = 9) -> Task:
-    """The validation item of every user who has one, training items removed (standard)."""
+def validation_task(
+    split: Split, protocol: ProtocolName = "standard", *, profile_size: int = 9
+) -> Task:
+    """The validation item of every user who has one, under ``protocol`` as
+    :func:`holdout_task` applies it to the training items: ``standard`` removes them all,
+    ``seed`` shows the last 10 and removes only those."""
     seqs = split.train_sequences()
     users = split.val_users
-    profiles = last_items([seqs[u] for u in users], profile_size)
-    return _task(
-        users, profiles, split.val_items, [seqs[u] for u in users], split.n_items, "standard"
-    )
+    size = SEED_PROFILE if protocol == "seed" else profile_size
+    profiles = last_items([seqs[u] for u in users], size)
+    removed = [p[p > 0] for p in profiles] if protocol == "seed" else [seqs[u] for u in users]
+    return _task(users, profiles, split.val_items, removed, split.n_items, protocol)
 
 
 def _task(

@@ -74,9 +74,12 @@ def fit(
     projection = feature_projection(prepared.features, config)
     features = prepared.features if projection is None else projection.apply(prepared.features)
     model = build_model(config, split, features)
-    validation = validation_task(split, profile_size=config.profile_size)
+    validation = [
+        validation_task(split, protocol, profile_size=config.profile_size)
+        for protocol in ("standard", "seed")
+    ]
     # Its own generator, so the probe leaves the training shuffles as they were.
-    probe = attention_probe(validation, np.random.default_rng([config.seed, 1]))
+    probe = attention_probe(validation[0], np.random.default_rng([config.seed, 1]))
     result = train(
         model,
         samples,

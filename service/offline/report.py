@@ -18,7 +18,7 @@ from service.offline.attention import (
 )
 from service.offline.cold import RANKINGS, ColdComparison
 from service.offline.metrics import HEADLINE, Interval
-from service.offline.train import SELECTION_METRIC
+from service.offline.train import SERVING_METRIC
 
 if TYPE_CHECKING:
     from service.offline.plan import ColdPlan, Plan
@@ -215,7 +215,8 @@ def _served(report: Report) -> list[str]:
     against = f" against {ref.validation:.4f} for `{ref.name}`" if ref and ref is not chosen else ""
     return [
         f"**Served.** `{chosen.name}`: of the rows the service can serve (ACF's and SASRec), "
-        f"the best on validation ({SELECTION_METRIC} {chosen.validation:.4f} over seeds"
+        f"the best on `standard` validation, the protocol that serving is ({SERVING_METRIC} "
+        f"{chosen.validation:.4f} over seeds"
         f"{against}). Its best seed's checkpoint is `{SERVED_FILE}` in the run folder, which "
         "`visrec-serve` (`make serve DATA=...`) serves.",
         "",
@@ -574,7 +575,8 @@ def signed_interval(iv: Interval) -> str:
 
 
 def plot_history(runs: Sequence[ModelRun], path: Path) -> None:
-    """Per epoch, one line per model: training loss, validation nDCG@20 and R@20, and how
+    """Per epoch, one line per model: training loss, validation nDCG@20 under both protocols
+    (their mean chooses the kept epoch), and how
     peaked the attention is (normalised entropy; 1.0, drawn as "flat", is uniform weights)."""
     import matplotlib
 
@@ -585,8 +587,8 @@ def plot_history(runs: Sequence[ModelRun], path: Path) -> None:
     fig, axes = plt.subplots(2, 3, figsize=(18, 8))
     panels = {
         "loss": ("training loss", axes[0, 0]),
-        "nDCG@20": ("validation nDCG@20", axes[0, 1]),
-        "R@20": ("validation R@20", axes[0, 2]),
+        "nDCG@20": ("validation nDCG@20, standard", axes[0, 1]),
+        "seed nDCG@20": ("validation nDCG@20, seed", axes[0, 2]),
     }
     attention, where = axes[1, 0], axes[1, 1]
     axes[1, 2].axis("off")
@@ -595,7 +597,8 @@ def plot_history(runs: Sequence[ModelRun], path: Path) -> None:
             continue  # nothing trained (a fitted baseline)
         epochs = [h["epoch"] for h in run.history]
         for key, (_, ax) in panels.items():
-            ax.plot(epochs, [h[key] for h in run.history], "o-", color=f"C{i}", label=run.name)
+            values = [h.get(key, float("nan")) for h in run.history]  # older runs: no seed
+            ax.plot(epochs, values, "o-", color=f"C{i}", label=run.name)
         for key, level, style in ATTENTION_LINES:
             if key in run.history[0]:
                 values = [h[key] for h in run.history]

@@ -41,7 +41,7 @@ from service.offline.report import (
     results_markdown,
 )
 from service.offline.synthetic import World, make_world
-from service.offline.train import SELECTION_METRIC, TrainConfig, TrainResult
+from service.offline.train import SERVING_METRIC, TrainConfig, TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +76,8 @@ class RowResult:
 
     @property
     def validation(self) -> float:
-        """The selection metric on validation, mean over seeds (what chooses the served row)."""
-        return float(np.mean([run.validation[SELECTION_METRIC] for run in self.runs]))
+        """``standard`` validation nDCG@20, mean over seeds (what chooses the served row)."""
+        return float(np.mean([run.validation[SERVING_METRIC] for run in self.runs]))
 
 
 @dataclass(frozen=True)
@@ -208,7 +208,7 @@ def run_rows(
 ) -> tuple[list[RowResult], dict[str, Fitted]]:
     """Every row with every seed, evaluated under both protocols (and, for ACF rows that can,
     on ranking ``new_items``). Also returns, for each row the service can serve (ACF's and
-    SASRec), its run with the best validation nDCG@20 and that run's config."""
+    SASRec), its run with the best ``standard`` validation nDCG@20 and that run's config."""
     tasks = {p: holdout_task(prepared.split, p) for p in PROTOCOLS}
     results: list[RowResult] = []
     best: dict[str, Fitted] = {}
@@ -248,7 +248,7 @@ def run_rows(
             kept = best.get(row.name)
             if config.model in SERVED and (
                 kept is None
-                or fitted.validation[SELECTION_METRIC] > kept[0].validation[SELECTION_METRIC]
+                or fitted.validation[SERVING_METRIC] > kept[0].validation[SERVING_METRIC]
             ):
                 best[row.name] = (fitted, config)
             log.info("%s seed %d: %.0f s", row.name, seed, seconds)
@@ -257,8 +257,8 @@ def run_rows(
 
 
 def served_row(results: list[RowResult], servable: dict[str, Fitted]) -> str | None:
-    """The row to serve: of those the service can serve, the best on validation (the mean
-    over seeds of the selection metric; the test split chooses nothing)."""
+    """The row to serve: of those the service can serve, the best on `standard` validation
+    (mean over seeds; the test split chooses nothing)."""
     rows = [r for r in results if r.name in servable]
     return max(rows, key=lambda r: r.validation).name if rows else None
 

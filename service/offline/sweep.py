@@ -2,10 +2,11 @@
 
 Each row of the base plan gets the same number of training runs (``budget``): first the row as
 the plan configures it, then settings drawn without replacement from the row's grid in
-``[space.<row>]``. Every run stops early on validation nDCG@20; the test split is never read.
-``[compare.<row>]`` lists one-factor comparisons (e.g. the loss), each value run once on top of
-the row's settings. The results go to ``docs/sweep.md`` and ``docs/sweep.json``, with the best
-settings of each row written as a TOML table to paste into the plan.
+``[space.<row>]``. Every run stops early on validation nDCG@20 (the mean of both protocols');
+the test split is never read. ``[compare.<row>]`` lists one-factor comparisons (e.g. the loss),
+each value run once on top of the row's settings. The results go to ``docs/sweep.md`` and
+``docs/sweep.json``, with the best settings of each row written as a TOML table to paste into
+the plan.
 
 A sweep takes an hour or more on a small machine, so it resumes: a run that finds
 ``sweep.json`` from the same dataset and seed keeps the trials whose row settings have not
@@ -162,7 +163,12 @@ def _earlier_trials(path: Path, data_dir: Path, plan: SweepPlan) -> dict[str, Tr
     saved = json.loads(path.read_text())
     if saved.get("dataset") != data_dir.resolve().name or saved.get("seed") != plan.seed:
         return {}
-    trials = (Trial(**t) for t in saved.get("trials", []) if "planned" in t)
+    # Trials from before epochs were chosen on both protocols lack the selection metric.
+    trials = (
+        Trial(**t)
+        for t in saved.get("trials", [])
+        if "planned" in t and SELECTION_METRIC in t["validation"]
+    )
     return {_key(t.row, t.changes, t.kind, t.planned): t for t in trials}
 
 
@@ -180,7 +186,7 @@ def _trial(
     trial = Trial(
         name,
         changes,
-        {k: v for k, v in result.validation.items() if k in ("nDCG@20", "R@20")},
+        {k: v for k, v in result.validation.items() if "@" in k},
         result.best_epoch,
         len(result.history) if result.best_epoch else 0,
         time.perf_counter() - started,
@@ -192,7 +198,7 @@ def _trial(
 
 
 def best_settings(trials: list[Trial]) -> dict[str, Settings]:
-    """Per row, the searched settings with the highest validation nDCG@20."""
+    """Per row, the searched settings with the highest ``SELECTION_METRIC``."""
     best: dict[str, Trial] = {}
     for t in trials:
         if t.kind == "search" and (
@@ -223,8 +229,9 @@ def sweep_markdown(trials: list[Trial], plan: SweepPlan, dataset: str) -> str:
         f"# Sweep on `{dataset}` (validation only)",
         "",
         f"Every row gets the same budget: {plan.budget} training runs (fewer when its grid is "
-        f"smaller), seed {plan.seed}, each stopped early on validation nDCG@20; the first run "
-        "of a row is its setting in the plan. The test split is not read. Settings are shown "
+        f"smaller), seed {plan.seed}, each stopped early on validation nDCG@20 averaged over "
+        "the `standard` and `seed` protocols, which also compares the runs; the first run of a "
+        "row is its setting in the plan. The test split is not read. Settings are shown "
         "as changes to the row's plan settings; the best of each row is marked **best**.",
         "",
     ]
@@ -233,8 +240,9 @@ def sweep_markdown(trials: list[Trial], plan: SweepPlan, dataset: str) -> str:
         lines += [
             f"## {row}",
             "",
-            "| kind | settings | val nDCG@20 | val R@20 | best epoch | epochs run | seconds |",
-            "|---|---|---|---|---|---|---|",
+            "| kind | settings | val nDCG@20, mean | `standard` | `seed` | `standard` R@20 "
+            "| best epoch | epochs run | seconds |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for t in sorted(
             (t for t in trials if t.row == row),
@@ -244,6 +252,7 @@ def sweep_markdown(trials: list[Trial], plan: SweepPlan, dataset: str) -> str:
             mark = " **best**" if t.kind == "search" and t.changes == best.get(row) else ""
             lines.append(
                 f"| {t.kind} | {label}{mark} | {t.validation[SELECTION_METRIC]:.4f} | "
+                f"{t.validation['nDCG@20']:.4f} | {t.validation['seed nDCG@20']:.4f} | "
                 f"{t.validation['R@20']:.4f} | {t.best_epoch} | {t.epochs_run} | {t.seconds:.0f} |"
             )
         lines.append("")
