@@ -30,6 +30,7 @@ class CatalogueItem:
     # the image itself, for items added while serving (POST /items), which have no file
     data: bytes | None = None
     data_type: str | None = None
+    genres: tuple[str, ...] = ()
 
     @property
     def media_type(self) -> str | None:
@@ -77,7 +78,8 @@ def load_catalogue(folder: Path | None) -> Catalogue:
         for row in csv.DictReader(f):
             item_id = int(row["item_id"])
             image = safe_image_path(folder, row.get("image") or "")
-            items[item_id] = CatalogueItem(item_id, row.get("title") or "", image)
+            genres = tuple(g for g in (row.get("genres") or "").split("|") if g)
+            items[item_id] = CatalogueItem(item_id, row.get("title") or "", image, genres=genres)
     missing = sum(item.image is None for item in items.values())
     if missing:
         log.warning("%d of %d items have no image inside %s", missing, len(items), folder)

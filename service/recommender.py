@@ -6,7 +6,7 @@ registration); the model's indices stay inside.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,16 +100,22 @@ class Recommender:
             version=version or ckpt.code_version,
         )
 
-    def with_items(self, raw_ids: Sequence[int], features: np.ndarray) -> Recommender:
+    def with_items(
+        self,
+        raw_ids: Sequence[int],
+        features: np.ndarray,
+        genres: Sequence[Iterable[str]] | None = None,
+    ) -> Recommender:
         """A new engine whose catalogue also holds these items, scored from their (M, K, C)
-        raw image features alone; this one is left as it is (requests in flight keep it).
+        raw image features (and, by a model with metadata, their genres); this one is left as
+        it is (requests in flight keep it).
         Raises ItemExistsError for ids it has, ValueError when the model cannot score new
         items."""
         taken = sorted(i for i in raw_ids if i in self._item_index)
         if taken or len(set(raw_ids)) != len(raw_ids):
             raise ItemExistsError(taken or sorted(raw_ids))
         return Recommender(
-            self.serving.with_items(features),
+            self.serving.with_items(features, genres),
             item_ids=[*self.item_ids.tolist(), *raw_ids],
             user_ids=self._user_ids,
             popularity=np.concatenate([self._popularity, np.zeros(len(raw_ids))]),
@@ -122,9 +128,26 @@ class Recommender:
         return raw_id in self._item_index
 
     @property
+    def tags(self) -> tuple[str, ...]:
+        """The metadata vocabulary (genres) the served model reads of an item; () : none."""
+        return self.serving.tags
+
+    @property
     def takes_new_items(self) -> bool:
-        """Whether items it was not trained on can be scored from their image."""
+        """Whether items it was not trained on can be scored (from their image or genres)."""
         return self.serving.takes_new_items
+
+    def refuses_new_item(self, genres: Collection[str]) -> str | None:
+        """Why an item it was not trained on, with these genres, cannot be added; None when
+        it can."""
+        if not self.takes_new_items:
+            return "the serving model cannot score items it was not trained on"
+        if not self.serving.reads_images and not set(genres) & set(self.tags):
+            return (
+                "the serving model scores no images and places a new item by its genres: "
+                f"send at least one it knows ({', '.join(self.tags)})"
+            )
+        return None
 
     def unknown_items(self, raw_ids: Collection[int]) -> list[int]:
         return sorted({i for i in raw_ids if i not in self._item_index})

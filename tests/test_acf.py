@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from service.model.acf import ACF, ITEM_ROWS, PAD, UNKNOWN_USER, ACFConfig
+from service.model.acf import ACF, ITEM_ROWS, PAD, UNKNOWN_USER, ACFConfig, tag_rows
 from service.model.checkpoint import (
     Checkpoint,
     CheckpointError,
@@ -32,6 +32,7 @@ VARIANTS = [
     replace(BASE, visual="score", item_pool="attention", newest=True, item_bias=True),
     replace(BASE, visual="score", context_blocks=2, positions=4, newest=True, item_bias=True),
     replace(BASE, visual="score", users=False, recency=3, item_bias=True),
+    replace(BASE, visual="score", item_bias=True, recency=3, tags=("comedy", "drama", "horror")),
 ]
 ORDER_BLIND = [c for c in VARIANTS if not (c.recency or c.newest or c.context_blocks)]
 
@@ -39,7 +40,15 @@ ORDER_BLIND = [c for c in VARIANTS if not (c.recency or c.newest or c.context_bl
 def _model(config: ACFConfig, seed: int = 0) -> ACF:
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    model = ACF(config, torch.randn(N_ITEMS, K, C, generator=g)).eval()
+    tags = None
+    if config.tags:  # every item with one or two of them
+        first = torch.randint(len(config.tags), (N_ITEMS,), generator=g).tolist()
+        second = torch.randint(len(config.tags), (N_ITEMS,), generator=g).tolist()
+        tags = tag_rows(
+            config.tags,
+            [{config.tags[a], config.tags[b]} for a, b in zip(first, second, strict=True)],
+        )
+    model = ACF(config, torch.randn(N_ITEMS, K, C, generator=g), tags).eval()
     with torch.no_grad():  # non-zero biases, so a forgotten bias term shows up
         for p in model.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g))
@@ -56,7 +65,7 @@ def _name(c: ACFConfig) -> str:
     return (
         f"visual={c.visual},tied={c.tied},W1v={c.item_term},bias={c.item_bias},"
         f"pool={c.component_pool},item_pool={c.item_pool},recency={c.recency},newest={c.newest},"
-        f"context={c.context_blocks},users={c.users}"
+        f"context={c.context_blocks},users={c.users},tags={len(c.tags)}"
     )
 
 
@@ -237,8 +246,11 @@ def test_tutorial_way_of_reducing_gives_the_same_user(model: ACF) -> None:
     torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize(("visual", "context"), [("attention", 0), ("score", 0), ("score", 2)])
-def test_gradients_reach_every_parameter(visual: str, context: int) -> None:
+@pytest.mark.parametrize(
+    ("visual", "context", "tags"),
+    [("attention", 0, ()), ("score", 0, ()), ("score", 2, ()), ("score", 0, ("a", "b"))],
+)
+def test_gradients_reach_every_parameter(visual: str, context: int, tags: tuple[str, ...]) -> None:
     config = replace(
         BASE,
         tied=False,
@@ -249,6 +261,7 @@ def test_gradients_reach_every_parameter(visual: str, context: int) -> None:
         visual=visual,  # type: ignore[arg-type]
         context_blocks=context,
         positions=4,
+        tags=tags,
     )
     model = _model(config).train()
     scores = model.queries(USERS, PROFILES) @ model.item_vectors().T
@@ -329,8 +342,33 @@ def test_an_unknown_user_is_their_profile_alone(model: ACF) -> None:
     if model.context is not None:  # the pooled items are contextualised: no closed form
         return
     content = model.profile_embedding(profiles[0])  # (L, D)
+    if model.tag_embedding is not None:  # an item's genres are part of it on both sides
+        content = content + model.tag_embedding(model.item_tags[profiles[0]])
     if model.config.visual == "score":  # the attended image content is part of each item
         beta = out.component_attention[0]  # (L, K)
         content = content + (beta.unsqueeze(1) @ tables.reduced[profiles[0]]).squeeze(1)
     expected = (out.item_attention[0].unsqueeze(-1) * content).sum(0)
     torch.testing.assert_close(out.user[0], expected)
+
+
+def test_tags_are_weights_summing_to_one_over_the_known_vocabulary() -> None:
+    rows = tag_rows(("comedy", "drama", "horror"), [{"drama"}, {"horror", "comedy"}, {"noir"}, ()])
+    assert rows.tolist() == [[0, 1, 0], [0.5, 0, 0.5], [0, 0, 0], [0, 0, 0]]
+
+
+def test_an_items_genres_reach_its_vector_on_both_sides() -> None:
+    """Two items alike in everything but their genres are scored and read apart."""
+    model = _model(replace(BASE, visual="score", tags=("comedy", "horror")))
+    with torch.no_grad():
+        model.item_embedding.weight[2] = model.item_embedding.weight[1]
+        model.features[2] = model.features[1]
+        model.pooled[2] = model.pooled[1]
+        model.item_tags[1:3] = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    vectors = model.item_vectors(torch.tensor([1, 2]))
+    shift = (
+        model.tag_embedding.weight[:, 0] - model.tag_embedding.weight[:, 1]
+    ) * model.config.scale  # type: ignore[union-attr]
+    torch.testing.assert_close(vectors[0] - vectors[1], shift)
+    users = torch.tensor([0, 0])
+    read = model.queries(users, torch.tensor([[5, 1], [5, 2]]))
+    assert not torch.allclose(read[0], read[1])

@@ -91,6 +91,8 @@ def test_an_item_image_is_served_with_its_type(client: TestClient, folder: Path)
         "item_id": 1,
         "title": "title 1",
         "image_url": "/items/1/image",
+        "genres": ["x"],  # from items.csv
+        "added": False,  # not added while serving
     }
 
 

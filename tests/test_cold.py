@@ -86,12 +86,15 @@ def test_metadata_and_image_scores_are_what_they_say(ml100k: Path) -> None:
     data = load_dataset(ml100k, check_images=False)
     split = cold_split(data, np.random.default_rng(0))
     part, candidates = split.test, split.test_items
-    genres = genre_scores(split, part, candidates, data.genres)
+    genres = genre_scores(split, part, candidates, data.genres, np.random.default_rng(0))
     assert genres.shape == (len(part.users), len(candidates))
     profile = profile_items(split, part)[0]
     item = candidates[5]
     shares = [np.mean([g in data.genres[i - 1] for i in profile]) for g in data.genres[item - 1]]
     assert genres[0, 5] == pytest.approx(np.mean(shares))
+    # Films sharing a genre set tie; the ties are broken at random, not against the target
+    assert len(np.unique(genres[0].round(6))) < len(candidates) / 2
+    assert len(np.unique(genres[0])) == len(candidates)
     rng = np.random.default_rng(1)
     features = rng.normal(size=(data.n_items, 4, 3)).astype(np.float16)
     images = image_scores(split, part, candidates, features)

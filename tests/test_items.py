@@ -186,7 +186,10 @@ def test_a_new_item_is_recommended_to_users_of_its_kind_from_its_image(
     item = _new_ids(world)[0]
     why = client.get(f"/explain/{user_ids[0]}", params={"item_id": item})
     assert why.status_code == 200 and np.isfinite(why.json()["score"])
-    assert client.get(f"/items/{item}").json()["image_url"] == f"/items/{item}/image"
+    info = client.get(f"/items/{item}").json()
+    assert info["image_url"] == f"/items/{item}/image" and info["added"] is True
+    trained = client.get("/items/1").json()  # the page marks the added items only
+    assert trained["added"] is False and trained["genres"] == sorted(prepared.dataset.genres[0])
     image = client.get(f"/items/{item}/image")
     assert image.content == (world.root / "new" / f"{item}.png").read_bytes()
     assert image.headers["content-type"] == "image/png"
@@ -214,48 +217,78 @@ def test_new_items_ranked_offline_are_of_the_kind_each_user_picks_next(
     assert precision >= 4 / COLD_WORLD.kinds, precision  # chance: 1 / kinds
 
 
+@pytest.fixture(scope="module")
+def with_genres(cold: tuple[World, Prepared, Path]) -> Path:
+    """ACF trained with the items' genres as a second content channel (``metadata``)."""
+    world, prepared, _ = cold
+    config = TrainConfig(metadata=True)
+    result = fit(prepared, config, device=torch.device("cpu"), progress=False)
+    path = world.root / "acf-genres.pt"
+    save_checkpoint(path, to_checkpoint(prepared, result, config))
+    return path
+
+
+@pytest.mark.parametrize("metadata", [False, True], ids=["image", "image-and-genres"])
 def test_the_cold_protocols_scores_are_what_the_api_answers_for_the_same_items(
-    cold: tuple[World, Prepared, Path], client: TestClient, tmp_path: Path
+    cold: tuple[World, Prepared, Path], with_genres: Path, tmp_path: Path, metadata: bool
 ) -> None:
     """`make reproduce`'s cold-item figures score new items with ``served_scores``; the API
-    scores the same items, uploaded through ``POST /items``, within float16 table rounding."""
+    scores the same items, uploaded through ``POST /items`` (with their genres), within
+    float16 table rounding."""
     world, prepared, path = cold
-    ids = _new_ids(world)
-    for item in ids:
-        assert _add(client, world, item).status_code == 201
-    ckpt = load_checkpoint(path)
-    raw, meta = load_features(world.root / "features")
-    model = ckpt.build_model(raw, inputs_hash=meta.inputs_hash, item_ids=meta.item_ids)
-    extract_features(ids, [world.root / "new" / f"{i}.png" for i in ids], tmp_path, progress=False)
-    new, _ = load_features(tmp_path)
+    path = with_genres if metadata else path
     data, n = prepared.dataset, prepared.dataset.n_items
-    users = np.arange(0, data.n_users, 15)
-    index = {int(raw_id): i for i, raw_id in enumerate(data.item_ids.tolist(), start=1)}
-    seen = histories(data)
-    profiles = last_items(
-        [np.array([index[i] for i in seen[str(data.user_ids[u])]]) for u in users], 9
-    )
-    part = ColdTargets(users, profiles, ())
-    offline = served_scores(
-        model,
-        ckpt.feature_map,
-        part,
-        np.arange(n + 1, n + len(ids) + 1),
-        np.concatenate([raw, new]),
-        device=torch.device("cpu"),
-    )[:, n:]
-    api = np.array(
-        [
+    kind_genres = {int(world.item_kinds[i]): data.genres[i] for i in range(n)}
+    genres = [kind_genres[int(k)] for k in world.new_kinds]  # the kind's name, as in items.csv
+    ids = _new_ids(world)
+    settings = _settings(cold).model_copy(update={"checkpoint": path})
+    with TestClient(create_app(settings, profiles=histories(data))) as client:
+        for item, names in zip(ids, genres, strict=True):
+            answer = _add(client, world, item, genres="|".join(names))
+            assert answer.status_code == 201, answer.text
+            assert answer.json()["genres"] == sorted(names)
+            assert answer.json()["genres_read"] == (sorted(names) if metadata else [])
+        ckpt = load_checkpoint(path)
+        raw, meta = load_features(world.root / "features")
+        model = ckpt.build_model(raw, inputs_hash=meta.inputs_hash, item_ids=meta.item_ids)
+        paths = [world.root / "new" / f"{i}.png" for i in ids]
+        extract_features(ids, paths, tmp_path, progress=False)
+        new, _ = load_features(tmp_path)
+        users = np.arange(0, data.n_users, 15)
+        index = {int(raw_id): i for i, raw_id in enumerate(data.item_ids.tolist(), start=1)}
+        seen = histories(data)
+        profiles = last_items(
+            [np.array([index[i] for i in seen[str(data.user_ids[u])]]) for u in users], 9
+        )
+        part = ColdTargets(users, profiles, ())
+        offline, blind = (
+            served_scores(
+                model,
+                ckpt.feature_map,
+                part,
+                np.arange(n + 1, n + len(ids) + 1),
+                np.concatenate([raw, new]),
+                [*data.genres, *known],
+                device=torch.device("cpu"),
+            )[:, n:]
+            for known in (genres, [frozenset()] * len(ids))
+        )
+        api = np.array(
             [
-                client.get(f"/explain/{data.user_ids[u]}", params={"item_id": item}).json()["score"]
-                for item in ids
+                [
+                    client.get(f"/explain/{data.user_ids[u]}", params={"item_id": item}).json()[
+                        "score"
+                    ]
+                    for item in ids
+                ]
+                for u in users
             ]
-            for u in users
-        ]
-    )
+        )
     spread = float(offline.std())
     np.testing.assert_allclose(api, offline, rtol=0, atol=0.01 * spread)
     assert spread > 0 and not np.allclose(offline, offline[:, :1])  # the items differ
+    # Only a model with metadata reads the genres
+    assert np.allclose(offline, blind) is not metadata
 
 
 def test_bad_uploads_are_refused_and_change_nothing(
@@ -482,9 +515,11 @@ def test_an_item_sent_again_is_taken_and_another_under_its_id_is_not(
 ) -> None:
     """A retry after a lost answer must succeed (it got 409); the Redis store's case is
     in the test above."""
-    item = AddedItem(7, "t", "image/png", b"png", np.zeros((49, 8), dtype=np.float16))
+    item = AddedItem(7, "t", "image/png", b"png", np.zeros((49, 8), dtype=np.float16), ("Drama",))
     store = MemoryItemStore() if kind == "memory" else DirectoryItemStore(tmp_path)
     assert asyncio.run(_adds(store, item)) == [True, True, False]
+    other_genres = replace(item, genres=("Comedy",))  # the same image, said to be another film
+    assert asyncio.run(store.add(other_genres)) is False
 
 
 class _CountingClient:
@@ -507,8 +542,11 @@ def test_added_items_are_read_in_bounded_pieces() -> None:
     prefix = f"test-items-{uuid.uuid4().hex}"
     counting = _CountingClient(redis_client(REDIS))
     store = RedisItemStore(counting, prefix=prefix, deadline_s=1)  # type: ignore[arg-type]
+    genres = [(), ("Animation",), ("Children's", "Comedy")]
     items = [
-        AddedItem(i, f"t{i}", "image/png", bytes([i]), np.full((49, 8), i, dtype=np.float16))
+        AddedItem(
+            i, f"t{i}", "image/png", bytes([i]), np.full((49, 8), i, np.float16), genres[i % 3]
+        )
         for i in range(1, 41)
     ]
 
@@ -525,7 +563,7 @@ def test_added_items_are_read_in_bounded_pieces() -> None:
         Redis.from_url(REDIS).delete(f"{prefix}:items")
     assert [i.item_id for i in read] == list(range(1, 41))
     assert all(
-        a.same_as(b) and np.array_equal(a.features, b.features)
+        a.same_as(b) and a.genres == b.genres and np.array_equal(a.features, b.features)
         for a, b in zip(read, items, strict=True)
     )
     assert sum(counting.asked) == 40 and max(counting.asked) <= ITEMS_PER_CALL

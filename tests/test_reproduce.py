@@ -102,6 +102,22 @@ def test_an_ablation_is_like_its_row_with_one_change(tmp_path: Path) -> None:
         load_plan(tmp_path / "q.toml")
 
 
+def test_a_row_kept_out_of_the_main_table_is_trained_where_the_plan_names_it(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "p.toml").write_text(
+        '[models.acf]\n[models.acf_genres]\nlike = "acf"\nmetadata = true\nmain = false\n'
+        '[cold]\nrows = ["acf", "acf_genres"]\n'
+    )
+    plan = load_plan(tmp_path / "p.toml")
+    assert [r.name for r in plan.main_rows] == ["acf"]
+    assert plan.row("acf_genres").config.metadata and plan.cold is not None
+    assert plan.cold.rows == ("acf", "acf_genres")
+    (tmp_path / "q.toml").write_text('[models.acf]\nmain = "no"\n')
+    with pytest.raises(ValueError, match="true or false"):
+        load_plan(tmp_path / "q.toml")
+
+
 def test_reproduce_writes_both_protocols_for_every_row_and_seed(
     world: World, plan_file: Path, tmp_path: Path
 ) -> None:

@@ -12,7 +12,7 @@ import torch
 
 from service.engine import build_engine
 from service.index.item_index import ItemIndex
-from service.model.acf import ACF, UNKNOWN_USER, ACFConfig, Visual
+from service.model.acf import ACF, UNKNOWN_USER, ACFConfig, Visual, tag_rows
 from service.model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from service.model.sasrec import SASRec, SASRecConfig
 from service.model.serving import NEIGHBOURS, NEW_ITEM_LENGTH, ServingModel
@@ -25,17 +25,27 @@ CPU = torch.device("cpu")
 
 BASE = ACFConfig(n_users=5, n_items=N_ITEMS, feature_dim=C, dim=8, attention_dim=8, item_bias=True)
 SCORED = replace(BASE, visual="score")  # candidates are scored by their images too
+TAGGED = replace(SCORED, tags=("comedy", "drama", "horror"))  # and by their genres
+
+
+def _tags(config: ACFConfig, g: torch.Generator) -> torch.Tensor | None:
+    """Random tags (1 to 3 of the vocabulary) for every item of a model with metadata."""
+    if not config.tags:
+        return None
+    picks = torch.rand(N_ITEMS, len(config.tags), generator=g) < 0.5
+    picks[:, 0] |= ~picks.any(1)
+    return tag_rows(config.tags, [[config.tags[j] for j in row.nonzero()] for row in picks])
 
 
 @pytest.fixture(
-    params=[BASE, SCORED, replace(SCORED, item_pool="attention")],
-    ids=["tutorial", "image-mean", "image-attention"],
+    params=[BASE, SCORED, replace(SCORED, item_pool="attention"), TAGGED],
+    ids=["tutorial", "image-mean", "image-attention", "image-and-tags"],
 )
 def trained(request: pytest.FixtureRequest) -> ACF:
     config = request.param
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
-    model = ACF(config, torch.randn(N_ITEMS, K, C, generator=g)).eval()
+    model = ACF(config, torch.randn(N_ITEMS, K, C, generator=g), _tags(config, g)).eval()
     with torch.no_grad():
         model.bias.weight[1:] = torch.randn(N_ITEMS, 1, generator=g)  # type: ignore[union-attr]
     return model
@@ -251,3 +261,56 @@ def test_a_new_item_starts_from_its_nearest_looking_items_and_is_not_shorter() -
     assert torch.nn.functional.cosine_similarity(new, rows.mean(0), dim=0) > 0.9999
     bias = grown.model.bias.weight[N_ITEMS + 1]  # type: ignore[union-attr]
     torch.testing.assert_close(bias, model.bias.weight[near].mean(0))  # type: ignore[union-attr]
+
+
+def test_a_new_item_is_placed_by_its_genres_as_well_as_its_image() -> None:
+    g = torch.Generator().manual_seed(2)
+    features = torch.randn(N_ITEMS, K, C, generator=g)
+    model = ACF(TAGGED, features, _tags(TAGGED, g)).eval()
+    serving = ServingModel.from_model(copy_of(model), device=CPU, dtype=np.float32)
+    image = features[6:7].numpy()
+    comedy, horror = (serving.with_items(image, [tags]) for tags in ({"comedy"}, {"horror"}))
+    both = serving.with_items(image, [{"comedy", "horror", "not a genre the model knows"}])
+    none = serving.with_items(image)
+    new = N_ITEMS + 1  # the added item's index; its row in item_vectors is N_ITEMS
+    assert comedy.model.item_tags[new].tolist() == [1.0, 0.0, 0.0]
+    assert both.model.item_tags[new].tolist() == [0.5, 0.0, 0.5]
+    assert none.model.item_tags[new].tolist() == [0.0, 0.0, 0.0]
+    # The same image, the same neighbours: the vectors differ by the genres' mapped rows only
+    weight = model.tag_embedding.weight.detach().numpy()  # type: ignore[union-attr]
+    shift = (weight[:, 0] - weight[:, 2]) * TAGGED.scale
+    gap = comedy.item_vectors[N_ITEMS] - horror.item_vectors[N_ITEMS]
+    np.testing.assert_allclose(gap[: TAGGED.dim], shift, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(gap[TAGGED.dim :], 0.0)  # the bias column
+    # A profile holding the new item reads its genres too: its query moves with them
+    profile = np.array([[3, 5, new]])
+    queries = [m.queries(np.array([0]), profile) for m in (comedy, horror)]
+    assert not np.allclose(*queries)
+
+
+def test_a_model_without_images_places_a_new_item_by_its_genres() -> None:
+    g = torch.Generator().manual_seed(3)
+    features = torch.randn(N_ITEMS, K, C, generator=g)
+    tags = _tags(TAGGED, g)
+    assert tags is not None
+    model = ACF(replace(TAGGED, visual="none"), features, tags).eval()
+    serving = ServingModel.from_model(copy_of(model), device=CPU, dtype=np.float32)
+    assert serving.takes_new_items and not serving.reads_images
+    names = [n for n, w in zip(TAGGED.tags, tags[6].tolist(), strict=True) if w > 0]
+    grown = serving.with_items(features[:1].numpy(), [names])  # the image is not read
+    # Its rows start from the trained items with the same genres (item 7 among them)
+    mapped = model.tag_embedding(model.item_tags[1:])  # type: ignore[union-attr]
+    similar = torch.nn.functional.normalize(mapped, dim=1) @ torch.nn.functional.normalize(
+        mapped[6], dim=0
+    )
+    near = similar.topk(NEIGHBOURS).indices + 1
+    assert 7 in near.tolist()
+    rows = model.item_embedding.weight[near].detach()
+    new = grown.model.item_embedding.weight[N_ITEMS + 1].detach()
+    assert torch.nn.functional.cosine_similarity(new, rows.mean(0), dim=0) > 0.9999
+    with pytest.raises(ValueError, match="by its genres alone"):
+        serving.with_items(features[:1].numpy(), [["not a genre it knows"]])
+    with pytest.raises(ValueError, match="cannot score new items"):
+        ServingModel.from_model(ACF(replace(BASE, visual="none"), features), device=CPU).with_items(
+            features[:1].numpy()
+        )

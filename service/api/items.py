@@ -55,6 +55,8 @@ TITLE_PATTERN = r"^[^\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]*$"
 class AddedItemResponse(BaseModel):
     item_id: int
     title: str
+    genres: list[str]
+    genres_read: list[str]  # those the serving model knows (none: it reads no metadata)
     model_version: str
     items: int  # in the catalogue now
     seconds: float  # image to servable
@@ -129,11 +131,13 @@ def _with(engine: Recommender, items: Iterable[AddedItem]) -> Recommender:
     if not items:
         return engine
     features = np.stack([i.features for i in items]).astype(np.float32)  # (M, K, C)
-    return engine.with_items([i.item_id for i in items], features)
+    return engine.with_items([i.item_id for i in items], features, [i.genres for i in items])
 
 
 def _catalogue_item(item: AddedItem) -> CatalogueItem:
-    return CatalogueItem(item.item_id, item.title, None, item.image, item.media_type)
+    return CatalogueItem(
+        item.item_id, item.title, None, item.image, item.media_type, genres=item.genres
+    )
 
 
 ADD_RESPONSES = {
@@ -142,7 +146,8 @@ ADD_RESPONSES = {
         {
             400: "the body is not a readable multipart form",
             409: "an item with this id exists, or the serving model cannot score items it was "
-            "not trained on; nothing was changed",
+            "not trained on (or, scoring no images, knows none of its genres); nothing was "
+            "changed",
             413: "the image is over the size limits (bytes, pixels, or 20 times longer than "
             "wide); nothing was changed",
             415: "the file is not an image this service reads (JPEG, PNG, GIF, WebP); nothing "
@@ -171,14 +176,24 @@ def install_items(app: FastAPI, *, dependencies: list[Any]) -> None:
         item_id: Annotated[int, Form(ge=0, le=MAX_ITEM_ID)],
         image: Annotated[UploadFile, File(description="the item's image: JPEG, PNG, GIF or WebP")],
         title: Annotated[str, Form(max_length=1000, pattern=TITLE_PATTERN)] = "",
+        genres: Annotated[
+            str,
+            Form(
+                max_length=1000,
+                pattern=TITLE_PATTERN,
+                description="|-separated, as in items.csv (e.g. Animation|Children's)",
+            ),
+        ] = "",
     ) -> AddedItemResponse | JSONResponse:
         """Add an item from its image (multipart form: ``item_id``, ``image``, optional
-        ``title``; admin key). The serving backbone turns the image into the model's
-        components, the item is scored from its image alone, and it is recommendable,
+        ``title`` and ``genres``; admin key). The serving backbone turns the image into the
+        model's components, the item is scored from its image (and, by a model trained with
+        metadata, its genres: ``genres_read`` says which it knows), and it is recommendable,
         explainable and on the page as soon as this answers 201; it is stored so that a
-        restart, a reloaded model and every replica have it too. Sending the same image and
-        title under the same id again answers 201 too (a safe retry); another item under a
-        taken id is 409. A title with control characters or bidirectional overrides is 422."""
+        restart, a reloaded model and every replica have it too. Sending the same image,
+        title and genres under the same id again answers 201 too (a safe retry); another item
+        under a taken id is 409. A title or genre with control characters or bidirectional
+        overrides is 422."""
         started = time.perf_counter()
         items: Items = request.state.items
         slot: ModelSlot = request.state.models
@@ -187,9 +202,11 @@ def install_items(app: FastAPI, *, dependencies: list[Any]) -> None:
         if len(data) > items.max_image_bytes:
             raise HTTPException(413, f"the image is over {items.max_image_bytes} bytes")
         picture, media_type = await run_in_threadpool(decode_image, data, items.max_image_pixels)
-        if not slot.engine.takes_new_items:
-            raise HTTPException(409, "the serving model cannot score items it was not trained on")
-        sent = AddedItem(item_id, title, media_type, data, np.empty(0, np.float16))
+        tags = tuple(sorted({g.strip() for g in genres.split("|")} - {""}))
+        refusal = slot.engine.refuses_new_item(tags)
+        if refusal is not None:
+            raise HTTPException(409, refusal)
+        sent = AddedItem(item_id, title, media_type, data, np.empty(0, np.float16), tags)
         async with items.lock:
             known = items.known.get(item_id)
             if known is not None and known.same_as(sent):  # a retry of an item it has
@@ -217,6 +234,8 @@ def _added(item: AddedItem, slot: ModelSlot, started: float) -> AddedItemRespons
     return AddedItemResponse(
         item_id=item.item_id,
         title=item.title,
+        genres=list(item.genres),
+        genres_read=[g for g in item.genres if g in slot.engine.tags],
         model_version=slot.engine.version,
         items=len(slot.engine.item_ids),
         seconds=round(time.perf_counter() - started, 3),

@@ -19,7 +19,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from service.api.schemas import GUARDED, refusals
 from service.catalogue import Catalogue, CatalogueItem
@@ -31,6 +31,11 @@ class ItemInfo(BaseModel):
     item_id: int
     title: str
     image_url: str | None
+    genres: list[str]
+    added: bool = Field(
+        description="added while serving (POST /items): scored from its image and genres, "
+        "with no interactions behind it when the model was trained"
+    )
 
 
 async def _catalogue(request: Request) -> Catalogue:
@@ -61,13 +66,19 @@ def _router(page: Sequence[Any], read: Sequence[Any]) -> APIRouter:
         response_model=ItemInfo,
         dependencies=list(read),
         responses=GUARDED | refusals({404: "no such item"}),
-        description="An item's title and the URL of its image, from the dataset's items.csv "
-        "or, for an item added while serving, from POST /items.",
+        description="An item's title, genres and the URL of its image, from the dataset's "
+        "items.csv or, for an item added while serving (``added``), from POST /items.",
     )
     async def item_info(item_id: int, catalogue: CatalogueDep) -> ItemInfo:
         item = _item(catalogue, item_id)
         url = f"/items/{item_id}/image" if item.has_image else None
-        return ItemInfo(item_id=item_id, title=item.title, image_url=url)
+        return ItemInfo(
+            item_id=item_id,
+            title=item.title,
+            image_url=url,
+            genres=list(item.genres),
+            added=item.data is not None,
+        )
 
     @router.get(
         "/items/{item_id}/image",

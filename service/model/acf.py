@@ -22,6 +22,10 @@ Notation (B users, L profile items, K components, C feature dim, D model dim, A 
   ``p_l``): ``α(i,l)`` is then the weight of profile item ``l`` *after* context, which is what
   ``/explain`` shows;
 - ``users=False``: no user embedding (``u_i = 0``), the vector comes from the profile alone;
+- metadata (``tags``: e.g. a film's genres) as a second content channel: an item's tags, a
+  row of weights summing to 1 over the tag vocabulary, map to ``g_j = W_g t_j``, added to the
+  item's embedding on both sides (``p_l + g_l`` in the profile, ``v_j + g_j`` as a candidate),
+  so an item added after training is placed by its tags as well as by its image;
 - item vector ``v_j`` or, with ``visual="score"``, ``v_j + x̃_j`` where ``x̃_j`` pools the item's
   reduced components: their mean, or (``item_pool="attention"``) ``Σ_m γ(j,m) x_jm`` with ``γ``
   the component attention of a zero user, taken as constant (no gradient), so a candidate is
@@ -42,7 +46,7 @@ of users never touches raw C-dimensional features more than once per item.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -82,6 +86,10 @@ class ACFConfig:
     heads: int = 1  # of those blocks
     dropout: float = 0.0  # in those blocks (training only)
     positions: int = 9  # position vectors of the context blocks (the newest this many)
+    tags: tuple[str, ...] = ()  # the metadata vocabulary (e.g. genres); () : no metadata
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tags", tuple(self.tags))  # a checkpoint stores a list
 
     @property
     def scale(self) -> float:
@@ -130,13 +138,17 @@ class ACF(nn.Module):
     """ACF with the item features held as a (non-persistent) buffer.
 
     ``features``: (N, K, C) component features of items 1..N, any float dtype; None for a
-    model that is only given tables (:meth:`with_new_items`).
+    model that is only given tables (:meth:`with_new_items`). ``tags``: (N, T) the items'
+    rows of :func:`tag_rows` over ``config.tags`` (a buffer saved with the weights).
     """
 
     features: Tensor  # (N+1, K, C) float32 buffer, row 0 = padding
     pooled: Tensor  # (N+1, C) mean over K of ``features``
+    item_tags: Tensor  # (N+1, T) float32, row 0 = padding; only with metadata
 
-    def __init__(self, config: ACFConfig, features: Tensor | None) -> None:
+    def __init__(
+        self, config: ACFConfig, features: Tensor | None, tags: Tensor | None = None
+    ) -> None:
         super().__init__()
         k, c = config.n_components, config.feature_dim
         if features is not None and tuple(features.shape) != (config.n_items, k, c):
@@ -153,6 +165,12 @@ class ACF(nn.Module):
         )
         self.register_buffer("features", padded, persistent=False)
         self.register_buffer("pooled", padded.mean(1), persistent=False)
+        t = len(config.tags)
+        if tags is not None and tuple(tags.shape) != (config.n_items, t):
+            raise ValueError(f"tags have shape {tuple(tags.shape)}, expected {(config.n_items, t)}")
+        if t:
+            rows = torch.zeros(config.n_items, t) if tags is None else tags.float()
+            self.register_buffer(TAG_ROWS, torch.cat([torch.zeros(1, t), rows]))
         self.user_embedding = nn.Embedding(config.n_users, d) if config.users else None
         self.item_embedding = nn.Embedding(config.n_items + 1, d, padding_idx=PAD)  # v
         self.profile_embedding = (  # p
@@ -171,6 +189,7 @@ class ACF(nn.Module):
         self.recency = nn.Embedding(config.recency, a) if config.recency else None  # r_pos
         self.item_newest = nn.Linear(d, a, bias=False) if config.newest else None  # W1n
         self.item_out = nn.Linear(a, 1)  # w1, c1
+        self.tag_embedding = nn.Linear(t, d, bias=False) if t else None  # W_g
         self.bias = (
             nn.Embedding(config.n_items + 1, 1, padding_idx=PAD) if config.item_bias else None
         )
@@ -276,6 +295,8 @@ class ACF(nn.Module):
         mask = profiles != PAD
         u = self.user_vectors(users)  # (B, D)
         p = self.profile_embedding(profiles)  # (B, L, D)
+        if self.tag_embedding is not None:
+            p = p + self.tag_embedding(self.item_tags[profiles])
         if self.uses_images:
             beta, x_bar = self._pool_components(users, u, tables, rows)  # (B, L, K), (B, L, D)
         else:
@@ -356,6 +377,8 @@ class ACF(nn.Module):
         v = self.item_embedding(items)  # (M, D)
         if hidden is not None:
             v = v.masked_fill(hidden[items].unsqueeze(-1), 0.0)
+        if self.tag_embedding is not None:
+            v = v + self.tag_embedding(self.item_tags[items])
         if image is not None:
             v = v + image
         v = v * self.config.scale
@@ -398,7 +421,7 @@ class ACF(nn.Module):
         count = len(next(iter(rows.values())))
         grown = ACF(replace(self.config, n_items=self.config.n_items + count), None)
         state = self.state_dict()
-        for name in ITEM_ROWS:
+        for name in (*ITEM_ROWS, TAG_ROWS):
             if name in state:
                 new = rows.get(name, state[name].new_zeros(count, *state[name].shape[1:]))
                 state[name] = torch.cat([state[name], new.to(state[name])])
@@ -438,6 +461,19 @@ class _ProfileTerms:
 _NO_TABLES = ItemTables(torch.empty(0), torch.empty(0))
 # parameters with one row per item (row 0 = PAD); a tied model has the first two the same
 ITEM_ROWS = ("item_embedding.weight", "profile_embedding.weight", "bias.weight")
+TAG_ROWS = "item_tags"  # the items' metadata: given for a new item, not learned
+
+
+def tag_rows(vocabulary: Sequence[str], tags: Sequence[Iterable[str]]) -> Tensor:
+    """(M, T) each item's tags as weights summing to 1 over ``vocabulary`` (a zero row for an
+    item with none of them; tags outside the vocabulary are not known to the model)."""
+    column = {name: j for j, name in enumerate(vocabulary)}
+    rows = torch.zeros(len(tags), len(vocabulary))
+    for i, names in enumerate(tags):
+        known = sorted({column[n] for n in names if n in column})
+        if known:
+            rows[i, known] = 1.0 / len(known)
+    return rows
 
 
 def _newest(content: Tensor, mask: Tensor) -> Tensor:

@@ -11,7 +11,7 @@ SASRec, for datasets on which it is the better model: its item vectors are its e
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from service.model.acf import ACF, ITEM_ROWS, PAD, Attended, ItemTables
+from service.model.acf import ACF, ITEM_ROWS, PAD, TAG_ROWS, Attended, ItemTables, tag_rows
 from service.model.projection import Projection, project
 from service.model.sasrec import SASRec
 from service.model.tables import ServingTables, compute_tables, table_rows
@@ -41,12 +41,18 @@ class Serving(Protocol):
     @property
     def item_vectors(self) -> np.ndarray: ...  # (N, D') float32
     @property
-    def takes_new_items(self) -> bool: ...  # whether with_items can score items from images
+    def takes_new_items(self) -> bool: ...  # whether with_items can score new items
+    @property
+    def reads_images(self) -> bool: ...  # whether it scores an item by its image
     @property
     def reads_users(self) -> bool: ...  # whether a known user's embedding shapes the query
+    @property
+    def tags(self) -> tuple[str, ...]: ...  # the metadata (genres) it reads of an item
     def queries(self, users: np.ndarray, profiles: np.ndarray) -> np.ndarray: ...  # (B, D')
     def explain(self, user: int, profile: Sequence[int], item: int) -> Explanation: ...
-    def with_items(self, features: np.ndarray) -> Serving: ...
+    def with_items(
+        self, features: np.ndarray, tags: Sequence[Iterable[str]] | None = None
+    ) -> Serving: ...
 
 
 # A new item starts from the embedding rows of its ``NEIGHBOURS`` nearest-looking trained items:
@@ -118,31 +124,43 @@ class ServingModel:
         return self.tables.vectors
 
     @property
-    def takes_new_items(self) -> bool:
+    def reads_images(self) -> bool:
         return self.model.config.visual == "score"
+
+    @property
+    def takes_new_items(self) -> bool:
+        """From their image, or, for a model that scores no images, from their genres."""
+        return self.reads_images or bool(self.model.config.tags)
 
     @property
     def reads_users(self) -> bool:
         return self.model.config.users
 
-    def with_items(self, features: np.ndarray) -> ServingModel:
+    @property
+    def tags(self) -> tuple[str, ...]:
+        return self.model.config.tags
+
+    def with_items(
+        self, features: np.ndarray, tags: Sequence[Iterable[str]] | None = None
+    ) -> ServingModel:
         """A new serving model whose catalogue also holds items N+1..N+M with these raw
-        (M, K, C) features (see the class doc). Raises ValueError when the model cannot score
-        items from their images. This one is left as it is (requests in flight keep it)."""
+        (M, K, C) features and, for a model with metadata, these tags (e.g. genre names; none
+        known when not given) (see the class doc). Raises ValueError when the model cannot
+        score items from their images. This one is left as it is (requests in flight keep
+        it)."""
         projected = project(features, self.projection).to(self.device)
         model, n = self.model, self.model.config.n_items
         with torch.inference_mode():
-            image = model.image_vectors(projected)  # (M, D); ValueError for other models
-            assert self.tables.images is not None
-            trained = torch.as_tensor(np.asarray(self.tables.images, dtype=np.float32))
-            similar = F.normalize(image, dim=1) @ trained.to(self.device).T  # (M, N_trained)
-            near = similar.topk(min(NEIGHBOURS, similar.shape[1]), dim=1).indices + 1  # (M, k)
+            known = tag_rows(model.config.tags, tags or [()] * len(features))
+            near = self._neighbours(projected, known)  # (M, k) trained items
             state = model.state_dict()
             rows = {
                 name: _start_rows(state[name][near], embedding=name != "bias.weight")
                 for name in ITEM_ROWS
                 if name in state
             }
+            if model.config.tags:
+                rows[TAG_ROWS] = known
             grown = model.with_new_items(rows)
         reduced, vectors, _ = table_rows(
             grown, projected.cpu(), first=n + 1, dtype=self.tables.reduced.dtype
@@ -153,6 +171,30 @@ class ServingModel:
             self.tables.images,  # new items' neighbours are trained items only
         )
         return ServingModel(grown, tables, device=self.device, projection=self.projection)
+
+    def _neighbours(self, projected: torch.Tensor, tags: torch.Tensor) -> torch.Tensor:
+        """(M, k) the ``NEIGHBOURS`` trained items closest (cosine) to each new item: by image
+        vector, or, for a model that scores no images but reads metadata, by mapped tags."""
+        model = self.model
+        if model.config.visual == "score":
+            new = model.image_vectors(projected)  # (M, D)
+            assert self.tables.images is not None
+            trained = torch.as_tensor(np.asarray(self.tables.images, dtype=np.float32))
+        elif model.tag_embedding is not None:
+            if not bool(tags.any(1).all()):
+                raise ValueError(
+                    "this model places a new item by its genres alone (it scores no images): "
+                    f"give each new item at least one it knows ({', '.join(model.config.tags)})"
+                )
+            new = model.tag_embedding(tags.to(self.device))
+            trained = model.tag_embedding(model.item_tags[1 : model.config.n_items + 1])
+        else:
+            raise ValueError(
+                f"a model with visual={model.config.visual!r} and no metadata scores items by "
+                "their trained embedding only; it cannot score new items"
+            )
+        similar = F.normalize(new, dim=1) @ F.normalize(trained.to(self.device), dim=1).T
+        return similar.topk(min(NEIGHBOURS, similar.shape[1]), dim=1).indices + 1
 
     @torch.inference_mode()
     def attend(self, users: np.ndarray, profiles: np.ndarray) -> Attended:
@@ -197,7 +239,9 @@ class SequenceServing:
     the profile (the last block's attention of the newest position)."""
 
     takes_new_items = False
+    reads_images = False
     reads_users = False  # a known user with no profile gets the popular items
+    tags: tuple[str, ...] = ()
 
     def __init__(self, model: SASRec, *, device: torch.device) -> None:
         self.model = model.to(device).eval()
@@ -209,7 +253,9 @@ class SequenceServing:
     def item_vectors(self) -> np.ndarray:
         return self._vectors
 
-    def with_items(self, features: np.ndarray) -> SequenceServing:
+    def with_items(
+        self, features: np.ndarray, tags: Sequence[Iterable[str]] | None = None
+    ) -> SequenceServing:
         raise ValueError(
             "this model (SASRec) ranks items by their trained embeddings and reads no images, "
             "so it cannot score items it was not trained on: serve an ACF checkpoint to add them"

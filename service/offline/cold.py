@@ -21,6 +21,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 import numpy as np
 import torch
@@ -162,10 +163,16 @@ def random_scores(
 
 
 def genre_scores(
-    split: ColdSplit, part: ColdTargets, candidates: np.ndarray, genres: Sequence[frozenset[str]]
+    split: ColdSplit,
+    part: ColdTargets,
+    candidates: np.ndarray,
+    genres: Sequence[frozenset[str]],
+    rng: np.random.Generator,
 ) -> np.ndarray:
     """Metadata alone: the mean, over a candidate's genres, of the share of the user's profile
-    items that have that genre (``genres``: of full-dataset items 1..N)."""
+    items that have that genre (``genres``: of full-dataset items 1..N). Many films share a
+    genre set, so many scores tie: ties are broken at random (the metrics place a target below
+    every candidate that ties with it, which put this row below random)."""
     names = sorted(set().union(*genres))
     column = {g: c for c, g in enumerate(names)}
     has = np.zeros((len(genres) + 1, len(names)))
@@ -175,7 +182,8 @@ def genre_scores(
         [has[p].mean(0) if len(p) else np.zeros(len(names)) for p in profile_items(split, part)]
     )  # (U, G)
     chosen = has[candidates]  # (M, G)
-    return shares @ chosen.T / np.maximum(chosen.sum(1), 1)
+    scores = shares @ chosen.T / np.maximum(chosen.sum(1), 1)  # multiples of 1 / (G L)
+    return scores + 1e-9 * rng.random(scores.shape)
 
 
 def image_scores(
@@ -201,16 +209,21 @@ def served_scores(
     part: ColdTargets,
     candidates: np.ndarray,
     features: np.ndarray,
+    genres: Sequence[frozenset[str]] = (),
     *,
     device: torch.device,
 ) -> np.ndarray:
     """ACF trained on the warm data, the held-out items added after training through the
     serving code (``ServingModel.with_items``, what ``POST /items`` runs): (U, Nw + M) scores,
-    the warm items first, then ``candidates`` in order, from their raw (N, K, C) features."""
+    the warm items first, then ``candidates`` in order, from their raw (N, K, C) features and
+    their ``genres`` (of items 1..N; read by a model with metadata)."""
     serving = ServingModel.from_model(
         copy.deepcopy(model), device=device, projection=projection, dtype=np.float32
     )
-    grown = serving.with_items(np.asarray(features[candidates - 1], dtype=np.float32))
+    grown = serving.with_items(
+        np.asarray(features[candidates - 1], dtype=np.float32),
+        [genres[i - 1] for i in candidates] if genres else None,
+    )
     return grown.queries(part.users, part.profiles) @ grown.item_vectors.T
 
 
@@ -301,6 +314,7 @@ def run_cold(
     )
     warm = warm_prepared(prepared, split)
     features = prepared.features  # raw, of items 1..N: the held-out ones are added from them
+    genres = prepared.dataset.genres
     seeds = plan.cold.seeds or plan.seeds
     rows = _baselines(prepared, split, seeds)
     warm_task = holdout_task(warm.split, "standard")
@@ -310,11 +324,17 @@ def run_cold(
         for seed in seeds:
             config = seeded(plan.row(name).config, seed)
             fitted = fit(warm, config, device=device, progress=progress)
-            if not isinstance(fitted.model, ACF) or fitted.model.config.visual != "score":
-                raise ValueError(f"[cold] row {name!r} cannot score items by their images")
-            model, projection = fitted.model, fitted.projection
+            model = fitted.model
+            if not isinstance(model, ACF) or not (
+                model.config.visual == "score" or model.config.tags
+            ):
+                raise ValueError(
+                    f"[cold] row {name!r} can score new items neither by their image nor by "
+                    "their genres"
+                )
+            projection = fitted.projection
             test = served_scores(
-                model, projection, split.test, split.test_items, features, device=device
+                model, projection, split.test, split.test_items, features, genres, device=device
             )
             row.tables["cold"].append(
                 multi_target_metrics(test[:, split.warm.n_items :], split.test.targets)
@@ -325,7 +345,13 @@ def run_cold(
             target_share = float(mixed.chosen.mean())
             row.tables["warm"].append(evaluate(model, warm_task, device=device))
             val = served_scores(
-                model, projection, split.validation, split.validation_items, features, device=device
+                model,
+                projection,
+                split.validation,
+                split.validation_items,
+                features,
+                genres,
+                device=device,
             )
             row.validation.append(
                 _validation(val[:, split.warm.n_items :], split.validation.targets)
@@ -349,30 +375,29 @@ def run_cold(
 
 
 def _baselines(prepared: Prepared, split: ColdSplit, seeds: Sequence[int]) -> list[ColdRow]:
-    """Rows that rank the held-out items without training, the cold ranking only: random (a
-    generator per seed), and, ranked once since they have no randomness, the image alone and
-    metadata alone (genres)."""
-    random = ColdRow("random", {"cold": []})
-    for seed in seeds:
+    """Rows that rank the held-out items without training, the cold ranking only: random and
+    metadata alone (genres, its ties broken at random), a generator per seed; the image alone,
+    ranked once since it has no randomness."""
 
-        def draw(part: ColdTargets, items: np.ndarray, seed: int = seed) -> np.ndarray:
-            return random_scores(part, items, np.random.default_rng([seed, 2]))
+    def per_seed(name: str, scorer: Callable[..., np.ndarray]) -> ColdRow:
+        row = ColdRow(name, {"cold": []})
+        for seed in seeds:
+            rng = np.random.default_rng([seed, 2])
+            table, validation = _ranked(split, partial(scorer, rng=rng))
+            row.tables["cold"].append(table)
+            row.validation.append(validation)
+        return row
 
-        table, validation = _ranked(split, draw)
-        random.tables["cold"].append(table)
-        random.validation.append(validation)
-    fixed: dict[str, Callable[[ColdTargets, np.ndarray], np.ndarray]] = {
-        "image only": lambda part, items: image_scores(split, part, items, prepared.features),
-    }
+    table, validation = _ranked(
+        split, lambda part, items: image_scores(split, part, items, prepared.features)
+    )
+    rows = [
+        per_seed("random", random_scores),
+        ColdRow("image only", {"cold": [table] * len(seeds)}, validation=[validation] * len(seeds)),
+    ]
     if prepared.dataset.genres:
-        fixed["genres only"] = lambda part, items: genre_scores(
-            split, part, items, prepared.dataset.genres
-        )
-    rows = [random]
-    for name, scorer in fixed.items():
-        table, validation = _ranked(split, scorer)
         rows.append(
-            ColdRow(name, {"cold": [table] * len(seeds)}, validation=[validation] * len(seeds))
+            per_seed("genres only", partial(genre_scores, split, genres=prepared.dataset.genres))
         )
     return rows
 

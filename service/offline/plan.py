@@ -6,7 +6,8 @@ row), then the ``[train]`` table of a row's ``base`` file when it has one (``con
 tutorial.toml`` for the tutorial's ACF), then the row's own ``[models.<row>]`` table. A row whose
 name is not a model's says which model it is with ``model = ...``. An ablation says
 ``like = "<row>"``: it starts from that row's table (model included) and changes one thing, so
-settings the sweep finds for the row reach its ablations too.
+settings the sweep finds for the row reach its ablations too. ``main = false`` keeps a row out
+of the main table: it is trained only where another part of the plan names it (``[cold]``).
 
 A plan says where its settings were chosen (``[tuned]``: the dataset, a fingerprint of its
 interactions, and how), so a run on other data can tell that they were not chosen there. A
@@ -30,6 +31,9 @@ from service.offline.train import MODELS, TrainConfig
 class Row:
     name: str
     config: TrainConfig  # its seed is replaced by each of the plan's seeds
+    # False (``main = false`` in its table): not a row of the main table, only trained where
+    # another part of the plan names it (e.g. ``[cold]``)
+    main: bool = True
 
 
 @dataclass(frozen=True)
@@ -83,6 +87,11 @@ class Plan:
     @property
     def row_names(self) -> list[str]:
         return [r.name for r in self.rows]
+
+    @property
+    def main_rows(self) -> tuple[Row, ...]:
+        """The rows of the main table (all but those marked ``main = false``)."""
+        return tuple(r for r in self.rows if r.main)
 
     def tuned_on(self, fingerprint: str) -> bool:
         """Were the settings chosen on the data with this fingerprint (``data.fingerprint``)?"""
@@ -173,8 +182,11 @@ def _row(name: str, table: dict[str, Any], shared: dict[str, Any], here: Path) -
             "otherwise says which model it is with model = ..."
         )
     base_file = table.pop("base", None)
+    main = table.pop("main", True)
+    if not isinstance(main, bool):
+        raise ValueError(f"row {name!r}: main = {main!r} (true or false)")
     base = tomllib.loads((here / base_file).read_text()).get("train", {}) if base_file else {}
-    return Row(name, TrainConfig.from_dict({**shared, **base, **table, "model": model}))
+    return Row(name, TrainConfig.from_dict({**shared, **base, **table, "model": model}), main)
 
 
 def _synthetic(raw: dict[str, Any]) -> SyntheticPlan:

@@ -133,7 +133,7 @@ def reproduce(
     prepared = prepare_with_features(data_dir, work_dir, plan, device)
     feature_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
-    results, best = run_rows(prepared, plan, plan.rows, device=device, progress=progress)
+    results, best = run_rows(prepared, plan, plan.main_rows, device=device, progress=progress)
     main = compare(data_dir.resolve().name, results, plan, tail=target_counts(prepared))
     training_seconds = time.perf_counter() - t0
     if plan.reference in best:

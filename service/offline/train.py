@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from service.model.acf import ACF, PAD, UNKNOWN_USER, ACFConfig, Visual
+from service.model.acf import ACF, PAD, UNKNOWN_USER, ACFConfig, Visual, tag_rows
 from service.model.projection import Projection
 from service.model.sasrec import SASRec, SASRecConfig
 from service.offline import distributed
@@ -143,6 +143,9 @@ class TrainConfig:
     # without its item embedding (its image, bias and profile side unchanged), so the image
     # path learns to rank an item alone, as it must for an item added after training
     item_dropout: float = 0.0
+    # ACF: the items' genres (items.csv) as a second content channel beside the image, on
+    # both the profile and the candidate side (ACFConfig.tags); POST /items then takes them
+    metadata: bool = False
     # SASRec (2 blocks and 1 head, as in the paper's ml-1m setting); ACF's context blocks
     dropout: float = 0.2
     blocks: int = 2
@@ -214,7 +217,13 @@ class TrainConfig:
         return cls(**values)
 
     def acf_config(
-        self, *, n_users: int, n_items: int, n_components: int, feature_dim: int
+        self,
+        *,
+        n_users: int,
+        n_items: int,
+        n_components: int,
+        feature_dim: int,
+        tags: tuple[str, ...] = (),
     ) -> ACFConfig:
         return ACFConfig(
             n_users=n_users,
@@ -237,6 +246,7 @@ class TrainConfig:
             heads=self.heads,
             dropout=self.dropout,
             positions=self.profile_size,
+            tags=tags if self.metadata else (),
         )
 
 
@@ -258,23 +268,39 @@ class InnerProduct(Protocol):
     def item_vectors(self, items: Tensor | None = None) -> Tensor: ...
 
 
-def build_model(config: TrainConfig, split: Split, features: np.ndarray | Tensor) -> nn.Module:
+def build_model(
+    config: TrainConfig,
+    split: Split,
+    features: np.ndarray | Tensor,
+    genres: Sequence[frozenset[str]] = (),
+) -> nn.Module:
     """A freshly initialised (or, for the fitted baselines, fitted) model, seeded by
-    ``config.seed``; ``features`` (N, K, C) are what ACF and VBPR see."""
+    ``config.seed``; ``features`` (N, K, C) are what ACF and VBPR see, ``genres`` (N,) the
+    items' tags that ACF with ``metadata`` reads."""
+    if config.metadata and config.model == "acf" and not any(genres):
+        raise ValueError("metadata=true needs items with genres (a genres column in items.csv)")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        return _build(config, split, features)
+        return _build(config, split, features, genres)
 
 
-def _build(config: TrainConfig, split: Split, features: np.ndarray | Tensor) -> nn.Module:
+def _build(
+    config: TrainConfig,
+    split: Split,
+    features: np.ndarray | Tensor,
+    genres: Sequence[frozenset[str]],
+) -> nn.Module:
     name = config.model
     if name in ("acf", "vbpr"):
         feats = torch.as_tensor(np.asarray(features, dtype=np.float32))  # a writable copy
         if name == "vbpr":
             return VBPR(split.n_users, feats, config.dim)
         n, k, c = feats.shape
-        acf = config.acf_config(n_users=split.n_users, n_items=n, n_components=k, feature_dim=c)
-        return ACF(acf, feats)
+        vocabulary = tuple(sorted(set().union(*genres))) if config.metadata else ()
+        acf = config.acf_config(
+            n_users=split.n_users, n_items=n, n_components=k, feature_dim=c, tags=vocabulary
+        )
+        return ACF(acf, feats, tag_rows(vocabulary, genres) if vocabulary else None)
     if name == "sasrec":
         return SASRec(
             SASRecConfig(

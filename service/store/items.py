@@ -10,11 +10,12 @@ Redis layout, for prefix ``visrec``: one hash ``visrec:items`` from item id to t
 encoded as below. ``HSETNX`` adds an item only when its id is free, atomically, so two
 replicas adding the same id at once cannot both succeed.
 
-Adding is idempotent: an item whose id is stored with the same image and title counts as added
-(a client retrying after an answer that was lost or late, when the first call had stored it).
+Adding is idempotent: an item whose id is stored with the same image, title and genres counts as
+added (a client retrying after an answer that was lost or late, when the first call had stored
+it).
 
-Encoding: a 4-byte little-endian length, a JSON header (title, media type, feature shape and
-dtype, image length), the feature bytes, then the image bytes.
+Encoding: a 4-byte little-endian length, a JSON header (title, genres, media type, feature
+shape and dtype, image length), the feature bytes, then the image bytes.
 """
 
 from __future__ import annotations
@@ -44,15 +45,18 @@ class AddedItem:
     media_type: str  # of ``image``, e.g. image/png
     image: bytes
     features: np.ndarray  # (K, C) float16 raw component features of the image
+    genres: tuple[str, ...] = ()  # sorted; what a model with metadata reads beside the image
 
     def same_as(self, other: AddedItem) -> bool:
-        """Whether ``other`` is this item sent again: the same id, image and title (features
-        are what a backbone made of the image, which may differ in the last bits by machine)."""
-        return (self.item_id, self.title, self.media_type, self.image) == (
+        """Whether ``other`` is this item sent again: the same id, image, title and genres
+        (features are what a backbone made of the image, which may differ in the last bits by
+        machine)."""
+        return (self.item_id, self.title, self.media_type, self.image, self.genres) == (
             other.item_id,
             other.title,
             other.media_type,
             other.image,
+            other.genres,
         )
 
 
@@ -75,6 +79,7 @@ def encode_item(item: AddedItem) -> bytes:
         {
             "item_id": item.item_id,
             "title": item.title,
+            "genres": list(item.genres),
             "media_type": item.media_type,
             "shape": list(features.shape),
             "image_bytes": len(item.image),
@@ -98,6 +103,7 @@ def decode_item(blob: bytes) -> AddedItem:
         header["media_type"],
         image,
         features.reshape(header["shape"]),
+        tuple(header.get("genres", ())),  # items stored before genres were taken have none
     )
 
 

@@ -56,7 +56,7 @@ async function reason(response) {
 
 function info(itemId) {
   if (!itemInfo.has(itemId)) {
-    const fallback = { item_id: itemId, title: "", image_url: null };
+    const fallback = { item_id: itemId, title: "", image_url: null, added: false };
     itemInfo.set(itemId, getJSON(`/items/${itemId}`).catch(() => fallback));
   }
   return itemInfo.get(itemId);
@@ -87,7 +87,10 @@ function card(item, className, overlay = null, below = []) {
     : el("div", { className: "placeholder" }, `#${item.item_id}`);
   const frame = el("div", { className: "frame" }, picture, ...(overlay ? [overlay] : []));
   const figure = el("figure", { className: `card ${className}` }, frame);
-  figure.append(el("figcaption", {}, label(item)), ...below);
+  // An item added while serving (POST /items) has no history behind its score: say so.
+  const badge = () => el("span", { className: "badge", title: "added while serving" }, "new");
+  const mark = item.added ? [badge()] : [];
+  figure.append(el("figcaption", {}, ...mark, label(item)), ...below);
   figure.dataset.itemId = item.item_id;
   return figure;
 }
