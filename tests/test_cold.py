@@ -21,6 +21,7 @@ from service.offline.cold import (
     random_scores,
     run_cold,
     served_scores,
+    text_scores,
     warm_prepared,
 )
 from service.offline.data import leave_last_out, load_dataset
@@ -102,6 +103,26 @@ def test_metadata_and_image_scores_are_what_they_say(ml100k: Path) -> None:
     pooled /= np.linalg.norm(pooled, axis=1, keepdims=True)
     mean = pooled[profile - 1].mean(0)
     assert images[0, 5] == pytest.approx(mean @ pooled[item - 1] / np.linalg.norm(mean), abs=1e-5)
+
+
+def test_the_text_baseline_ranks_by_shared_rare_words(ml100k: Path) -> None:
+    data = load_dataset(ml100k, check_images=False)
+    split = cold_split(data, np.random.default_rng(0))
+    part, candidates = split.test, split.test_items
+    profile = profile_items(split, part)[0]
+    texts = ["" for _ in data.titles]
+    texts[profile[-1] - 1] = "zebra quartet"  # one profile item's words
+    a, b, c, d = candidates[:4]
+    texts[a - 1] = "zebra quartet"  # both of them
+    texts[b - 1] = "zebra"  # one of them
+    texts[c - 1] = "zebra quartet and the"  # both, and words common elsewhere
+    texts[d - 1] = "the quartet"  # one, and a common word
+    for i in range(4, 40):  # "the" and "and" are common
+        texts[candidates[i] - 1] = "the and"
+    scores = text_scores(split, part, candidates, texts, np.random.default_rng(0))[0]
+    assert scores[0] == pytest.approx(1.0) and scores[0] > scores[2] > scores[1] > scores[3]
+    assert abs(scores[4]) < 1e-6  # no word in common: only the tie-breaking noise
+    assert len(np.unique(scores)) == len(candidates)  # ties broken
 
 
 def test_held_out_items_added_as_the_service_adds_them_reach_users_of_their_kind(

@@ -238,6 +238,9 @@ def test_a_served_sasrec_falls_back_to_popular_items_without_a_history(tmp_path:
     assert known_user_no_items.fallback and anonymous.fallback
     assert known_user_no_items.items == [101 + N_ITEMS - 1, 101 + N_ITEMS - 2, 101 + N_ITEMS - 3]
     assert not engine.takes_new_items
+    assert engine.refuses_new_item(["Drama"]) == (
+        "the serving model cannot score items it was not trained on"
+    )
     with pytest.raises(ValueError, match="cannot score items it was not trained on"):
         engine.with_items([999], np.zeros((1, 1, 1), np.float16))
 
@@ -310,6 +313,20 @@ def test_a_model_without_images_places_a_new_item_by_its_genres() -> None:
     assert torch.nn.functional.cosine_similarity(new, rows.mean(0), dim=0) > 0.9999
     with pytest.raises(ValueError, match="by its genres alone"):
         serving.with_items(features[:1].numpy(), [["not a genre it knows"]])
+    # POST /items asks the engine first, so such an item is refused before it is stored
+    ckpt = Checkpoint(
+        config=model.config,
+        state=model.state_dict(),
+        user_ids=list(range(10, 10 + BASE.n_users)),
+        item_ids=list(range(101, 101 + N_ITEMS)),
+        features={"inputs_hash": "h"},
+        item_popularity=list(range(N_ITEMS)),
+    )
+    engine = build_engine(
+        ckpt, features.numpy(), inputs_hash="h", item_ids=ckpt.item_ids, device=CPU
+    )
+    assert engine.refuses_new_item(names) is None
+    assert "send at least one it knows" in str(engine.refuses_new_item(["noir"]))
     with pytest.raises(ValueError, match="cannot score new items"):
         ServingModel.from_model(ACF(replace(BASE, visual="none"), features), device=CPU).with_items(
             features[:1].numpy()

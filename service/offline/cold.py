@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -39,6 +41,7 @@ from service.offline.sampling import last_items
 log = logging.getLogger(__name__)
 
 COLD_SHARE = 0.2
+WORD = re.compile(r"\w[\w']+")  # words of a title (2+ characters), for the text baseline
 # The three rankings: the held-out items among themselves; the whole catalogue with them added
 # (what a user of the service sees); `standard` on the warm items (what the cold gain costs)
 RANKINGS = ("cold", "all", "warm")
@@ -183,6 +186,32 @@ def genre_scores(
     )  # (U, G)
     chosen = has[candidates]  # (M, G)
     scores = shares @ chosen.T / np.maximum(chosen.sum(1), 1)  # multiples of 1 / (G L)
+    return scores + 1e-9 * rng.random(scores.shape)
+
+
+def text_scores(
+    split: ColdSplit,
+    part: ColdTargets,
+    candidates: np.ndarray,
+    texts: Sequence[str],
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Metadata alone, as words: TF-IDF vectors of the items' texts (``texts``: of full-dataset
+    items 1..N, e.g. title and genres), the cosine of a candidate's with the mean of the
+    profile's (each unit length). Ties (no word in common: 0) are broken at random."""
+    docs = [set(WORD.findall(t.lower())) for t in texts]
+    counts = Counter(w for d in docs for w in d)
+    profiles = profile_items(split, part)
+    needed = sorted({int(i) for p in profiles for i in p} | set(candidates.tolist()))
+    vocabulary = {w: j for j, w in enumerate(sorted({w for i in needed for w in docs[i - 1]}))}
+    vectors = np.zeros((len(texts) + 1, len(vocabulary)))
+    for i in needed:
+        for w in docs[i - 1]:
+            vectors[i, vocabulary[w]] = np.log(len(texts) / counts[w])
+    vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    users = np.stack([vectors[p].mean(0) if len(p) else vectors[0] for p in profiles])
+    users /= np.maximum(np.linalg.norm(users, axis=1, keepdims=True), 1e-12)
+    scores = users @ vectors[candidates].T
     return scores + 1e-9 * rng.random(scores.shape)
 
 
@@ -376,8 +405,8 @@ def run_cold(
 
 def _baselines(prepared: Prepared, split: ColdSplit, seeds: Sequence[int]) -> list[ColdRow]:
     """Rows that rank the held-out items without training, the cold ranking only: random and
-    metadata alone (genres, its ties broken at random), a generator per seed; the image alone,
-    ranked once since it has no randomness."""
+    metadata alone (genres; the words of title and genres), their ties broken at random with a
+    generator per seed; the image alone, ranked once since it has no randomness."""
 
     def per_seed(name: str, scorer: Callable[..., np.ndarray]) -> ColdRow:
         row = ColdRow(name, {"cold": []})
@@ -395,10 +424,15 @@ def _baselines(prepared: Prepared, split: ColdSplit, seeds: Sequence[int]) -> li
         per_seed("random", random_scores),
         ColdRow("image only", {"cold": [table] * len(seeds)}, validation=[validation] * len(seeds)),
     ]
-    if prepared.dataset.genres:
-        rows.append(
-            per_seed("genres only", partial(genre_scores, split, genres=prepared.dataset.genres))
-        )
+    data = prepared.dataset
+    if data.genres:
+        rows.append(per_seed("genres only", partial(genre_scores, split, genres=data.genres)))
+    if any(data.titles) or data.genres:
+        texts = [
+            " ".join([title, *(f"genre_{g}" for g in (data.genres[i] if data.genres else ()))])
+            for i, title in enumerate(data.titles)
+        ]
+        rows.append(per_seed("title and genres (TF-IDF)", partial(text_scores, split, texts=texts)))
     return rows
 
 

@@ -406,10 +406,10 @@ def cold_section(c: ColdComparison, cold: ColdPlan) -> list[str]:
         f"share of the targets ({c.target_share:.1%}); below 0.5x buries them, above 2x "
         "floods the lists. **Validation**: the cold ranking's nDCG@20 on the validation half, "
         "where settings are chosen. Baselines rank the cold items only: random; genres only "
-        "(the share of the profile with each of a candidate's genres, ties broken at random); "
-        "image only (cosine of "
-        "the candidate's mean image feature with the profile's). Mean over seeds [95% bootstrap "
-        "interval over users].",
+        "(the share of the profile with each of a candidate's genres); title and genres "
+        "(TF-IDF of their words, cosine with the profile's mean); image only (cosine of "
+        "the candidate's mean image feature with the profile's); the metadata rows' ties are "
+        "broken at random. Mean over seeds [95% bootstrap interval over users].",
         "",
         "| row | cold R@20 | cold nDCG@20 | all R@20 | all nDCG@20 | exposure | warm R@20 "
         "| warm nDCG@20 | validation nDCG@20 |",
