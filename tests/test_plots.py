@@ -25,7 +25,8 @@ from service.offline.attention import (
     peakedness,
     strongest_cells,
 )
-from service.offline.report import ModelRun, plot_history
+from service.offline.report import plot_history
+from service.offline.results import ModelRun
 
 N_USERS, N_ITEMS, K, C = 5, 12, 49, 16
 CONFIG = ACFConfig(n_users=N_USERS, n_items=N_ITEMS, feature_dim=C, dim=8, attention_dim=6)

@@ -36,8 +36,9 @@ from service.offline.pipeline import (
     training_state_path,
 )
 from service.offline.plan import load_plan
-from service.offline.report import ModelRun, plot_history, signed_interval
+from service.offline.report import plot_history, signed_interval
 from service.offline.reproduce import reproduce
+from service.offline.results import ModelRun
 from service.offline.sweep import best_settings, load_sweep, sweep
 from service.offline.train import TrainConfig
 from service.offline.tune import DEFAULT_BUDGET, plan_for, tune

@@ -36,6 +36,7 @@ from service.offline.evaluate import evaluate, holdout_task
 from service.offline.metrics import HEADLINE, Interval, bootstrap, paired_bootstrap
 from service.offline.pipeline import Prepared, fit
 from service.offline.plan import Plan, seeded
+from service.offline.results import Table
 from service.offline.sampling import last_items
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,6 @@ WORD = re.compile(r"\w[\w']+")  # words of a title (2+ characters), for the text
 # The three rankings: the held-out items among themselves; the whole catalogue with them added
 # (what a user of the service sees); `standard` on the warm items (what the cold gain costs)
 RANKINGS = ("cold", "all", "warm")
-Table = dict[str, np.ndarray]  # metric -> (U,) per-user values
 
 
 @dataclass(frozen=True)

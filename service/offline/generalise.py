@@ -30,7 +30,8 @@ from service.offline.metrics import HEADLINE, Interval
 from service.offline.pipeline import Prepared
 from service.offline.plan import Plan, Row
 from service.offline.report import interval, signed_interval
-from service.offline.reproduce import Comparison, compare, prepare_with_features, run_rows
+from service.offline.reproduce import compare, prepare_with_features, run_rows
+from service.offline.results import Comparison
 from service.offline.sweep import Settings, SweepPlan, best_settings, sweep
 
 PROTOCOLS = ("standard", "seed")  # the order of the page's columns

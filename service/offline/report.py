@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,11 +18,11 @@ from service.offline.attention import (
 )
 from service.offline.cold import RANKINGS, ColdComparison
 from service.offline.metrics import HEADLINE, Interval
+from service.offline.results import Comparison, ModelRun
 from service.offline.train import SERVING_METRIC
 
 if TYPE_CHECKING:
     from service.offline.plan import ColdPlan, Plan
-    from service.offline.reproduce import Comparison
 
 log = logging.getLogger(__name__)
 
@@ -40,21 +40,6 @@ TUTORIAL_WIKIMEDIA: dict[str, float] = {
 }
 PAGE_METRICS = ("R@20", "nDCG@20", "AUC", "RR", "R@100", "nDCG@100")
 ATTENTION_LINES = ((ITEM_ENTROPY, "item", "o-"), (COMPONENT_ENTROPY, "component", "s--"))
-
-
-@dataclass(frozen=True)
-class ModelRun:
-    name: str
-    config: dict[str, Any]
-    seconds: float
-    best_epoch: int
-    history: list[dict[str, float]] = field(default_factory=list)
-    seed: int = 0
-
-    @property
-    def validation(self) -> dict[str, float]:
-        """The kept epoch's validation row."""
-        return self.history[max(self.best_epoch, 1) - 1] if self.history else {}
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,18 +34,17 @@ from service.offline.pipeline import Prepared, fit, prepare, to_checkpoint
 from service.offline.plan import Plan, Row, seeded
 from service.offline.report import (
     HEADLINE,
-    ModelRun,
     Report,
     plot_history,
     results_json,
     results_markdown,
 )
+from service.offline.results import Comparison, ModelRun, RowResult, TailBucket
 from service.offline.synthetic import World, make_world
 from service.offline.train import SERVING_METRIC, TrainConfig, TrainResult
 
 log = logging.getLogger(__name__)
 
-Table = dict[str, np.ndarray]  # metric -> (U,) per-user values
 # The long tail: `standard`'s test users bucketed by their target's training interactions
 TAIL_BUCKETS: tuple[tuple[str, int, float], ...] = (
     ("≤ 5", 0, 5),
@@ -53,56 +52,6 @@ TAIL_BUCKETS: tuple[tuple[str, int, float], ...] = (
     ("> 20", 21, np.inf),
 )
 Fitted = tuple[TrainResult, TrainConfig]  # a run and its settings, for a checkpoint
-
-
-@dataclass
-class RowResult:
-    """One row's runs: a table per seed and protocol, and its heatmap statistics."""
-
-    name: str
-    runs: list[ModelRun] = field(default_factory=list)
-    tables: dict[str, list[Table]] = field(default_factory=dict)  # protocol -> per seed
-    heatmaps: list[dict[str, float]] = field(default_factory=list)  # per seed (ACF)
-    new_items: list[np.ndarray] = field(default_factory=list)  # per seed: (U,) precision@20
-
-    def pooled(self, protocol: str) -> Table:
-        """Per-user metrics averaged over seeds."""
-        per_seed = self.tables[protocol]
-        return {k: np.mean([t[k] for t in per_seed], axis=0) for k in per_seed[0]}
-
-    def seed_means(self, protocol: str) -> dict[str, list[float]]:
-        per_seed = self.tables[protocol]
-        return {k: [float(t[k].mean()) for t in per_seed] for k in per_seed[0]}
-
-    @property
-    def validation(self) -> float:
-        """``standard`` validation nDCG@20, mean over seeds (what chooses the served row)."""
-        return float(np.mean([run.validation[SERVING_METRIC] for run in self.runs]))
-
-
-@dataclass(frozen=True)
-class Comparison:
-    """Everything the page says about one dataset."""
-
-    dataset: str
-    rows: list[RowResult]
-    summary: dict[str, dict[str, dict[str, Interval]]]  # protocol -> row -> metric
-    spread: dict[str, dict[str, dict[str, float]]]  # protocol -> row -> metric: sd over seeds
-    diffs: dict[str, dict[str, dict[str, Interval]]]  # protocol -> row -> metric: ref - row
-    # Rows that rank new items from their images: precision@20 among them, and ref - row
-    new_items: dict[str, Interval] = field(default_factory=dict)
-    new_items_diffs: dict[str, Interval] = field(default_factory=dict)
-    tail: list[TailBucket] = field(default_factory=list)  # `standard`, by target popularity
-
-
-@dataclass(frozen=True)
-class TailBucket:
-    """`standard`'s test users whose target had ``low..high`` training interactions."""
-
-    label: str
-    users: int
-    summary: dict[str, dict[str, Interval]]  # row -> metric
-    diffs: dict[str, dict[str, Interval]]  # row -> metric: ref - row, paired over these users
 
 
 @dataclass(frozen=True)
