@@ -86,7 +86,9 @@ class ServingModel:
     rescaled to ``NEW_ITEM_LENGTH`` times its neighbours' mean length. Zero rows would rank it
     below every trained item of its kind, which all carry a learned share of the kind in their
     embeddings; its visual neighbours' mean places it among them, and the rescaling keeps it
-    from being buried (a mean of several rows is shorter than each of them)."""
+    from being buried (a mean of several rows is shorter than each of them). A model with
+    metadata also reads a new item's tags (its genres) as it reads a trained item's; one that
+    scores no images finds the new item's neighbours by their mapped tags instead."""
 
     def __init__(
         self,
@@ -145,9 +147,9 @@ class ServingModel:
     ) -> ServingModel:
         """A new serving model whose catalogue also holds items N+1..N+M with these raw
         (M, K, C) features and, for a model with metadata, these tags (e.g. genre names; none
-        known when not given) (see the class doc). Raises ValueError when the model cannot
-        score items from their images. This one is left as it is (requests in flight keep
-        it)."""
+        known when not given) (see the class doc). Raises ValueError when the model can score
+        them neither by their image nor by their tags. This one is left as it is (requests in
+        flight keep it)."""
         projected = project(features, self.projection).to(self.device)
         model, n = self.model, self.model.config.n_items
         with torch.inference_mode():
