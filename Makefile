@@ -49,7 +49,7 @@ test: install browser haproxy
 	scripts/with-redis -- $(BIN)/python -m pytest -q
 
 lint:
-	$(BIN)/ruff check service tests benchmarks
+	$(BIN)/ruff check service harness tests benchmarks
 	$(BIN)/mypy
 
 # The plan tuned on DATA: configs/reproduce.toml for ml100k (`make sweep`), runs/<data>/plan.toml

@@ -22,7 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.*, run as a script
 
-from benchmarks.serve_load import free_port, recommend_script, wait_healthy, wrk
+from benchmarks.serve_load import recommend_script, wrk
+from harness.processes import free_port, wait_for
 
 
 def _lines(path: str) -> int:
@@ -62,7 +63,7 @@ def main() -> None:
             )
             try:
                 url = f"http://127.0.0.1:{port}"
-                wait_healthy(url, proc)
+                wait_for(f"{url}/healthz", [proc], timeout_s=300)
                 lines_before = _lines(log.name)
                 cells = []
                 for c in args.connections:

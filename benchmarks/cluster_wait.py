@@ -18,8 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from harness.redis_servers import Cluster
 from service.store.profiles import Interaction, RedisProfileStore
-from tests.servers import Cluster
 
 
 async def writes(url: str, *, wait: int, writers: int, count: int) -> tuple[float, float, float]:

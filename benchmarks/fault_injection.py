@@ -30,7 +30,6 @@ import itertools
 import os
 import random
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -42,140 +41,26 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import redis
 import torch
-from fastapi import FastAPI
 
-from benchmarks.serve_load import free_port, wait_healthy, wrk
-from service.api.app import create_app
-from service.config import Settings
+from benchmarks.serve_load import wrk
+from harness.processes import ApiServer, api_env
+from harness.redis_servers import Acked, RedisServer, found_afterwards
 from service.store.profiles import (
     _ADD_LUA,  # the add script itself: --cost times what the service runs
     EVENT_TTL_S,
     MAX_EVENT_IDS,
     RedisProfileStore,
-    decode_profile,
-    user_keys,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
 FSYNC_POLICIES = ("always", "everysec", "off")  # "off": no AOF (nor snapshots) at all
 
 
-def app() -> FastAPI:
-    """The child's app (``uvicorn --factory``): settings from the ``VISREC_*`` environment."""
-    return create_app(Settings())  # type: ignore[call-arg]
-
-
 # --------------------------------------------------------------------------- the processes
 
 
-@dataclass
-class RedisServer:
-    """A redis-server of our own on loopback, its files in ``folder``; ``start`` again after a
-    kill restarts it on the same port and files."""
-
-    folder: Path
-    fsync: str = "always"  # appendfsync always / everysec / no, or "off": no AOF
-    port: int = field(default_factory=free_port)
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self, timeout_s: float = 20) -> None:
-        aof = ["--appendonly", "no"] if self.fsync == "off" else ["--appendonly", "yes"]
-        fsync = [] if self.fsync == "off" else ["--appendfsync", self.fsync]
-        folder = self.folder.resolve()  # redis-server changes into it before opening its log
-        where = ["--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(folder)]
-        log = ["--logfile", str(folder / "redis.log")]
-        self.proc = subprocess.Popen(["redis-server", *where, "--save", "", *aof, *fsync, *log])
-        client = redis.Redis(port=self.port, socket_timeout=1, socket_connect_timeout=1)
-        deadline = time.monotonic() + timeout_s
-        try:
-            while True:  # until it answers (a restart answers LOADING while it reads its AOF)
-                try:
-                    client.ping()
-                    return
-                except redis.RedisError:
-                    if self.proc.poll() is not None or time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.02)
-        finally:
-            client.close()
-
-    def kill(self) -> None:
-        """SIGKILL: no shutdown, no final write; only what Redis wrote before survives."""
-        if self.proc is not None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
-            self.proc = None
-
-    def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port)
-
-
-def api_env(
-    *, checkpoint: Path, features: Path, redis_url: str, prefix: str, timeout_ms: float = 50
-) -> dict[str, str]:
-    """The ``VISREC_*`` settings of a child API: no keys, no rate limit (one load client)."""
-    return {
-        "VISREC_CHECKPOINT": str(checkpoint),
-        "VISREC_FEATURES": str(features),
-        "VISREC_REDIS_URL": redis_url,
-        "VISREC_REDIS_PREFIX": prefix,
-        "VISREC_REDIS_TIMEOUT_MS": str(timeout_ms),
-        "VISREC_DEVICE": "cpu",
-        "VISREC_ENVIRONMENT": "development",
-        "VISREC_RATE_LIMIT_PER_S": "0",
-    }
-
-
-@dataclass
-class ApiServer:
-    """The real app under uvicorn in a child process; ``start`` again after a kill restarts it."""
-
-    env: dict[str, str]
-    port: int = field(default_factory=free_port)
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout_s: float = 300) -> None:
-        """Start it and wait until ``/healthz`` answers (after the lifespan loaded everything)."""
-        uvicorn = ["-m", "uvicorn", "benchmarks.fault_injection:app", "--factory"]
-        where = ["--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"]
-        self.proc = subprocess.Popen(
-            [sys.executable, *uvicorn, *where],
-            cwd=ROOT,
-            env={**os.environ, **self.env},
-        )
-        wait_healthy(self.url, self.proc, timeout_s=timeout_s)
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
-            self.proc = None
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(timeout=30)
-            self.proc = None
-
-
 # --------------------------------------------------------------------------- the load
-
-
-@dataclass(frozen=True)
-class Acked:
-    user_id: str
-    item_id: int
-    event_id: str
 
 
 @dataclass
@@ -256,23 +141,6 @@ async def inject_faults(server: RedisServer, api: ApiServer, tally: Tally, secon
     await asyncio.to_thread(api.start)
     tally.phase = "api back"
     await asyncio.sleep(max(step, seconds - (time.monotonic() - tally.started)))
-
-
-def found_afterwards(server: RedisServer, prefix: str, acked: Sequence[Acked]) -> int:
-    """How many acknowledged interactions Redis holds: the event id in the user's event log
-    and the item in their profile."""
-    client = server.client()
-    pipe = client.pipeline(transaction=False)
-    for event in acked:
-        keys = user_keys(prefix, event.user_id)
-        pipe.zscore(keys.events, event.event_id)
-        pipe.get(keys.profile)
-    replies = pipe.execute()
-    client.close()
-    pairs = zip(acked, replies[::2], replies[1::2], strict=True)
-    return sum(
-        logged is not None and e.item_id in decode_profile(blob).seen for e, logged, blob in pairs
-    )
 
 
 def report(tally: Tally) -> int:

@@ -35,9 +35,10 @@ from pathlib import Path
 import numpy as np
 import serve_load
 import torch
-from serve_load import free_port, print_load, recommend_script, wait_healthy, wrk
+from serve_load import print_load, recommend_script, wrk
 from tqdm.auto import tqdm
 
+from harness.processes import free_port, wait_for
 from service.engine import Source, load_engine
 from service.index.item_index import INDEX_KINDS, IndexKind, ItemIndex, gpu_available
 from service.model.acf import ACF
@@ -224,7 +225,7 @@ def serve_and_load(work: Path, kind: IndexKind, seconds: int) -> None:
     cmd = [sys.executable, serve_load.__file__, "--serve", "ours", "--histories", str(histories)]
     proc = subprocess.Popen([*cmd, "--port", str(port)], env={**os.environ, **settings})
     try:
-        wait_healthy(url, proc, timeout_s=3600)
+        wait_for(f"{url}/healthz", [proc], timeout_s=3600)
         took = time.perf_counter() - started
         how = "tables mapped" if tables else "tables computed and written"
         if kind != "flat":

@@ -24,12 +24,10 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -41,17 +39,16 @@ import torch
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
+from harness.catalogues import Catalogue, dataset_catalogue, synthetic_catalogue
+from harness.processes import free_port, wait_for
+from harness.redis_servers import REDIS
 from service.api.app import create_app
 from service.config import Settings
 from service.engine import build_engine
 from service.index.item_index import IndexKind, ItemIndex
-from service.model.acf import ACF, UNKNOWN_USER, ACFConfig
-from service.model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from service.model.acf import UNKNOWN_USER
+from service.model.checkpoint import load_checkpoint
 from service.model.feature_store import (
-    FEATURES_FILE,
-    META_FILE,
-    PROGRESS_FILE,
-    FeatureMeta,
     load_features,
 )
 from service.model.serving import ServingModel
@@ -59,7 +56,6 @@ from service.recommender import Query
 from service.runtime import keep_freed_memory
 from service.serve import run_server
 
-REDIS = "redis://127.0.0.1:6379/0"
 CPU = torch.device("cpu")
 T = TypeVar("T")
 
@@ -124,27 +120,6 @@ def tutorial_app(settings: Settings, histories: dict[str, list[int]]) -> FastAPI
     return app
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_healthy(url: str, proc: subprocess.Popen[bytes], *, timeout_s: float = 300) -> None:
-    """Return once ``url``/healthz answers (the lifespan has loaded everything)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited with {proc.returncode}")
-        try:
-            urllib.request.urlopen(f"{url}/healthz", timeout=1).read()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
-
-
 @contextmanager
 def server(
     kind: str, settings: Settings, histories: Path
@@ -157,7 +132,7 @@ def server(
     proc = subprocess.Popen([*cmd, "--port", str(port)], env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(url, proc)
+        wait_for(f"{url}/healthz", [proc], timeout_s=300)
         yield url, proc
     finally:
         proc.terminate()
@@ -255,77 +230,6 @@ def print_load(label: str, load: Load, unit: str = "req/s") -> None:
 
 
 # --------------------------------------------------------------------------- the catalogues
-
-
-@dataclass(frozen=True)
-class Catalogue:
-    name: str
-    settings: Settings
-    histories: dict[str, list[int]]
-
-
-def dataset_catalogue(data: Path, work: Path) -> Catalogue:
-    from service.serve import histories, prepare_serving
-
-    dataset, features, checkpoint = prepare_serving(data, work, torch.device("cpu"))
-    settings = Settings(
-        checkpoint=checkpoint,
-        features=features,
-        device="cpu",
-        environment="development",
-        rate_limit_per_s=0,
-    )
-    return Catalogue(data.resolve().name, settings, histories(dataset))
-
-
-def synthetic_catalogue(
-    n_items: int, work: Path, *, n_users: int = 10_000, dim: int = 64
-) -> Catalogue:
-    """A randomly initialised ACF over ``n_items`` random feature grids. Serving cost does not
-    depend on the raw feature width once tables are precomputed, so C = 64 keeps it in memory."""
-    folder = work / f"synthetic-{n_items}"
-    rng = np.random.default_rng(0)
-    meta = FeatureMeta("random", 0, dim, 7, list(range(1, n_items + 1)), f"random-{n_items}")
-    if not (folder / "acf.pt").is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        array = np.lib.format.open_memmap(
-            folder / FEATURES_FILE, mode="w+", dtype=np.float16, shape=meta.shape
-        )
-        for start in range(0, n_items, 10_000):
-            rows = array[start : start + 10_000]
-            rows[:] = rng.standard_normal(rows.shape, dtype=np.float32)
-        array.flush()
-        (folder / META_FILE).write_text(meta.to_json())
-        (folder / PROGRESS_FILE).write_text(
-            json.dumps({"inputs_hash": meta.inputs_hash, "rows_done": n_items})
-        )
-        config = ACFConfig(
-            n_users=n_users, n_items=n_items, feature_dim=dim, item_bias=True, score_scale=1.0
-        )
-        torch.manual_seed(0)
-        model = ACF(config, torch.zeros(n_items, 49, dim))  # features are not in the state
-        save_checkpoint(
-            folder / "acf.pt",
-            Checkpoint(
-                config=config,
-                state=model.state_dict(),
-                user_ids=list(range(n_users)),
-                item_ids=meta.item_ids,
-                features={"inputs_hash": meta.inputs_hash, "backbone": "random"},
-                item_popularity=rng.integers(0, 1000, n_items).tolist(),
-            ),
-        )
-    histories = {
-        str(u): (rng.choice(n_items, size=30, replace=False) + 1).tolist() for u in range(n_users)
-    }
-    settings = Settings(
-        checkpoint=folder / "acf.pt",
-        features=folder,
-        device="cpu",
-        environment="development",
-        rate_limit_per_s=0,
-    )
-    return Catalogue(f"synthetic {n_items:,} items", settings, histories)
 
 
 # --------------------------------------------------------------------------- in-process parts

@@ -23,8 +23,10 @@ import threading
 import time
 from pathlib import Path
 
-from serve_load import REDIS, dataset_catalogue, server, wrk
+from serve_load import server, wrk
 
+from harness.catalogues import dataset_catalogue
+from harness.redis_servers import REDIS
 from service.runtime import keep_freed_memory
 
 

@@ -20,9 +20,11 @@ import uuid
 from pathlib import Path
 
 import redis
-from serve_load import REDIS, free_port, recommend_script, wait_healthy, wrk
+from serve_load import recommend_script, wrk
 from soak import mixed_script
 
+from harness.processes import free_port, wait_for
+from harness.redis_servers import REDIS
 from service.offline.data import load_dataset
 
 
@@ -77,7 +79,7 @@ def main() -> None:
         )
         url = f"http://127.0.0.1:{port}"
         try:
-            wait_healthy(url, proc)
+            wait_for(f"{url}/healthz", [proc], timeout_s=300)
             wrk(url, recommend_script(users), connections=16, seconds=3)  # warm-up
             procs = [proc.pid] if n == 1 else [proc.pid, *children(proc.pid)]
             mem = ", ".join(

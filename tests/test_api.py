@@ -16,6 +16,7 @@ import torch
 from fastapi.testclient import TestClient
 from redis import Redis
 
+from harness.redis_servers import redis_prefix
 from service.api.app import create_app
 from service.config import Settings
 from service.model.checkpoint import save_checkpoint
@@ -26,7 +27,6 @@ from service.offline.synthetic import World
 from service.offline.train import TrainConfig
 from service.registry import Registry
 from service.serve import histories
-from tests.servers import redis_prefix
 
 REDIS = "redis://127.0.0.1:6379/0"
 CONFIG = TrainConfig(dim=16, attention_dim=16, epochs=6, batch_size=128, lr=1e-2)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from harness.redis_servers import REDIS, Cluster
 from service.api.app import create_app
 from service.config import Settings
 from service.offline.synthetic import World
@@ -24,7 +25,6 @@ from service.store.profiles import (
     RedisProfileStore,
     StoreUnavailable,
 )
-from tests.servers import REDIS, Cluster
 
 
 @pytest.fixture(scope="module")

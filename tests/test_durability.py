@@ -23,8 +23,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from benchmarks.fault_injection import Acked, ApiServer, RedisServer, api_env, found_afterwards
-from benchmarks.serve_load import Catalogue, synthetic_catalogue
+from harness.catalogues import Catalogue, synthetic_catalogue
+from harness.processes import ApiServer, api_env
+from harness.redis_servers import Acked, RedisServer, found_afterwards
 from service.store.profiles import RedisProfileStore
 
 WRITERS = 8

@@ -39,3 +39,32 @@ def test_imports_point_one_way(package: str) -> None:
         if name.startswith(FORBIDDEN[package])
     }
     assert bad == set()
+
+
+ROOT = SERVICE.parent
+# The harness (real processes on loopback) is shared by tests and benchmarks, which do not
+# import each other; tests may import a benchmark only to test the benchmark itself.
+SHARED = {
+    "service": ("harness", "tests", "benchmarks"),
+    "harness": ("tests", "benchmarks"),
+    "benchmarks": ("tests",),
+}
+TESTED_BENCHMARKS = {"test_pooling_probe.py": "benchmarks.pooling_probe"}
+
+
+@pytest.mark.parametrize("folder", sorted(SHARED))
+def test_tests_and_benchmarks_share_the_harness_not_each_other(folder: str) -> None:
+    bad = {
+        f"{f.relative_to(ROOT)} imports {name}"
+        for f in sorted((ROOT / folder).rglob("*.py"))
+        for name in _imports(f)
+        if name.split(".")[0] in SHARED[folder]
+    }
+    assert bad == set()
+    tests_of_benchmarks = {
+        f"{f.name} imports {name}"
+        for f in sorted((ROOT / "tests").glob("*.py"))
+        for name in _imports(f)
+        if name.split(".")[0] == "benchmarks" and TESTED_BENCHMARKS.get(f.name) != name
+    }
+    assert tests_of_benchmarks == set()

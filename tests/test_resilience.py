@@ -21,8 +21,8 @@ import pytest
 from fastapi.testclient import TestClient
 from redis import exceptions as rx
 
-from benchmarks.fault_injection import RedisServer
-from benchmarks.serve_load import Catalogue, synthetic_catalogue
+from harness.catalogues import Catalogue, synthetic_catalogue
+from harness.redis_servers import RedisServer
 from service.api.app import create_app
 from service.store.deadline import LoopLag, deadline
 from service.store.epoch import EpochWatch

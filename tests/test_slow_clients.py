@@ -16,6 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from harness.processes import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 HALF_REQUEST = b"GET /slow HTTP/1.1\r\nHost: x\r\nX-Slow: "  # never ends
 
@@ -58,12 +60,6 @@ def server() -> Iterator[str]:
     finally:
         proc.kill()
         proc.wait()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def half_open(port: int, source: str) -> socket.socket:

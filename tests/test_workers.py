@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from harness.processes import SERVE, call, free_port, wait_for
+from harness.redis_servers import REDIS, redis_prefix
 from service.offline.synthetic import World
-from tests.servers import REDIS, SERVE, call, free_port, redis_prefix, wait_ready
 
 
 def _processes(url: str, asks: int = 60) -> set[int]:
@@ -48,7 +49,7 @@ def _serve(
     proc = subprocess.Popen([*command, "--port", str(port), "--load-profiles"], env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(url, [proc])
+        wait_for(f"{url}/readyz", [proc])
         yield url, proc
     finally:
         if proc.poll() is None:
@@ -107,7 +108,7 @@ def _replaced(url: str, proc: subprocess.Popen[bytes], victim: int) -> None:
         if len(now) == 2 and victim not in now:
             break
         time.sleep(0.2)
-    wait_ready(url, [proc])
+    wait_for(f"{url}/readyz", [proc])
     answering: set[int] = set()
     while len(answering) < 2 and time.monotonic() < deadline:
         answering |= _processes(url, asks=10)

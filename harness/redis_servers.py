@@ -1,51 +1,25 @@
-"""For tests that run real `visrec-serve` processes on loopback over the local Redis, and real
-Redis Clusters (:class:`Cluster`)."""
+"""Redis of one's own on loopback: a server (restartable on its files), a Redis Cluster, a
+prefix of one's own on the shared Redis; and what a durability check reads back."""
 
 from __future__ import annotations
 
-import json
+import signal
 import socket
 import subprocess
-import sys
 import time
-import urllib.request
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import redis
 
-REDIS = "redis://127.0.0.1:6379/0"
-SERVE = str(Path(sys.executable).parent / "visrec-serve")
+from harness.processes import free_port
+from service.store.profiles import decode_profile, user_keys
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def call(url: str, body: dict | None = None, timeout: float = 10) -> dict:
-    """GET ``url`` (POST ``body`` as JSON when given) on a new connection; the JSON answer."""
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data, {"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=timeout) as r:
-        return json.loads(r.read())
-
-
-def wait_ready(url: str, procs: Sequence[subprocess.Popen[bytes]], timeout_s: float = 120) -> dict:
-    """``url``'s /readyz answer, once there is one; fails if any of ``procs`` exits first."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        assert all(p.poll() is None for p in procs), "a server process exited"
-        try:
-            return call(f"{url}/readyz", timeout=2)
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
+REDIS = "redis://127.0.0.1:6379/0"  # the Redis that runs before the tests (scripts/with-redis)
 
 
 @contextmanager
@@ -60,6 +34,76 @@ def redis_prefix(name: str) -> Iterator[str]:
         if keys:
             client.delete(*keys)
         client.close()
+
+
+@dataclass
+class RedisServer:
+    """A redis-server of our own on loopback, its files in ``folder``; ``start`` again after a
+    kill restarts it on the same port and files."""
+
+    folder: Path
+    fsync: str = "always"  # appendfsync always / everysec / no, or "off": no AOF
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout_s: float = 20) -> None:
+        aof = ["--appendonly", "no"] if self.fsync == "off" else ["--appendonly", "yes"]
+        fsync = [] if self.fsync == "off" else ["--appendfsync", self.fsync]
+        folder = self.folder.resolve()  # redis-server changes into it before opening its log
+        where = ["--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(folder)]
+        log = ["--logfile", str(folder / "redis.log")]
+        self.proc = subprocess.Popen(["redis-server", *where, "--save", "", *aof, *fsync, *log])
+        client = redis.Redis(port=self.port, socket_timeout=1, socket_connect_timeout=1)
+        deadline = time.monotonic() + timeout_s
+        try:
+            while True:  # until it answers (a restart answers LOADING while it reads its AOF)
+                try:
+                    client.ping()
+                    return
+                except redis.RedisError:
+                    if self.proc.poll() is not None or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.02)
+        finally:
+            client.close()
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no final write; only what Redis wrote before survives."""
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+            self.proc = None
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port)
+
+
+@dataclass(frozen=True)
+class Acked:
+    user_id: str
+    item_id: int
+    event_id: str
+
+
+def found_afterwards(server: RedisServer, prefix: str, acked: Sequence[Acked]) -> int:
+    """How many acknowledged interactions Redis holds: the event id in the user's event log
+    and the item in their profile."""
+    client = server.client()
+    pipe = client.pipeline(transaction=False)
+    for event in acked:
+        keys = user_keys(prefix, event.user_id)
+        pipe.zscore(keys.events, event.event_id)
+        pipe.get(keys.profile)
+    replies = pipe.execute()
+    client.close()
+    pairs = zip(acked, replies[::2], replies[1::2], strict=True)
+    return sum(
+        logged is not None and e.item_id in decode_profile(blob).seen for e, logged, blob in pairs
+    )
 
 
 @dataclass
@@ -87,7 +131,7 @@ class Cluster:
             )
             self.ports.append(port)
         for port in self.ports:
-            _wait(lambda p=port: redis.Redis(port=p).ping())
+            _wait(partial(redis.Redis(port=port).ping))
         nodes = [f"127.0.0.1:{p}" for p in self.ports]
         subprocess.run(
             ["redis-cli", "--cluster", "create", *nodes, "--cluster-replicas",
@@ -134,11 +178,11 @@ def _node_port() -> int:
                     return port
 
 
-def _wait(ready: object, timeout_s: float = 30) -> None:
+def _wait(ready: Callable[[], object], timeout_s: float = 30) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            if ready():  # type: ignore[operator]
+            if ready():
                 return
         except redis.RedisError:
             pass
