@@ -34,6 +34,17 @@ def keep_freed_memory() -> None:
         log.debug("mallopt not available; keeping the default allocator settings")
 
 
+def flush_denormals() -> None:
+    """Compute with subnormal floats as zero on the CPU (``torch.set_flush_denormal``).
+
+    Training drives some values below float32's normal range, where x86 arithmetic is many
+    times slower: ACF's epochs on ml100k went from 6 s to 22 s after epoch 18 and stayed there.
+    With them flushed the same 30 epochs took 190 s against 351 s, with the same validation
+    nDCG@20 (0.1390; ``README``, "How fast, and why")."""
+    if not torch.set_flush_denormal(True):
+        log.debug("this CPU cannot flush subnormal floats; keeping them")
+
+
 def bar_interval() -> float:
     """Seconds between progress-bar refreshes: live on a terminal, sparse in a log file."""
     return 0.1 if sys.stderr.isatty() else 10.0
