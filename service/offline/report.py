@@ -469,7 +469,7 @@ def _cold_verdict(c: ColdComparison) -> list[str]:
                 f"`{r.name}`: cold-only nDCG@20 {-iv.mean:+.4f} [{-iv.high:+.4f}, {-iv.low:+.4f}] "
                 f"against `{ref}`, new items shown {r.mean_exposure:.2f}x."
             )
-    out.append("Not measured yet: title text as metadata.")
+    out.append("Not measured yet: title words in ACF's metadata channel (genres only so far).")
     return [" ".join(out)]
 
 
