@@ -36,7 +36,7 @@ from service.offline.features import extract_features
 from service.offline.pipeline import Prepared, fit, prepare
 from service.offline.sampling import Batch, build_samples, epoch_batches
 from service.offline.train import Objective, TrainConfig, bpr_loss, build_model
-from service.runtime import flush_denormals, keep_freed_memory
+from service.runtime import keep_freed_memory
 
 # The tutorial's model: raw features, the image only in the attention, BPR.
 TUTORIAL = TrainConfig(
@@ -176,7 +176,6 @@ def main() -> None:
     parser.add_argument("--interactions", type=int, default=1_000_000)
     args = parser.parse_args()
     keep_freed_memory()
-    flush_denormals()
     features = (
         args.features or Path("runs") / args.data.resolve().name / "features-efficientnet_lite0"
     )

@@ -6,6 +6,8 @@ import ctypes
 import ctypes.util
 import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -34,8 +36,11 @@ def keep_freed_memory() -> None:
         log.debug("mallopt not available; keeping the default allocator settings")
 
 
-def flush_denormals() -> None:
-    """Compute with subnormal floats as zero on the CPU (``torch.set_flush_denormal``).
+@contextmanager
+def subnormals_flushed() -> Iterator[None]:
+    """Compute with subnormal floats as zero on the CPU (``torch.set_flush_denormal``) inside
+    the block, for the calling thread; IEEE behaviour, torch's default, again after it (other
+    code, e.g. a property-based test library, relies on subnormals).
 
     Training drives some values below float32's normal range, where x86 arithmetic is many
     times slower: ACF's epochs on ml100k went from 6 s to 22 s after epoch 18 and stayed there.
@@ -43,6 +48,10 @@ def flush_denormals() -> None:
     nDCG@20 (0.1390; ``README``, "How fast, and why")."""
     if not torch.set_flush_denormal(True):
         log.debug("this CPU cannot flush subnormal floats; keeping them")
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
 
 
 def bar_interval() -> float:

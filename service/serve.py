@@ -216,10 +216,9 @@ def main() -> None:
 def serve(args: argparse.Namespace) -> None:
     from service.api.app import create_app
     from service.config import Settings
-    from service.runtime import flush_denormals, keep_freed_memory, pick_device
+    from service.runtime import keep_freed_memory, pick_device
 
     keep_freed_memory()
-    flush_denormals()
     device = pick_device(args.device)
     if args.workers > 1 and device.type == "cuda":
         print("visrec-serve: --workers > 1 is for the CPU (CUDA does not survive a fork): run "

@@ -43,7 +43,7 @@ from service.offline.sweep import best_settings, load_sweep, sweep
 from service.offline.train import TrainConfig
 from service.offline.tune import DEFAULT_BUDGET, plan_for, tune
 from service.registry import Registry
-from service.runtime import flush_denormals, keep_freed_memory, pick_device
+from service.runtime import keep_freed_memory, pick_device
 
 log = logging.getLogger("visrec")
 
@@ -54,7 +54,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     keep_freed_memory()
-    flush_denormals()
     try:
         args.run(args)
     except (DatasetError, FeatureError, PipelineError, ValueError) as err:

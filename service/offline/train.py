@@ -48,7 +48,7 @@ from service.offline.sampling import (
     rows_per_batch,
     sequence_chunks,
 )
-from service.runtime import bar_interval
+from service.runtime import bar_interval, subnormals_flushed
 
 ModelName = Literal["acf", "sasrec", "bpr_mf", "vbpr", "ease", "transitions", "popularity"]
 MODELS: tuple[ModelName, ...] = (
@@ -500,7 +500,10 @@ def train(
     main = distributed.is_main()
     gen = torch.Generator(device=device).manual_seed(int(rng.integers(2**62)))
     # SASRec's dropout draws from torch's global generator: seeded per run, and restored after
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with (
+        torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+        subnormals_flushed(),  # ~1.9x faster on CPU once values underflow (runtime.py)
+    ):
         torch.manual_seed(gen.initial_seed())
         run = _Run(copy.deepcopy(model.state_dict()))
         if resume and state_path is not None and state_path.is_file():
