@@ -219,6 +219,12 @@ class ACF(nn.Module):
         return self.config.visual != "none"
 
     @property
+    def takes_new_items(self) -> bool:
+        """Whether it can score an item it was not trained on: by the image (``visual="score"``)
+        or by the item's tags."""
+        return self.config.visual == "score" or bool(self.config.tags)
+
+    @property
     def _mean_images(self) -> bool:
         """Items' own image vectors are means (so is every pooling of the mean-pool ablation)."""
         return "mean" in (self.config.item_pool, self.config.component_pool)

@@ -132,7 +132,7 @@ class ServingModel:
     @property
     def takes_new_items(self) -> bool:
         """From their image, or, for a model that scores no images, from their genres."""
-        return self.reads_images or bool(self.model.config.tags)
+        return self.model.takes_new_items
 
     @property
     def reads_users(self) -> bool:

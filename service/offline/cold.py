@@ -186,7 +186,7 @@ def genre_scores(
     )  # (U, G)
     chosen = has[candidates]  # (M, G)
     scores = shares @ chosen.T / np.maximum(chosen.sum(1), 1)  # multiples of 1 / (G L)
-    return scores + 1e-9 * rng.random(scores.shape)
+    return _ties_broken(scores, rng)
 
 
 def text_scores(
@@ -204,15 +204,11 @@ def text_scores(
     profiles = profile_items(split, part)
     needed = sorted({int(i) for p in profiles for i in p} | set(candidates.tolist()))
     vocabulary = {w: j for j, w in enumerate(sorted({w for i in needed for w in docs[i - 1]}))}
-    vectors = np.zeros((len(texts) + 1, len(vocabulary)))
+    vectors = np.zeros((len(texts), len(vocabulary)))  # row i - 1: item i (needed ones only)
     for i in needed:
         for w in docs[i - 1]:
-            vectors[i, vocabulary[w]] = np.log(len(texts) / counts[w])
-    vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-    users = np.stack([vectors[p].mean(0) if len(p) else vectors[0] for p in profiles])
-    users /= np.maximum(np.linalg.norm(users, axis=1, keepdims=True), 1e-12)
-    scores = users @ vectors[candidates].T
-    return scores + 1e-9 * rng.random(scores.shape)
+            vectors[i - 1, vocabulary[w]] = np.log(len(texts) / counts[w])
+    return _ties_broken(_profile_cosine(vectors, profiles, candidates), rng)
 
 
 def image_scores(
@@ -221,15 +217,27 @@ def image_scores(
     """The image alone: cosine of a candidate's image (its components' mean, from the raw
     (N, K, C) ``features`` of items 1..N) with the mean of the profile's."""
     pooled = np.asarray(features, dtype=np.float32).mean(1)
-    pooled /= np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
-    profiles = np.stack(
-        [
-            pooled[p - 1].mean(0) if len(p) else np.zeros(pooled.shape[1], np.float32)
-            for p in profile_items(split, part)
-        ]
+    return _profile_cosine(pooled, profile_items(split, part), candidates)
+
+
+def _profile_cosine(
+    vectors: np.ndarray, profiles: Sequence[np.ndarray], candidates: np.ndarray
+) -> np.ndarray:
+    """(U, M) cosine of each candidate's vector (row i - 1 of ``vectors``: item i) with the
+    mean of its user's profile items' vectors, each made unit length first (0 for an empty
+    profile)."""
+    unit = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    users = np.stack(
+        [unit[p - 1].mean(0) if len(p) else np.zeros(unit.shape[1], unit.dtype) for p in profiles]
     )
-    profiles /= np.maximum(np.linalg.norm(profiles, axis=1, keepdims=True), 1e-12)
-    return profiles @ pooled[candidates - 1].T
+    users /= np.maximum(np.linalg.norm(users, axis=1, keepdims=True), 1e-12)
+    return users @ unit[candidates - 1].T
+
+
+def _ties_broken(scores: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``scores`` with ties broken at random: the metrics place a target below every
+    candidate that ties with it, which coarse metadata scores would pay for."""
+    return scores + 1e-9 * rng.random(scores.shape)
 
 
 def served_scores(
@@ -354,9 +362,7 @@ def run_cold(
             config = seeded(plan.row(name).config, seed)
             fitted = fit(warm, config, device=device, progress=progress)
             model = fitted.model
-            if not isinstance(model, ACF) or not (
-                model.config.visual == "score" or model.config.tags
-            ):
+            if not isinstance(model, ACF) or not model.takes_new_items:
                 raise ValueError(
                     f"[cold] row {name!r} can score new items neither by their image nor by "
                     "their genres"
