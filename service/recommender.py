@@ -16,6 +16,7 @@ from service.index.item_index import IndexKind, ItemIndex
 from service.model.acf import PAD, UNKNOWN_USER
 from service.model.checkpoint import Checkpoint
 from service.model.serving import Explanation, Serving
+from service.model.tags import is_title_tag
 
 
 @dataclass(frozen=True)
@@ -104,18 +105,19 @@ class Recommender:
         self,
         raw_ids: Sequence[int],
         features: np.ndarray,
-        genres: Sequence[Iterable[str]] | None = None,
+        tags: Sequence[Iterable[str]] | None = None,
     ) -> Recommender:
         """A new engine whose catalogue also holds these items, scored from their (M, K, C)
-        raw image features (and, by a model with metadata, their genres); this one is left as
-        it is (requests in flight keep it).
+        raw image features (and, by a model with metadata, their tags: genres and title,
+        :func:`service.model.tags.item_tags`); this one is left as it is (requests in flight
+        keep it).
         Raises ItemExistsError for ids it has, ValueError when the model cannot score new
         items."""
         taken = sorted(i for i in raw_ids if i in self._item_index)
         if taken or len(set(raw_ids)) != len(raw_ids):
             raise ItemExistsError(taken or sorted(raw_ids))
         return Recommender(
-            self.serving.with_items(features, genres),
+            self.serving.with_items(features, tags),
             item_ids=[*self.item_ids.tolist(), *raw_ids],
             user_ids=self._user_ids,
             popularity=np.concatenate([self._popularity, np.zeros(len(raw_ids))]),
@@ -129,23 +131,26 @@ class Recommender:
 
     @property
     def tags(self) -> tuple[str, ...]:
-        """The metadata vocabulary (genres) the served model reads of an item; () : none."""
+        """The metadata vocabulary (genres, title words) the served model reads of an item;
+        () : none."""
         return self.serving.tags
 
     @property
     def takes_new_items(self) -> bool:
-        """Whether items it was not trained on can be scored (from their image or genres)."""
+        """Whether items it was not trained on can be scored (from their image or metadata)."""
         return self.serving.takes_new_items
 
-    def refuses_new_item(self, genres: Collection[str]) -> str | None:
-        """Why an item it was not trained on, with these genres, cannot be added; None when
-        it can."""
+    def refuses_new_item(self, tags: Collection[str]) -> str | None:
+        """Why an item it was not trained on, with these tags (:func:`item_tags`), cannot be
+        added; None when it can."""
         if not self.takes_new_items:
             return "the serving model cannot score items it was not trained on"
-        if not self.serving.reads_images and not set(genres) & set(self.tags):
+        if not self.serving.reads_images and not set(tags) & set(self.tags):
+            genres = [t for t in self.tags if not is_title_tag(t)]
+            words = " or a title with words it knows" if len(genres) < len(self.tags) else ""
             return (
-                "the serving model scores no images and places a new item by its genres: "
-                f"send at least one it knows ({', '.join(self.tags)})"
+                "the serving model scores no images and places a new item by its metadata: "
+                f"send a genre it knows ({', '.join(genres)}){words}"
             )
         return None
 

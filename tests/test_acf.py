@@ -8,13 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from service.model.acf import ACF, ITEM_ROWS, PAD, UNKNOWN_USER, ACFConfig, tag_rows
+from service.model.acf import ACF, ITEM_ROWS, PAD, UNKNOWN_USER, ACFConfig
 from service.model.checkpoint import (
     Checkpoint,
     CheckpointError,
     load_checkpoint,
     save_checkpoint,
 )
+from service.model.tags import item_tags, tag_rows, vocabulary
 
 N_USERS, N_ITEMS, K, C = 7, 12, 49, 24
 BASE = ACFConfig(n_users=N_USERS, n_items=N_ITEMS, feature_dim=C, dim=8, attention_dim=6)
@@ -354,6 +355,24 @@ def test_an_unknown_user_is_their_profile_alone(model: ACF) -> None:
 def test_tags_are_weights_summing_to_one_over_the_known_vocabulary() -> None:
     rows = tag_rows(("comedy", "drama", "horror"), [{"drama"}, {"horror", "comedy"}, {"noir"}, ()])
     assert rows.tolist() == [[0, 1, 0], [0.5, 0, 0.5], [0, 0, 0], [0, 0, 0]]
+
+
+def test_a_title_gives_its_words_and_decade_and_only_shared_ones_are_read() -> None:
+    toy = item_tags("Toy Story (1995)", ["Animation", "Comedy"])
+    assert toy == {"Animation", "Comedy", "word:toy", "word:story", "word:1995", "decade:1990s"}
+    assert item_tags("M (1931)", []) == {"word:1931", "decade:1930s"}  # "m" is no word
+    assert item_tags("", ["", "Drama"]) == {"Drama"}
+    scream = item_tags("Scream 2 (1997)", ["Horror"])
+    tags = [toy, scream, item_tags("Toy Soldiers (1991)", ["Drama"])]
+    assert vocabulary(tags, titles=False) == ("Animation", "Comedy", "Drama", "Horror")
+    assert vocabulary(tags, titles=True) == (
+        "Animation",
+        "Comedy",
+        "Drama",
+        "Horror",
+        "decade:1990s",
+        "word:toy",
+    )
 
 
 def test_an_items_genres_reach_its_vector_on_both_sides() -> None:

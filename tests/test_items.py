@@ -33,6 +33,7 @@ from service.api.items import decode_image
 from service.config import Settings
 from service.model.checkpoint import load_checkpoint, save_checkpoint
 from service.model.feature_store import load_features
+from service.model.tags import item_tags
 from service.offline.cold import ColdTargets, served_scores
 from service.offline.data import load_dataset
 from service.offline.evaluate import holdout_task, rank_new_items
@@ -218,36 +219,39 @@ def test_new_items_ranked_offline_are_of_the_kind_each_user_picks_next(
 
 
 @pytest.fixture(scope="module")
-def with_genres(cold: tuple[World, Prepared, Path]) -> Path:
-    """ACF trained with the items' genres as a second content channel (``metadata``)."""
+def with_metadata(cold: tuple[World, Prepared, Path]) -> Path:
+    """ACF trained with the items' genres and titles as a second content channel."""
     world, prepared, _ = cold
-    config = TrainConfig(metadata=True)
+    config = TrainConfig(metadata=True, titles=True)
     result = fit(prepared, config, device=torch.device("cpu"), progress=False)
     path = world.root / "acf-genres.pt"
     save_checkpoint(path, to_checkpoint(prepared, result, config))
     return path
 
 
-@pytest.mark.parametrize("metadata", [False, True], ids=["image", "image-and-genres"])
+@pytest.mark.parametrize("metadata", [False, True], ids=["image", "image-and-metadata"])
 def test_the_cold_protocols_scores_are_what_the_api_answers_for_the_same_items(
-    cold: tuple[World, Prepared, Path], with_genres: Path, tmp_path: Path, metadata: bool
+    cold: tuple[World, Prepared, Path], with_metadata: Path, tmp_path: Path, metadata: bool
 ) -> None:
     """`make reproduce`'s cold-item figures score new items with ``served_scores``; the API
-    scores the same items, uploaded through ``POST /items`` (with their genres), within
-    float16 table rounding."""
+    scores the same items, uploaded through ``POST /items`` (with their title and genres),
+    within float16 table rounding."""
     world, prepared, path = cold
-    path = with_genres if metadata else path
+    path = with_metadata if metadata else path
     data, n = prepared.dataset, prepared.dataset.n_items
     kind_genres = {int(world.item_kinds[i]): data.genres[i] for i in range(n)}
     genres = [kind_genres[int(k)] for k in world.new_kinds]  # the kind's name, as in items.csv
     ids = _new_ids(world)
+    titles = [f"{' '.join(names)} #{item}" for item, names in zip(ids, genres, strict=True)]
     settings = _settings(cold).model_copy(update={"checkpoint": path})
     with TestClient(create_app(settings, profiles=histories(data))) as client:
-        for item, names in zip(ids, genres, strict=True):
-            answer = _add(client, world, item, genres="|".join(names))
+        for item, names, title in zip(ids, genres, titles, strict=True):
+            answer = _add(client, world, item, genres="|".join(names), title=title)
             assert answer.status_code == 201, answer.text
             assert answer.json()["genres"] == sorted(names)
             assert answer.json()["genres_read"] == (sorted(names) if metadata else [])
+            words = sorted(f"word:{w}" for name in names for w in name.split())
+            assert answer.json()["title_read"] == (words if metadata else [])
         ckpt = load_checkpoint(path)
         raw, meta = load_features(world.root / "features")
         model = ckpt.build_model(raw, inputs_hash=meta.inputs_hash, item_ids=meta.item_ids)
@@ -268,10 +272,13 @@ def test_the_cold_protocols_scores_are_what_the_api_answers_for_the_same_items(
                 part,
                 np.arange(n + 1, n + len(ids) + 1),
                 np.concatenate([raw, new]),
-                [*data.genres, *known],
+                [*data.tags, *known],
                 device=torch.device("cpu"),
             )[:, n:]
-            for known in (genres, [frozenset()] * len(ids))
+            for known in (
+                [item_tags(t, g) for t, g in zip(titles, genres, strict=True)],
+                [frozenset()] * len(ids),
+            )
         )
         api = np.array(
             [
@@ -287,7 +294,7 @@ def test_the_cold_protocols_scores_are_what_the_api_answers_for_the_same_items(
     spread = float(offline.std())
     np.testing.assert_allclose(api, offline, rtol=0, atol=0.01 * spread)
     assert spread > 0 and not np.allclose(offline, offline[:, :1])  # the items differ
-    # Only a model with metadata reads the genres
+    # Only a model with metadata reads the title and genres
     assert np.allclose(offline, blind) is not metadata
 
 

@@ -12,11 +12,17 @@ import torch
 
 from service.engine import build_engine
 from service.index.item_index import ItemIndex
-from service.model.acf import ACF, UNKNOWN_USER, ACFConfig, Visual, tag_rows
+from service.model.acf import ACF, UNKNOWN_USER, ACFConfig, Visual
 from service.model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from service.model.sasrec import SASRec, SASRecConfig
-from service.model.serving import NEIGHBOURS, NEW_ITEM_LENGTH, ServingModel
+from service.model.serving import (
+    NEIGHBOURS,
+    NEW_ITEM_LENGTH,
+    NEW_ITEM_LENGTH_BY_TAGS,
+    ServingModel,
+)
 from service.model.tables import Rows, compute_tables, read_tables, write_tables
+from service.model.tags import tag_rows
 from service.recommender import Query, Recommender
 
 N_ITEMS, K, C = 40, 49, 12
@@ -266,7 +272,14 @@ def test_a_new_item_starts_from_its_nearest_looking_items_and_is_not_shorter() -
     torch.testing.assert_close(bias, model.bias.weight[near].mean(0))  # type: ignore[union-attr]
 
 
-def test_a_new_item_is_placed_by_its_genres_as_well_as_its_image() -> None:
+def _nearest_rows(vectors: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """(k, ) item indices 1..N of the ``NEIGHBOURS`` rows of ``vectors`` (items 1..N) closest
+    (cosine) to ``query``."""
+    unit = torch.nn.functional.normalize(vectors, dim=1)
+    return (unit @ torch.nn.functional.normalize(query, dim=0)).topk(NEIGHBOURS).indices + 1
+
+
+def test_a_new_item_is_placed_by_the_tags_it_has_and_scored_by_its_image_too() -> None:
     g = torch.Generator().manual_seed(2)
     features = torch.randn(N_ITEMS, K, C, generator=g)
     model = ACF(TAGGED, features, _tags(TAGGED, g)).eval()
@@ -279,16 +292,39 @@ def test_a_new_item_is_placed_by_its_genres_as_well_as_its_image() -> None:
     assert comedy.model.item_tags[new].tolist() == [1.0, 0.0, 0.0]
     assert both.model.item_tags[new].tolist() == [0.5, 0.0, 0.5]
     assert none.model.item_tags[new].tolist() == [0.0, 0.0, 0.0]
-    # The same image, the same neighbours: the vectors differ by the genres' mapped rows only
-    weight = model.tag_embedding.weight.detach().numpy()  # type: ignore[union-attr]
-    shift = (weight[:, 0] - weight[:, 2]) * TAGGED.scale
-    gap = comedy.item_vectors[N_ITEMS] - horror.item_vectors[N_ITEMS]
-    np.testing.assert_allclose(gap[: TAGGED.dim], shift, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(gap[TAGGED.dim :], 0.0)  # the bias column
+    # With tags it knows, its rows start from the trained items whose mapped tags are nearest
+    with torch.no_grad():
+        mapped = model.tag_embedding(model.item_tags[1:])  # type: ignore[misc]
+        for grown, column in ((comedy, 0), (horror, 2)):
+            near = _nearest_rows(mapped, model.tag_embedding.weight[:, column])  # type: ignore[union-attr]
+            rows = model.item_embedding.weight[near]
+            start = grown.model.item_embedding.weight[new]
+            assert torch.nn.functional.cosine_similarity(start, rows.mean(0), dim=0) > 0.9999
+            torch.testing.assert_close(
+                start.norm(), rows.norm(dim=1).mean() * NEW_ITEM_LENGTH_BY_TAGS
+            )
+        # Without any, from the nearest-looking trained items, as a model without metadata
+        images = torch.as_tensor(np.asarray(serving.tables.images, dtype=np.float32))
+        near = _nearest_rows(images, images[6])
+        start = none.model.item_embedding.weight[new]
+        assert (
+            torch.nn.functional.cosine_similarity(
+                start, model.item_embedding.weight[near].mean(0), dim=0
+            )
+            > 0.9999
+        )
+    # The image is read too: the same tags with another image give another vector
+    other = serving.with_items(features[8:9].numpy(), [{"comedy"}])
+    assert not np.allclose(other.item_vectors[N_ITEMS], comedy.item_vectors[N_ITEMS], atol=1e-4)
     # A profile holding the new item reads its genres too: its query moves with them
     profile = np.array([[3, 5, new]])
     queries = [m.queries(np.array([0]), profile) for m in (comedy, horror)]
     assert not np.allclose(*queries)
+    # Added one by one (as POST /items adds them) or together, items are placed alike: the
+    # neighbours are trained items only
+    together = serving.with_items(features[6:8].numpy(), [{"comedy"}, {"comedy"}])
+    one_by_one = comedy.with_items(features[7:8].numpy(), [{"comedy"}])
+    np.testing.assert_allclose(one_by_one.item_vectors, together.item_vectors, atol=1e-5)
 
 
 def test_a_model_without_images_places_a_new_item_by_its_genres() -> None:
@@ -311,7 +347,7 @@ def test_a_model_without_images_places_a_new_item_by_its_genres() -> None:
     rows = model.item_embedding.weight[near].detach()
     new = grown.model.item_embedding.weight[N_ITEMS + 1].detach()
     assert torch.nn.functional.cosine_similarity(new, rows.mean(0), dim=0) > 0.9999
-    with pytest.raises(ValueError, match="by its genres alone"):
+    with pytest.raises(ValueError, match="by its metadata alone"):
         serving.with_items(features[:1].numpy(), [["not a genre it knows"]])
     # POST /items asks the engine first, so such an item is refused before it is stored
     ckpt = Checkpoint(
@@ -326,7 +362,7 @@ def test_a_model_without_images_places_a_new_item_by_its_genres() -> None:
         ckpt, features.numpy(), inputs_hash="h", item_ids=ckpt.item_ids, device=CPU
     )
     assert engine.refuses_new_item(names) is None
-    assert "send at least one it knows" in str(engine.refuses_new_item(["noir"]))
+    assert "send a genre it knows" in str(engine.refuses_new_item(["noir"]))
     with pytest.raises(ValueError, match="cannot score new items"):
         ServingModel.from_model(ACF(replace(BASE, visual="none"), features), device=CPU).with_items(
             features[:1].numpy()

@@ -309,6 +309,7 @@ def test_command_line_refuses_features_of_another_dataset(
         ({"context_blocks": -1}, "context_blocks=-1"),
         ({"loss": "bpr", "every_position": True}, "every_position=True"),
         ({"entropy_bonus": 0.1, "every_position": True}, "every_position=True"),
+        ({"titles": True}, "titles=True without metadata"),
     ],
 )
 def test_a_bad_setting_is_refused_by_name(change: dict[str, object], named: str) -> None:

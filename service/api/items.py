@@ -30,6 +30,7 @@ from service.api.reload import ModelSlot
 from service.api.schemas import GUARDED, RETRY_AFTER_S, StoreRefused, refusals
 from service.catalogue import Catalogue, CatalogueItem
 from service.model.backbones import Backbone, component_features, load_backbone
+from service.model.tags import item_tags
 from service.recommender import Recommender
 from service.store.items import AddedItem, ItemStore
 from service.store.profiles import MAX_ITEM_ID, StoreUnavailable
@@ -57,6 +58,7 @@ class AddedItemResponse(BaseModel):
     title: str
     genres: list[str]
     genres_read: list[str]  # those the serving model knows (none: it reads no metadata)
+    title_read: list[str]  # the title's tags (words, decade) the serving model knows
     model_version: str
     items: int  # in the catalogue now
     seconds: float  # image to servable
@@ -131,7 +133,8 @@ def _with(engine: Recommender, items: Iterable[AddedItem]) -> Recommender:
     if not items:
         return engine
     features = np.stack([i.features for i in items]).astype(np.float32)  # (M, K, C)
-    return engine.with_items([i.item_id for i in items], features, [i.genres for i in items])
+    tags = [item_tags(i.title, i.genres) for i in items]
+    return engine.with_items([i.item_id for i in items], features, tags)
 
 
 def _catalogue_item(item: AddedItem) -> CatalogueItem:
@@ -146,7 +149,8 @@ ADD_RESPONSES = {
         {
             400: "the body is not a readable multipart form",
             409: "an item with this id exists, or the serving model cannot score items it was "
-            "not trained on (or, scoring no images, knows none of its genres); nothing was "
+            "not trained on (or, scoring no images, knows none of its genres and title words); "
+            "nothing was "
             "changed",
             413: "the image is over the size limits (bytes, pixels, or 20 times longer than "
             "wide); nothing was changed",
@@ -188,7 +192,8 @@ def install_items(app: FastAPI, *, dependencies: list[Any]) -> None:
         """Add an item from its image (multipart form: ``item_id``, ``image``, optional
         ``title`` and ``genres``; admin key). The serving backbone turns the image into the
         model's components, the item is scored from its image (and, by a model trained with
-        metadata, its genres: ``genres_read`` says which it knows), and it is recommendable,
+        metadata, its genres and title: ``genres_read`` and ``title_read`` say which it
+        knows), and it is recommendable,
         explainable and on the page as soon as this answers 201; it is stored so that a
         restart, a reloaded model and every replica have it too. Sending the same image,
         title and genres under the same id again answers 201 too (a safe retry); another item
@@ -203,7 +208,7 @@ def install_items(app: FastAPI, *, dependencies: list[Any]) -> None:
             raise HTTPException(413, f"the image is over {items.max_image_bytes} bytes")
         picture, media_type = await run_in_threadpool(decode_image, data, items.max_image_pixels)
         tags = tuple(sorted({g.strip() for g in genres.split("|")} - {""}))
-        refusal = slot.engine.refuses_new_item(tags)
+        refusal = slot.engine.refuses_new_item(item_tags(title, tags))
         if refusal is not None:
             raise HTTPException(409, refusal)
         sent = AddedItem(item_id, title, media_type, data, np.empty(0, np.float16), tags)
@@ -236,6 +241,7 @@ def _added(item: AddedItem, slot: ModelSlot, started: float) -> AddedItemRespons
         title=item.title,
         genres=list(item.genres),
         genres_read=[g for g in item.genres if g in slot.engine.tags],
+        title_read=sorted(set(item_tags(item.title, ())) & set(slot.engine.tags)),
         model_version=slot.engine.version,
         items=len(slot.engine.item_ids),
         seconds=round(time.perf_counter() - started, 3),

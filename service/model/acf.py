@@ -46,7 +46,7 @@ of users never touches raw C-dimensional features more than once per item.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -139,7 +139,8 @@ class ACF(nn.Module):
 
     ``features``: (N, K, C) component features of items 1..N, any float dtype; None for a
     model that is only given tables (:meth:`with_new_items`). ``tags``: (N, T) the items'
-    rows of :func:`tag_rows` over ``config.tags`` (a buffer saved with the weights).
+    rows of :func:`service.model.tags.tag_rows` over ``config.tags`` (a buffer saved with
+    the weights).
     """
 
     features: Tensor  # (N+1, K, C) float32 buffer, row 0 = padding
@@ -468,18 +469,6 @@ _NO_TABLES = ItemTables(torch.empty(0), torch.empty(0))
 # parameters with one row per item (row 0 = PAD); a tied model has the first two the same
 ITEM_ROWS = ("item_embedding.weight", "profile_embedding.weight", "bias.weight")
 TAG_ROWS = "item_tags"  # the items' metadata: given for a new item, not learned
-
-
-def tag_rows(vocabulary: Sequence[str], tags: Sequence[Iterable[str]]) -> Tensor:
-    """(M, T) each item's tags as weights summing to 1 over ``vocabulary`` (a zero row for an
-    item with none of them; tags outside the vocabulary are not known to the model)."""
-    column = {name: j for j, name in enumerate(vocabulary)}
-    rows = torch.zeros(len(tags), len(vocabulary))
-    for i, names in enumerate(tags):
-        known = sorted({column[n] for n in names if n in column})
-        if known:
-            rows[i, known] = 1.0 / len(known)
-    return rows
 
 
 def _newest(content: Tensor, mask: Tensor) -> Tensor:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import re
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -31,6 +30,7 @@ import torch
 from service.model.acf import ACF
 from service.model.projection import Projection
 from service.model.serving import ServingModel
+from service.model.tags import WORD
 from service.offline.data import Dataset, group_by_user, leave_last_out
 from service.offline.evaluate import evaluate, holdout_task
 from service.offline.metrics import HEADLINE, Interval, bootstrap, paired_bootstrap
@@ -42,7 +42,6 @@ from service.offline.sampling import last_items
 log = logging.getLogger(__name__)
 
 COLD_SHARE = 0.2
-WORD = re.compile(r"\w[\w']+")  # words of a title (2+ characters), for the text baseline
 # The three rankings: the held-out items among themselves; the whole catalogue with them added
 # (what a user of the service sees); `standard` on the warm items (what the cold gain costs)
 RANKINGS = ("cold", "all", "warm")
@@ -246,20 +245,20 @@ def served_scores(
     part: ColdTargets,
     candidates: np.ndarray,
     features: np.ndarray,
-    genres: Sequence[frozenset[str]] = (),
+    tags: Sequence[frozenset[str]] = (),
     *,
     device: torch.device,
 ) -> np.ndarray:
     """ACF trained on the warm data, the held-out items added after training through the
     serving code (``ServingModel.with_items``, what ``POST /items`` runs): (U, Nw + M) scores,
     the warm items first, then ``candidates`` in order, from their raw (N, K, C) features and
-    their ``genres`` (of items 1..N; read by a model with metadata)."""
+    their ``tags`` (of items 1..N, ``Dataset.tags``; read by a model with metadata)."""
     serving = ServingModel.from_model(
         copy.deepcopy(model), device=device, projection=projection, dtype=np.float32
     )
     grown = serving.with_items(
         np.asarray(features[candidates - 1], dtype=np.float32),
-        [genres[i - 1] for i in candidates] if genres else None,
+        [tags[i - 1] for i in candidates] if tags else None,
     )
     return grown.queries(part.users, part.profiles) @ grown.item_vectors.T
 
@@ -351,7 +350,7 @@ def run_cold(
     )
     warm = warm_prepared(prepared, split)
     features = prepared.features  # raw, of items 1..N: the held-out ones are added from them
-    genres = prepared.dataset.genres
+    tags = prepared.dataset.tags
     seeds = plan.cold.seeds or plan.seeds
     rows = _baselines(prepared, split, seeds)
     warm_task = holdout_task(warm.split, "standard")
@@ -369,7 +368,7 @@ def run_cold(
                 )
             projection = fitted.projection
             test = served_scores(
-                model, projection, split.test, split.test_items, features, genres, device=device
+                model, projection, split.test, split.test_items, features, tags, device=device
             )
             row.tables["cold"].append(
                 multi_target_metrics(test[:, split.warm.n_items :], split.test.targets)
@@ -385,7 +384,7 @@ def run_cold(
                 split.validation,
                 split.validation_items,
                 features,
-                genres,
+                tags,
                 device=device,
             )
             row.validation.append(

@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from service.model.tags import item_tags
+
 log = logging.getLogger(__name__)
 
 PAD = 0  # item index reserved for "no item" in profiles
@@ -89,6 +91,13 @@ class Dataset:
     @property
     def n_items(self) -> int:
         return len(self.item_ids)
+
+    @property
+    def tags(self) -> tuple[frozenset[str], ...]:
+        """(N,) each item's metadata, title and genres, as the tags ACF's metadata channel
+        reads (:func:`service.model.tags.item_tags`)."""
+        genres = self.genres or (frozenset(),) * self.n_items
+        return tuple(item_tags(t, g) for t, g in zip(self.titles, genres, strict=True))
 
 
 @dataclass(frozen=True)

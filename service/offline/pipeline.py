@@ -73,7 +73,7 @@ def fit(
     )
     projection = feature_projection(prepared.features, config)
     features = prepared.features if projection is None else projection.apply(prepared.features)
-    model = build_model(config, split, features, prepared.dataset.genres)
+    model = build_model(config, split, features, prepared.dataset.tags)
     validation = [
         validation_task(split, protocol, profile_size=config.profile_size)
         for protocol in ("standard", "seed")

@@ -32,9 +32,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from service.model.acf import ACF, PAD, UNKNOWN_USER, ACFConfig, Visual, tag_rows
+from service.model.acf import ACF, PAD, UNKNOWN_USER, ACFConfig, Visual
 from service.model.projection import Projection
 from service.model.sasrec import SASRec, SASRecConfig
+from service.model.tags import tag_rows, vocabulary
 from service.offline import distributed
 from service.offline.attention import LEVELS, Probe, attention_stats, flat_levels
 from service.offline.baselines import BPRMF, EASE, VBPR, Popularity, Transitions
@@ -146,6 +147,8 @@ class TrainConfig:
     # ACF: the items' genres (items.csv) as a second content channel beside the image, on
     # both the profile and the candidate side (ACFConfig.tags); POST /items then takes them
     metadata: bool = False
+    # with metadata, the title's words and decade too (service.model.tags)
+    titles: bool = False
     # SASRec (2 blocks and 1 head, as in the paper's ml-1m setting); ACF's context blocks
     dropout: float = 0.2
     blocks: int = 2
@@ -198,6 +201,8 @@ class TrainConfig:
                 f"{self.entropy_bonus} (it needs the softmax loss and no entropy bonus; "
                 "say every_position=false)"
             )
+        if self.titles and not self.metadata:
+            bad.append("titles=True without metadata=True (titles are part of the metadata)")
         if bad:
             raise ValueError(f"invalid training setting(s): {'; '.join(bad)}")
 
@@ -272,23 +277,28 @@ def build_model(
     config: TrainConfig,
     split: Split,
     features: np.ndarray | Tensor,
-    genres: Sequence[frozenset[str]] = (),
+    tags: Sequence[frozenset[str]] = (),
 ) -> nn.Module:
     """A freshly initialised (or, for the fitted baselines, fitted) model, seeded by
-    ``config.seed``; ``features`` (N, K, C) are what ACF and VBPR see, ``genres`` (N,) the
-    items' tags that ACF with ``metadata`` reads."""
-    if config.metadata and config.model == "acf" and not any(genres):
-        raise ValueError("metadata=true needs items with genres (a genres column in items.csv)")
+    ``config.seed``; ``features`` (N, K, C) are what ACF and VBPR see, ``tags`` (N,) the
+    items' metadata (:func:`service.model.tags.item_tags`) that ACF with ``metadata`` reads."""
+    words = vocabulary(tags, titles=config.titles) if config.metadata else ()
+    if config.metadata and config.model == "acf" and not words:
+        raise ValueError(
+            "metadata=true needs items with genres (a genres column in items.csv)"
+            + (" or titles" if config.titles else "")
+        )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        return _build(config, split, features, genres)
+        return _build(config, split, features, tags, words)
 
 
 def _build(
     config: TrainConfig,
     split: Split,
     features: np.ndarray | Tensor,
-    genres: Sequence[frozenset[str]],
+    tags: Sequence[frozenset[str]],
+    words: tuple[str, ...],
 ) -> nn.Module:
     name = config.model
     if name in ("acf", "vbpr"):
@@ -296,11 +306,10 @@ def _build(
         if name == "vbpr":
             return VBPR(split.n_users, feats, config.dim)
         n, k, c = feats.shape
-        vocabulary = tuple(sorted(set().union(*genres))) if config.metadata else ()
         acf = config.acf_config(
-            n_users=split.n_users, n_items=n, n_components=k, feature_dim=c, tags=vocabulary
+            n_users=split.n_users, n_items=n, n_components=k, feature_dim=c, tags=words
         )
-        return ACF(acf, feats, tag_rows(vocabulary, genres) if vocabulary else None)
+        return ACF(acf, feats, tag_rows(words, tags) if words else None)
     if name == "sasrec":
         return SASRec(
             SASRecConfig(
