@@ -207,3 +207,4 @@ def test_the_protocol_run_ranks_trained_rows_three_ways_and_baselines_cold_only(
         assert 0 <= row.validation[0] <= 1
     page = "\n".join(cold_section(c, cold))
     assert "| `acf_item_dropout` |" in page and "x as often as users chose them" in page
+    assert "`acf` − `acf_item_dropout`: cold-only nDCG@20" in page

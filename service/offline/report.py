@@ -457,19 +457,16 @@ def _cold_verdict(c: ColdComparison) -> list[str]:
         + (f"it **{verdict}**" if verdict else "neither buried nor flooding")
         + " (goal 0.5x–2x)."
     )
-    for name, d in c.diffs["warm"].items():
-        out.append(
-            f"Warm: `{name}` is {-d['nDCG@20'].mean:+.4f} nDCG@20 and {-d['R@20'].mean:+.4f} "
-            f"R@20 against `{ref}` (goal: no worse than −0.005)."
-        )
     for r in c.rows:
-        if r.name != ref and r.name in c.summary["all"]:
-            iv = cold[r.name]["nDCG@20"]
-            out.append(
-                f"`{r.name}`: cold-only nDCG@20 {-iv.mean:+.4f} [{-iv.high:+.4f}, {-iv.low:+.4f}] "
-                f"against `{ref}`, new items shown {r.mean_exposure:.2f}x."
-            )
-    out.append("Not measured yet: title words in ACF's metadata channel (genres only so far).")
+        if r.name == ref or r.name not in c.summary["all"]:
+            continue
+        iv, warm = cold[r.name]["nDCG@20"], c.diffs["warm"][r.name]
+        out.append(
+            f"`{ref}` − `{r.name}`: cold-only nDCG@20 {signed_interval(iv)}; warm "
+            f"{warm['nDCG@20'].mean:+.4f} nDCG@20, {warm['R@20'].mean:+.4f} R@20 (goal for "
+            f"warm items: no worse than −0.005); `{r.name}` shows new items "
+            f"{r.mean_exposure:.2f}x."
+        )
     return [" ".join(out)]
 
 
