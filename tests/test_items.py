@@ -329,9 +329,19 @@ def test_bad_uploads_are_refused_and_change_nothing(
                 headers={"X-API-Key": ADMIN},
             )
         )
-    assert [r.status_code for r in refused] == [401, 415, 409, 422, 422, 422, 422]
+    for title in ("Amélie".encode()[:3], "Amélie".encode("latin-1")):  # cut; not UTF-8
+        refused.append(
+            client.post(
+                "/items",
+                data={"item_id": str(item), "title": title},  # type: ignore[dict-item]
+                files={"image": ("x.png", _png(8, 8))},
+                headers={"X-API-Key": ADMIN},
+            )
+        )
+    assert [r.status_code for r in refused] == [401, 415, 409, 422, 422, 422, 422, 400, 400]
     assert "already in the catalogue" in refused[2].json()["detail"]
     assert all("title" in str(r.json()["detail"]) for r in refused[4:])
+    assert all("'title' is not valid utf-8" in r.json()["detail"] for r in refused[-2:])
     assert client.get("/readyz").json()["items"] == before
     assert client.post("/recommend", json={"history": [item]}).status_code == 422
 

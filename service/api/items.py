@@ -20,12 +20,13 @@ from typing import Annotated, Any
 
 import numpy as np
 import torch
-from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi import APIRouter, FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.responses import JSONResponse
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
+from service.api.forms import StrictForms
 from service.api.reload import ModelSlot
 from service.api.schemas import GUARDED, RETRY_AFTER_S, StoreRefused, refusals
 from service.catalogue import Catalogue, CatalogueItem
@@ -147,7 +148,8 @@ ADD_RESPONSES = {
     **GUARDED,
     **refusals(
         {
-            400: "the body is not a readable multipart form",
+            400: "the body is not a readable multipart form, or a text field (title, genres) "
+            "is not valid in the form's charset (UTF-8 unless its Content-Type names another)",
             409: "an item with this id exists, or the serving model cannot score items it was "
             "not trained on (or, scoring no images, knows none of its genres and title words); "
             "nothing was "
@@ -167,8 +169,9 @@ ADD_RESPONSES = {
 def install_items(app: FastAPI, *, dependencies: list[Any]) -> None:
     """``dependencies``: the admin guard. The lifespan state must hold ``items`` (:class:`Items`),
     ``models`` and ``catalogue``."""
+    router = APIRouter(route_class=StrictForms)  # a title is UTF-8 or refused, not re-read
 
-    @app.post(
+    @router.post(
         "/items",
         status_code=201,
         response_model=AddedItemResponse,
@@ -233,6 +236,8 @@ def install_items(app: FastAPI, *, dependencies: list[Any]) -> None:
         catalogue.add(_catalogue_item(added))
         log.info("item %d added from its image", item_id)
         return _added(added, slot, started)
+
+    app.include_router(router)
 
 
 def _added(item: AddedItem, slot: ModelSlot, started: float) -> AddedItemResponse:
