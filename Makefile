@@ -13,7 +13,7 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 # redo it (~13 s) every time. `make install FORCE=1`, or deleting the stamp, redoes it.
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install reinstall browser haproxy serve test image-smoke lint reproduce tune generalise sweep bench bench-serve bench-reload bench-faults bench-soak bench-workers bench-cluster bench-access-log bench-million bench-probe clean
+.PHONY: install reinstall browser haproxy serve test image-smoke lint reproduce tune generalise sweep bench bench-serve bench-reload bench-faults bench-fault-matrix bench-soak bench-workers bench-cluster bench-access-log bench-million bench-probe clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -100,6 +100,11 @@ bench-reload: install
 # Redis and the API killed and restarted under a steady load: nothing acknowledged may be lost.
 bench-faults: install
 	$(BIN)/python -m benchmarks.fault_injection
+
+# Every fault (Redis killed, flushed, down at start; a process killed) against 1 process, 2
+# workers and 3 replicas behind HAProxy: lost, double-applied, seconds to recover, /readyz.
+bench-fault-matrix: install haproxy
+	$(BIN)/python -m benchmarks.fault_matrix
 
 # Several minutes at about 1,000 requests/s: errors, and the server's memory at start and end.
 bench-soak: install

@@ -23,7 +23,7 @@ import redis
 from serve_load import recommend_script, wrk
 from soak import mixed_script
 
-from harness.processes import free_port, wait_for
+from harness.processes import children, free_port, wait_for
 from harness.redis_servers import REDIS
 from service.offline.data import load_dataset
 
@@ -35,14 +35,6 @@ def memory_mib(pid: int) -> tuple[float, float]:
         name, value, *_ = line.split()
         fields[name.rstrip(":")] = int(value) / 1024
     return fields["Rss"], fields["Pss"]
-
-
-def children(pid: int) -> list[int]:
-    return sorted(
-        int(c)
-        for task in Path(f"/proc/{pid}/task").iterdir()
-        for c in (task / "children").read_text().split()
-    )
 
 
 def main() -> None:

@@ -30,6 +30,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def children(pid: int) -> list[int]:
+    """The process ids of a process's children (e.g. ``visrec-serve --workers``'s workers)."""
+    return sorted(
+        int(c)
+        for task in Path(f"/proc/{pid}/task").iterdir()
+        for c in (task / "children").read_text().split()
+    )
+
+
 def call(url: str, body: dict[str, Any] | None = None, timeout: float = 10) -> Any:
     """GET ``url`` (POST ``body`` as JSON when given) on a new connection; the JSON answer."""
     data = None if body is None else json.dumps(body).encode()

@@ -13,20 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from harness.processes import SERVE, call, free_port, wait_for
+from harness.processes import SERVE, call, children, free_port, wait_for
 from harness.redis_servers import REDIS, redis_prefix
 from service.offline.synthetic import World
 
 
 def _processes(url: str, asks: int = 60) -> set[int]:
     return {call(f"{url}/readyz")["process"] for _ in range(asks)}
-
-
-def _children(pid: int) -> set[int]:
-    found = set()
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        found |= {int(c) for c in (task / "children").read_text().split()}
-    return found
 
 
 @pytest.fixture
@@ -62,7 +55,7 @@ def test_every_worker_answers_reads_what_another_wrote_and_dies_with_the_parent(
 ) -> None:
     url, proc = server
     workers = _processes(url)
-    assert len(workers) == 2 and workers == _children(proc.pid)
+    assert len(workers) == 2 and workers == set(children(proc.pid))
     item = int(world.item_kinds.size)  # the last item; user 0 has not seen it all
     for attempt in range(10):  # each write and read on a new connection, any worker
         call(f"{url}/interactions", {"events": [{"user_id": "0", "item_id": item - attempt}]})
@@ -93,7 +86,7 @@ def test_a_dead_worker_is_replaced_and_sigterm_stops_all(
     # gone, and so was its id (a retry was applied again).
     assert call(f"{url}/explain/0?item_id=1")["profile"][-1]["item_id"] == item
     assert call(f"{url}/interactions", event)["applied"] == 0
-    workers = _children(proc.pid)
+    workers = set(children(proc.pid))
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0
     assert all(not Path(f"/proc/{pid}").exists() for pid in workers)
@@ -101,10 +94,10 @@ def test_a_dead_worker_is_replaced_and_sigterm_stops_all(
 
 def _replaced(url: str, proc: subprocess.Popen[bytes], victim: int) -> None:
     """Wait until ``victim``'s replacement answers beside the other worker."""
-    others = _children(proc.pid) - {victim}
+    others = set(children(proc.pid)) - {victim}
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        now = _children(proc.pid)
+        now = set(children(proc.pid))
         if len(now) == 2 and victim not in now:
             break
         time.sleep(0.2)
