@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
 import os
 import random
 import re
@@ -44,6 +43,7 @@ import numpy as np
 import torch
 
 from benchmarks.serve_load import wrk
+from harness.load import paced
 from harness.processes import ApiServer, api_env
 from harness.redis_servers import Acked, RedisServer, found_afterwards
 from service.store.profiles import (
@@ -110,20 +110,14 @@ async def steady_load(
     rng = random.Random(0)
     limits = httpx.Limits(max_connections=64)
     async with httpx.AsyncClient(base_url=url, timeout=5, limits=limits) as client:
-        tasks: set[asyncio.Task[None]] = set()
-        started = time.monotonic()
-        for n in itertools.count():
-            if stop.is_set():
-                break
+
+        async def request(n: int) -> None:
             if n % 3 == 2:
-                event = Acked(rng.choice(users), rng.choice(items), f"fi-{n}")
-                task = asyncio.create_task(write(client, tally, event))
+                await write(client, tally, Acked(rng.choice(users), rng.choice(items), f"fi-{n}"))
             else:
-                task = asyncio.create_task(read(client, tally, rng.choice(users)))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-            await asyncio.sleep(max(0.0, started + (n + 1) / rate - time.monotonic()))
-        await asyncio.gather(*tasks)
+                await read(client, tally, rng.choice(users))
+
+        await paced(rate, stop, request)
 
 
 async def inject_faults(server: RedisServer, api: ApiServer, tally: Tally, seconds: float) -> None:

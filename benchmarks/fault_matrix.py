@@ -22,7 +22,8 @@ answered 5xx, is sent again with the same event id every 0.25 s until it is answ
 the API tells a client to do. Per cell it prints:
 
     acked        events answered 2xx
-    lost         acked events not in Redis at the end (the user's event log and profile)
+    lost         acked events not in Redis at the end (the user's event log and profile),
+                 and of them those acked after the fault's end
     double       events whose answers' ``applied`` add up to more than 1 (applied twice)
     recovered    seconds from the fault's end (Redis back, or the process killed) to the last
                  request that failed (not answered, 5xx, or a degraded read); 0: none failed
@@ -40,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
 import os
 import random
 import signal
@@ -55,6 +55,7 @@ from pathlib import Path
 import httpx
 import torch
 
+from harness.load import paced
 from harness.processes import SERVE, children, free_port, wait_for
 from harness.redis_servers import Acked, RedisServer, found_afterwards
 
@@ -154,6 +155,7 @@ class Deployment:
 @dataclass
 class Cell:
     acked: list[Acked] = field(default_factory=list)
+    acked_at: list[float] = field(default_factory=list)  # monotonic, as ``acked``
     applied: dict[str, int] = field(default_factory=dict)  # event id -> sum of `applied`
     failures: list[float] = field(default_factory=list)  # monotonic times of failed requests
     readyz: list[tuple[float, bool]] = field(default_factory=list)  # (time, degraded)
@@ -186,6 +188,7 @@ async def _write(client: httpx.AsyncClient, cell: Cell, event: Acked, give_up: f
         if r is not None and r.is_success:
             cell.applied[event.event_id] = cell.applied.get(event.event_id, 0) + r.json()["applied"]
             cell.acked.append(event)
+            cell.acked_at.append(time.monotonic())
             return
         if r is not None and r.status_code < 500:
             raise RuntimeError(f"a write was refused: {r.status_code} {r.text}")
@@ -215,20 +218,15 @@ async def _load(
     rng = random.Random(0)
     limits = httpx.Limits(max_connections=64)
     async with httpx.AsyncClient(base_url=url, timeout=5, limits=limits) as client:
-        tasks: set[asyncio.Task[None]] = {asyncio.create_task(_sample_readyz(client, cell, stop))}
-        started = time.monotonic()
-        for n in itertools.count():
-            if stop.is_set():
-                break
+
+        async def request(n: int) -> None:
             if n % 3 == 2:
                 event = Acked(rng.choice(users), rng.choice(items), f"fm-{n}")
-                task = asyncio.create_task(_write(client, cell, event, time.monotonic() + 60))
+                await _write(client, cell, event, time.monotonic() + 60)
             else:
-                task = asyncio.create_task(_read(client, cell, rng.choice(users)))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-            await asyncio.sleep(max(0.0, started + (n + 1) / rate - time.monotonic()))
-        await asyncio.gather(*tasks)
+                await _read(client, cell, rng.choice(users))
+
+        await asyncio.gather(_sample_readyz(client, cell, stop), paced(rate, stop, request))
 
 
 async def _inject(
@@ -284,6 +282,7 @@ class Outcome:
     requests: int
     acked: int
     lost: int
+    lost_after: int  # of those acked after the fault's end
     double: int
     recovered_s: float
     readyz_down: str  # share of samples saying degraded while Redis was down, or "—"
@@ -318,6 +317,10 @@ def run_cell(
             deployment.start()
             cell = asyncio.run(_run_cell(fault, redis, deployment, seconds, rate, users, items))
             found = found_afterwards(redis, prefix, cell.acked)
+            after = [
+                e for e, t in zip(cell.acked, cell.acked_at, strict=True) if t > cell.fault_end
+            ]
+            found_after = found_afterwards(redis, prefix, after)
         finally:
             deployment.stop()
             redis.kill()
@@ -331,6 +334,7 @@ def run_cell(
         cell.requests,
         len(cell.acked),
         len(cell.acked) - found,
+        len(after) - found_after,
         sum(n > 1 for n in cell.applied.values()),
         max(late) - cell.fault_end if late else 0.0,
         _share(said_down) if down else "—",
@@ -344,13 +348,15 @@ def _share(flags: Sequence[bool]) -> str:
 
 def print_table(outcomes: Sequence[Outcome]) -> None:
     print(
-        "| deployment | fault | requests | acked | lost | double | recovered (s) "
+        "| deployment | fault | requests | acked | lost (acked after the fault) | double "
+        "| recovered (s) "
         "| /readyz degraded while Redis down | /readyz degraded 5 s after | goal |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for o in outcomes:
         print(
-            f"| {o.deployment} | {o.fault} | {o.requests} | {o.acked} | {o.lost} | {o.double} "
+            f"| {o.deployment} | {o.fault} | {o.requests} | {o.acked} | {o.lost} "
+            f"({o.lost_after}) | {o.double} "
             f"| {o.recovered_s:.1f} | {o.readyz_down} | {o.readyz_after} "
             f"| {'met' if o.met else '**not met**'} |",
             flush=True,
