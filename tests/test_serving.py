@@ -320,6 +320,12 @@ def test_a_new_item_is_placed_by_the_tags_it_has_and_scored_by_its_image_too() -
     profile = np.array([[3, 5, new]])
     queries = [m.queries(np.array([0]), profile) for m in (comedy, horror)]
     assert not np.allclose(*queries)
+    # Its explanation says how much of the attention went to profile items sharing its tags
+    why = comedy.explain(0, [3, 5, 7], new)
+    has = comedy.model.item_tags[[3, 5, 7], 0].numpy() > 0  # which of them are comedies
+    assert list(why.tags) == ["comedy"]
+    assert why.tags["comedy"] == pytest.approx(float(why.item_attention @ has))
+    assert none.explain(0, [3, 5, 7], new).tags == {}  # it has no tag the model knows
     # Added one by one (as POST /items adds them) or together, items are placed alike: the
     # neighbours are trained items only
     together = serving.with_items(features[6:8].numpy(), [{"comedy"}, {"comedy"}])

@@ -46,6 +46,7 @@ from service.api.schemas import (
     Ready,
     RecommendResponse,
     ScoredItem,
+    SharedTag,
     StoreRefused,
     UserIdInPath,
 )
@@ -572,5 +573,6 @@ async def _explain(
         item_id=item_id,
         score=why.score,
         profile=profile,
+        tags=[SharedTag(tag=t, attention=a) for t, a in why.tags.items()],
         model_version=engine.version,
     )

@@ -141,11 +141,23 @@ class ExplainRequest(Body):
     item_id: Integer
 
 
+class SharedTag(BaseModel):
+    tag: str = Field(description="a genre, `word:<w>` of the title, or `decade:<d>s`")
+    attention: float = Field(
+        description="the item attention on the profile items that have this tag too (0-1)"
+    )
+
+
 class ExplainResponse(BaseModel):
     user_id: str | None
     item_id: int
     score: float
     profile: list[ProfileItem]
+    tags: list[SharedTag] = Field(
+        description="the item's tags the served model reads (genres, title words, decade), "
+        "with how much of the profile's attention went to items that have them too, largest "
+        "first; empty for a model without metadata"
+    )
     model_version: str
 
 

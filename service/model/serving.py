@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -34,6 +34,9 @@ class Explanation:
     item_attention: np.ndarray  # (L,) sums to 1
     component_attention: np.ndarray | None  # (L, G, G) each sums to 1; None: not an image model
     score: float
+    # per tag the model knows of the item (a model with metadata), the item attention on the
+    # profile items that have it too, largest first
+    tags: dict[str, float] = field(default_factory=dict)
 
 
 class Serving(Protocol):
@@ -262,16 +265,32 @@ class ServingModel:
         )
         query = self.model.query_vectors(out.user).float().cpu().numpy()[0]
         n = len(items)
+        attention = out.item_attention[0, :n].float().cpu().numpy()
         return Explanation(
             profile=items,
-            item_attention=out.item_attention[0, :n].float().cpu().numpy(),
+            item_attention=attention,
             component_attention=out.component_attention[0, :n]
             .float()
             .cpu()
             .numpy()
             .reshape(n, self.grid, self.grid),
             score=float(query @ self.item_vectors[item - 1]),
+            tags=self._shared_tags(items, attention, item),
         )
+
+    def _shared_tags(
+        self, profile: np.ndarray, attention: np.ndarray, item: int
+    ) -> dict[str, float]:
+        """Per tag the model knows of ``item``, the attention on the profile items that have
+        it too, largest first ({} for a model without metadata)."""
+        model = self.model
+        if not model.config.tags:
+            return {}
+        rows = model.item_tags.cpu().numpy() > 0  # (N+1, T)
+        shares = attention @ rows[profile] if len(profile) else np.zeros(rows.shape[1])
+        own = np.flatnonzero(rows[item])
+        ranked = sorted(own, key=lambda t: -shares[t])
+        return {model.config.tags[t]: float(shares[t]) for t in ranked}
 
 
 class SequenceServing:

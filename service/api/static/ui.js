@@ -104,6 +104,11 @@ function drawProfile(why, items) {
     return card(items.get(p.item_id), "profile-item", overlay, [bar, value]);
   });
   $("profile").replaceChildren(...(cards.length ? cards : ["No history yet: add an item."]));
+  // A model with metadata: the explained item's tags, with the attention on profile items
+  // that share each one
+  const shared = why.tags.map((t) => `${t.tag} ${t.attention.toFixed(2)}`).join(", ");
+  const intro = "Its tags, and the attention on profile items that share each:";
+  $("tags").textContent = shared ? `${intro} ${shared}` : "";
 }
 
 function drawRecommendations(recs, items, target) {
