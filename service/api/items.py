@@ -210,11 +210,11 @@ def install_items(app: FastAPI, *, dependencies: list[Any]) -> None:
         if len(data) > items.max_image_bytes:
             raise HTTPException(413, f"the image is over {items.max_image_bytes} bytes")
         picture, media_type = await run_in_threadpool(decode_image, data, items.max_image_pixels)
-        tags = tuple(sorted({g.strip() for g in genres.split("|")} - {""}))
-        refusal = slot.engine.refuses_new_item(item_tags(title, tags))
+        names = tuple(sorted({g.strip() for g in genres.split("|")} - {""}))
+        refusal = slot.engine.refuses_new_item(item_tags(title, names))
         if refusal is not None:
             raise HTTPException(409, refusal)
-        sent = AddedItem(item_id, title, media_type, data, np.empty(0, np.float16), tags)
+        sent = AddedItem(item_id, title, media_type, data, np.empty(0, np.float16), names)
         async with items.lock:
             known = items.known.get(item_id)
             if known is not None and known.same_as(sent):  # a retry of an item it has

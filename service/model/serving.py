@@ -176,7 +176,7 @@ class ServingModel:
         projected = project(features, self.projection).to(self.device)
         model, n = self.model, self.model.config.n_items
         with torch.inference_mode():
-            known = tag_rows(model.config.tags, tags or [()] * len(features))
+            known = tag_rows(model.config.tags, tags or [()] * len(features)).to(self.device)
             by_tags = self._placed_by_tags(known)
             near = self._neighbours(projected, known, by_tags)  # (M, k) trained items
             scale = torch.where(by_tags, NEW_ITEM_LENGTH_BY_TAGS, NEW_ITEM_LENGTH)[:, None]
@@ -209,7 +209,7 @@ class ServingModel:
         by_tags = (
             tags.any(1)
             if model.tag_embedding is not None
-            else torch.zeros(len(tags), dtype=torch.bool)
+            else torch.zeros(len(tags), dtype=torch.bool, device=tags.device)
         )
         if model.config.visual != "score" and not bool(by_tags.all()):
             if model.tag_embedding is None:
@@ -232,7 +232,7 @@ class ServingModel:
         near = torch.empty(len(tags), min(NEIGHBOURS, n), dtype=torch.long, device=self.device)
         if bool(by_tags.any()):
             assert model.tag_embedding is not None
-            new = model.tag_embedding(tags[by_tags].to(self.device))
+            new = model.tag_embedding(tags[by_tags])
             near[by_tags] = _nearest(new, model.tag_embedding(model.item_tags[1 : n + 1]))
         if not bool(by_tags.all()):
             assert self.tables.images is not None
@@ -286,9 +286,10 @@ class ServingModel:
         model = self.model
         if not model.config.tags:
             return {}
-        rows = model.item_tags.cpu().numpy() > 0  # (N+1, T)
-        shares = attention @ rows[profile] if len(profile) else np.zeros(rows.shape[1])
-        own = np.flatnonzero(rows[item])
+        read = torch.as_tensor(np.append(profile, item), device=model.item_tags.device)
+        rows = (model.item_tags[read] > 0).cpu().numpy()  # (L + 1, T): the profile, the item
+        shares = attention @ rows[:-1]
+        own = np.flatnonzero(rows[-1])
         ranked = sorted(own, key=lambda t: -shares[t])
         return {model.config.tags[t]: float(shares[t]) for t in ranked}
 
