@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import random
 import signal
@@ -285,8 +286,10 @@ class Outcome:
     lost_after: int  # of those acked after the fault's end
     double: int
     recovered_s: float
-    readyz_down: str  # share of samples saying degraded while Redis was down, or "—"
-    readyz_after: str  # share saying degraded SETTLE_S after the fault's end
+    # shares of /readyz samples saying degraded: while Redis was down (None: it never was),
+    # and SETTLE_S after the fault's end; nan: no sample
+    readyz_down: float | None
+    readyz_after: float
 
     @property
     def met(self) -> bool:
@@ -294,8 +297,8 @@ class Outcome:
             self.lost == 0
             and self.double == 0
             and self.recovered_s <= SETTLE_S
-            and self.readyz_after == "0%"
-            and self.readyz_down in ("—", "100%")
+            and self.readyz_after == 0.0
+            and (self.readyz_down is None or self.readyz_down == 1.0)
         )
 
 
@@ -337,13 +340,25 @@ def run_cell(
         len(after) - found_after,
         sum(n > 1 for n in cell.applied.values()),
         max(late) - cell.fault_end if late else 0.0,
-        _share(said_down) if down else "—",
+        _share(said_down) if down else None,
         _share(said_after),
     )
 
 
-def _share(flags: Sequence[bool]) -> str:
-    return f"{sum(flags) / len(flags):.0%}" if flags else "no sample"
+def _share(flags: Sequence[bool]) -> float:
+    return sum(flags) / len(flags) if flags else math.nan
+
+
+def _percent(share: float | None) -> str:
+    """As the table shows a share: "—" where it does not apply, else a percentage that reads
+    as 0% or 100% only when it is exactly that."""
+    if share is None:
+        return "—"
+    if math.isnan(share):
+        return "no sample"
+    if share in (0.0, 1.0):
+        return f"{share:.0%}"
+    return f"{min(max(share, 0.001), 0.999):.1%}"
 
 
 def print_table(outcomes: Sequence[Outcome]) -> None:
@@ -357,7 +372,7 @@ def print_table(outcomes: Sequence[Outcome]) -> None:
         print(
             f"| {o.deployment} | {o.fault} | {o.requests} | {o.acked} | {o.lost} "
             f"({o.lost_after}) | {o.double} "
-            f"| {o.recovered_s:.1f} | {o.readyz_down} | {o.readyz_after} "
+            f"| {o.recovered_s:.1f} | {_percent(o.readyz_down)} | {_percent(o.readyz_after)} "
             f"| {'met' if o.met else '**not met**'} |",
             flush=True,
         )

@@ -364,7 +364,7 @@ def run_cold(
             if not isinstance(model, ACF) or not model.takes_new_items:
                 raise ValueError(
                     f"[cold] row {name!r} can score new items neither by their image nor by "
-                    "their genres"
+                    "their metadata"
                 )
             projection = fitted.projection
             test = served_scores(
