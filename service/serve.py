@@ -13,6 +13,8 @@ import logging
 import os
 import socket
 import sys
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +28,7 @@ if TYPE_CHECKING:
 
     from service.config import Settings
     from service.offline.data import Dataset
+    from service.offline.train import TrainConfig
 
 log = logging.getLogger("visrec.serve")
 
@@ -57,9 +60,9 @@ def prepare_serving(
     data: Path | None, work: Path, device: torch.device, epochs: int | None = None
 ) -> tuple[Dataset, Path, Path]:
     """(dataset, features folder, checkpoint), building whatever does not exist yet. The
-    checkpoint is the one `visrec reproduce` chose to serve when it ran on this data, else ACF's
-    (trained here when missing: a training run that was interrupted is resumed where it
-    stopped, not started over)."""
+    checkpoint is the one `visrec reproduce` chose to serve when it ran on this data, else the
+    plan's first-start row (:func:`first_start_config`; trained here when missing: a training
+    run that was interrupted is resumed where it stopped, not started over)."""
     from service.model.checkpoint import SERVED_FILE
     from service.offline.data import load_dataset
     from service.offline.features import extract_features
@@ -97,18 +100,42 @@ def _make_default_world(data: Path) -> None:
 def _train(
     data: Path, features: Path, checkpoint: Path, device: torch.device, epochs: int | None
 ) -> None:
-    """Train the default ACF (the training stack is imported only here)."""
+    """Train the plan's first-start row (the training stack is imported only here): with the
+    settings tuned on this data when a plan was, else the default plan's."""
     from service.model.checkpoint import save_checkpoint
     from service.offline.pipeline import fit, prepare, to_checkpoint, training_state_path
-    from service.offline.train import TrainConfig
 
-    config = TrainConfig() if epochs is None else TrainConfig(epochs=epochs)
-    log.info("no checkpoint at %s: training ACF (up to %d epochs)", checkpoint, config.epochs)
-    state = training_state_path(checkpoint)
     prepared = prepare(data, features)
+    name, config = first_start_config(data, checkpoint.parent, prepared.dataset.tags)
+    if epochs is not None:
+        config = replace(config, epochs=epochs)
+    log.info(
+        "no checkpoint at %s: training the plan's row %s (up to %d epochs)",
+        checkpoint,
+        name,
+        config.epochs,
+    )
+    state = training_state_path(checkpoint)
     result = fit(prepared, config, device=device, state_path=state, resume=True)
     save_checkpoint(checkpoint, to_checkpoint(prepared, result, config))
     state.unlink()
+
+
+def first_start_config(
+    data: Path, run_dir: Path, tags: Sequence[frozenset[str]]
+) -> tuple[str, TrainConfig]:
+    """The row a first start on ``data`` trains, and its settings: the plan tuned on this data
+    (``visrec tune``), else the default plan (its settings chosen elsewhere, said in the log),
+    else ``TrainConfig()`` when there is no plan file at all (an installed package)."""
+    from service.offline.plan import DEFAULT_PLAN, load_plan
+    from service.offline.tune import plan_for
+
+    path = plan_for(data, run_dir, DEFAULT_PLAN)
+    if path is None and DEFAULT_PLAN.is_file():
+        path = DEFAULT_PLAN
+        log.info("no plan was tuned on %s: the settings of %s are used", data, path)
+    row = load_plan(path).first_start_row(tags)
+    return row.name, row.config
 
 
 def parser() -> argparse.ArgumentParser:

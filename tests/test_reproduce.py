@@ -118,6 +118,21 @@ def test_a_row_kept_out_of_the_main_table_is_trained_where_the_plan_names_it(
         load_plan(tmp_path / "q.toml")
 
 
+def test_a_first_start_trains_the_first_row_the_data_can_train(tmp_path: Path) -> None:
+    (tmp_path / "p.toml").write_text(
+        'reference = "acf"\nfirst_start = ["acf_titles", "acf"]\n[models.acf]\n'
+        '[models.acf_titles]\nlike = "acf"\nmetadata = true\ntitles = true\n'
+    )
+    plan = load_plan(tmp_path / "p.toml")
+    titled = [frozenset({"Comedy", "word:toy"}), frozenset({"word:toy"})]
+    assert plan.first_start_row(titled).name == "acf_titles"
+    assert plan.first_start_row([frozenset(), frozenset()]).name == "acf"  # nothing to read
+    assert load_plan(None).first_start_row(titled).name == "acf"  # no first_start: reference
+    (tmp_path / "q.toml").write_text('first_start = ["nope"]\n[models.acf]\n')
+    with pytest.raises(ValueError, match="no row 'nope'"):
+        load_plan(tmp_path / "q.toml")
+
+
 def test_reproduce_writes_both_protocols_for_every_row_and_seed(
     world: World, plan_file: Path, tmp_path: Path
 ) -> None:

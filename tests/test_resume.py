@@ -19,7 +19,7 @@ from service.model.checkpoint import load_checkpoint
 from service.offline.pipeline import Prepared, fit, prepare, training_state_path
 from service.offline.synthetic import World
 from service.offline.train import TrainConfig, TrainResult
-from service.serve import prepare_serving
+from service.serve import first_start_config, prepare_serving
 
 CPU = torch.device("cpu")
 SMALL = TrainConfig(dim=16, attention_dim=16, epochs=4, batch_size=128, lr=1e-2, patience=0)
@@ -133,16 +133,22 @@ def test_visrec_serve_resumes_an_interrupted_training(
     features.symlink_to(world_features[0])
     checkpoint = run_dir / "acf.pt"
     # what `visrec-serve --epochs 3` leaves behind when it is stopped after two epochs
+    prepared = prepare(world.root, features)
+    name, config = first_start_config(world.root, run_dir, prepared.dataset.tags)
+    assert name == "acf_metadata"  # the plan's first-start row: the world's items have genres
     interrupted = fit(
-        prepare(world.root, features),
-        TrainConfig(epochs=2),
+        prepared,
+        replace(config, epochs=2),
         device=CPU,
         progress=False,
         state_path=training_state_path(checkpoint),
     )
     _, _, served = prepare_serving(world.root, tmp_path, CPU, epochs=3)
     assert served == checkpoint and not training_state_path(checkpoint).exists()
-    history = load_checkpoint(checkpoint).history
+    trained = load_checkpoint(checkpoint)
+    assert TrainConfig.from_dict(trained.train_config) == replace(config, epochs=3)
+    assert trained.config.tags  # what POST /items then reads: the genres
+    history = trained.history
     assert len(history) == 3
     assert history[:2] == interrupted.history  # same seconds too: resumed, not retrained
     # once there is a checkpoint, serving does not import the training stack

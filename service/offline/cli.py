@@ -35,7 +35,7 @@ from service.offline.pipeline import (
     to_checkpoint,
     training_state_path,
 )
-from service.offline.plan import load_plan
+from service.offline.plan import DEFAULT_PLAN, load_plan
 from service.offline.report import plot_history, signed_interval
 from service.offline.reproduce import reproduce
 from service.offline.results import ModelRun
@@ -46,8 +46,6 @@ from service.registry import Registry
 from service.runtime import keep_freed_memory, pick_device
 
 log = logging.getLogger("visrec")
-
-DEFAULT_PLAN = Path("configs/reproduce.toml")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,6 +9,9 @@ name is not a model's says which model it is with ``model = ...``. An ablation s
 settings the sweep finds for the row reach its ablations too. ``main = false`` keeps a row out
 of the main table: it is trained only where another part of the plan names it (``[cold]``).
 
+``first_start`` names the rows ``visrec-serve`` may train when it starts on data that no
+``visrec reproduce`` has chosen a row for: the first of them the data can train is served.
+
 A plan says where its settings were chosen (``[tuned]``: the dataset, a fingerprint of its
 interactions, and how), so a run on other data can tell that they were not chosen there. A
 plan written by ``visrec tune`` names another plan as its ``base`` and holds only the row
@@ -18,13 +21,16 @@ settings it found on its dataset's validation, layered on the base's rows.
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from service.model.backbones import DEFAULT_BACKBONE
 from service.offline.synthetic import WorldSpec
-from service.offline.train import MODELS, TrainConfig
+from service.offline.train import MODELS, TrainConfig, metadata_problem
+
+DEFAULT_PLAN = Path("configs/reproduce.toml")  # relative to the repository, as make runs it
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,7 @@ class Plan:
     synthetic: SyntheticPlan | None = None
     cold: ColdPlan | None = None
     tuned: Tuned | None = None
+    first_start: tuple[str, ...] = ()  # rows a first start may train; empty: the reference
 
     def row(self, name: str) -> Row:
         for row in self.rows:
@@ -92,6 +99,14 @@ class Plan:
     def main_rows(self) -> tuple[Row, ...]:
         """The rows of the main table (all but those marked ``main = false``)."""
         return tuple(r for r in self.rows if r.main)
+
+    def first_start_row(self, tags: Sequence[frozenset[str]]) -> Row:
+        """The row a first start trains on items with these ``tags`` (``Dataset.tags``): the
+        first of ``first_start`` the data can train, else the reference."""
+        for name in self.first_start:
+            if metadata_problem(self.row(name).config, tags) is None:
+                return self.row(name)
+        return self.row(self.reference)
 
     def tuned_on(self, fingerprint: str) -> bool:
         """Were the settings chosen on the data with this fingerprint (``data.fingerprint``)?"""
@@ -138,6 +153,7 @@ def load_plan(path: Path | None) -> Plan:
         synthetic=_synthetic(raw["synthetic"]) if "synthetic" in raw else None,
         cold=_cold(raw["cold"]) if "cold" in raw else None,
         tuned=Tuned(**raw["tuned"]) if "tuned" in raw else None,
+        first_start=tuple(raw.get("first_start", ())),
     )
     plan.row(plan.reference)  # must exist
     if not plan.seeds:
@@ -145,6 +161,7 @@ def load_plan(path: Path | None) -> Plan:
     for name in (
         *(plan.synthetic.rows if plan.synthetic else ()),
         *(plan.cold.rows if plan.cold else ()),
+        *plan.first_start,
     ):
         plan.row(name)
     return plan

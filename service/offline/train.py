@@ -282,15 +282,25 @@ def build_model(
     """A freshly initialised (or, for the fitted baselines, fitted) model, seeded by
     ``config.seed``; ``features`` (N, K, C) are what ACF and VBPR see, ``tags`` (N,) the
     items' metadata (:func:`service.model.tags.item_tags`) that ACF with ``metadata`` reads."""
+    problem = metadata_problem(config, tags)
+    if problem:
+        raise ValueError(problem)
     words = vocabulary(tags, titles=config.titles) if config.metadata else ()
-    if config.metadata and config.model == "acf" and not words:
-        raise ValueError(
-            "metadata=true needs items with genres (a genres column in items.csv)"
-            + (" or titles" if config.titles else "")
-        )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         return _build(config, split, features, tags, words)
+
+
+def metadata_problem(config: TrainConfig, tags: Sequence[frozenset[str]]) -> str | None:
+    """Why ``config`` cannot be trained on items with these ``tags``, or None: ACF with
+    ``metadata`` needs a vocabulary to read."""
+    if not (config.metadata and config.model == "acf"):
+        return None
+    if vocabulary(tags, titles=config.titles):
+        return None
+    return "metadata=true needs items with genres (a genres column in items.csv)" + (
+        " or titles" if config.titles else ""
+    )
 
 
 def _build(
