@@ -133,7 +133,7 @@ def _with(engine: Recommender, items: Iterable[AddedItem]) -> Recommender:
     items = list(items)
     if not items:
         return engine
-    features = np.stack([i.features for i in items]).astype(np.float32)  # (M, K, C)
+    features = np.stack([i.features for i in items])  # (M, K, C) float16, as stored
     tags = [item_tags(i.title, i.genres) for i in items]
     return engine.with_items([i.item_id for i in items], features, tags)
 
