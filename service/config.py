@@ -93,6 +93,11 @@ class Settings(BaseSettings):
     # Profiles of the users this process read or wrote most recently, for reads while Redis
     # cannot answer: ~100-300 bytes each (stored encoded), so 50,000 take ~20 MB.
     profile_cache_size: Annotated[int, Field(ge=0)] = 50_000
+    # With Redis: the last this many events this process acknowledged, kept in memory to write
+    # back when Redis loses its data (FLUSHALL, a restart without it; service/store/journal.py);
+    # ~270 bytes each with an 18-character event id, so 100,000 take ~25 MB. Older events, and
+    # those of a process that died, are not covered.
+    journal_events: Annotated[int, Field(ge=0)] = 100_000
     # Items added while serving (POST /items) are kept in Redis when there is one, else in
     # this folder (None: in this process only, gone with it). Replicas look for items added
     # elsewhere every items_sync_s seconds (0: only at start-up).

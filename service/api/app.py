@@ -77,6 +77,7 @@ from service.registry import Current, Registry, follow
 from service.runtime import pick_device
 from service.store.epoch import EpochWatch
 from service.store.items import DirectoryItemStore, ItemStore, MemoryItemStore, RedisItemStore
+from service.store.journal import Journal
 from service.store.profiles import (
     EventConflict,
     Interaction,
@@ -211,6 +212,7 @@ def create_app(
         except StoreUnavailable as err:  # the periodic sync picks them up once it answers
             log.warning("starting without the added items: the item store is down (%s)", err)
         watch: EpochWatch | None = None
+        journal: Journal | None = None
         inner: ProfileStore
         if settings.redis_url:
             redis = RedisProfileStore.from_url(
@@ -223,13 +225,16 @@ def create_app(
                 wait_timeout_ms=settings.redis_wait_timeout_ms,
             )
             inner, name, cache_size = redis, "redis", settings.profile_cache_size
-            watch = EpochWatch(redis, histories=profiles, on_loss=metrics.data_losses.inc)
+            journal = Journal(settings.journal_events)
+            watch = EpochWatch(
+                redis, histories=profiles, journal=journal, on_loss=metrics.data_losses.inc
+            )
         else:
             memory = MemoryProfileStore(
                 max_users=settings.memory_store_max_users, on_evict=metrics.evictions.inc
             )
             inner, name, cache_size = memory, "memory", 0  # it never fails
-        store = ResilientStore(inner, cache_size=cache_size)
+        store = ResilientStore(inner, cache_size=cache_size, journal=journal)
         try:
             if watch is not None:  # Redis: the histories go in once per data set
                 await watch.start()

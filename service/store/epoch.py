@@ -13,6 +13,10 @@ the epoch, is missing, and sets it after. A worker or replica that starts later,
 replacement for one that died, finds the marker and loads nothing: loading at every start
 replaced the live profiles (and the event-id logs, so retries were applied twice).
 
+On a loss, every process also writes back the live events it acknowledged and still keeps
+(:mod:`service.store.journal`), so what users did since the data set was set up survives too,
+as far as the living processes' journals reach.
+
 On a loss, :class:`EpochWatch` logs an error, counts it (``losses``, for /metrics) and keeps a
 description for /readyz. Any process writes a new epoch when the key is missing (so the next
 loss is noticed too); every process started with histories then sees the marker missing and
@@ -31,7 +35,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
-from service.store.profiles import StoreUnavailable
+from service.store.journal import Journal
+from service.store.profiles import Interaction, StoreUnavailable
 
 log = logging.getLogger("visrec.store")
 
@@ -49,6 +54,8 @@ class EpochStore(Protocol):
 
     async def merge(self, histories: Mapping[str, Sequence[int]]) -> None: ...
 
+    async def add(self, events: Sequence[Interaction]) -> int: ...
+
 
 class EpochWatch:
     def __init__(
@@ -56,15 +63,18 @@ class EpochWatch:
         store: EpochStore,
         *,
         histories: Mapping[str, Sequence[int]] | None = None,
+        journal: Journal | None = None,
         on_loss: Callable[[], object] = lambda: None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
         self.histories = histories
+        self.journal = journal  # the events this process acknowledged, written back on a loss
         self.losses = 0
         self.lost: str | None = None  # what happened at the last loss, for /readyz
         self._known: str | None = None  # the epoch of the data set this process serves
         self._pending = False  # histories to merge back (a loss, or a start while down)
+        self._replay = False  # the journal to write back (a loss)
         self._on_loss = on_loss
         self._clock = clock
         self._lock = asyncio.Lock()
@@ -100,7 +110,8 @@ class EpochWatch:
             await self.check()
 
     async def _load(self) -> None:
-        """Merge the histories in unless the data set had them; retried until done."""
+        """Merge the histories in unless the data set had them, and after a loss write the
+        journal back; retried until done (writing an event twice changes nothing)."""
         if not self._pending:
             return
         if self.histories and not await self.store.histories_loaded():
@@ -109,10 +120,19 @@ class EpochWatch:
             log.warning("profiles of %d users merged into Redis", len(self.histories))
             if self.lost:
                 self.lost += f"; profiles of {len(self.histories):,} users merged back"
+        if self._replay and self.journal is not None:
+            written = await self.journal.replay(self.store.add)
+            note = f"{written:,} events this process had acknowledged written back"
+            if self.journal.forgotten:
+                note += f" (it no longer held {self.journal.forgotten:,} older ones: lost)"
+            log.warning("%s", note)
+            self.lost = f"{self.lost}; {note}" if self.lost else note
+        self._replay = False
         self._pending = False
 
     def _lost(self, empty: bool) -> None:
         when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self._clock()))
+        self._replay = True
         self.losses += 1
         self._on_loss()
         what = (

@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
+from service.store.journal import Journal
 from service.store.profiles import (
     Interaction,
     Profile,
@@ -97,9 +98,15 @@ class ResilientStore(ProfileReads):
     """``store``, whose reads fall back to a cache of recent profiles while it is unreachable."""
 
     def __init__(
-        self, store: ProfileStore, *, cache_size: int, clock: Callable[[], float] = time.time
+        self,
+        store: ProfileStore,
+        *,
+        cache_size: int,
+        journal: Journal | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
+        self.journal = journal  # keeps what was acknowledged, to write back after a loss
         self._clock = clock  # the time of events without one, in cached profiles
         self.cache = ProfileCache(cache_size)
         self.max_recent = store.max_recent
@@ -123,8 +130,11 @@ class ResilientStore(ProfileReads):
     async def add(self, events: Sequence[Interaction]) -> int:
         """The store's ``add``; cached profiles of its users follow when all events applied.
         When some were skipped (already applied), which ones is unknown: those users' cache
-        entries are dropped rather than guessed."""
+        entries are dropped rather than guessed. The journal, if any, keeps them once the store
+        acknowledged them."""
         applied = await self._reaching(self.store.add(events))
+        if self.journal is not None:
+            self.journal.record(events)
         now = self._clock()
         by_user: dict[str, list[Interaction]] = {}
         for event in events:
