@@ -15,6 +15,7 @@ import numpy as np
 from service.index.item_index import IndexKind, ItemIndex
 from service.model.acf import PAD, UNKNOWN_USER
 from service.model.checkpoint import Checkpoint
+from service.model.projection import RawFeatures
 from service.model.serving import Explanation, Serving
 from service.model.tags import is_title_tag
 
@@ -104,7 +105,7 @@ class Recommender:
     def with_items(
         self,
         raw_ids: Sequence[int],
-        features: np.ndarray,
+        features: RawFeatures,
         tags: Sequence[Iterable[str]] | None = None,
     ) -> Recommender:
         """A new engine whose catalogue also holds these items, scored from their (M, K, C)

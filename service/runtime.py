@@ -54,6 +54,18 @@ def subnormals_flushed() -> Iterator[None]:
         torch.set_flush_denormal(False)
 
 
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to ``n`` inside the block (process-wide: for work done
+    while nothing else runs, e.g. a start-up before requests are served), as before after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def bar_interval() -> float:
     """Seconds between progress-bar refreshes: live on a terminal, sparse in a log file."""
     return 0.1 if sys.stderr.isatty() else 10.0

@@ -74,7 +74,7 @@ from service.recommender import (
     UnknownItemsError,
 )
 from service.registry import Current, Registry, follow
-from service.runtime import pick_device
+from service.runtime import pick_device, torch_threads
 from service.store.epoch import EpochWatch
 from service.store.items import DirectoryItemStore, ItemStore, MemoryItemStore, RedisItemStore
 from service.store.journal import Journal
@@ -207,8 +207,9 @@ def create_app(
         models = await run_in_threadpool(_load, settings, items.added_to, source, engine)
         metrics.model_version = lambda: models.engine.version
         catalogue = await run_in_threadpool(load_catalogue, settings.data)  # titles, images
-        try:
-            await items.sync(models, catalogue)  # added by an earlier run or another replica
+        try:  # added by an earlier run or another replica; every core, as nothing else runs
+            with torch_threads(os.cpu_count() or 1):
+                await items.sync(models, catalogue)
         except StoreUnavailable as err:  # the periodic sync picks them up once it answers
             log.warning("starting without the added items: the item store is down (%s)", err)
         watch: EpochWatch | None = None

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from service.model.acf import ACF, ITEM_ROWS, PAD, TAG_ROWS, Attended, ItemTables
-from service.model.projection import Projection, project
+from service.model.projection import Projection, RawFeatures, project
 from service.model.sasrec import SASRec
 from service.model.tables import ServingTables, compute_tables, table_rows
 from service.model.tags import tag_rows
@@ -55,7 +55,7 @@ class Serving(Protocol):
     def queries(self, users: np.ndarray, profiles: np.ndarray) -> np.ndarray: ...  # (B, D')
     def explain(self, user: int, profile: Sequence[int], item: int) -> Explanation: ...
     def with_items(
-        self, features: np.ndarray, tags: Sequence[Iterable[str]] | None = None
+        self, features: RawFeatures, tags: Sequence[Iterable[str]] | None = None
     ) -> Serving: ...
 
 
@@ -166,7 +166,7 @@ class ServingModel:
         return self.model.config.tags
 
     def with_items(
-        self, features: np.ndarray, tags: Sequence[Iterable[str]] | None = None
+        self, features: RawFeatures, tags: Sequence[Iterable[str]] | None = None
     ) -> ServingModel:
         """A new serving model whose catalogue also holds items N+1..N+M with these raw
         (M, K, C) features and, for a model with metadata, these tags (e.g. genre names; none
@@ -316,7 +316,7 @@ class SequenceServing:
         return self._vectors
 
     def with_items(
-        self, features: np.ndarray, tags: Sequence[Iterable[str]] | None = None
+        self, features: RawFeatures, tags: Sequence[Iterable[str]] | None = None
     ) -> SequenceServing:
         raise ValueError(
             "this model (SASRec) ranks items by their trained embeddings and reads no images, "
