@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 from harness.redis_servers import Cluster
-from service.store.profiles import Interaction, RedisProfileStore
+from service.store.profiles import Interaction
+from service.store.redis_profiles import RedisProfileStore
 
 
 async def writes(url: str, *, wait: int, writers: int, count: int) -> tuple[float, float, float]:

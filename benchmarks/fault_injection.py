@@ -46,12 +46,8 @@ from benchmarks.serve_load import wrk
 from harness.load import paced
 from harness.processes import ApiServer, api_env
 from harness.redis_servers import Acked, RedisServer, found_afterwards
-from service.store.profiles import (
-    _ADD_LUA,  # the add script itself: --cost times what the service runs
-    EVENT_TTL_S,
-    MAX_EVENT_IDS,
-    RedisProfileStore,
-)
+from service.store.profiles import EVENT_TTL_S, MAX_EVENT_IDS
+from service.store.redis_profiles import _ADD_LUA, RedisProfileStore
 
 ROOT = Path(__file__).resolve().parents[1]
 FSYNC_POLICIES = ("always", "everysec", "off")  # "off": no AOF (nor snapshots) at all

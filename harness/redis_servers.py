@@ -17,7 +17,8 @@ from pathlib import Path
 import redis
 
 from harness.processes import free_port
-from service.store.profiles import decode_profile, user_keys
+from service.store.codec import decode_profile
+from service.store.redis_profiles import user_keys
 
 REDIS = "redis://127.0.0.1:6379/0"  # the Redis that runs before the tests (scripts/with-redis)
 

@@ -18,13 +18,8 @@ from service.api.app import create_app
 from service.config import Settings
 from service.offline.synthetic import World
 from service.store.items import AddedItem, RedisItemStore
-from service.store.profiles import (
-    EventConflict,
-    Interaction,
-    Profile,
-    RedisProfileStore,
-    StoreUnavailable,
-)
+from service.store.profiles import EventConflict, Interaction, Profile, StoreUnavailable
+from service.store.redis_profiles import RedisProfileStore
 
 
 @pytest.fixture(scope="module")

@@ -50,7 +50,8 @@ from service.store.items import (
     MemoryItemStore,
     RedisItemStore,
 )
-from service.store.profiles import StoreUnavailable, redis_client
+from service.store.profiles import StoreUnavailable
+from service.store.redis_client import redis_client
 
 COLD_WORLD = WorldSpec(
     n_users=300,

@@ -78,14 +78,9 @@ from service.runtime import pick_device, torch_threads
 from service.store.epoch import EpochWatch
 from service.store.items import DirectoryItemStore, ItemStore, MemoryItemStore, RedisItemStore
 from service.store.journal import Journal
-from service.store.profiles import (
-    EventConflict,
-    Interaction,
-    MemoryProfileStore,
-    ProfileStore,
-    RedisProfileStore,
-    StoreUnavailable,
-)
+from service.store.memory import MemoryProfileStore
+from service.store.profiles import EventConflict, Interaction, ProfileStore, StoreUnavailable
+from service.store.redis_profiles import RedisProfileStore
 from service.store.resilient import ResilientStore
 
 log = logging.getLogger("visrec.api")

@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
+from service.store.codec import decode_profile, encode_profile
 from service.store.journal import Journal
 from service.store.profiles import (
     Interaction,
@@ -32,8 +33,6 @@ from service.store.profiles import (
     ProfileReads,
     ProfileStore,
     StoreUnavailable,
-    decode_profile,
-    encode_profile,
     millis,
     place,
 )
