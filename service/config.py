@@ -29,7 +29,9 @@ def key_list(text: str) -> tuple[str, ...]:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="VISREC_")
+    # An empty variable is an unset one: compose files pass VISREC_DATA as ${DATA:+/data}, empty
+    # when there is no dataset, which must mean the default (the synthetic world), not "."
+    model_config = SettingsConfigDict(env_prefix="VISREC_", env_ignore_empty=True)
 
     # "production" refuses to start without real keys; "development" runs without any.
     environment: Literal["development", "production"] = "production"
@@ -61,6 +63,8 @@ class Settings(BaseSettings):
     redis_url: str | None = None
     redis_prefix: str = "visrec"
     device: str = "auto"
+    # visrec-serve's processes on one port (--workers); more than one needs redis_url
+    workers: Annotated[int, Field(ge=1)] = 1
     index: Literal["flat", "ivf", "hnsw"] = "flat"
     # How long a request waits for others to share its model call. Requests that queue while
     # a call runs share the next one anyway; a 1.5 ms window added 1.6 ms at one connection and

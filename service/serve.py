@@ -41,7 +41,7 @@ ENVIRONMENT = """environment (the service's settings, see service/config.py):
   VISREC_RATE_LIMIT_PER_S, VISREC_RATE_BURST, VISREC_MAX_BODY_BYTES, VISREC_INDEX,
   VISREC_BATCH_WINDOW_MS, VISREC_CPU_THREADS, VISREC_REDIS_TIMEOUT_MS, VISREC_MODEL_DIRS, ...
   VISREC_ACCESS_LOG         share of requests logged, one line each (default 0: none)
-  VISREC_DATA, VISREC_DEVICE, HOST, PORT   defaults of the arguments above
+  VISREC_DATA, VISREC_DEVICE, VISREC_WORKERS, HOST, PORT   defaults of the arguments above
 """
 
 
@@ -149,7 +149,6 @@ def parser() -> argparse.ArgumentParser:
         "data",
         type=Path,
         nargs="?",
-        default=Path(os.environ["VISREC_DATA"]) if os.environ.get("VISREC_DATA") else None,
         help="dataset folder (default: $VISREC_DATA, else the synthetic world)",
     )
     parser.add_argument(
@@ -171,13 +170,12 @@ def parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--device",
-        default=os.environ.get("VISREC_DEVICE", "auto"),
-        help="cpu, cuda, cuda:N or auto: the GPU when there is one (default: $VISREC_DEVICE)",
+        help="cpu, cuda, cuda:N or auto: the GPU when there is one (default: $VISREC_DEVICE, "
+        "else auto)",
     )
     parser.add_argument(
         "--workers",
         type=int,
-        default=os.environ.get("VISREC_WORKERS", "1"),  # argparse applies type= to it
         help="processes serving one port; the model is loaded once and shared (default: "
         "$VISREC_WORKERS, else 1). More than one needs VISREC_REDIS_URL: each process would "
         "otherwise keep its own profiles",
@@ -198,17 +196,17 @@ def parser() -> argparse.ArgumentParser:
     return parser
 
 
-def settings_problem() -> str | None:
-    """What is wrong with the environment's settings, in one line (None: nothing)."""
+def environment() -> Settings | str:
+    """The environment's settings (``VISREC_*``; the model's paths are filled in later), or
+    what is wrong with them, in one line."""
     from pydantic import ValidationError
 
     from service.config import Settings
 
     try:
-        Settings(checkpoint=Path(), features=Path())  # the paths are filled in later
+        return Settings(checkpoint=Path(), features=Path())
     except ValidationError as err:
         return "; ".join(_one_line(e) for e in err.errors())
-    return None
 
 
 def _one_line(error: ErrorDetails) -> str:
@@ -221,28 +219,32 @@ def _one_line(error: ErrorDetails) -> str:
 def main() -> None:
     cli = parser()
     args = cli.parse_args()
+    # Fail fast on the environment's settings (e.g. no API keys in production) before what may
+    # be minutes of building, in one line rather than pydantic's dump.
+    env = environment()
+    if isinstance(env, str):
+        print(f"visrec-serve: {env}", file=sys.stderr)
+        raise SystemExit(2)
+    args.data = args.data or env.data
+    args.device = args.device or env.device
+    args.workers = env.workers if args.workers is None else args.workers
     if args.epochs is not None and args.epochs < 1:
         cli.error(f"--epochs must be at least 1, got {args.epochs}")
     if args.workers < 1:
         cli.error(f"--workers must be at least 1, got {args.workers}")
-    if args.workers > 1 and not os.environ.get("VISREC_REDIS_URL"):
+    if args.workers > 1 and not env.redis_url:
         cli.error(
             f"--workers {args.workers} needs VISREC_REDIS_URL: with the in-process profile "
             "store every worker would keep its own profiles, and they would diverge"
         )
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    # Fail fast on the environment's settings (e.g. no API keys in production) before what may
-    # be minutes of building, in one line rather than pydantic's dump.
-    problem = settings_problem()
-    if problem:
-        print(f"visrec-serve: {problem}", file=sys.stderr)
-        raise SystemExit(2)
-    serve(args)
+    serve(args, env)
 
 
-def serve(args: argparse.Namespace) -> None:
+def serve(args: argparse.Namespace, env: Settings) -> None:
+    """Serve what ``args`` (the command line, its defaults filled from ``env``) and ``env``
+    (the environment's settings) say."""
     from service.api.app import create_app
-    from service.config import Settings
     from service.runtime import keep_freed_memory, pick_device
 
     keep_freed_memory()
@@ -251,7 +253,7 @@ def serve(args: argparse.Namespace) -> None:
         print("visrec-serve: --workers > 1 is for the CPU (CUDA does not survive a fork): run "
               "one process per GPU, as replicas", file=sys.stderr)  # fmt: skip
         raise SystemExit(2)
-    registered = _registry_files()
+    registered = _registry_files(env)
     if registered is None:
         dataset, features, checkpoint = prepare_serving(
             args.data, args.work_dir, device, args.epochs
@@ -261,8 +263,13 @@ def serve(args: argparse.Namespace) -> None:
 
         checkpoint, features = registered
         dataset = load_dataset(args.data or args.work_dir / "world")
-    settings = Settings(
-        checkpoint=checkpoint, features=features, device=str(device), data=dataset.root
+    settings = env.model_copy(
+        update={
+            "checkpoint": checkpoint,
+            "features": features,
+            "device": str(device),
+            "data": dataset.root,
+        }
     )
     if settings.items_dir is None:  # without Redis, added items live next to the checkpoint
         settings = settings.model_copy(update={"items_dir": checkpoint.parent / "added-items"})
@@ -289,15 +296,14 @@ def serve(args: argparse.Namespace) -> None:
     raise SystemExit(status)
 
 
-def _registry_files() -> tuple[Path, Path] | None:
+def _registry_files(env: Settings) -> tuple[Path, Path] | None:
     """(checkpoint, features) of the registry's current version, when VISREC_REGISTRY names a
     registry that has one."""
-    folder, redis_url = os.environ.get("VISREC_REGISTRY"), os.environ.get("VISREC_REDIS_URL")
-    if not folder or not redis_url:
+    if env.registry is None or not env.redis_url:
         return None
     from service.registry import Registry
 
-    registry = Registry(Path(folder), redis_url, os.environ.get("VISREC_REDIS_PREFIX", "visrec"))
+    registry = Registry(env.registry, env.redis_url, env.redis_prefix)
     found = registry.current_files()
     return None if found is None else found[1:]
 

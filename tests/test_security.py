@@ -238,6 +238,19 @@ def test_visrec_serve_refuses_production_without_keys_before_building(
     assert list(tmp_path.iterdir()) == []  # nothing was built
 
 
+def test_an_empty_variable_is_an_unset_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """docker-compose passes VISREC_DATA as ${DATA:+/data}: empty without a dataset, which
+    must mean the synthetic world, not the folder "."."""
+    from service import serve
+
+    monkeypatch.setenv("VISREC_ENVIRONMENT", "development")
+    monkeypatch.setenv("VISREC_DATA", "")
+    monkeypatch.setenv("VISREC_REDIS_PREFIX", "")
+    env = serve.environment()
+    assert not isinstance(env, str)
+    assert (env.data, env.redis_prefix, env.workers) == (None, "visrec", 1)
+
+
 def test_visrec_serve_help_is_quick_and_complete() -> None:
     """--help took ~9 s: torch was imported before the arguments were parsed."""
     code = (

@@ -109,14 +109,26 @@ def _replaced(url: str, proc: subprocess.Popen[bytes], victim: int) -> None:
     assert others <= answering  # the other one was left alone
 
 
-def test_several_workers_need_redis(world: World, served_work_dir: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if k != "VISREC_REDIS_URL"}
+@pytest.mark.parametrize(
+    ("flags", "workers", "refusal"),
+    [
+        (["--workers", "2"], None, "--workers 2 needs VISREC_REDIS_URL"),
+        ([], "2", "--workers 2 needs VISREC_REDIS_URL"),  # read through the settings
+        ([], "0", "VISREC_WORKERS: Input should be greater than or equal to 1"),
+    ],
+)
+def test_several_workers_need_redis(
+    world: World, served_work_dir: Path, flags: list[str], workers: str | None, refusal: str
+) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("VISREC_REDIS_URL", "VISREC_WORKERS")}
+    if workers is not None:
+        env["VISREC_WORKERS"] = workers
     done = subprocess.run(
-        [SERVE, str(world.root), "--work-dir", str(served_work_dir), "--workers", "2"],
+        [SERVE, str(world.root), "--work-dir", str(served_work_dir), *flags],
         env=env,
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert done.returncode == 2
-    assert "--workers 2 needs VISREC_REDIS_URL" in done.stderr
+    assert refusal in done.stderr
