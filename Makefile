@@ -125,7 +125,7 @@ bench-cluster: install haproxy
 # What the access log costs, on visrec-serve itself.
 bench-access-log: install
 	command -v wrk >/dev/null || apt-get install -y wrk
-	$(BIN)/python benchmarks/access_log.py $(DATA)
+	$(BIN)/python -m benchmarks.access_log $(DATA)
 
 # Build the CPU image and run it with Redis through the compose file (podman, a local Debian
 # base: no registry is reachable here), check /readyz and one /recommend, tear down. Slow

@@ -4,7 +4,7 @@ access log), once per ``VISREC_ACCESS_LOG`` share, each driven by wrk with
 other in this run. The log goes to a file, as a container's log goes to a pipe; the lines are
 counted.
 
-    .venv/bin/python benchmarks/access_log.py [DATA] [--shares 0 0.01 1] [--seconds 10]
+    .venv/bin/python -m benchmarks.access_log [DATA] [--shares 0 0.01 1] [--seconds 10]
 
 Needs a trained model for DATA (`make serve DATA=...` or `make reproduce` leave one in
 runs/<data>/) and wrk (``apt-get install wrk``).
@@ -19,8 +19,6 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks.*, run as a script
 
 from benchmarks.serve_load import recommend_script, wrk
 from harness.processes import free_port, wait_for
