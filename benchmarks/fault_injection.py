@@ -39,13 +39,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-import numpy as np
 import torch
 
 from benchmarks.serve_load import wrk
 from harness.load import paced
 from harness.processes import ApiServer, api_env
-from harness.redis_servers import Acked, RedisServer, found_afterwards
+from harness.redis_servers import Acked, RedisServer, add_items, found_afterwards
 from service.store.profiles import EVENT_TTL_S, MAX_EVENT_IDS
 from service.store.redis_profiles import _ADD_LUA, RedisProfileStore
 
@@ -290,12 +289,10 @@ def startup_run(args: argparse.Namespace) -> int:
     items (random features of the backbone's shape: ~125 KB each with EfficientNet-Lite0)."""
     from service.model.feature_store import load_features
     from service.serve import prepare_serving
-    from service.store.items import AddedItem, encode_item
 
     dataset, features, checkpoint = prepare_serving(None, args.work_dir, torch.device("cpu"))
     _, meta = load_features(features)
     shape = (meta.grid * meta.grid, meta.feature_dim)
-    image, rng = _tiny_png(), np.random.default_rng(0)
     first = int(dataset.item_ids.max()) + 1
     print(f"{os.cpu_count()} CPUs; a catalogue of {dataset.n_items} items, added ones {shape}")
     for count in (0, *args.startup):
@@ -305,20 +302,7 @@ def startup_run(args: argparse.Namespace) -> int:
             server.start()
             try:
                 client = server.client()
-                for start in range(0, count, 200):  # pipelined, 200 items a round trip
-                    pipe = client.pipeline(transaction=False)
-                    for item_id in range(first + start, first + min(start + 200, count)):
-                        blob = encode_item(
-                            AddedItem(
-                                item_id,
-                                f"added {item_id}",
-                                "image/png",
-                                image,
-                                rng.normal(size=shape).astype(np.float16),
-                            )
-                        )
-                        pipe.hsetnx(f"{prefix}:items", str(item_id), blob)
-                    pipe.execute()
+                add_items(client, prefix, range(first, first + count), shape)
                 stored = client.memory_usage(f"{prefix}:items") or 0
                 env = api_env(
                     checkpoint=checkpoint, features=features, redis_url=server.url, prefix=prefix
@@ -342,16 +326,6 @@ def startup_run(args: argparse.Namespace) -> int:
             f"{healthy:6.1f} s, every item served after {complete:6.1f} s, {rss:6.0f} MiB RSS"
         )
     return 0
-
-
-def _tiny_png() -> bytes:
-    import io
-
-    from PIL import Image
-
-    out = io.BytesIO()
-    Image.new("RGB", (8, 12), (200, 40, 40)).save(out, format="PNG")
-    return out.getvalue()
 
 
 def _ready_items(url: str) -> int:

@@ -15,6 +15,10 @@ and one fault, at a third of the run:
     redis-down   Redis is down when the service starts, and started at a third of the run
     process-kill one process SIGKILLed: the process (started again), a worker (its parent
                  replaces it), or a replica (started again)
+    added-items  Redis holds ``--added-items`` items (as ``POST /items`` stores them, random
+                 features) when the processes start: a restart, or a new replica, once many
+                 items were added; "recovered" is then the seconds from starting them to the
+                 last one answering with every item (its lifespan loads them all first)
 
 The load: ``--rate`` requests a second, two ``GET /recommend/{user}`` for each ``POST
 /interactions`` of one event with an event id of its own. A write that is not answered, or is
@@ -30,11 +34,13 @@ the API tells a client to do. Per cell it prints:
     /readyz      sampled every 0.5 s through the load's address: how often it said degraded
                  while Redis was down (true), and said so 5 s after the fault ended (false)
 
-The goal (issue 22): 0 lost, 0 double, recovered within 5 s, /readyz true to the facts. The
-start-up with 10,000 added items is measured by ``benchmarks/fault_injection.py --startup``.
+The goal (issue 22): 0 lost, 0 double, recovered within 5 s, /readyz true to the facts.
+``benchmarks/fault_injection.py --startup`` measures one process's start-up at several item
+counts, and its memory.
 
     .venv/bin/python -m benchmarks.fault_matrix [--seconds 15] [--rate 60]
-        [--deployments 1,2,3] [--faults redis-kill,flushall,redis-down,process-kill]
+        [--deployments 1,2,3] [--faults redis-kill,flushall,redis-down,process-kill,added-items]
+        [--added-items 10000]
 """
 
 from __future__ import annotations
@@ -58,12 +64,12 @@ import torch
 
 from harness.load import paced
 from harness.processes import SERVE, children, free_port, wait_for
-from harness.redis_servers import Acked, RedisServer, found_afterwards
+from harness.redis_servers import Acked, RedisServer, add_items, found_afterwards
 
 ROOT = Path(__file__).resolve().parents[1]
 HAPROXY = "/usr/sbin/haproxy"
 DEPLOYMENTS = {"1": "1 process", "2": "2 workers", "3": "3 replicas"}
-FAULTS = ("redis-kill", "flushall", "redis-down", "process-kill")
+FAULTS = ("redis-kill", "flushall", "redis-down", "process-kill", "added-items")
 REDIS_DOWN_S = 3.0  # how long redis-kill keeps Redis down
 RETRY_S = 0.25
 SETTLE_S = 5.0  # the goal: back to full service within this long of the fault's end
@@ -245,7 +251,7 @@ async def _inject(
     elif fault == "redis-down":
         await asyncio.to_thread(redis.start)
         cell.redis_down = (0.0, time.monotonic())
-    else:
+    elif fault == "process-kill":
         await asyncio.to_thread(deployment.kill_one)
     cell.fault_end = time.monotonic()
 
@@ -303,7 +309,14 @@ class Outcome:
 
 
 def run_cell(
-    kind: str, fault: str, world: Path, work: Path, *, seconds: float, rate: float
+    kind: str,
+    fault: str,
+    world: Path,
+    work: Path,
+    *,
+    seconds: float,
+    rate: float,
+    added: int,
 ) -> Outcome:
     from service.offline.data import load_dataset
 
@@ -317,7 +330,15 @@ def run_cell(
             redis.start()
         deployment = Deployment(kind, world, work, redis.url, prefix)
         try:
+            if fault == "added-items":
+                first = max(items) + 1
+                add_items(redis.client(), prefix, range(first, first + added), _added_shape(work))
+            started = time.monotonic()
             deployment.start()
+            startup = time.monotonic() - started
+            if fault == "added-items":
+                served = httpx.get(f"{deployment.url}/readyz", timeout=10).json()["items"]
+                assert served == len(items) + added, f"{served} items served"
             cell = asyncio.run(_run_cell(fault, redis, deployment, seconds, rate, users, items))
             found = found_afterwards(redis, prefix, cell.acked)
             after = [
@@ -339,10 +360,20 @@ def run_cell(
         len(cell.acked) - found,
         len(after) - found_after,
         sum(n > 1 for n in cell.applied.values()),
-        max(late) - cell.fault_end if late else 0.0,
+        max(
+            startup if fault == "added-items" else 0.0, max(late) - cell.fault_end if late else 0.0
+        ),
         _share(said_down) if down else None,
         _share(said_after),
     )
+
+
+def _added_shape(work: Path) -> tuple[int, int]:
+    """(K, C) of the world's features: what the added items hold."""
+    from service.model.feature_store import load_features
+
+    _, meta = load_features(work / "world" / "features-efficientnet_lite0")
+    return meta.grid * meta.grid, meta.feature_dim
 
 
 def _share(flags: Sequence[bool]) -> float:
@@ -385,6 +416,9 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=60.0, help="requests/s, 2 reads a write")
     parser.add_argument("--deployments", default="1,2,3", help="of 1 (process), 2 (workers), 3")
     parser.add_argument("--faults", default=",".join(FAULTS))
+    parser.add_argument(
+        "--added-items", type=int, default=10_000, help="in Redis at start (added-items)"
+    )
     args = parser.parse_args()
     from service.serve import prepare_serving
 
@@ -397,7 +431,15 @@ def main() -> None:
         for fault in args.faults.split(","):
             t0 = time.monotonic()
             outcomes.append(
-                run_cell(kind, fault, world, args.work_dir, seconds=args.seconds, rate=args.rate)
+                run_cell(
+                    kind,
+                    fault,
+                    world,
+                    args.work_dir,
+                    seconds=args.seconds,
+                    rate=args.rate,
+                    added=args.added_items,
+                )
             )
             o = outcomes[-1]
             print(f"  {o.deployment}, {o.fault}: {time.monotonic() - t0:.0f} s", flush=True)

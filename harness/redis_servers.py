@@ -3,6 +3,7 @@ prefix of one's own on the shared Redis; and what a durability check reads back.
 
 from __future__ import annotations
 
+import io
 import signal
 import socket
 import subprocess
@@ -14,10 +15,12 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import redis
 
 from harness.processes import free_port
 from service.store.codec import decode_profile
+from service.store.items import AddedItem, encode_item
 from service.store.redis_profiles import user_keys
 
 REDIS = "redis://127.0.0.1:6379/0"  # the Redis that runs before the tests (scripts/with-redis)
@@ -81,6 +84,24 @@ class RedisServer:
 
     def client(self) -> redis.Redis:
         return redis.Redis(port=self.port)
+
+
+def add_items(client: redis.Redis, prefix: str, ids: range, shape: tuple[int, int]) -> None:
+    """Items as ``POST /items`` stores them, straight into the item store of ``prefix``: a
+    small PNG and random float16 features of ``shape`` (125 KB each at EfficientNet-Lite0's
+    (49, 1280)), 200 a round trip."""
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (8, 12), (200, 40, 40)).save(out, format="PNG")
+    image, rng = out.getvalue(), np.random.default_rng(0)
+    for start in range(ids.start, ids.stop, 200):
+        pipe = client.pipeline(transaction=False)
+        for item_id in range(start, min(start + 200, ids.stop)):
+            features = rng.normal(size=shape).astype(np.float16)
+            item = AddedItem(item_id, f"added {item_id}", "image/png", image, features)
+            pipe.hsetnx(f"{prefix}:items", str(item_id), encode_item(item))
+        pipe.execute()
 
 
 @dataclass(frozen=True)
