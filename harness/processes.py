@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -45,6 +46,20 @@ def call(url: str, body: dict[str, Any] | None = None, timeout: float = 10) -> A
     request = urllib.request.Request(url, data, {"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=timeout) as r:
         return json.loads(r.read())
+
+
+def read_back(url: str, within_s: float = 30) -> Any:
+    """``call(url)``, sent again after each 503 (the service's "retry later", e.g. Redis slower
+    than its deadline on a machine busy with other work) for up to ``within_s``, as a client
+    told to retry would: a check of what was stored, not of how fast it answers."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            return call(url)
+        except urllib.error.HTTPError as err:
+            if err.code != 503 or time.monotonic() > deadline:
+                raise
+            time.sleep(float(err.headers.get("Retry-After") or 1))
 
 
 def wait_for(url: str, procs: Sequence[subprocess.Popen[bytes]], timeout_s: float = 120) -> Any:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.processes import SERVE, call, children, free_port, wait_for
+from harness.processes import SERVE, call, children, free_port, read_back, wait_for
 from harness.redis_servers import REDIS, redis_prefix
 from service.offline.synthetic import World
 
@@ -59,7 +59,7 @@ def test_every_worker_answers_reads_what_another_wrote_and_dies_with_the_parent(
     item = int(world.item_kinds.size)  # the last item; user 0 has not seen it all
     for attempt in range(10):  # each write and read on a new connection, any worker
         call(f"{url}/interactions", {"events": [{"user_id": "0", "item_id": item - attempt}]})
-        why = call(f"{url}/explain/0?item_id=1")
+        why = read_back(f"{url}/explain/0?item_id=1")
         assert why["profile"][-1]["item_id"] == item - attempt
     proc.kill()  # even a parent killed outright takes its workers with it
     proc.wait()
@@ -84,7 +84,7 @@ def test_a_dead_worker_is_replaced_and_sigterm_stops_all(
     assert not answering & before and len(answering) == 2
     # The replacement of worker 0 loaded the histories over the live profiles: the event was
     # gone, and so was its id (a retry was applied again).
-    assert call(f"{url}/explain/0?item_id=1")["profile"][-1]["item_id"] == item
+    assert read_back(f"{url}/explain/0?item_id=1")["profile"][-1]["item_id"] == item
     assert call(f"{url}/interactions", event)["applied"] == 0
     workers = set(children(proc.pid))
     proc.send_signal(signal.SIGTERM)
