@@ -105,6 +105,7 @@ def test_a_write_through_one_replica_is_read_through_every_other(cluster: Cluste
 def test_a_replica_killed_under_load_loses_no_acknowledged_write(cluster: Cluster) -> None:
     stop = threading.Event()
     failed_reads: list[str] = []
+    cut_reads: list[str] = []  # answers the kill cut after HAProxy had begun relaying them
     reads = 0
     acked: dict[str, int] = {}  # user -> the one item acknowledged for them
     refused = 0
@@ -117,6 +118,8 @@ def test_a_replica_killed_under_load_loses_no_acknowledged_write(cluster: Cluste
                 call(f"{cluster.lb}/recommend/{reads % 100}?k=10")
                 with lock:
                     reads += 1
+            except http.client.IncompleteRead as err:  # no proxy can retry a half-sent answer
+                cut_reads.append(repr(err))  # the thread's next read is the client's retry
             except FAILURES as err:
                 failed_reads.append(repr(err))
 
@@ -149,6 +152,9 @@ def test_a_replica_killed_under_load_loses_no_acknowledged_write(cluster: Cluste
         t.join()
     assert reads > 100 and len(acked) > 50
     assert failed_reads == []  # HAProxy retried what the dead replica dropped
+    # at most the answers in flight when it died, one per reading thread, were cut mid-body
+    # (seen once in CI: "IncompleteRead(0 bytes read, 710 more expected)")
+    assert len(cut_reads) <= 3, cut_reads
     survivors = [
         url for url, p in zip(cluster.replicas, cluster.procs, strict=True) if p.poll() is None
     ]
