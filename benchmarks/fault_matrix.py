@@ -317,7 +317,10 @@ def run_cell(
     seconds: float,
     rate: float,
     added: int,
+    item_shape: tuple[int, int],
 ) -> Outcome:
+    """One cell; ``added`` items of ``item_shape`` (K, C) features in Redis at start for the
+    added-items fault."""
     from service.offline.data import load_dataset
 
     dataset = load_dataset(world, check_images=False)
@@ -332,7 +335,8 @@ def run_cell(
         try:
             if fault == "added-items":
                 first = max(items) + 1
-                add_items(redis.client(), prefix, range(first, first + added), _added_shape(work))
+                with redis.client() as client:
+                    add_items(client, prefix, range(first, first + added), item_shape)
             started = time.monotonic()
             deployment.start()
             startup = time.monotonic() - started
@@ -366,14 +370,6 @@ def run_cell(
         _share(said_down) if down else None,
         _share(said_after),
     )
-
-
-def _added_shape(work: Path) -> tuple[int, int]:
-    """(K, C) of the world's features: what the added items hold."""
-    from service.model.feature_store import load_features
-
-    _, meta = load_features(work / "world" / "features-efficientnet_lite0")
-    return meta.grid * meta.grid, meta.feature_dim
 
 
 def _share(flags: Sequence[bool]) -> float:
@@ -420,10 +416,13 @@ def main() -> None:
         "--added-items", type=int, default=10_000, help="in Redis at start (added-items)"
     )
     args = parser.parse_args()
+    from service.model.feature_store import load_features
     from service.serve import prepare_serving
 
-    dataset, _, _ = prepare_serving(None, args.work_dir, torch.device("cpu"))  # trains once
+    dataset, features, _ = prepare_serving(None, args.work_dir, torch.device("cpu"))  # trains once
     world = dataset.root
+    _, meta = load_features(features)
+    item_shape = (meta.grid * meta.grid, meta.feature_dim)  # what added items hold
     print(f"{os.cpu_count()} CPUs; the synthetic world ({dataset.n_users} users); "
           f"{args.seconds:.0f} s of load at {args.rate:.0f} requests/s per cell")  # fmt: skip
     outcomes = []
@@ -439,6 +438,7 @@ def main() -> None:
                     seconds=args.seconds,
                     rate=args.rate,
                     added=args.added_items,
+                    item_shape=item_shape,
                 )
             )
             o = outcomes[-1]

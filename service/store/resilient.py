@@ -33,6 +33,7 @@ from service.store.profiles import (
     ProfileReads,
     ProfileStore,
     StoreUnavailable,
+    by_user,
     millis,
     place,
 )
@@ -135,10 +136,7 @@ class ResilientStore(ProfileReads):
         if self.journal is not None:
             self.journal.record(events)
         now = self._clock()
-        by_user: dict[str, list[Interaction]] = {}
-        for event in events:
-            by_user.setdefault(event.user_id, []).append(event)
-        for user, group in by_user.items():
+        for user, group in by_user(events).items():
             cached = self.cache.get(user)
             if cached is not None and applied == len(events):
                 self.cache.put(user, with_events(cached, group, self.max_recent, now=now))
