@@ -28,10 +28,25 @@ def key_list(text: str) -> tuple[str, ...]:
     return tuple(k.strip() for k in text.split(",") if k.strip())
 
 
-class Settings(BaseSettings):
+class RegistrySettings(BaseSettings):
+    """Where profiles and the model registry live: what the service and `visrec publish` (or
+    `rollback`) read alike."""
+
     # An empty variable is an unset one: compose files pass VISREC_DATA as ${DATA:+/data}, empty
     # when there is no dataset, which must mean the default (the synthetic world), not "."
     model_config = SettingsConfigDict(env_prefix="VISREC_", env_ignore_empty=True)
+
+    # None: an in-process profile store; redis://host:port/db for one Redis, or
+    # redis+cluster://host:port[,host:port...] for a Redis Cluster (one or more of its nodes)
+    redis_url: str | None = None
+    redis_prefix: str = "visrec"
+    # A model registry (service/registry.py): the folder of versions, with the current one
+    # named in Redis (needs redis_url).
+    registry: Path | None = None
+
+
+class Settings(RegistrySettings):
+    """Every setting of a serving process, from ``VISREC_*`` variables."""
 
     # "production" refuses to start without real keys; "development" runs without any.
     environment: Literal["development", "production"] = "production"
@@ -58,10 +73,6 @@ class Settings(BaseSettings):
     # Folders (comma-separated) that POST /admin/reload may load files from, besides the
     # serving checkpoint's and feature folder's own parent folders.
     model_dirs: str = ""
-    # None: an in-process profile store; redis://host:port/db for one Redis, or
-    # redis+cluster://host:port[,host:port...] for a Redis Cluster (one or more of its nodes)
-    redis_url: str | None = None
-    redis_prefix: str = "visrec"
     device: str = "auto"
     # visrec-serve's processes on one port (--workers); more than one needs redis_url
     workers: Annotated[int, Field(ge=1)] = 1
@@ -106,10 +117,8 @@ class Settings(BaseSettings):
     # this folder (None: in this process only, gone with it). Replicas look for items added
     # elsewhere every items_sync_s seconds (0: only at start-up).
     items_dir: Path | None = None
-    # A model registry (service/registry.py): the folder of versions, with the current one
-    # named in Redis (needs redis_url). Each process serves it and follows every publish and
-    # rollback, on the announcement or, missed, within registry_poll_s seconds.
-    registry: Path | None = None
+    # Each process serves the registry's current version (see RegistrySettings) and follows
+    # every publish and rollback, on the announcement or, missed, within registry_poll_s s.
     registry_poll_s: Annotated[float, Field(gt=0, le=60)] = 2.0
     items_sync_s: Annotated[float, Field(ge=0)] = 2.0
     max_image_bytes: Annotated[int, Field(ge=1024)] = 10 * 1_048_576

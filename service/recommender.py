@@ -9,9 +9,11 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from service.errors import ServiceError
 from service.index.item_index import IndexKind, ItemIndex
 from service.model.acf import PAD, UNKNOWN_USER
 from service.model.checkpoint import Checkpoint
@@ -37,16 +39,27 @@ class Recommendation:
     version: str  # of the model that ranked it (a reload may swap models between requests)
 
 
-class ItemExistsError(ValueError):
+class ItemExistsError(ServiceError, ValueError):
+    status = 409
+    code = "item_exists"
+
     def __init__(self, items: Sequence[int]) -> None:
         super().__init__(f"item id(s) already in the catalogue: {', '.join(map(str, items))}")
         self.items = list(items)
 
 
-class UnknownItemsError(ValueError):
+class UnknownItemsError(ServiceError, ValueError):
+    """A well-formed request naming items the model does not know; none of it is applied."""
+
+    status = 422
+    code = "unknown_items"
+
     def __init__(self, items: Sequence[int]) -> None:
         super().__init__(f"unknown item id(s): {', '.join(map(str, items))}")
         self.items = list(items)
+
+    def fields(self) -> dict[str, Any]:
+        return {"unknown_item_ids": self.items}
 
 
 class Recommender:

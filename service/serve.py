@@ -245,6 +245,7 @@ def serve(args: argparse.Namespace, env: Settings) -> None:
     """Serve what ``args`` (the command line, its defaults filled from ``env``) and ``env``
     (the environment's settings) say."""
     from service.api.app import create_app
+    from service.engine import registry_of
     from service.runtime import keep_freed_memory, pick_device
 
     keep_freed_memory()
@@ -253,7 +254,8 @@ def serve(args: argparse.Namespace, env: Settings) -> None:
         print("visrec-serve: --workers > 1 is for the CPU (CUDA does not survive a fork): run "
               "one process per GPU, as replicas", file=sys.stderr)  # fmt: skip
         raise SystemExit(2)
-    registered = _registry_files(env)
+    registry = registry_of(env)  # its current version, when there is one
+    registered = registry.current_files() if registry else None
     if registered is None:
         dataset, features, checkpoint = prepare_serving(
             args.data, args.work_dir, device, args.epochs
@@ -261,7 +263,7 @@ def serve(args: argparse.Namespace, env: Settings) -> None:
     else:  # the registry's current version: nothing to build, the dataset is for the page
         from service.offline.data import load_dataset
 
-        checkpoint, features = registered
+        _, checkpoint, features = registered
         dataset = load_dataset(args.data or args.work_dir / "world")
     settings = env.model_copy(
         update={
@@ -294,18 +296,6 @@ def serve(args: argparse.Namespace, env: Settings) -> None:
         workers=args.workers,
     )
     raise SystemExit(status)
-
-
-def _registry_files(env: Settings) -> tuple[Path, Path] | None:
-    """(checkpoint, features) of the registry's current version, when VISREC_REGISTRY names a
-    registry that has one."""
-    if env.registry is None or not env.redis_url:
-        return None
-    from service.registry import Registry
-
-    registry = Registry(env.registry, env.redis_url, env.redis_prefix)
-    found = registry.current_files()
-    return None if found is None else found[1:]
 
 
 def run_server(

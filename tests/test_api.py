@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -360,6 +361,66 @@ def test_every_route_is_described_in_openapi(client: TestClient) -> None:
     ]
     assert undescribed == []
     assert spec["info"]["description"]
+
+
+FUTURE = time.time() + 3 * 24 * 3600
+
+
+@pytest.mark.parametrize(
+    ("method", "url", "kwargs", "status", "code"),
+    [
+        ("post", "/interactions", {"json": {"events": [{"user_id": "u", "item_id": 10**9}]}},
+         422, "unknown_items"),
+        ("post", "/interactions",
+         {"json": {"events": [{"user_id": "u", "item_id": 3, "timestamp": FUTURE}]}},
+         422, "future_timestamps"),
+        ("get", "/recommend/u?k=0", {}, 422, "invalid_fields"),
+        ("post", "/recommend", {"content": b'{"history": [1]}'}, 415, "not_json"),
+        ("post", "/interactions",
+         {"content": b"x" * 2_000_000, "headers": {"content-type": "application/json"}},
+         413, "body_too_large"),
+        ("get", "/nowhere", {}, 404, "not_found"),
+        ("get", "/items/424242", {}, 404, "not_found"),
+        ("post", "/admin/reload", {"json": {"checkpoint": "/etc/passwd"}}, 422,
+         "outside_model_folders"),
+    ],
+    ids=["unknown-items", "future", "invalid", "not-json", "too-large", "no-route", "no-item",
+         "outside"],
+)  # fmt: skip
+def test_every_refusal_is_one_body_with_a_stable_code(
+    client: TestClient, method: str, url: str, kwargs: dict[str, object], status: int, code: str
+) -> None:
+    r = getattr(client, method)(url, **kwargs)
+    assert (r.status_code, r.json()["code"]) == (status, code), r.text
+    assert r.json()["detail"]
+
+
+def test_a_refusal_carries_the_fields_of_its_kind(client: TestClient) -> None:
+    unknown = client.post("/recommend", json={"history": [3, 10**9]}).json()
+    assert unknown["unknown_item_ids"] == [10**9] and "unknown" in unknown["detail"]
+    reload = client.post("/admin/reload", json={"features": "/etc"}).json()
+    assert reload["model_version"] == client.get("/readyz").json()["model_version"]
+
+
+def test_every_error_status_in_openapi_names_a_body_with_a_code(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    schemas = spec["components"]["schemas"]
+
+    def bodies(content: dict[str, Any]) -> list[dict[str, Any]]:
+        schema = content["application/json"]["schema"]
+        refs = [s["$ref"] for s in schema.get("anyOf", [schema])]
+        return [schemas[ref.rsplit("/", 1)[1]] for ref in refs]
+
+    missing = [
+        f"{method.upper()} {path} {status}"
+        for path, operations in spec["paths"].items()
+        for method, operation in operations.items()
+        for status, response in operation["responses"].items()
+        if int(status) >= 400
+        for body in bodies(response["content"])
+        if "code" not in body.get("required", [])
+    ]
+    assert missing == []
 
 
 def test_a_published_sasrec_is_served_with_what_it_can_explain(

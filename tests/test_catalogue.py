@@ -13,7 +13,9 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from service.api.ui import install_ui
+from service.api.errors import install_errors
+from service.api.routes import items
+from service.api.security import Guards
 from service.catalogue import load_catalogue, safe_image_path
 
 PNG_ROWS = {
@@ -77,7 +79,8 @@ def client(folder: Path) -> Iterator[TestClient]:
         yield {"catalogue": load_catalogue(folder)}
 
     app = FastAPI(lifespan=lifespan)
-    install_ui(app, page=[], read=[])  # no guards: the catalogue alone
+    app.include_router(items.router(Guards.open()))  # no guards: the catalogue alone
+    install_errors(app)
     with TestClient(app) as c:
         yield c
 

@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from fastapi import HTTPException
 from fastapi.testclient import TestClient
 from PIL import Image
 from redis import Redis
@@ -31,6 +30,7 @@ from redis import Redis
 from service.api.app import create_app
 from service.api.items import decode_image
 from service.config import Settings
+from service.errors import Refused
 from service.model.checkpoint import load_checkpoint, save_checkpoint
 from service.model.feature_store import load_features
 from service.model.tags import item_tags
@@ -128,7 +128,7 @@ def test_a_refused_add_says_whether_it_applied_and_its_retry_succeeds(
     retry got 409."""
     world, prepared, _ = cold
     with TestClient(create_app(_settings(cold), profiles=histories(prepared.dataset))) as c:
-        items = c.app_state["items"]
+        items = c.app_state["app_state"].items
         items.store = _LateStore(items.store, [stored])
         item = _new_ids(world)[1]
         first = _add(c, world, item)
@@ -473,9 +473,9 @@ def _png_header(width: int, height: int) -> bytes:
 def test_huge_or_elongated_images_are_refused_from_their_header(
     data: bytes, status: int, words: str
 ) -> None:
-    with pytest.raises(HTTPException) as refused:
+    with pytest.raises(Refused) as refused:
         decode_image(data, 40_000_000)
-    assert refused.value.status_code == status and words in str(refused.value.detail)
+    assert refused.value.status == status and words in refused.value.detail
 
 
 def test_a_cameras_multi_picture_jpeg_is_read() -> None:

@@ -23,10 +23,10 @@ import torch
 from fastapi.testclient import TestClient
 
 import service.engine as engine_module
-from service.api.app import State, create_app
-from service.api.reload import ModelSlot, reload_on_hangup
+from service.api.app import create_app
+from service.api.state import State
 from service.config import Settings
-from service.engine import Source, load_engine
+from service.engine import ModelSlot, Source, load_engine, reload_on_hangup
 from service.model.checkpoint import load_checkpoint, save_checkpoint
 from service.offline.data import load_dataset
 from service.offline.pipeline import fit, prepare, to_checkpoint

@@ -12,10 +12,12 @@ from collections.abc import Callable, Coroutine
 from contextlib import aclosing
 from typing import Any
 
-from fastapi import HTTPException, Request, Response
+from fastapi import Request, Response
 from fastapi.routing import APIRoute
 from starlette.datastructures import FormData
 from starlette.formparsers import MultiPartException, MultiPartParser
+
+from service.api.errors import BodyRefused
 
 
 class _StrictParser(MultiPartParser):
@@ -53,7 +55,7 @@ class _StrictFormRequest(Request):
                     )
                     self._form = await parser.parse()
             except MultiPartException as exc:
-                raise HTTPException(400, exc.message) from None
+                raise BodyRefused(400, "unreadable_form", exc.message) from None
         return await super()._get_form(
             max_files=max_files, max_fields=max_fields, max_part_size=max_part_size
         )

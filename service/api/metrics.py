@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from fastapi import FastAPI, Response
+from fastapi import Response
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -58,18 +58,17 @@ class Metrics:
             buckets=BUCKETS,
             registry=self.registry,
         )
+        self.store_stage = self.stages.labels("store")  # reading the user's profile
+        self.model_stage = self.stages.labels("model")  # their micro-batch of the model
 
-    def install(self, app: FastAPI) -> None:
-        app.add_middleware(_Timed, histogram=self.requests)
-
-        @app.get("/metrics", include_in_schema=False)
-        async def metrics() -> Response:
-            if self.model_version is not None:
-                self.model.info({"version": self.model_version()})
-            return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+    def exposition(self) -> Response:
+        """``GET /metrics``: every metric in Prometheus's text format."""
+        if self.model_version is not None:
+            self.model.info({"version": self.model_version()})
+        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-class _Timed:
+class TimedRequests:
     """Times each HTTP request by its route template and status. A plain ASGI middleware:
     Starlette's ``BaseHTTPMiddleware`` costs a task group and a stream per request."""
 

@@ -62,7 +62,6 @@ class HistoryRequest(Body):
     exclude_seen: bool = True
 
 
-RETRY_AFTER_S = 1  # what a refused write is told to wait: Redis restarts take about a second
 MAX_USER_ID = 2**53 - 1  # exact in a double, as JSON tools read numbers
 
 
@@ -204,9 +203,14 @@ Responses = dict[int | str, dict[str, Any]]
 
 
 class Problem(BaseModel):
-    """Why a request was refused: the body of FastAPI's ``HTTPException``."""
+    """Why a request was refused: the body of every refusal (``service.api.errors``), with the
+    fields of its kind beside these two."""
 
     detail: str
+    code: str = Field(
+        description="what kind of refusal, stable across versions (e.g. unknown_items, "
+        "event_conflict, store_unavailable, rate_limited): branch on it, not on the wording"
+    )
 
 
 class FieldError(BaseModel):
@@ -219,6 +223,7 @@ class InvalidFields(BaseModel):
     """FastAPI's own 422 body: the fields that failed validation, and why."""
 
     detail: list[FieldError]
+    code: str = Field(description="invalid_fields")
 
 
 class ConflictingEvents(Problem):
@@ -239,6 +244,11 @@ class UnknownItems(Problem):
 
     unknown_item_ids: list[int]
 
+
+# Every route with parameters: FastAPI documents its own 422 body unless told ours.
+INVALID_FIELDS: Responses = {
+    422: {"model": InvalidFields, "description": "a field is missing or invalid"}
+}
 
 UNKNOWN_ITEMS: Responses = {
     422: {

@@ -20,12 +20,14 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
-from typing import Literal
+from typing import Any, Literal
 
-from fastapi import HTTPException, Request, Security
-from fastapi.responses import JSONResponse
+from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.api.errors import BodyRefused, problem
+from service.errors import Refused
 
 Role = Literal["read", "write", "admin"]
 IPNetwork = IPv4Network | IPv6Network
@@ -142,9 +144,9 @@ class Access:
     proxies: Proxies = Proxies()
 
 
-def _too_many(wait: float, why: str) -> HTTPException:
-    return HTTPException(
-        status_code=429, detail=f"{why}; retry later", headers={"Retry-After": str(math.ceil(wait))}
+def _too_many(wait: float, why: str) -> Refused:
+    return Refused(
+        429, "rate_limited", f"{why}; retry later", headers={"Retry-After": str(math.ceil(wait))}
     )
 
 
@@ -164,9 +166,10 @@ def guard(access: Access, role: Role) -> Callable[..., object]:
             if blocked > 0:
                 raise _too_many(blocked, "too many failed authentications from this address")
             access.failures.wait(f"addr:{client}")
-            raise HTTPException(
-                status_code=401,
-                detail=f"this call needs a valid {role} API key in the X-API-Key header",
+            raise Refused(
+                401,
+                "unauthorized",
+                f"this call needs a valid {role} API key in the X-API-Key header",
                 headers={"WWW-Authenticate": "X-API-Key"},
             )
         # Only a key that checks out has a bucket of its own: made-up keys share the address's.
@@ -183,6 +186,28 @@ def guard(access: Access, role: Role) -> Callable[..., object]:
         enforce(request, request.headers.get(API_KEY.model.name))
 
     return undeclared if keys.allows(None, role) else declared
+
+
+@dataclass(frozen=True)
+class Guards:
+    """Route dependencies per role, for a router's ``dependencies=``."""
+
+    read: list[Any]
+    write: list[Any]
+    admin: list[Any]
+    page: list[Any]  # the explanation page's HTML: rate-limited, no key (a browser sends none)
+
+    @classmethod
+    def of(cls, access: Access) -> Guards:
+        def deps(role: Role) -> list[Any]:
+            return [Depends(guard(access, role))]
+
+        return cls(deps("read"), deps("write"), deps("admin"), [Depends(rate_limited(access))])
+
+    @classmethod
+    def open(cls) -> Guards:
+        """No key, no rate limit (an app in a test)."""
+        return cls([], [], [], [])
 
 
 def rate_limited(access: Access) -> Callable[..., object]:
@@ -216,7 +241,7 @@ class BodyLimit:
         reason = f"the request body is over {limit} bytes"
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > limit:
-            await JSONResponse({"detail": reason}, status_code=413)(scope, receive, send)
+            await problem(413, "body_too_large", reason)(scope, receive, send)
             return
         received = 0
 
@@ -225,7 +250,7 @@ class BodyLimit:
             message = await receive()
             received += len(message.get("body", b""))
             if received > limit:  # raised inside the app: its handler answers JSON
-                raise HTTPException(status_code=413, detail=reason)
+                raise BodyRefused(413, "body_too_large", reason)
             return message
 
         await self.app(scope, limited, send)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import tomllib
 import types
@@ -18,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from service.config import RegistrySettings
 from service.model.backbones import BACKBONES, DEFAULT_BACKBONE
 from service.model.checkpoint import SERVED, load_checkpoint, save_checkpoint
 from service.model.feature_store import FeatureError, load_features
@@ -159,21 +159,21 @@ def _rollback(args: argparse.Namespace) -> None:
 
 
 def _registry_args(p: argparse.ArgumentParser) -> None:
-    env = os.environ.get
+    env = RegistrySettings()
     p.add_argument(
         "--registry",
         type=Path,
-        default=env("VISREC_REGISTRY"),
+        default=env.registry,
         help="the registry's folder (default: $VISREC_REGISTRY)",
     )
     p.add_argument(
         "--redis-url",
-        default=env("VISREC_REDIS_URL"),
+        default=env.redis_url,
         help="the Redis naming the current version (default: $VISREC_REDIS_URL)",
     )
     p.add_argument(
         "--redis-prefix",
-        default=env("VISREC_REDIS_PREFIX", "visrec"),
+        default=env.redis_prefix,
         help="its keys' prefix (default: $VISREC_REDIS_PREFIX, else visrec)",
     )
 

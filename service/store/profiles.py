@@ -26,7 +26,9 @@ import operator
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
-from typing import Protocol, SupportsIndex, TypeVar
+from typing import Any, Literal, Protocol, SupportsIndex, TypeVar
+
+from service.errors import RETRY_AFTER_S, ServiceError
 
 MAX_RECENT = 9
 EVENT_TTL_S = 7 * 24 * 3600
@@ -40,29 +42,74 @@ T = TypeVar("T")
 Clock = Callable[[], float]
 
 
-class StoreUnavailable(Exception):
+StoreKind = Literal["profile", "item"]  # which store a refusal is about, for its message
+
+
+class StoreUnavailable(ServiceError):
     """The store cannot answer now (see :mod:`service.store.redis_client`): reads may fall back
-    to what the caller has, writes should be refused and retried later.
+    to what the caller has, writes should be refused and retried later (503, ``Retry-After``).
 
     ``maybe_applied``: whether a refused write may have been applied all the same (the call
     reached the store and its reply was lost or late). False when the store certainly applied
     nothing: it refused the call (out of memory, read-only, loading, ...) or was never reached.
+    ``store``: which store, for the client's message (profiles, or added items).
     """
 
-    def __init__(self, reason: str, *, maybe_applied: bool = True) -> None:
+    status = 503
+    code = "store_unavailable"
+
+    def __init__(
+        self, reason: str, *, maybe_applied: bool = True, store: StoreKind = "profile"
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.maybe_applied = maybe_applied
+        self.store = store
+
+    def of(self, store: StoreKind) -> StoreUnavailable:
+        """The same outage, said of ``store``."""
+        return StoreUnavailable(self.reason, maybe_applied=self.maybe_applied, store=store)
+
+    @property
+    def detail(self) -> str:
+        """What a refused client should know of its request (README: "Durability")."""
+        said = f"the {self.store} store is unavailable: {self.reason}. "
+        return said + _OUTCOMES[self.store, self.maybe_applied]
+
+    def fields(self) -> dict[str, Any]:
+        return {"reason": self.reason, "nothing_applied": not self.maybe_applied}
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(RETRY_AFTER_S)}
 
 
-class EventConflict(ValueError):
+_OUTCOMES: dict[tuple[StoreKind, bool], str] = {
+    ("profile", False): "Nothing was applied; retry later (with event_ids, a retry is always "
+    "safe).",
+    ("profile", True): "The request reached the store but its answer did not come back in "
+    "time: a batch is applied whole or not at all, and which is unknown. Send it again with "
+    "the same event_ids: each event is applied at most once.",
+    ("item", False): "Nothing was changed; retry later.",
+    ("item", True): "The call reached the store and its answer was lost or late, so the item "
+    "may have been stored: send the same request again (the same image and title are "
+    "accepted again).",
+}
+
+
+class EventConflict(ServiceError, ValueError):
     """Event ids already applied (or repeated in the call) with another item or timestamp: the
-    call is refused whole, nothing applied."""
+    call is refused whole, nothing applied (409)."""
+
+    status = 409
+    code = "event_conflict"
 
     def __init__(self, event_ids: Sequence[str]) -> None:
         names = ", ".join(sorted(event_ids))
         super().__init__(f"event id(s) already used for another item or timestamp: {names}")
         self.event_ids = sorted(event_ids)
+
+    def fields(self) -> dict[str, Any]:
+        return {"event_ids": self.event_ids}
 
 
 @dataclass(frozen=True)

@@ -1,17 +1,16 @@
-"""Admin routes: replace the serving model without a restart."""
+"""``POST /admin/reload``: replace the serving model without a restart."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
-from fastapi import Body, Depends, FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Body
 
-from service.api.reload import ModelSlot, ReloadBusy, ReloadFailed
 from service.api.schemas import (
     GUARDED,
+    INVALID_FIELDS,
     JSON_BODY,
     InvalidFields,
     ReloadRefused,
@@ -19,6 +18,9 @@ from service.api.schemas import (
     ReloadResponse,
     Responses,
 )
+from service.api.security import Guards
+from service.api.state import StateDep
+from service.engine import ReloadFailed
 
 RELOAD_RESPONSES: Responses = {
     **GUARDED,
@@ -32,41 +34,22 @@ RELOAD_RESPONSES: Responses = {
 }
 
 
-async def _models(request: Request) -> ModelSlot:
-    models: ModelSlot = request.state.models  # from the lifespan state
-    return models
-
-
-ModelsDep = Annotated[ModelSlot, Depends(_models)]
-
-
-def install_admin(app: FastAPI, *, dependencies: list[Any], roots: Sequence[Path]) -> None:
-    """``dependencies``: the admin guard; ``roots``: the folders files may be loaded from."""
+def router(guards: Guards, *, roots: Sequence[Path]) -> APIRouter:
+    """``roots``: the folders files may be loaded from."""
     folders = tuple(root.resolve() for root in roots)
+    routes = APIRouter(dependencies=guards.admin, responses=INVALID_FIELDS)
 
-    @app.post(
-        "/admin/reload",
-        response_model=ReloadResponse,
-        responses=RELOAD_RESPONSES,
-        dependencies=dependencies,
-    )
+    @routes.post("/admin/reload", response_model=ReloadResponse, responses=RELOAD_RESPONSES)
     async def reload(
-        slot: ModelsDep,
-        body: Annotated[ReloadRequest | None, Body()] = None,
-    ) -> ReloadResponse | JSONResponse:
+        state: StateDep, body: Annotated[ReloadRequest | None, Body()] = None
+    ) -> ReloadResponse:
         """Load a checkpoint (and its features) in the background and swap it in; requests are
         answered by the old model until the swap and by the new one after it. Without a body,
         or for a path left out, the serving files are read again (e.g. replaced in place)."""
+        slot = state.models
         checkpoint, features = (body.checkpoint, body.features) if body else (None, None)
-        try:
-            paths = [_inside(text, folders) for text in (checkpoint, features)]
-            swap = await slot.reload(*paths)
-        except OutsideModelFolders as err:
-            return _refused(422, f"the model was not replaced: {err}", slot)
-        except ReloadBusy as err:
-            return _refused(409, str(err), slot)
-        except ReloadFailed as err:
-            return _refused(422, f"the model was not replaced: {err}", slot)
+        paths = [_inside(text, folders, slot.engine.version) for text in (checkpoint, features)]
+        swap = await slot.reload(*paths)
         return ReloadResponse(
             previous_version=swap.previous,
             model_version=swap.current,
@@ -75,12 +58,14 @@ def install_admin(app: FastAPI, *, dependencies: list[Any], roots: Sequence[Path
             seconds=round(swap.seconds, 3),
         )
 
-
-class OutsideModelFolders(ValueError):
-    pass
+    return routes
 
 
-def _inside(text: str | None, folders: tuple[Path, ...]) -> Path | None:
+class OutsideModelFolders(ReloadFailed):
+    code = "outside_model_folders"
+
+
+def _inside(text: str | None, folders: tuple[Path, ...], serving: str) -> Path | None:
     """``text`` as a path, refused unless it lies (symlinks followed) inside one of ``folders``:
     an admin call must not make the server read arbitrary files."""
     if not text:
@@ -89,16 +74,14 @@ def _inside(text: str | None, folders: tuple[Path, ...]) -> Path | None:
     try:
         resolved = path.resolve()
     except (ValueError, OSError) as err:  # a NUL byte, a lone surrogate, a loop of links
-        raise OutsideModelFolders(f"{text!r} is not a usable path ({err})") from err
+        raise OutsideModelFolders(
+            f"{text!r} is not a usable path ({err})", serving=serving
+        ) from err
     if any(resolved.is_relative_to(folder) for folder in folders):
         return path
     allowed = ", ".join(str(f) for f in folders)
     raise OutsideModelFolders(
         f"{text} is outside the model folders ({allowed}); put the files there, or add their "
-        "folder to VISREC_MODEL_DIRS"
+        "folder to VISREC_MODEL_DIRS",
+        serving=serving,
     )
-
-
-def _refused(status: int, detail: str, slot: ModelSlot) -> JSONResponse:
-    body = ReloadRefused(detail=detail, model_version=slot.engine.version)
-    return JSONResponse(status_code=status, content=body.model_dump())

@@ -1,0 +1,195 @@
+"""What an app runs on, from start to stop: its lifespan (:func:`serving`) loads the model,
+its added items and the catalogue, opens the profile store, and keeps them current (added items
+from other replicas, the registry's published version, Redis's epoch) until the app stops."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import os
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from starlette.concurrency import run_in_threadpool
+
+from service.api.batcher import MicroBatcher
+from service.api.items import Items
+from service.api.metrics import Metrics
+from service.api.state import State
+from service.catalogue import Catalogue, load_catalogue
+from service.config import Settings
+from service.engine import (
+    ModelSlot,
+    Preloaded,
+    ReloadBusy,
+    open_slot,
+    registry_of,
+    reload_on_hangup,
+    start_source,
+)
+from service.model.feature_store import load_features
+from service.registry import Current, Registry, follow
+from service.runtime import pick_device, torch_threads
+from service.store.epoch import EpochWatch
+from service.store.items import DirectoryItemStore, ItemStore, MemoryItemStore, RedisItemStore
+from service.store.journal import Journal
+from service.store.memory import MemoryProfileStore
+from service.store.profiles import StoreUnavailable
+from service.store.redis_profiles import RedisProfileStore
+from service.store.resilient import ResilientStore
+
+log = logging.getLogger("visrec.api")
+EPOCH_CHECK_S = 1.0  # how often a process looks whether Redis came back empty
+
+
+@asynccontextmanager
+async def serving(
+    settings: Settings,
+    metrics: Metrics,
+    *,
+    profiles: Mapping[str, Sequence[int]] | None = None,
+    preloaded: Preloaded | None = None,
+) -> AsyncIterator[State]:
+    """Everything a running app needs, built in order and taken down in reverse: the added
+    items, the model (``preloaded``, or the registry's current version, or the configured
+    files), the catalogue, the profile store (``profiles`` go into it: into Redis once per
+    data set, :mod:`service.store.epoch`), and the tasks that keep them current."""
+    items = await run_in_threadpool(_items, settings)
+    items.on_loss = metrics.items_lost.inc
+    if preloaded is None:
+        source, current = await run_in_threadpool(start_source, settings)
+        engine = None
+    else:
+        source, current, engine = preloaded.source, preloaded.serving, preloaded.engine
+    models = await run_in_threadpool(open_slot, settings, items.added_to, source, engine)
+    metrics.model_version = lambda: models.engine.version
+    catalogue = await run_in_threadpool(load_catalogue, settings.data)  # titles, images
+    try:  # added by an earlier run or another replica; every core, as nothing else runs
+        with torch_threads(os.cpu_count() or 1):
+            await items.sync(models, catalogue)
+    except StoreUnavailable as err:  # the periodic sync picks them up once it answers
+        log.warning("starting without the added items: the item store is down (%s)", err)
+    store, name, watch = _profile_store(settings, metrics, profiles)
+    try:
+        if watch is not None:  # Redis: the histories go in once per data set
+            await watch.start()
+        elif profiles:
+            await store.load(profiles)
+    except StoreUnavailable as err:  # serve degraded reads; the watch sets Redis up later
+        log.warning("starting while Redis is down (%s): reads are degraded until it answers", err)
+    # Everything loaded so far lives as long as the app: keep it out of the cyclic garbage
+    # collector's full passes, whose pauses were the p99 of a loaded server.
+    gc.freeze()
+    tasks = _keeping_current(settings, items, models, catalogue, watch, current)
+    try:
+        window = settings.batch_window_ms / 1000
+        with reload_on_hangup(models, asyncio.get_running_loop()):
+            # The batcher asks the slot, so a batch runs on the engine current at its start.
+            async with MicroBatcher(models.recommend, window_s=window) as batcher:
+                yield State(models, store, name, batcher, watch, items, catalogue, metrics)
+    finally:
+        for task in tasks:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        await store.close()
+        await items.store.close()
+
+
+def _profile_store(
+    settings: Settings, metrics: Metrics, profiles: Mapping[str, Sequence[int]] | None
+) -> tuple[ResilientStore, str, EpochWatch | None]:
+    """Redis when configured (with the journal of acknowledged events and the watch that
+    notices Redis back empty and refills it), else the in-process store; its name."""
+    if not settings.redis_url:
+        memory = MemoryProfileStore(
+            max_users=settings.memory_store_max_users, on_evict=metrics.evictions.inc
+        )
+        return ResilientStore(memory, cache_size=0), "memory", None  # it never fails
+    redis = RedisProfileStore.from_url(
+        settings.redis_url,
+        prefix=settings.redis_prefix,
+        max_connections=settings.redis_max_connections,
+        deadline_s=settings.redis_timeout_ms / 1000,
+        write_deadline_s=settings.redis_write_timeout_ms / 1000,
+        wait_replicas=settings.redis_wait_replicas,
+        wait_timeout_ms=settings.redis_wait_timeout_ms,
+    )
+    journal = Journal(settings.journal_events)
+    watch = EpochWatch(redis, histories=profiles, journal=journal, on_loss=metrics.data_losses.inc)
+    store = ResilientStore(redis, cache_size=settings.profile_cache_size, journal=journal)
+    return store, "redis", watch
+
+
+def _keeping_current(
+    settings: Settings,
+    items: Items,
+    models: ModelSlot,
+    catalogue: Catalogue,
+    watch: EpochWatch | None,
+    current: Current | None,
+) -> list[asyncio.Task[None]]:
+    """The tasks that run as long as the app: picking up other replicas' added items,
+    following the registry, watching Redis's epoch."""
+    tasks = []
+    if settings.items_sync_s:
+        tasks.append(
+            asyncio.create_task(_sync_items(items, models, catalogue, settings.items_sync_s))
+        )
+    registry = registry_of(settings)
+    if registry is not None:
+        poll_s = settings.registry_poll_s
+        tasks.append(asyncio.create_task(_follow_registry(registry, models, current, poll_s)))
+    if watch is not None:
+        tasks.append(asyncio.create_task(watch.run(EPOCH_CHECK_S)))
+    return tasks
+
+
+def _items(settings: Settings) -> Items:
+    """Where added items live: Redis when the profiles do, else a folder, else this process."""
+    store: ItemStore
+    if settings.redis_url:
+        store = RedisItemStore.from_url(
+            settings.redis_url,
+            prefix=settings.redis_prefix,
+            deadline_s=settings.redis_write_timeout_ms / 1000,
+        )
+    elif settings.items_dir is not None:
+        store = DirectoryItemStore(settings.items_dir)
+    else:
+        store = MemoryItemStore()
+    _, meta = load_features(settings.features)
+    return Items(
+        store,
+        backbone_name=meta.backbone,
+        device=pick_device(settings.device),
+        max_image_bytes=settings.max_image_bytes,
+        max_image_pixels=settings.max_image_pixels,
+    )
+
+
+async def _sync_items(items: Items, slot: ModelSlot, catalogue: Catalogue, every_s: float) -> None:
+    """Pick up items added by other replicas, for as long as the app runs."""
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            await items.sync(slot, catalogue)
+        except StoreUnavailable as err:
+            log.warning("added items not synchronised this time: %s", err)
+
+
+async def _follow_registry(
+    registry: Registry, slot: ModelSlot, serving: Current | None, poll_s: float
+) -> None:
+    """Serve the registry's current version, through every publish and rollback."""
+
+    async def load(checkpoint: Path, features: Path) -> None:
+        while True:
+            try:
+                await slot.reload(checkpoint, features)
+                return
+            except ReloadBusy:  # an admin reload is running: ours comes after it
+                await asyncio.sleep(0.5)
+
+    await follow(registry, load, serving=serving, poll_s=poll_s)

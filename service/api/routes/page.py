@@ -1,0 +1,31 @@
+"""The explanation page: static HTML with a little plain JavaScript that reads the JSON API
+(``/recommend``, ``/explain``, ``/interactions``, ``/items``), so it shows exactly what API
+clients get and needs no build step. Images come from the catalogue only: a request names an
+item id, never a path.
+
+The page itself holds no data; a browser cannot send a key when it opens it, so it is only
+rate-limited, and the page asks for a key (kept in the tab's session storage) and sends it with
+every call it makes. Item titles and images are reads like any other (``routes/items.py``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import APIRouter
+from fastapi.responses import FileResponse
+
+from service.api.security import Guards
+
+STATIC = Path(__file__).parent.parent / "static"  # mounted by the app under /ui/static
+
+
+def router(guards: Guards) -> APIRouter:
+    routes = APIRouter(dependencies=guards.page)
+
+    @routes.get("/ui/users/{user_id}", include_in_schema=False)
+    async def user_page(user_id: str) -> FileResponse:
+        """The page reads the user id (and ``?item_id=``, the item to explain) from its URL."""
+        return FileResponse(STATIC / "user.html", media_type="text/html")
+
+    return routes
