@@ -153,7 +153,7 @@ def report(tally: Tally) -> int:
 
 def fault_run(args: argparse.Namespace) -> int:
     """The run of the module docstring; the exit status."""
-    from service.serve import histories, prepare_serving
+    from service.offline.bootstrap import histories, prepare_serving
 
     dataset, features, checkpoint = prepare_serving(args.data, args.work_dir, torch.device("cpu"))
     history = histories(dataset)
@@ -249,7 +249,7 @@ def redis_benchmark(port: int, *, clients: int, requests: int) -> tuple[float, f
 
 
 def cost_run(args: argparse.Namespace) -> int:
-    from service.serve import prepare_serving
+    from service.offline.bootstrap import prepare_serving
 
     dataset, features, checkpoint = prepare_serving(args.data, args.work_dir, torch.device("cpu"))
     items = dataset.item_ids.tolist()
@@ -288,7 +288,7 @@ def startup_run(args: argparse.Namespace) -> int:
     every added item, and its memory, with Redis holding 0 and each of ``args.startup`` added
     items (random features of the backbone's shape: ~125 KB each with EfficientNet-Lite0)."""
     from service.model.feature_store import load_features
-    from service.serve import prepare_serving
+    from service.offline.bootstrap import prepare_serving
 
     dataset, features, checkpoint = prepare_serving(None, args.work_dir, torch.device("cpu"))
     _, meta = load_features(features)

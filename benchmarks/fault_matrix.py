@@ -321,7 +321,7 @@ def run_cell(
 ) -> Outcome:
     """One cell; ``added`` items of ``item_shape`` (K, C) features in Redis at start for the
     added-items fault."""
-    from service.offline.data import load_dataset
+    from service.offline.data.dataset import load_dataset
 
     dataset = load_dataset(world, check_images=False)
     users = [str(u) for u in dataset.user_ids.tolist()]
@@ -417,7 +417,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     from service.model.feature_store import load_features
-    from service.serve import prepare_serving
+    from service.offline.bootstrap import prepare_serving
 
     dataset, features, _ = prepare_serving(None, args.work_dir, torch.device("cpu"))  # trains once
     world = dataset.root

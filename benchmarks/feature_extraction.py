@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from service.model.backbones import DEFAULT_BACKBONE
-from service.offline.data import load_dataset
-from service.offline.features import extract_features
-from service.offline.synthetic import WorldSpec, make_world
+from service.offline.data.dataset import load_dataset
+from service.offline.data.features import extract_features
+from service.offline.data.synthetic import WorldSpec, make_world
 from service.runtime import pick_device
 
 

@@ -50,8 +50,9 @@ from service.model.feature_store import (
     FeatureMeta,
     load_features,
 )
-from service.offline.sampling import build_samples, epoch_batches
-from service.offline.train import Objective, TrainConfig
+from service.offline.data.sampling import build_samples, epoch_batches
+from service.offline.training.config import TrainConfig
+from service.offline.training.objective import Objective
 from service.runtime import keep_freed_memory, pick_device
 
 GRID, CELLS = 7, 49

@@ -28,12 +28,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from service.model.projection import project
-from service.offline.attention import ON_OBJECT
-from service.offline.pipeline import feature_projection
-from service.offline.plan import load_plan
-from service.offline.reproduce import prepare_with_features
-from service.offline.synthetic import WorldSpec, make_world
-from service.offline.train import TrainConfig
+from service.offline.data.synthetic import WorldSpec, make_world
+from service.offline.evaluation.attention import ON_OBJECT
+from service.offline.experiments.plan import load_plan
+from service.offline.experiments.reproduce import prepare_with_features
+from service.offline.training.config import TrainConfig
+from service.offline.training.pipeline import feature_projection
 from service.runtime import pick_device
 
 

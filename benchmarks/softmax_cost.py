@@ -1,6 +1,6 @@
 """What the softmax loss costs per training step, over the whole catalogue or sampled.
 
-The training objective (``service/offline/train.py``, :class:`Objective`) scores every item
+The training objective (``service/offline/training/train.py``, :class:`Objective`) scores every item
 for every sample of a batch when the catalogue has at most ``full_softmax_items`` items, and
 ``negatives`` popularity-drawn items with logQ correction above. This script times one Adam
 step of each, same process, on an inner-product model (BPR-MF: the loss side of any of our
@@ -20,8 +20,9 @@ import time
 import numpy as np
 import torch
 
-from service.offline.baselines import BPRMF
-from service.offline.train import Objective, TrainConfig
+from service.offline.training.baselines import BPRMF
+from service.offline.training.config import TrainConfig
+from service.offline.training.objective import Objective
 
 
 def step_ms(n_items: int, sampled: bool, config: TrainConfig, steps: int, seed: int) -> float:

@@ -30,12 +30,14 @@ import numpy as np
 import torch
 
 from service.model.acf import ACF
-from service.offline.data import load_dataset
-from service.offline.evaluate import PROTOCOLS, evaluate, holdout_task
-from service.offline.features import extract_features
-from service.offline.pipeline import Prepared, fit, prepare
-from service.offline.sampling import Batch, build_samples, epoch_batches
-from service.offline.train import Objective, TrainConfig, bpr_loss, build_model
+from service.offline.data.dataset import load_dataset
+from service.offline.data.features import extract_features
+from service.offline.data.sampling import Batch, build_samples, epoch_batches
+from service.offline.evaluation.evaluate import PROTOCOLS, evaluate, holdout_task
+from service.offline.training.config import TrainConfig
+from service.offline.training.objective import Objective, bpr_loss
+from service.offline.training.pipeline import Prepared, fit, prepare
+from service.offline.training.train import build_model
 from service.runtime import keep_freed_memory
 
 # The tutorial's model: raw features, the image only in the attention, BPR.

@@ -25,7 +25,7 @@ from soak import mixed_script
 
 from harness.processes import children, free_port, wait_for
 from harness.redis_servers import REDIS
-from service.offline.data import load_dataset
+from service.offline.data.dataset import load_dataset
 
 
 def memory_mib(pid: int) -> tuple[float, float]:

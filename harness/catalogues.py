@@ -24,7 +24,7 @@ class Catalogue:
 
 
 def dataset_catalogue(data: Path, work: Path) -> Catalogue:
-    from service.serve import histories, prepare_serving
+    from service.offline.bootstrap import histories, prepare_serving
 
     dataset, features, checkpoint = prepare_serving(data, work, torch.device("cpu"))
     settings = Settings(

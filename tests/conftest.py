@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from service.model.feature_store import load_features
-from service.offline.data import load_dataset
-from service.offline.features import extract_features
-from service.offline.synthetic import World, WorldSpec, make_world
+from service.offline.data.dataset import load_dataset
+from service.offline.data.features import extract_features
+from service.offline.data.synthetic import World, WorldSpec, make_world
 
 ML100K = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "ml100k"
 # Apps built by tests run without API keys unless a test configures them (tests/test_security.py).
@@ -55,8 +55,8 @@ def served_work_dir(
     from dataclasses import replace
 
     from service.model.checkpoint import save_checkpoint
-    from service.offline.pipeline import fit, prepare, to_checkpoint
-    from service.offline.train import TrainConfig
+    from service.offline.training.config import TrainConfig
+    from service.offline.training.pipeline import fit, prepare, to_checkpoint
 
     work = tmp_path_factory.mktemp("served")
     run_dir = work / world.root.resolve().name

@@ -21,13 +21,13 @@ from harness.redis_servers import redis_prefix
 from service.api.app import create_app
 from service.config import Settings
 from service.model.checkpoint import save_checkpoint
+from service.offline.bootstrap import histories
 from service.offline.cli import main
-from service.offline.data import load_dataset
-from service.offline.pipeline import fit, prepare, to_checkpoint
-from service.offline.synthetic import World
-from service.offline.train import TrainConfig
+from service.offline.data.dataset import load_dataset
+from service.offline.data.synthetic import World
+from service.offline.training.config import TrainConfig
+from service.offline.training.pipeline import fit, prepare, to_checkpoint
 from service.registry import Registry
-from service.serve import histories
 
 REDIS = "redis://127.0.0.1:6379/0"
 CONFIG = TrainConfig(dim=16, attention_dim=16, epochs=6, batch_size=128, lr=1e-2)

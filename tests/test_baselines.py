@@ -8,11 +8,12 @@ import torch
 
 from service.model.acf import PAD
 from service.model.sasrec import SASRec, SASRecConfig
-from service.offline.baselines import EASE, Transitions
-from service.offline.data import Split
-from service.offline.evaluate import validation_task
-from service.offline.sampling import build_samples
-from service.offline.train import TrainConfig, build_model, train
+from service.offline.data.dataset import Split
+from service.offline.data.sampling import build_samples
+from service.offline.evaluation.evaluate import validation_task
+from service.offline.training.baselines import EASE, Transitions
+from service.offline.training.config import TrainConfig
+from service.offline.training.train import build_model, train
 
 
 def test_transitions_match_a_hand_computation() -> None:

@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from harness.redis_servers import REDIS, Cluster
 from service.api.app import create_app
 from service.config import Settings
-from service.offline.synthetic import World
+from service.offline.data.synthetic import World
 from service.store.items import AddedItem, RedisItemStore
 from service.store.profiles import EventConflict, Interaction, Profile, StoreUnavailable
 from service.store.redis_profiles import RedisProfileStore

@@ -11,7 +11,10 @@ import torch
 
 from service.model.acf import ACF
 from service.model.feature_store import load_features
-from service.offline.cold import (
+from service.offline.data.dataset import leave_last_out, load_dataset
+from service.offline.data.synthetic import World
+from service.offline.evaluation.evaluate import holdout_task
+from service.offline.experiments.cold import (
     cold_split,
     genre_scores,
     image_scores,
@@ -24,13 +27,10 @@ from service.offline.cold import (
     text_scores,
     warm_prepared,
 )
-from service.offline.data import leave_last_out, load_dataset
-from service.offline.evaluate import holdout_task
-from service.offline.pipeline import Prepared, fit
-from service.offline.plan import ColdPlan, Plan, Row
-from service.offline.report import cold_section
-from service.offline.synthetic import World
-from service.offline.train import TrainConfig
+from service.offline.experiments.plan import ColdPlan, Plan, Row
+from service.offline.experiments.report import cold_section
+from service.offline.training.config import TrainConfig
+from service.offline.training.pipeline import Prepared, fit
 
 
 def test_held_out_items_never_reach_the_warm_data_and_are_each_users_targets(

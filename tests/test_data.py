@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.offline.data import DatasetError, leave_last_out, load_dataset
+from service.offline.data.dataset import DatasetError, leave_last_out, load_dataset
 
 
 def _folder(

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from service.model.checkpoint import Checkpoint, load_checkpoint
-from service.offline.synthetic import World
+from service.offline.data.synthetic import World
 
 # Two processes sum a batch's gradients in another order than one process does: after 34 Adam
 # steps the weights agreed to 1e-6 (measured: at most 8.3e-7 on weights of scale ~1); with the

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import Tensor
 
-from service.offline.data import Split, leave_last_out, load_dataset
-from service.offline.evaluate import evaluate, holdout_task, validation_task
+from service.offline.data.dataset import Split, leave_last_out, load_dataset
+from service.offline.evaluation.evaluate import evaluate, holdout_task, validation_task
 
 
 class FixedScores:

@@ -35,7 +35,7 @@ from service.model.feature_store import (
     FeatureMeta,
     load_features,
 )
-from service.offline.features import compute_inputs_hash, extract_features
+from service.offline.data.features import compute_inputs_hash, extract_features
 
 ML100K = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "ml100k"
 BLOCK = 32  # 224 / 7: one grid cell of the block-mean backbone
@@ -361,7 +361,7 @@ def test_changed_image_forces_full_reextraction(
 
     Image.fromarray(_grid_image(50)).save(paths[2])
     second, counter = _block_mean_backbone()
-    with caplog.at_level(logging.WARNING, logger="service.offline.features"):
+    with caplog.at_level(logging.WARNING, logger="service.offline.data.features"):
         new = extract_features(ids, paths, out, backbone=second, batch_size=2, progress=False)
 
     assert new.inputs_hash != old.inputs_hash

@@ -26,11 +26,11 @@ from hypothesis import strategies as st
 from service.api.app import create_app
 from service.config import Settings
 from service.model.checkpoint import save_checkpoint
-from service.offline.data import load_dataset
-from service.offline.pipeline import fit, prepare, to_checkpoint
-from service.offline.synthetic import World
-from service.offline.train import TrainConfig
-from service.serve import histories
+from service.offline.bootstrap import histories
+from service.offline.data.dataset import load_dataset
+from service.offline.data.synthetic import World
+from service.offline.training.config import TrainConfig
+from service.offline.training.pipeline import fit, prepare, to_checkpoint
 
 CONFIG = TrainConfig(dim=16, attention_dim=16, epochs=2, batch_size=128, lr=1e-2)
 # An admin key, which may call everything; sent as X-API-Key except where the fuzzer leaves it out.

@@ -34,15 +34,15 @@ from service.errors import Refused
 from service.model.checkpoint import load_checkpoint, save_checkpoint
 from service.model.feature_store import load_features
 from service.model.tags import item_tags
-from service.offline.cold import ColdTargets, served_scores
-from service.offline.data import load_dataset
-from service.offline.evaluate import holdout_task, rank_new_items
-from service.offline.features import extract_features
-from service.offline.pipeline import Prepared, fit, prepare, to_checkpoint
-from service.offline.sampling import last_items
-from service.offline.synthetic import World, WorldSpec, make_world
-from service.offline.train import TrainConfig
-from service.serve import histories
+from service.offline.bootstrap import histories
+from service.offline.data.dataset import load_dataset
+from service.offline.data.features import extract_features
+from service.offline.data.sampling import last_items
+from service.offline.data.synthetic import World, WorldSpec, make_world
+from service.offline.evaluation.evaluate import holdout_task, rank_new_items
+from service.offline.experiments.cold import ColdTargets, served_scores
+from service.offline.training.config import TrainConfig
+from service.offline.training.pipeline import Prepared, fit, prepare, to_checkpoint
 from service.store.items import (
     ITEMS_PER_CALL,
     AddedItem,

@@ -28,6 +28,15 @@ def _imports(path: Path) -> set[str]:
     return names
 
 
+def _imported_modules(path: Path) -> set[str]:
+    """What ``path`` imports, ``from package import module`` naming the module too."""
+    names = _imports(path)
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names |= {f"{node.module}.{alias.name}" for alias in node.names}
+    return names
+
+
 @pytest.mark.parametrize("package", sorted(FORBIDDEN))
 def test_imports_point_one_way(package: str) -> None:
     files = sorted((SERVICE / package).rglob("*.py"))
@@ -39,6 +48,52 @@ def test_imports_point_one_way(package: str) -> None:
         if name.startswith(FORBIDDEN[package])
     }
     assert bad == set()
+
+
+# The offline path in layers: each imports only the layers before it (cli.py and bootstrap.py,
+# on top, may import any).
+OFFLINE_LAYERS = ("data", "evaluation", "training", "experiments")
+
+
+@pytest.mark.parametrize("layer", OFFLINE_LAYERS)
+def test_offline_layers_import_only_the_layers_below(layer: str) -> None:
+    above = OFFLINE_LAYERS[OFFLINE_LAYERS.index(layer) + 1 :]
+    files = sorted((SERVICE / "offline" / layer).rglob("*.py"))
+    assert len(files) > 1, f"no modules found in service/offline/{layer}"
+    bad = {
+        f"{f.relative_to(SERVICE)} imports {name}"
+        for f in files
+        for name in _imports(f)
+        if name.startswith(tuple(f"service.offline.{a}" for a in above))
+    }
+    assert bad == set()
+
+
+def test_no_import_circles_in_the_service() -> None:
+    """Not even through an import made inside a function or for type checking only."""
+    modules = {
+        ".".join(f.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): f
+        for f in SERVICE.rglob("*.py")
+    }
+    graph = {
+        m: {n for n in _imported_modules(f) if n in modules and n != m} for m, f in modules.items()
+    }
+    done: set[str] = set()
+
+    def circle_from(module: str, path: list[str]) -> list[str] | None:
+        if module in path:
+            return [*path[path.index(module) :], module]
+        if module in done:
+            return None
+        for name in sorted(graph[module]):
+            found = circle_from(name, [*path, module])
+            if found:
+                return found
+        done.add(module)
+        return None
+
+    circles = [c for m in sorted(graph) if (c := circle_from(m, []))]
+    assert circles == []
 
 
 ROOT = SERVICE.parent

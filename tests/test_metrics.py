@@ -1,4 +1,5 @@
-"""Tests for service.offline.metrics: hand-computed cases, a slow reference, bootstrap checks."""
+"""Tests for service.offline.evaluation.metrics: hand-computed cases, a slow reference,
+bootstrap checks."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Literal
 import numpy as np
 import pytest
 
-from service.offline.metrics import (
+from service.offline.evaluation.metrics import (
     KS,
     Exclusions,
     Interval,

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from service.model.acf import ACF, PAD, ACFConfig
-from service.offline.attention import (
+from service.offline.evaluation.attention import (
     COMPONENT_ENTROPY,
     COMPONENT_MAX,
     IN_CORNER,
@@ -25,8 +25,8 @@ from service.offline.attention import (
     peakedness,
     strongest_cells,
 )
-from service.offline.report import plot_history
-from service.offline.results import ModelRun
+from service.offline.experiments.plots import plot_history
+from service.offline.experiments.results import ModelRun
 
 N_USERS, N_ITEMS, K, C = 5, 12, 49, 16
 CONFIG = ACFConfig(n_users=N_USERS, n_items=N_ITEMS, feature_dim=C, dim=8, attention_dim=6)

@@ -61,7 +61,7 @@ def random_ids(rng: random.Random, n: int) -> list[int]:
 
 
 def ml100k_histories(root: Path) -> dict[str, list[int]]:
-    """Every user's item ids, oldest first (ties in file order), as ``serve.histories``."""
+    """Every user's item ids, oldest first (ties in file order), as ``bootstrap.histories``."""
     with (root / "interactions.csv").open(newline="") as f:
         rows = sorted(
             (int(row["timestamp"]), k, row["user_id"], int(row["item_id"]))

@@ -21,9 +21,9 @@ from harness.processes import SERVE, call, free_port, wait_for
 from harness.redis_servers import REDIS, redis_prefix
 from service.model.checkpoint import save_checkpoint
 from service.offline.cli import main as visrec
-from service.offline.pipeline import fit, prepare, to_checkpoint
-from service.offline.synthetic import World
-from service.offline.train import TrainConfig
+from service.offline.data.synthetic import World
+from service.offline.training.config import TrainConfig
+from service.offline.training.pipeline import fit, prepare, to_checkpoint
 from service.registry import Registry, RegistryError
 
 FAILURES = (OSError, json.JSONDecodeError)

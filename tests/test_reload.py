@@ -28,12 +28,12 @@ from service.api.state import State
 from service.config import Settings
 from service.engine import ModelSlot, Source, load_engine, reload_on_hangup
 from service.model.checkpoint import load_checkpoint, save_checkpoint
-from service.offline.data import load_dataset
-from service.offline.pipeline import fit, prepare, to_checkpoint
-from service.offline.synthetic import World
-from service.offline.train import TrainConfig
+from service.offline.bootstrap import histories
+from service.offline.data.dataset import load_dataset
+from service.offline.data.synthetic import World
+from service.offline.training.config import TrainConfig
+from service.offline.training.pipeline import fit, prepare, to_checkpoint
 from service.recommender import Query
-from service.serve import histories
 
 CONFIG = TrainConfig(dim=8, attention_dim=8, epochs=2, batch_size=256, lr=1e-2)
 WRITER = "w-0123456789abcdefghijkl"

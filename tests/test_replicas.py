@@ -21,7 +21,7 @@ import pytest
 
 from harness.processes import SERVE, call, free_port, read_back, wait_for
 from harness.redis_servers import REDIS, redis_prefix
-from service.offline.synthetic import World
+from service.offline.data.synthetic import World
 
 ROOT = Path(__file__).resolve().parents[1]
 HAPROXY = "/usr/sbin/haproxy"

@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from service.model.checkpoint import load_checkpoint
-from service.offline import sweep as sweep_module
-from service.offline.pipeline import Prepared, prepare
-from service.offline.plan import load_plan
-from service.offline.reproduce import reproduce
-from service.offline.sweep import Trial, candidates, load_sweep, sweep
-from service.offline.synthetic import World
-from service.offline.train import TrainConfig
+from service.offline.data.synthetic import World
+from service.offline.experiments import sweep as sweep_module
+from service.offline.experiments.plan import load_plan
+from service.offline.experiments.reproduce import reproduce
+from service.offline.experiments.sweep import Trial, candidates, load_sweep, sweep
+from service.offline.training.config import TrainConfig
+from service.offline.training.pipeline import Prepared, prepare
 
 PLAN = """
 seeds = [3, 4]

@@ -16,10 +16,11 @@ import pytest
 import torch
 
 from service.model.checkpoint import load_checkpoint
-from service.offline.pipeline import Prepared, fit, prepare, training_state_path
-from service.offline.synthetic import World
-from service.offline.train import TrainConfig, TrainResult
-from service.serve import first_start_config, prepare_serving
+from service.offline.bootstrap import first_start_config, prepare_serving
+from service.offline.data.synthetic import World
+from service.offline.training.config import TrainConfig
+from service.offline.training.pipeline import Prepared, fit, prepare, training_state_path
+from service.offline.training.train import TrainResult
 
 CPU = torch.device("cpu")
 SMALL = TrainConfig(dim=16, attention_dim=16, epochs=4, batch_size=128, lr=1e-2, patience=0)
@@ -153,14 +154,18 @@ def test_visrec_serve_resumes_an_interrupted_training(
     assert history[:2] == interrupted.history  # same seconds too: resumed, not retrained
     # once there is a checkpoint, serving does not import the training stack
     script = (
-        "import sys, torch; from pathlib import Path; from service.serve import prepare_serving; "
+        "import sys, torch; from pathlib import Path; "
+        "from service.offline.bootstrap import prepare_serving; "
         f"prepare_serving(Path({str(world.root)!r}), Path({str(tmp_path)!r}), "
         "torch.device('cpu')); "
         "print(sorted(m for m in sys.modules if m.startswith('service.offline.')))"
     )
     loaded = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert loaded.returncode == 0, loaded.stderr
-    assert "service.offline.train" not in loaded.stdout and "service.offline.data" in loaded.stdout
+    assert (
+        "service.offline.training.train" not in loaded.stdout
+        and "service.offline.data.dataset" in loaded.stdout
+    )
 
 
 def test_visrec_serve_serves_the_row_reproduce_chose(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.offline.sampling import (
+from service.offline.data.sampling import (
     build_samples,
     chunk_batches,
     epoch_batches,

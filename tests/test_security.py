@@ -18,9 +18,9 @@ from service.api.app import create_app
 from service.api.security import Keys, RateLimiter
 from service.config import Settings
 from service.model.checkpoint import save_checkpoint
-from service.offline.pipeline import fit, prepare, to_checkpoint
-from service.offline.synthetic import World
-from service.offline.train import TrainConfig
+from service.offline.data.synthetic import World
+from service.offline.training.config import TrainConfig
+from service.offline.training.pipeline import fit, prepare, to_checkpoint
 
 WRITER = "w-0123456789abcdefghijkl"
 ADMIN = "adm-ABCDEFGHIJKLMNOPQRSTUV"

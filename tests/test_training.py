@@ -15,7 +15,10 @@ from PIL import Image
 from service.model.acf import ACF, UNKNOWN_USER, Attended
 from service.model.checkpoint import load_checkpoint
 from service.model.feature_store import load_features
-from service.offline.attention import (
+from service.offline.cli import main
+from service.offline.data.sampling import Samples, build_samples
+from service.offline.data.synthetic import World
+from service.offline.evaluation.attention import (
     COMPONENT_ENTROPY,
     COMPONENT_MAX,
     FLAT,
@@ -23,19 +26,11 @@ from service.offline.attention import (
     ITEM_MAX,
     attention_probe,
 )
-from service.offline.cli import main
-from service.offline.evaluate import evaluate, holdout_task, validation_task
-from service.offline.pipeline import Prepared, fit, prepare
-from service.offline.sampling import Samples, build_samples
-from service.offline.synthetic import World
-from service.offline.train import (
-    SELECTION_METRIC,
-    Objective,
-    TrainConfig,
-    TrainResult,
-    build_model,
-    train,
-)
+from service.offline.evaluation.evaluate import evaluate, holdout_task, validation_task
+from service.offline.training.config import SELECTION_METRIC, TrainConfig
+from service.offline.training.objective import Objective
+from service.offline.training.pipeline import Prepared, fit, prepare
+from service.offline.training.train import TrainResult, build_model, train
 
 CPU = torch.device("cpu")
 SMALL = TrainConfig(dim=16, attention_dim=16, epochs=12, batch_size=128, lr=1e-2, patience=0)
@@ -144,7 +139,7 @@ def _train_with_frozen_attention(prepared: Prepared, scale: float) -> TrainResul
 def test_flat_attention_is_warned_about(
     prepared: Prepared, caplog: pytest.LogCaptureFixture, scale: float, flat: list[str]
 ) -> None:
-    with caplog.at_level(logging.WARNING, logger="service.offline.train"):
+    with caplog.at_level(logging.WARNING, logger="service.offline.training.train"):
         result = _train_with_frozen_attention(prepared, scale)
     warnings = [r.getMessage() for r in caplog.records if "attention is flat" in r.getMessage()]
     assert [w.split(": ")[1].split("-level")[0] for w in warnings] == flat

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from service.offline.cli import main
-from service.offline.data import (
+from service.offline.data.dataset import (
     Dataset,
     busiest_cut,
     fingerprint,
@@ -21,11 +21,11 @@ from service.offline.data import (
     split_at,
     user_disjoint,
 )
-from service.offline.generalise import generalise
-from service.offline.plan import load_plan
-from service.offline.sweep import load_sweep
-from service.offline.synthetic import World
-from service.offline.tune import plan_for, tune, tuned_plan_path
+from service.offline.data.synthetic import World
+from service.offline.experiments.generalise import generalise
+from service.offline.experiments.plan import load_plan
+from service.offline.experiments.sweep import load_sweep
+from service.offline.experiments.tune import plan_for, tune, tuned_plan_path
 
 BASE = """
 seeds = [0]

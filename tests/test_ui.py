@@ -25,11 +25,11 @@ from selenium.webdriver.support.wait import WebDriverWait
 from service.api.app import create_app
 from service.config import Settings
 from service.model.checkpoint import save_checkpoint
-from service.offline.data import load_dataset
-from service.offline.pipeline import fit, prepare, to_checkpoint
-from service.offline.synthetic import World
-from service.offline.train import TrainConfig
-from service.serve import histories
+from service.offline.bootstrap import histories
+from service.offline.data.dataset import load_dataset
+from service.offline.data.synthetic import World
+from service.offline.training.config import TrainConfig
+from service.offline.training.pipeline import fit, prepare, to_checkpoint
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"

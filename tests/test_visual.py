@@ -21,14 +21,15 @@ from service.api.app import create_app
 from service.config import Settings
 from service.model.acf import ACF
 from service.model.checkpoint import save_checkpoint
-from service.offline.attention import heatmap_stats
-from service.offline.data import load_dataset
-from service.offline.evaluate import holdout_task
-from service.offline.features import extract_features
-from service.offline.pipeline import Prepared, fit, prepare, to_checkpoint
-from service.offline.synthetic import World, WorldSpec, make_world
-from service.offline.train import TrainConfig, TrainResult
-from service.serve import histories
+from service.offline.bootstrap import histories
+from service.offline.data.dataset import load_dataset
+from service.offline.data.features import extract_features
+from service.offline.data.synthetic import World, WorldSpec, make_world
+from service.offline.evaluation.attention import heatmap_stats
+from service.offline.evaluation.evaluate import holdout_task
+from service.offline.training.config import TrainConfig
+from service.offline.training.pipeline import Prepared, fit, prepare, to_checkpoint
+from service.offline.training.train import TrainResult
 
 RUN_WORLD = WorldSpec(
     n_users=300, n_items=400, interactions_per_user=30, taste=0.7, run_length=4.0, seed=7
@@ -202,7 +203,7 @@ def test_a_colour_world_tells_kinds_by_shape_and_palette_colour(
     """``colours=2``: 2 shapes x 2 colours = 4 kinds; each object is drawn in its kind's
     palette colour, and so is every distractor (in another kind's), so the image holds
     palette colours only besides the background."""
-    from service.offline.synthetic import PALETTE
+    from service.offline.data.synthetic import PALETTE
 
     spec = WorldSpec(n_users=6, n_items=32, kinds=2, colours=2, clutter=2, seed=4)
     world = make_world(tmp_path_factory.mktemp("colours"), spec)

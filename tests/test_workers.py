@@ -15,7 +15,7 @@ import pytest
 
 from harness.processes import SERVE, call, children, free_port, read_back, wait_for
 from harness.redis_servers import REDIS, redis_prefix
-from service.offline.synthetic import World
+from service.offline.data.synthetic import World
 
 
 def _processes(url: str, asks: int = 60) -> set[int]:

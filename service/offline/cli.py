@@ -22,26 +22,27 @@ from service.model.backbones import BACKBONES, DEFAULT_BACKBONE
 from service.model.checkpoint import SERVED, load_checkpoint, save_checkpoint
 from service.model.feature_store import FeatureError, load_features
 from service.model.tables import write_serving_tables
-from service.offline import distributed
-from service.offline.data import DatasetError, load_dataset
-from service.offline.evaluate import PROTOCOLS, evaluate, holdout_task
-from service.offline.features import extract_features
-from service.offline.generalise import generalise
-from service.offline.metrics import HEADLINE, summarise
-from service.offline.pipeline import (
+from service.offline.data.dataset import DatasetError, load_dataset
+from service.offline.data.features import extract_features
+from service.offline.evaluation.evaluate import PROTOCOLS, evaluate, holdout_task
+from service.offline.evaluation.metrics import HEADLINE, summarise
+from service.offline.experiments.generalise import generalise
+from service.offline.experiments.plan import DEFAULT_PLAN, load_plan
+from service.offline.experiments.plots import plot_history
+from service.offline.experiments.report import signed_interval
+from service.offline.experiments.reproduce import reproduce
+from service.offline.experiments.results import ModelRun
+from service.offline.experiments.sweep import best_settings, load_sweep, sweep
+from service.offline.experiments.tune import DEFAULT_BUDGET, plan_for, tune
+from service.offline.training import distributed
+from service.offline.training.config import TrainConfig
+from service.offline.training.pipeline import (
     PipelineError,
     fit,
     prepare,
     to_checkpoint,
     training_state_path,
 )
-from service.offline.plan import DEFAULT_PLAN, load_plan
-from service.offline.report import plot_history, signed_interval
-from service.offline.reproduce import reproduce
-from service.offline.results import ModelRun
-from service.offline.sweep import best_settings, load_sweep, sweep
-from service.offline.train import TrainConfig
-from service.offline.tune import DEFAULT_BUDGET, plan_for, tune
 from service.registry import Registry
 from service.runtime import keep_freed_memory, pick_device
 
@@ -276,10 +277,28 @@ def _sweep(args: argparse.Namespace) -> None:
     print(f"sweep: {args.docs / 'sweep.md'}, {args.docs / 'sweep.json'}")
 
 
+Subcommands = argparse._SubParsersAction  # what add_subparsers returns
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="visrec", description=__doc__)
     sub = parser.add_subparsers(required=True, metavar="command")
+    for add in (
+        _features_command,
+        _train_command,
+        _publish_command,
+        _rollback_command,
+        _evaluate_command,
+        _reproduce_command,
+        _tune_command,
+        _generalise_command,
+        _sweep_command,
+    ):
+        add(sub)
+    return parser
 
+
+def _features_command(sub: Subcommands) -> None:
     p = sub.add_parser("features", help="turn the items' images into component features")
     _data_arg(p)
     p.add_argument("--out", type=Path, help="output folder (default runs/<dataset>/features-…)")
@@ -295,6 +314,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(run=_features)
 
+
+def _train_command(sub: Subcommands) -> None:
     p = sub.add_parser("train", help="train one model and write a checkpoint")
     _data_arg(p)
     p.add_argument("--features", type=Path, help="feature folder (default: the default backbone's)")
@@ -309,6 +330,8 @@ def _parser() -> argparse.ArgumentParser:
     _config_flags(p)
     p.set_defaults(run=_train)
 
+
+def _publish_command(sub: Subcommands) -> None:
     p = sub.add_parser(
         "publish", help="add a checkpoint and its features to the model registry, as current"
     )
@@ -317,10 +340,14 @@ def _parser() -> argparse.ArgumentParser:
     _registry_args(p)
     p.set_defaults(run=_publish)
 
+
+def _rollback_command(sub: Subcommands) -> None:
     p = sub.add_parser("rollback", help="make the registry's previous version current again")
     _registry_args(p)
     p.set_defaults(run=_rollback)
 
+
+def _evaluate_command(sub: Subcommands) -> None:
     p = sub.add_parser("evaluate", help="evaluate a checkpoint under both protocols")
     _data_arg(p)
     p.add_argument("--checkpoint", type=Path, required=True)
@@ -328,6 +355,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", choices=PROTOCOLS, action="append")
     p.set_defaults(run=_evaluate)
 
+
+def _reproduce_command(sub: Subcommands) -> None:
     p = sub.add_parser("reproduce", help="features, ACF and baselines, results page")
     _data_arg(p)
     p.add_argument(
@@ -341,6 +370,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--docs", type=Path, default=Path("docs"))
     p.set_defaults(run=_reproduce)
 
+
+def _tune_command(sub: Subcommands) -> None:
     p = sub.add_parser(
         "tune", help="choose every row's settings on this dataset's validation: its plan"
     )
@@ -348,6 +379,8 @@ def _parser() -> argparse.ArgumentParser:
     _tune_args(p)
     p.set_defaults(run=_tune)
 
+
+def _generalise_command(sub: Subcommands) -> None:
     p = sub.add_parser(
         "generalise",
         help="tune and compare again on user-disjoint and later-in-time splits of the data",
@@ -363,6 +396,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--docs", type=Path, default=Path("docs"))
     p.set_defaults(run=_generalise)
 
+
+def _sweep_command(sub: Subcommands) -> None:
     p = sub.add_parser("sweep", help="equal-budget search of every model's settings, validation")
     _data_arg(p)
     p.add_argument("--config", type=Path, default=Path("configs/sweep.toml"), help="sweep plan")
@@ -371,7 +406,6 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--docs", type=Path, default=Path("docs"))
     p.set_defaults(run=_sweep)
-    return parser
 
 
 def _tune_args(p: argparse.ArgumentParser) -> None:

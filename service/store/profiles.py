@@ -8,7 +8,8 @@ others (``ValueError``; ``TypeError`` for non-integers) before changing anything
 
 Where each part lives: the contract and the rule of a profile here; its encoding in
 :mod:`service.store.codec`; the in-process store in :mod:`service.store.memory`; the Redis
-store, its key layout and scripts in :mod:`service.store.redis_profiles`; reaching Redis
+store and its key layout in :mod:`service.store.redis_profiles`, its Lua scripts in
+``service/store/lua/``; reaching Redis
 (clients, deadlines, what a failure means) in :mod:`service.store.redis_client`.
 
 A write that timed out may still have been applied. Sent again with the same event ids, each

@@ -81,111 +81,110 @@ ADD_RESPONSES = {
 
 
 def router(guards: Guards) -> APIRouter:
-    routes = APIRouter(
-        route_class=StrictForms, responses=INVALID_FIELDS
-    )  # a title is UTF-8 or refused, not re-read
-
-    @routes.get(
+    # a title is UTF-8 or refused, not re-read
+    routes = APIRouter(route_class=StrictForms, responses=INVALID_FIELDS)
+    routes.get(
         "/items/{item_id}",
         response_model=ItemInfo,
         dependencies=guards.read,
         responses=GUARDED | refusals({404: "no such item"}),
-        description="An item's title, genres and the URL of its image, from the dataset's "
-        "items.csv or, for an item added while serving (``added``), from POST /items.",
-    )
-    async def item_info(item_id: int, catalogue: CatalogueDep) -> ItemInfo:
-        item = _item(catalogue, item_id)
-        url = f"/items/{item_id}/image" if item.has_image else None
-        return ItemInfo(
-            item_id=item_id,
-            title=item.title,
-            image_url=url,
-            genres=list(item.genres),
-            added=item.data is not None,
-        )
-
-    @routes.get(
+    )(item_info)
+    routes.get(
         "/items/{item_id}/image",
         response_class=FileResponse,
         dependencies=guards.read,
         responses=GUARDED | refusals({404: "no such item, or it has no image"}),
-        description="An item's image: a file from the dataset folder (never a path outside it), "
-        "or the image an item was added with (POST /items).",
-    )
-    async def item_image(item_id: int, catalogue: CatalogueDep) -> Response:
-        item = _item(catalogue, item_id)
-        if item.data is not None:  # added while serving
-            return Response(item.data, media_type=item.media_type)
-        if item.image is None:
-            raise NotFound(f"item {item_id} has no image", code="no_image")
-        return FileResponse(item.image, media_type=item.media_type)
-
-    @routes.post(
+    )(item_image)
+    routes.post(
         "/items",
         status_code=201,
         response_model=AddedItemResponse,
         responses=ADD_RESPONSES,
         dependencies=guards.admin,
-    )
-    async def add_item(
-        state: StateDep,
-        item_id: Annotated[int, Form(ge=0, le=MAX_ITEM_ID)],
-        image: Annotated[UploadFile, File(description="the item's image: JPEG, PNG, GIF or WebP")],
-        title: Annotated[str, Form(max_length=1000, pattern=TITLE_PATTERN)] = "",
-        genres: Annotated[
-            str,
-            Form(
-                max_length=1000,
-                pattern=TITLE_PATTERN,
-                description="|-separated, as in items.csv (e.g. Animation|Children's)",
-            ),
-        ] = "",
-    ) -> AddedItemResponse:
-        """Add an item from its image (multipart form: ``item_id``, ``image``, optional
-        ``title`` and ``genres``; admin key). The serving backbone turns the image into the
-        model's components, the item is scored from its image (and, by a model trained with
-        metadata, its genres and title: ``genres_read`` and ``title_read`` say which it
-        knows), and it is recommendable, explainable and on the page as soon as this answers
-        201; it is stored so that a restart, a reloaded model and every replica have it too.
-        Sending the same image, title and genres under the same id again answers 201 too (a
-        safe retry); another item under a taken id is 409. A title or genre with control
-        characters or bidirectional overrides is 422."""
-        started = time.perf_counter()
-        items, slot = state.items, state.models
-        data = await image.read(items.max_image_bytes + 1)
-        if len(data) > items.max_image_bytes:
-            raise Refused(
-                413, "image_too_large", f"the image is over {items.max_image_bytes} bytes"
-            )
-        picture, media_type = await run_in_threadpool(decode_image, data, items.max_image_pixels)
-        names = tuple(sorted({g.strip() for g in genres.split("|")} - {""}))
-        refusal = slot.engine.refuses_new_item(item_tags(title, names))
-        if refusal is not None:
-            raise Refused(409, "new_items_refused", refusal)
-        sent = AddedItem(item_id, title, media_type, data, np.empty(0, np.float16), names)
-        async with items.lock:
-            known = items.known.get(item_id)
-            if known is not None and known.same_as(sent):  # a retry of an item it has
-                return _added(known, slot, started)
-            if known is not None or slot.engine.knows(item_id):
-                raise _taken(item_id)
-            features = await run_in_threadpool(
-                lambda: component_features(items.backbone(), [picture], device=items.device)[0]
-            )
-            added = replace(sent, features=features)
-            try:
-                stored = await items.store.add(added)  # True too for a retry it stored before
-            except StoreUnavailable as err:  # it may say so of any store: it is the items'
-                raise err.of("item") from err
-            if not stored:  # another item took the id meanwhile (another replica's)
-                raise _taken(item_id)
-            items.known = {**items.known, item_id: added}
-            await slot.update(items.added_to)
-        state.catalogue.add(catalogue_item(added))
-        log.info("item %d added from its image", item_id)
-        return _added(added, slot, started)
-
+    )(add_item)
     return routes
+
+
+async def item_info(item_id: int, catalogue: CatalogueDep) -> ItemInfo:
+    """An item's title, genres and the URL of its image, from the dataset's items.csv or, for
+    an item added while serving (``added``), from POST /items."""
+    item = _item(catalogue, item_id)
+    url = f"/items/{item_id}/image" if item.has_image else None
+    return ItemInfo(
+        item_id=item_id,
+        title=item.title,
+        image_url=url,
+        genres=list(item.genres),
+        added=item.data is not None,
+    )
+
+
+async def item_image(item_id: int, catalogue: CatalogueDep) -> Response:
+    """An item's image: a file from the dataset folder (never a path outside it), or the image
+    an item was added with (POST /items)."""
+    item = _item(catalogue, item_id)
+    if item.data is not None:  # added while serving
+        return Response(item.data, media_type=item.media_type)
+    if item.image is None:
+        raise NotFound(f"item {item_id} has no image", code="no_image")
+    return FileResponse(item.image, media_type=item.media_type)
+
+
+async def add_item(
+    state: StateDep,
+    item_id: Annotated[int, Form(ge=0, le=MAX_ITEM_ID)],
+    image: Annotated[UploadFile, File(description="the item's image: JPEG, PNG, GIF or WebP")],
+    title: Annotated[str, Form(max_length=1000, pattern=TITLE_PATTERN)] = "",
+    genres: Annotated[
+        str,
+        Form(
+            max_length=1000,
+            pattern=TITLE_PATTERN,
+            description="|-separated, as in items.csv (e.g. Animation|Children's)",
+        ),
+    ] = "",
+) -> AddedItemResponse:
+    """Add an item from its image (multipart form: ``item_id``, ``image``, optional
+    ``title`` and ``genres``; admin key). The serving backbone turns the image into the
+    model's components, the item is scored from its image (and, by a model trained with
+    metadata, its genres and title: ``genres_read`` and ``title_read`` say which it
+    knows), and it is recommendable, explainable and on the page as soon as this answers
+    201; it is stored so that a restart, a reloaded model and every replica have it too.
+    Sending the same image, title and genres under the same id again answers 201 too (a
+    safe retry); another item under a taken id is 409. A title or genre with control
+    characters or bidirectional overrides is 422."""
+    started = time.perf_counter()
+    items, slot = state.items, state.models
+    data = await image.read(items.max_image_bytes + 1)
+    if len(data) > items.max_image_bytes:
+        raise Refused(413, "image_too_large", f"the image is over {items.max_image_bytes} bytes")
+    picture, media_type = await run_in_threadpool(decode_image, data, items.max_image_pixels)
+    names = tuple(sorted({g.strip() for g in genres.split("|")} - {""}))
+    refusal = slot.engine.refuses_new_item(item_tags(title, names))
+    if refusal is not None:
+        raise Refused(409, "new_items_refused", refusal)
+    sent = AddedItem(item_id, title, media_type, data, np.empty(0, np.float16), names)
+    async with items.lock:
+        known = items.known.get(item_id)
+        if known is not None and known.same_as(sent):  # a retry of an item it has
+            return _added(known, slot, started)
+        if known is not None or slot.engine.knows(item_id):
+            raise _taken(item_id)
+        features = await run_in_threadpool(
+            lambda: component_features(items.backbone(), [picture], device=items.device)[0]
+        )
+        added = replace(sent, features=features)
+        try:
+            stored = await items.store.add(added)  # True too for a retry it stored before
+        except StoreUnavailable as err:  # it may say so of any store: it is the items'
+            raise err.of("item") from err
+        if not stored:  # another item took the id meanwhile (another replica's)
+            raise _taken(item_id)
+        items.known = {**items.known, item_id: added}
+        await slot.update(items.added_to)
+    state.catalogue.add(catalogue_item(added))
+    log.info("item %d added from its image", item_id)
+    return _added(added, slot, started)
 
 
 def _item(catalogue: Catalogue, item_id: int) -> CatalogueItem:

@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from service.model.backbones import DEFAULT_BACKBONE
-from service.offline.synthetic import WorldSpec
-from service.offline.train import MODELS, TrainConfig, metadata_problem
+from service.offline.data.synthetic import WorldSpec
+from service.offline.training.config import MODELS, TrainConfig
+from service.offline.training.train import metadata_problem
 
 DEFAULT_PLAN = Path("configs/reproduce.toml")  # relative to the repository, as make runs it
 
@@ -53,8 +54,8 @@ class SyntheticPlan:
 
 @dataclass(frozen=True)
 class ColdPlan:
-    """The cold-item protocol (:mod:`service.offline.cold`): which rows are trained on the
-    warm items and ranked with the held-out ones added as ``POST /items`` adds them."""
+    """The cold-item protocol (:mod:`service.offline.experiments.cold`): which rows are trained
+    on the warm items and ranked with the held-out ones added as ``POST /items`` adds them."""
 
     rows: tuple[str, ...]  # names of the plan's rows (ACF rows that score items by image)
     share: float = 0.2  # of the items with interactions, held out (half validation, half test)

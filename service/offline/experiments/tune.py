@@ -1,7 +1,7 @@
 """``visrec tune``: settings chosen on one dataset's own validation, written as its plan.
 
-The sweep (:mod:`service.offline.sweep`: every row the same budget of training runs, each
-stopped early on validation nDCG@20, the test split never read) runs on the dataset, and the
+The sweep (:mod:`service.offline.experiments.sweep`: every row the same budget of training runs,
+each stopped early on validation nDCG@20, the test split never read) runs on the dataset, and the
 best settings of each row become ``runs/<dataset>/plan.toml``: a plan whose ``base`` is the
 sweep's base plan (its rows, seeds, synthetic world) and whose rows carry what this dataset's
 validation chose, with ``[tuned]`` saying where. ``visrec reproduce`` uses that plan when it
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from service.offline.data import fingerprint
-from service.offline.plan import load_plan
-from service.offline.sweep import Settings, SweepPlan, best_settings, sweep
+from service.offline.data.dataset import fingerprint
+from service.offline.experiments.plan import load_plan
+from service.offline.experiments.sweep import Settings, SweepPlan, best_settings, sweep
 
 log = logging.getLogger(__name__)
 

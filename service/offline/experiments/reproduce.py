@@ -6,7 +6,7 @@ randomness and are fitted once. A row's figures are the mean over seeds of the p
 over users, with the spread over seeds; its 95% interval and the paired comparison with the
 reference row (ACF) bootstrap users' metrics averaged over the seeds. The same rows listed in
 the plan's ``[synthetic]`` table run again on a generated world whose right answer is known, and
-those in its ``[cold]`` table on the cold-item protocol (:mod:`service.offline.cold`).
+those in its ``[cold]`` table on the cold-item protocol (:mod:`service.offline.experiments.cold`).
 """
 
 from __future__ import annotations
@@ -24,24 +24,25 @@ import torch
 from service.model.acf import ACF
 from service.model.checkpoint import SERVED, SERVED_FILE, save_checkpoint
 from service.model.feature_store import load_features
-from service.offline.attention import heatmap_stats
-from service.offline.cold import run_cold
-from service.offline.data import fingerprint, load_dataset
-from service.offline.evaluate import PROTOCOLS, evaluate, holdout_task, rank_new_items
-from service.offline.features import extract_features
-from service.offline.metrics import Interval, bootstrap, paired_bootstrap
-from service.offline.pipeline import Prepared, fit, prepare, to_checkpoint
-from service.offline.plan import Plan, Row, seeded
-from service.offline.report import (
+from service.offline.data.dataset import fingerprint, load_dataset
+from service.offline.data.features import extract_features
+from service.offline.data.synthetic import World, make_world
+from service.offline.evaluation.attention import heatmap_stats
+from service.offline.evaluation.evaluate import PROTOCOLS, evaluate, holdout_task, rank_new_items
+from service.offline.evaluation.metrics import Interval, bootstrap, paired_bootstrap
+from service.offline.experiments.cold import run_cold
+from service.offline.experiments.plan import Plan, Row, seeded
+from service.offline.experiments.plots import plot_history
+from service.offline.experiments.report import (
     HEADLINE,
     Report,
-    plot_history,
     results_json,
     results_markdown,
 )
-from service.offline.results import Comparison, ModelRun, RowResult, TailBucket
-from service.offline.synthetic import World, make_world
-from service.offline.train import SERVING_METRIC, TrainConfig, TrainResult
+from service.offline.experiments.results import Comparison, ModelRun, RowResult, TailBucket
+from service.offline.training.config import SERVING_METRIC, TrainConfig
+from service.offline.training.pipeline import Prepared, fit, prepare, to_checkpoint
+from service.offline.training.train import TrainResult
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ adds them (``POST /items``), so they are numbered Nw+1.. in the order given here
 
 Metrics with several targets a user: recall@k (the share of a user's targets in their top k)
 and nDCG@k (binary gains, over the ideal order of those targets). Ties count against the model,
-as in :mod:`service.offline.metrics`: a target ranks below every other candidate scoring as
-much as it does.
+as in :mod:`service.offline.evaluation.metrics`: a target ranks below every other candidate
+scoring as much as it does.
 """
 
 from __future__ import annotations
@@ -31,13 +31,14 @@ from service.model.acf import ACF
 from service.model.projection import Projection
 from service.model.serving import ServingModel
 from service.model.tags import WORD
-from service.offline.data import Dataset, group_by_user, leave_last_out
-from service.offline.evaluate import evaluate, holdout_task
-from service.offline.metrics import HEADLINE, Interval, bootstrap, paired_bootstrap
-from service.offline.pipeline import Prepared, fit
-from service.offline.plan import Plan, seeded
-from service.offline.results import Table
-from service.offline.sampling import last_items
+from service.offline.data.dataset import Dataset, group_by_user, leave_last_out
+from service.offline.data.sampling import last_items
+from service.offline.evaluation.evaluate import evaluate, holdout_task
+from service.offline.evaluation.metrics import HEADLINE, Interval, bootstrap, paired_bootstrap
+from service.offline.experiments.plan import Plan, seeded
+from service.offline.experiments.results import Table
+from service.offline.training.config import TrainConfig
+from service.offline.training.pipeline import Prepared, fit
 
 log = logging.getLogger(__name__)
 
@@ -349,46 +350,15 @@ def run_cold(
         prepared.dataset, np.random.default_rng(plan.cold.seed), share=plan.cold.share
     )
     warm = warm_prepared(prepared, split)
-    features = prepared.features  # raw, of items 1..N: the held-out ones are added from them
-    tags = prepared.dataset.tags
     seeds = plan.cold.seeds or plan.seeds
     rows = _baselines(prepared, split, seeds)
-    warm_task = holdout_task(warm.split, "standard")
     target_share = 0.0
     for name in plan.cold.rows:
         row, t0 = ColdRow(name, {r: [] for r in RANKINGS}), time.perf_counter()
         for seed in seeds:
             config = seeded(plan.row(name).config, seed)
-            fitted = fit(warm, config, device=device, progress=progress)
-            model = fitted.model
-            if not isinstance(model, ACF) or not model.takes_new_items:
-                raise ValueError(
-                    f"[cold] row {name!r} can score new items neither by their image nor by "
-                    "their metadata"
-                )
-            projection = fitted.projection
-            test = served_scores(
-                model, projection, split.test, split.test_items, features, tags, device=device
-            )
-            row.tables["cold"].append(
-                multi_target_metrics(test[:, split.warm.n_items :], split.test.targets)
-            )
-            mixed = mixed_ranking(split, split.test, test)
-            row.tables["all"].append(mixed.metrics)
-            row.exposure.append(mixed.exposure)
-            target_share = float(mixed.chosen.mean())
-            row.tables["warm"].append(evaluate(model, warm_task, device=device))
-            val = served_scores(
-                model,
-                projection,
-                split.validation,
-                split.validation_items,
-                features,
-                tags,
-                device=device,
-            )
-            row.validation.append(
-                _validation(val[:, split.warm.n_items :], split.validation.targets)
+            target_share = _train_and_rank(
+                row, config, warm, split, prepared, device=device, progress=progress
             )
             log.info("cold %s seed %d: %.0f s", name, seed, time.perf_counter() - t0)
         row.seconds = time.perf_counter() - t0
@@ -406,6 +376,45 @@ def run_cold(
         seeds,
         time.perf_counter() - started,
     )
+
+
+def _train_and_rank(
+    row: ColdRow,
+    config: TrainConfig,
+    warm: Prepared,
+    split: ColdSplit,
+    prepared: Prepared,
+    *,
+    device: torch.device,
+    progress: bool,
+) -> float:
+    """Train ``config`` on the warm items, add the held-out ones as ``POST /items`` adds them,
+    and append the rankings' metrics to ``row``; the share of test targets among what the
+    mixed ranking showed."""
+    fitted = fit(warm, config, device=device, progress=progress)
+    model, projection = fitted.model, fitted.projection
+    if not isinstance(model, ACF) or not model.takes_new_items:
+        raise ValueError(
+            f"[cold] row {row.name!r} can score new items neither by their image nor by "
+            "their metadata"
+        )
+    features = prepared.features  # raw, of items 1..N: the held-out ones are added from them
+    tags = prepared.dataset.tags
+    test = served_scores(
+        model, projection, split.test, split.test_items, features, tags, device=device
+    )
+    row.tables["cold"].append(
+        multi_target_metrics(test[:, split.warm.n_items :], split.test.targets)
+    )
+    mixed = mixed_ranking(split, split.test, test)
+    row.tables["all"].append(mixed.metrics)
+    row.exposure.append(mixed.exposure)
+    row.tables["warm"].append(evaluate(model, holdout_task(warm.split, "standard"), device=device))
+    val = served_scores(
+        model, projection, split.validation, split.validation_items, features, tags, device=device
+    )
+    row.validation.append(_validation(val[:, split.warm.n_items :], split.validation.targets))
+    return float(mixed.chosen.mean())
 
 
 def _baselines(prepared: Prepared, split: ColdSplit, seeds: Sequence[int]) -> list[ColdRow]:

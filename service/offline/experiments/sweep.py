@@ -30,10 +30,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from service.offline.pipeline import Prepared, fit
-from service.offline.plan import Plan, load_plan
-from service.offline.reproduce import prepare_with_features
-from service.offline.train import SELECTION_METRIC, TrainConfig
+from service.offline.experiments.plan import Plan, load_plan
+from service.offline.experiments.reproduce import prepare_with_features
+from service.offline.training.config import SELECTION_METRIC, TrainConfig
+from service.offline.training.pipeline import Prepared, fit
 
 log = logging.getLogger(__name__)
 

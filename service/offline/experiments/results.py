@@ -1,6 +1,6 @@
 """What a run of the plan measured: per row, its runs and per-user tables, and the comparison
-the results page is written from (:mod:`service.offline.reproduce` fills them,
-:mod:`service.offline.report` writes them)."""
+the results page is written from (:mod:`service.offline.experiments.reproduce` fills them,
+:mod:`service.offline.experiments.report` writes them)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from service.offline.metrics import Interval
-from service.offline.train import SERVING_METRIC
+from service.offline.evaluation.metrics import Interval
+from service.offline.training.config import SERVING_METRIC
 
 Table = dict[str, np.ndarray]  # metric -> (U,) per-user values
 

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from service.model.acf import PAD
-from service.offline.sampling import Batch
+from service.offline.data.sampling import Batch
 
 
 def init_from_env(device: torch.device) -> torch.device:

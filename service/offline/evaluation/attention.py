@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from service.model.acf import ACF, PAD
-from service.offline.evaluate import Task
+from service.offline.evaluation.evaluate import Task
 
 PROBE_USERS = 256  # enough for means to two decimals; a fraction of one validation pass
 FLAT = 0.98  # normalised entropy above this counts as flat

@@ -21,9 +21,9 @@ from torch import Tensor
 from service.model.acf import ACF
 from service.model.projection import Projection
 from service.model.serving import ServingModel
-from service.offline.data import Split
-from service.offline.metrics import Exclusions, metric_table, rank_targets
-from service.offline.sampling import last_items
+from service.offline.data.dataset import Split
+from service.offline.data.sampling import last_items
+from service.offline.evaluation.metrics import Exclusions, metric_table, rank_targets
 
 ProtocolName = Literal["seed", "standard"]
 PROTOCOLS: tuple[ProtocolName, ...] = ("seed", "standard")

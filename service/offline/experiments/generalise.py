@@ -7,7 +7,7 @@ where the judged part took no part in tuning:
 - ``users``: settings chosen on the validation items of one half of the users (drawn with the
   plan's bootstrap seed), figures from the test items of the other half (user-disjoint);
 - ``time``: everything before a cut date is the dataset (trained, validated, tuned); each
-  user's first interaction after the cut is their test item (:func:`~service.offline.data.
+  user's first interaction after the cut is their test item (:func:`~service.offline.data.dataset.
   split_at`; the cut is the timestamp quantile that leaves the most users a test item).
 
 The page (``docs/generalisation.md``) says whether each check agrees in sign with the main
@@ -25,14 +25,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from service.offline.data import busiest_cut, split_at, user_disjoint
-from service.offline.metrics import HEADLINE, Interval
-from service.offline.pipeline import Prepared
-from service.offline.plan import Plan, Row
-from service.offline.report import interval, signed_interval
-from service.offline.reproduce import compare, prepare_with_features, run_rows
-from service.offline.results import Comparison
-from service.offline.sweep import Settings, SweepPlan, best_settings, sweep
+from service.offline.data.dataset import Split, busiest_cut, split_at, user_disjoint
+from service.offline.evaluation.metrics import HEADLINE, Interval
+from service.offline.experiments.plan import Plan, Row
+from service.offline.experiments.report import interval, signed_interval
+from service.offline.experiments.reproduce import compare, prepare_with_features, run_rows
+from service.offline.experiments.results import Comparison
+from service.offline.experiments.sweep import Settings, SweepPlan, best_settings, sweep
+from service.offline.training.pipeline import Prepared
 
 PROTOCOLS = ("standard", "seed")  # the order of the page's columns
 
@@ -65,20 +65,7 @@ def generalise(
     for name in rows:
         plan.row(name)
     prepared = prepare_with_features(data_dir, work_dir, plan, device)
-    cut = busiest_cut(prepared.dataset)
-    when = datetime.fromtimestamp(cut, UTC).strftime("%Y-%m-%d %H:%M")
-    splits = {
-        "users": (
-            user_disjoint(prepared.split, np.random.default_rng(plan.bootstrap_seed)),
-            "settings chosen on the validation items of half of the users, figures from the "
-            "test items of the other half",
-        ),
-        "time": (
-            split_at(prepared.dataset, cut),
-            f"trained, validated and tuned on what happened before {when} UTC; each user's "
-            "first interaction after it is their test item",
-        ),
-    }
+    splits = _splits(prepared, np.random.default_rng(plan.bootstrap_seed))
     searched = replace(
         sweep_plan,
         budget=budget,
@@ -114,6 +101,24 @@ def generalise(
     docs_dir.mkdir(parents=True, exist_ok=True)
     (docs_dir / "generalisation.md").write_text(page)
     return checks
+
+
+def _splits(prepared: Prepared, rng: np.random.Generator) -> dict[str, tuple[Split, str]]:
+    """The user-disjoint split and the split in time, each with what it means."""
+    cut = busiest_cut(prepared.dataset)
+    when = datetime.fromtimestamp(cut, UTC).strftime("%Y-%m-%d %H:%M")
+    return {
+        "users": (
+            user_disjoint(prepared.split, rng),
+            "settings chosen on the validation items of half of the users, figures from the "
+            "test items of the other half",
+        ),
+        "time": (
+            split_at(prepared.dataset, cut),
+            f"trained, validated and tuned on what happened before {when} UTC; each user's "
+            "first interaction after it is their test item",
+        ),
+    }
 
 
 def _judge(

@@ -14,11 +14,12 @@ from service.model.checkpoint import SERVED, Checkpoint, code_version
 from service.model.feature_store import FeatureMeta, load_features
 from service.model.projection import Projection, fit_projection
 from service.model.sasrec import SASRec
-from service.offline.attention import attention_probe
-from service.offline.data import Dataset, Split, leave_last_out, load_dataset
-from service.offline.evaluate import validation_task
-from service.offline.sampling import build_samples
-from service.offline.train import TrainConfig, TrainResult, build_model, train
+from service.offline.data.dataset import Dataset, Split, leave_last_out, load_dataset
+from service.offline.data.sampling import build_samples
+from service.offline.evaluation.attention import attention_probe
+from service.offline.evaluation.evaluate import validation_task
+from service.offline.training.config import TrainConfig
+from service.offline.training.train import TrainResult, build_model, train
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ def fit(
     resume: bool = False,
 ) -> TrainResult:
     """Train ``config.model`` on the training split, selecting epochs on validation; with a
-    ``state_path``, the run can be resumed (see :func:`~service.offline.train.train`)."""
+    ``state_path``, the run can be resumed (see :func:`~service.offline.training.train.train`)."""
     split = prepared.split
     samples = build_samples(
         split.train_sequences(), n_items=split.n_items, profile_size=config.profile_size

@@ -121,11 +121,11 @@ class Split:
         return group_by_user(self.train_users, self.train_items, self.n_users)
 
 
-def load_dataset(root: Path, *, check_images: bool = True) -> Dataset:
-    """Read and validate a dataset folder; raise :class:`DatasetError` on what cannot be fixed."""
-    root = Path(root)
-    if not root.is_dir():
-        raise DatasetError(f"dataset folder {root} does not exist")
+def _read_items(
+    root: Path,
+) -> tuple[np.ndarray, list[Path], list[str], list[frozenset[str]]]:
+    """``items.csv``'s ids (unique, or DatasetError), image paths, titles and genres (an empty
+    list when the file has no genres column)."""
     item_rows = _read_csv(root / "items.csv", required=("item_id", "image"))
     raw_item_ids = _int_column(item_rows, "item_id", root / "items.csv")
     if len(set(raw_item_ids.tolist())) != len(raw_item_ids):
@@ -137,7 +137,15 @@ def load_dataset(root: Path, *, check_images: bool = True) -> Dataset:
         if "genres" in item_rows[0]
         else []
     )
+    return raw_item_ids, paths, titles, genres
 
+
+def load_dataset(root: Path, *, check_images: bool = True) -> Dataset:
+    """Read and validate a dataset folder; raise :class:`DatasetError` on what cannot be fixed."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"dataset folder {root} does not exist")
+    raw_item_ids, paths, titles, genres = _read_items(root)
     rows = _read_csv(root / "interactions.csv", required=("user_id", "item_id", "timestamp"))
     inter_path = root / "interactions.csv"
     raw_users = _int_column(rows, "user_id", inter_path)

@@ -1,0 +1,1 @@
+"""The offline path's evaluation layer: metrics, the evaluation protocols, attention diagnostics."""
