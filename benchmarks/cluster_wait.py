@@ -20,7 +20,7 @@ from pathlib import Path
 
 from harness.redis_servers import Cluster
 from service.store.profiles import Interaction
-from service.store.redis_profiles import RedisProfileStore
+from service.store.redis.profiles import RedisProfileStore
 
 
 async def writes(url: str, *, wait: int, writers: int, count: int) -> tuple[float, float, float]:

@@ -46,7 +46,7 @@ from harness.load import paced
 from harness.processes import ApiServer, api_env
 from harness.redis_servers import Acked, RedisServer, add_items, found_afterwards
 from service.store.profiles import EVENT_TTL_S, MAX_EVENT_IDS
-from service.store.redis_profiles import _ADD_LUA, RedisProfileStore
+from service.store.redis.profiles import _ADD_LUA, RedisProfileStore
 
 ROOT = Path(__file__).resolve().parents[1]
 FSYNC_POLICIES = ("always", "everysec", "off")  # "off": no AOF (nor snapshots) at all

@@ -295,7 +295,7 @@ def redis_memory(histories: dict[str, list[int]]) -> float:
     """Bytes per user (``MEMORY USAGE`` of every key) with these histories loaded."""
     from redis import Redis
 
-    from service.store.redis_profiles import RedisProfileStore
+    from service.store.redis.profiles import RedisProfileStore
 
     prefix = f"visrec-bench-{os.getpid()}"
 

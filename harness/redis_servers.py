@@ -21,7 +21,7 @@ import redis
 from harness.processes import free_port
 from service.store.codec import decode_profile
 from service.store.items import AddedItem, encode_item
-from service.store.redis_profiles import user_keys
+from service.store.redis.profiles import user_keys
 
 REDIS = "redis://127.0.0.1:6379/0"  # the Redis that runs before the tests (scripts/with-redis)
 

@@ -92,7 +92,7 @@ class Settings(RegistrySettings):
     # Faults of the Redis store: the most a request waits for Redis (a pooled connection,
     # connecting, the reply). A read past it answers from the profile cache, marked degraded;
     # a write past it answers 503 with Retry-After. Only the time the event loop was free to
-    # read the reply counts (service/store/deadline.py), so a saturated server does not time
+    # read the reply counts (service/store/redis/deadline.py), so a saturated server does not time
     # out a healthy Redis; writes, whose refusal costs the client a retry, get longer.
     redis_timeout_ms: Annotated[float, Field(gt=0, le=10_000)] = 50.0
     redis_write_timeout_ms: Annotated[float, Field(gt=0, le=10_000)] = 250.0

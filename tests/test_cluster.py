@@ -19,7 +19,7 @@ from service.config import Settings
 from service.offline.data.synthetic import World
 from service.store.items import AddedItem, RedisItemStore
 from service.store.profiles import EventConflict, Interaction, Profile, StoreUnavailable
-from service.store.redis_profiles import RedisProfileStore
+from service.store.redis.profiles import RedisProfileStore
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ import pytest
 from harness.catalogues import Catalogue, synthetic_catalogue
 from harness.processes import ApiServer, api_env
 from harness.redis_servers import Acked, RedisServer, found_afterwards
-from service.store.redis_profiles import RedisProfileStore
+from service.store.redis.profiles import RedisProfileStore
 
 WRITERS = 8
 ACKED_BEFORE_KILL = 150

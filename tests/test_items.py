@@ -51,7 +51,7 @@ from service.store.items import (
     RedisItemStore,
 )
 from service.store.profiles import StoreUnavailable
-from service.store.redis_client import redis_client
+from service.store.redis.client import redis_client
 
 COLD_WORLD = WorldSpec(
     n_users=300,

@@ -27,8 +27,8 @@ from redis.crc import key_slot
 from service.store.codec import decode_profile, encode_profile
 from service.store.memory import MemoryProfileStore
 from service.store.profiles import MAX_ITEM_ID, EventConflict, Interaction, Profile, ProfileStore
-from service.store.redis_client import redis_client
-from service.store.redis_profiles import RedisProfileStore, user_keys
+from service.store.redis.client import redis_client
+from service.store.redis.profiles import RedisProfileStore, user_keys
 from service.store.resilient import ResilientStore
 
 REDIS_URL = "redis://127.0.0.1:6379/0"

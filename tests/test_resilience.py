@@ -25,13 +25,13 @@ from harness.catalogues import Catalogue, synthetic_catalogue
 from harness.redis_servers import RedisServer
 from service.api.app import create_app
 from service.store.codec import decode_profile, encode_profile
-from service.store.deadline import LoopLag, deadline
 from service.store.epoch import EpochWatch
 from service.store.journal import Journal
 from service.store.memory import MemoryProfileStore
 from service.store.profiles import EventConflict, Interaction, Profile, StoreUnavailable
-from service.store.redis_client import is_outage, nothing_applied
-from service.store.redis_profiles import RedisProfileStore, user_keys
+from service.store.redis.client import is_outage, nothing_applied
+from service.store.redis.deadline import LoopLag, deadline
+from service.store.redis.profiles import RedisProfileStore, user_keys
 from service.store.resilient import ProfileCache, ResilientStore, with_events
 
 TIMEOUT_MS = 100  # the service default is 50; more room here on a busy test machine

@@ -37,7 +37,7 @@ from service.store.items import DirectoryItemStore, ItemStore, MemoryItemStore, 
 from service.store.journal import Journal
 from service.store.memory import MemoryProfileStore
 from service.store.profiles import StoreUnavailable
-from service.store.redis_profiles import RedisProfileStore
+from service.store.redis.profiles import RedisProfileStore
 from service.store.resilient import ResilientStore
 
 log = logging.getLogger("visrec.api")

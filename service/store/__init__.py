@@ -10,7 +10,7 @@ from service.store.profiles import (
     StoreUnavailable,
     recent_of,
 )
-from service.store.redis_profiles import RedisProfileStore
+from service.store.redis.profiles import RedisProfileStore
 from service.store.resilient import ProfileCache, ProfileRead, ResilientStore
 
 __all__ = [

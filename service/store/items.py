@@ -30,8 +30,8 @@ from typing import Protocol
 import numpy as np
 import redis.asyncio as aioredis
 
-from service.store.deadline import LoopLag
-from service.store.redis_client import reaching, redis_client
+from service.store.redis.client import reaching, redis_client
+from service.store.redis.deadline import LoopLag
 
 # Items per HMGET: an item is >= 125 KB of features, and reading every added item in one call
 # under the read deadline (250 ms) failed from ~600 items on, so no process could start

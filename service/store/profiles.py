@@ -8,9 +8,9 @@ others (``ValueError``; ``TypeError`` for non-integers) before changing anything
 
 Where each part lives: the contract and the rule of a profile here; its encoding in
 :mod:`service.store.codec`; the in-process store in :mod:`service.store.memory`; the Redis
-store and its key layout in :mod:`service.store.redis_profiles`, its Lua scripts in
-``service/store/lua/``; reaching Redis
-(clients, deadlines, what a failure means) in :mod:`service.store.redis_client`.
+store and its key layout in :mod:`service.store.redis.profiles`, its Lua scripts in
+``service/store/redis/lua/``; reaching Redis
+(clients, deadlines, what a failure means) in :mod:`service.store.redis.client`.
 
 A write that timed out may still have been applied. Sent again with the same event ids, each
 event is applied once, as long as its id is still logged: for ``EVENT_TTL_S`` (7 days), and
@@ -47,7 +47,7 @@ StoreKind = Literal["profile", "item"]  # which store a refusal is about, for it
 
 
 class StoreUnavailable(ServiceError):
-    """The store cannot answer now (see :mod:`service.store.redis_client`): reads may fall back
+    """The store cannot answer now (see :mod:`service.store.redis.client`): reads may fall back
     to what the caller has, writes should be refused and retried later (503, ``Retry-After``).
 
     ``maybe_applied``: whether a refused write may have been applied all the same (the call

@@ -29,9 +29,8 @@ script call per user. The user id inside it is percent-encoded, so ids holding
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from importlib import resources
@@ -42,7 +41,6 @@ import redis.asyncio as aioredis
 from redis import exceptions as rx
 
 from service.store.codec import decode_profile, encode_profile
-from service.store.deadline import LoopLag
 from service.store.profiles import (
     BATCH_USERS,
     EVENT_TTL_S,
@@ -62,13 +60,14 @@ from service.store.profiles import (
     millis,
     recent_of,
 )
-from service.store.redis_client import (
+from service.store.redis.client import (
     reaching,
     redis_client,
     reply_text,
-    single_client,
-    write_refusal,
 )
+from service.store.redis.deadline import LoopLag
+from service.store.redis.health import cluster_replication, fsyncs_every_write, refusing_writes
+from service.store.redis.replication import Replication
 
 # before it runs: Redis refuses it whole (OOM) when used memory is over maxmemory. Without one,
 # Redis checks only the first write command, and after it lets every later write of the script
@@ -79,7 +78,7 @@ _SHEBANG = "#!lua\n"
 # The scripts, in ./lua/: the add script (a call's events, atomically, with the varint helpers
 # it needs) and the load script (one user's profile replaced). Each file says what its KEYS and
 # ARGV are.
-_LUA = resources.files("service.store") / "lua"
+_LUA = resources.files("service.store.redis") / "lua"
 
 
 def _script(*names: str) -> str:
@@ -144,10 +143,8 @@ class RedisProfileStore(ProfileReads):
         ``add`` (None: ``deadline_s``). ``load`` has none: it is bulk work.
 
         ``wait_replicas`` > 0: ``add`` returns only once that many replicas have its writes
-        (``WAIT``, up to ``wait_timeout_ms``), else raises StoreUnavailable (maybe applied):
-        then a failover, which promotes a replica, keeps every acknowledged write. On a
-        cluster that takes a client of the user's primary (``timeout_s``, ``max_connections``:
-        as the store's own client was made with)."""
+        (:class:`~service.store.redis.replication.Replication`, with ``wait_timeout_ms``;
+        ``timeout_s`` and ``max_connections`` as the store's own client was made with)."""
         if "{" in prefix or "}" in prefix:
             raise ValueError(f"the key prefix must not hold braces (hash tags), got {prefix!r}")
         if client.get_connection_kwargs().get("decode_responses"):
@@ -163,11 +160,13 @@ class RedisProfileStore(ProfileReads):
         self.write_deadline_s = deadline_s if write_deadline_s is None else write_deadline_s
         self._lag = LoopLag()  # the deadlines count Redis's time, not a busy loop's
         self.cluster = isinstance(client, aioredis.RedisCluster)
-        self.wait_replicas = wait_replicas
-        self.wait_timeout_ms = wait_timeout_ms
-        self._timeout_s, self._max_connections = timeout_s, max_connections
-        self._nodes: dict[str, aioredis.Redis] = {}  # a cluster's primaries, for WAIT
-        self._refresh: asyncio.Task[None] | None = None
+        self._replication = Replication(
+            client,
+            replicas=wait_replicas,
+            timeout_ms=wait_timeout_ms,
+            timeout_s=timeout_s,
+            max_connections=max_connections,
+        )
         self._add_script = client.register_script(_ADD_LUA)
         self._load_script = client.register_script(_LOAD_LUA)
 
@@ -252,62 +251,7 @@ class RedisProfileStore(ProfileReads):
         for user, group in groups:
             keys += self.keys(user).all
             args += _event_args(group)
-        if not self.wait_replicas:
-            return list(await self._add_script(keys=keys, args=args))
-        return await self._replicated(keys, args)
-
-    async def _replicated(self, keys: list[str], args: list[str | int]) -> list[Any]:
-        """The add script, then ``WAIT`` on the same connection (WAIT counts the replicas that
-        have that connection's writes), on the node that holds ``keys``."""
-        try:
-            async with (await self._node_of(keys[0])).client() as conn:
-                reply = list(await self._add_script(keys=keys, args=args, client=conn))
-                wait = ("WAIT", self.wait_replicas, self.wait_timeout_ms)
-                acked = int(await conn.execute_command(*wait))
-        except rx.MovedError as exc:  # refused by a node that no longer holds the slot
-            self._find_nodes_again()
-            raise StoreUnavailable(f"the cluster moved: {exc}", maybe_applied=False) from exc
-        except BaseException:  # an outage, or the deadline: a failover, maybe
-            self._find_nodes_again()
-            raise
-        if acked < self.wait_replicas:
-            raise StoreUnavailable(
-                f"the write reached {acked} of {self.wait_replicas} replica(s) within "
-                f"{self.wait_timeout_ms} ms: not acknowledged (send it again with its event ids)",
-                maybe_applied=True,
-            )
-        return reply
-
-    async def _node_of(self, key: str) -> aioredis.Redis:
-        """A client of the primary that holds ``key``: the store's own, or a cluster node's."""
-        cluster = self._client
-        if not isinstance(cluster, aioredis.RedisCluster):
-            return cluster
-        await cluster.initialize()  # a no-op once it knows the slots
-        node = cluster.get_node_from_key(key)
-        if node is None:  # a slot no primary holds: mid-failover
-            raise rx.ClusterDownError(f"no primary holds {key!r} now")
-        if node.name not in self._nodes:  # pooled as the store's own client is
-            self._nodes[node.name] = single_client(
-                f"redis://{node.host}:{node.port}",
-                timeout_s=self._timeout_s,
-                max_connections=self._max_connections,
-            )
-        return self._nodes[node.name]
-
-    def _find_nodes_again(self) -> None:
-        """Ask the cluster again which primary holds which slots, in the background (a
-        request's deadline must not cut it short), once at a time."""
-        cluster = self._client
-        if isinstance(cluster, aioredis.RedisCluster) and (
-            self._refresh is None or self._refresh.done()
-        ):
-            self._refresh = asyncio.create_task(self._refreshed(cluster))
-
-    @staticmethod
-    async def _refreshed(cluster: aioredis.RedisCluster) -> None:
-        with contextlib.suppress(rx.RedisError, OSError):  # mid-failover: the next one will
-            await cluster.nodes_manager.initialize()
+        return await self._replication.write(self._add_script, keys, args)
 
     async def load(self, histories: Mapping[str, Sequence[int]]) -> None:
         check_histories(histories)  # all of them first: a bad id must not leave half a load
@@ -375,70 +319,39 @@ class RedisProfileStore(ProfileReads):
             return False
 
     async def durable(self) -> bool | None:
-        """True when Redis appends every write to its AOF and fsyncs it before replying
-        (``appendonly yes``, ``appendfsync always``): then an acknowledged write survives a
-        crash of Redis or of its machine. None when Redis does not answer or hides its
-        configuration (``CONFIG`` renamed away, as on some managed services)."""
+        """True when Redis fsyncs every write before replying (:mod:`.health`). None when it
+        does not answer or hides its configuration (``CONFIG`` renamed away, as on some
+        managed services)."""
         try:
             async with self._reaching(self.deadline_s):
-                configs = await self._each_node(self._client.config_get, "append*")
+                return await fsyncs_every_write(self._client)
         except (StoreUnavailable, rx.ResponseError):
             return None
-        return all(
-            c.get("appendonly") == "yes" and c.get("appendfsync") == "always" for c in configs
-        )
-
-    async def _each_node(self, command: Callable[..., Awaitable[Any]], *args: object) -> list[Any]:
-        """``command``'s answer from Redis, or from every node of a cluster."""
-        if not self.cluster:
-            return [await command(*args)]
-        answers = await command(*args, target_nodes=aioredis.RedisCluster.ALL_NODES)
-        return list(answers.values())
 
     async def replication(self) -> str | None:
-        """On a cluster, how far a write reaches: whether every primary has a replica to take
-        over its slots (else durability is per node). None for a single Redis, or when the
-        cluster does not answer."""
-        client = self._client
-        if not isinstance(client, aioredis.RedisCluster):
+        """On a cluster, how far a write reaches (:func:`.health.cluster_replication`). None
+        for a single Redis, or when the cluster does not answer."""
+        if not isinstance(self._client, aioredis.RedisCluster):
             return None
         try:
             async with self._reaching(self.deadline_s):
-                nodes = await client.cluster_nodes()
+                nodes = await self._client.cluster_nodes()
         except (StoreUnavailable, rx.ResponseError):
             return None
-        table: dict[str, dict[str, Any]] = nodes
-        primaries = {  # a node that joins shows as a master without slots for a while
-            n["node_id"] for n in table.values() if "master" in n["flags"] and n["slots"]
-        }
-        covered = {n["master_id"] for n in table.values() if "slave" in n["flags"]}
-        bare = len(primaries - covered)
-        if not bare:
-            return f"Redis Cluster of {len(primaries)} primaries, each with a replica"
-        return (
-            f"Redis Cluster of {len(primaries)} primaries, {bare} without a replica: durability "
-            "is per node (a lost primary loses its slots' data)"
-        )
+        return cluster_replication(nodes)
 
     async def write_refusal(self) -> str | None:
-        """From ``INFO memory replication``: out of memory under ``noeviction``, or a read-only
-        replica. None when Redis does not answer (``ping`` says that) or hides INFO."""
+        """Why Redis refuses writes now (:func:`.health.refusing_writes`). None when it takes
+        them, does not answer (``ping`` says that) or hides INFO."""
         try:
             async with self._reaching(self.deadline_s):
-                infos = await self._each_node(
-                    self._client.execute_command, "INFO", "memory", "replication"
-                )
+                return await refusing_writes(self._client)
         except (StoreUnavailable, rx.ResponseError):
             return None
-        primaries = [i for i in infos if not (self.cluster and i.get("role") == "slave")]
-        return next((r for r in map(write_refusal, primaries) if r), None)
 
     async def close(self) -> None:
         await self._lag.stop()
-        if self._refresh is not None:
-            self._refresh.cancel()
-        for node in self._nodes.values():
-            await node.aclose()
+        await self._replication.close()
         await self._client.aclose()
 
     async def memory_per_user(self, sample: Sequence[str]) -> float:

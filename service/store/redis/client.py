@@ -7,8 +7,9 @@ of pooled connections, loading, refusing writes), a call raises :class:`StoreUna
 are. ``RedisProfileStore`` bounds ``profiles``, ``ping`` and ``durable`` by one deadline
 (``deadline_s``) and ``add`` by another (``write_deadline_s``), each covering the wait for a
 pooled connection, connecting and the reply, so a slow Redis costs a caller at most that long.
-Only the time the event loop was free to read Redis's reply counts (``service.store.deadline``):
-a loop busy with other requests does not turn a healthy Redis's prompt reply into a timeout.
+Only the time the event loop was free to read Redis's reply counts
+(``service.store.redis.deadline``): a loop busy with other requests does not turn a healthy
+Redis's prompt reply into a timeout.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ import redis.asyncio as aioredis
 from redis import exceptions as rx
 from redis.asyncio.cluster import ClusterNode
 
-from service.store.deadline import LoopLag, deadline
 from service.store.profiles import StoreUnavailable
+from service.store.redis.deadline import LoopLag, deadline
 
 # Replies that mean "not now" rather than "wrong call": a failed disk write (MISCONF), a script
 # running too long (BUSY), too few replicas acknowledging (NOREPLICAS). A pipeline's error text is
