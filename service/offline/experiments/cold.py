@@ -33,7 +33,7 @@ from service.model.serving import ServingModel
 from service.model.tags import WORD
 from service.offline.data.dataset import Dataset, group_by_user, leave_last_out
 from service.offline.data.sampling import last_items
-from service.offline.evaluation.evaluate import evaluate, holdout_task
+from service.offline.evaluation.evaluate import Task, evaluate, holdout_task
 from service.offline.evaluation.metrics import HEADLINE, Interval, bootstrap, paired_bootstrap
 from service.offline.experiments.plan import Plan, seeded
 from service.offline.experiments.results import Table
@@ -352,13 +352,14 @@ def run_cold(
     warm = warm_prepared(prepared, split)
     seeds = plan.cold.seeds or plan.seeds
     rows = _baselines(prepared, split, seeds)
+    warm_task = holdout_task(warm.split, "standard")  # the same for every row and seed
     target_share = 0.0
     for name in plan.cold.rows:
         row, t0 = ColdRow(name, {r: [] for r in RANKINGS}), time.perf_counter()
         for seed in seeds:
             config = seeded(plan.row(name).config, seed)
             target_share = _train_and_rank(
-                row, config, warm, split, prepared, device=device, progress=progress
+                row, config, warm, warm_task, split, prepared, device=device, progress=progress
             )
             log.info("cold %s seed %d: %.0f s", name, seed, time.perf_counter() - t0)
         row.seconds = time.perf_counter() - t0
@@ -382,6 +383,7 @@ def _train_and_rank(
     row: ColdRow,
     config: TrainConfig,
     warm: Prepared,
+    warm_task: Task,
     split: ColdSplit,
     prepared: Prepared,
     *,
@@ -389,8 +391,8 @@ def _train_and_rank(
     progress: bool,
 ) -> float:
     """Train ``config`` on the warm items, add the held-out ones as ``POST /items`` adds them,
-    and append the rankings' metrics to ``row``; the share of test targets among what the
-    mixed ranking showed."""
+    rank the warm test items for ``warm_task``, and append the rankings' metrics to ``row``;
+    the share of test targets among what the mixed ranking showed."""
     fitted = fit(warm, config, device=device, progress=progress)
     model, projection = fitted.model, fitted.projection
     if not isinstance(model, ACF) or not model.takes_new_items:
@@ -409,7 +411,7 @@ def _train_and_rank(
     mixed = mixed_ranking(split, split.test, test)
     row.tables["all"].append(mixed.metrics)
     row.exposure.append(mixed.exposure)
-    row.tables["warm"].append(evaluate(model, holdout_task(warm.split, "standard"), device=device))
+    row.tables["warm"].append(evaluate(model, warm_task, device=device))
     val = served_scores(
         model, projection, split.validation, split.validation_items, features, tags, device=device
     )
