@@ -74,6 +74,11 @@ class Settings(RegistrySettings):
     # serving checkpoint's and feature folder's own parent folders.
     model_dirs: str = ""
     device: str = "auto"
+    # Where visrec-serve listens, from HOST and PORT, the names platforms set. Not VISREC_PORT:
+    # Kubernetes gives every pod <SERVICE>_PORT=tcp://ip:port for each Service, so a Service
+    # named "visrec" would set it to something that is no port.
+    host: Annotated[str, Field(validation_alias="HOST")] = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535, validation_alias="PORT")] = 8000
     # visrec-serve's processes on one port (--workers); more than one needs redis_url
     workers: Annotated[int, Field(ge=1)] = 1
     index: Literal["flat", "ivf", "hnsw"] = "flat"

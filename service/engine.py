@@ -123,10 +123,9 @@ def registry_of(settings: Settings) -> Registry | None:
     return Registry(settings.registry, settings.redis_url, settings.redis_prefix)
 
 
-def start_source(settings: Settings) -> tuple[Source, Current | None]:
-    """What a process serves at start: the registry's current version when there is one (and
-    which generation that is), else the configured files."""
-    registry = registry_of(settings)
+def start_source(settings: Settings, registry: Registry | None) -> tuple[Source, Current | None]:
+    """What a process serves at start: the ``registry``'s current version when there is one
+    (and which generation that is), else the configured files."""
     found = registry.current_files() if registry else None
     if found is None:
         return Source(settings.checkpoint, settings.features), None
@@ -150,7 +149,7 @@ def preload(settings: Settings) -> Preloaded:
 
     torch.set_num_threads(1)
     faiss.omp_set_num_threads(1)
-    source, serving = start_source(settings)
+    source, serving = start_source(settings, registry_of(settings))
     engine = load_engine(source, device=pick_device(settings.device), index=settings.index)
     return Preloaded(engine, source, serving)
 

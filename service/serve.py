@@ -10,7 +10,6 @@ import argparse
 import copy
 import itertools
 import logging
-import os
 import socket
 import sys
 from pathlib import Path
@@ -59,17 +58,8 @@ def parser() -> argparse.ArgumentParser:
         default=Path("runs"),
         help="where features and the checkpoint are built and found (default: runs)",
     )
-    parser.add_argument(
-        "--host",
-        default=os.environ.get("HOST", "127.0.0.1"),
-        help="address to listen on (default: $HOST, else 127.0.0.1)",
-    )
-    parser.add_argument(
-        "--port",
-        type=int,
-        default=int(os.environ.get("PORT", "8000")),
-        help="port to listen on (default: $PORT, else 8000)",
-    )
+    parser.add_argument("--host", help="address to listen on (default: $HOST, else 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port to listen on (default: $PORT, else 8000)")
     parser.add_argument(
         "--device",
         help="cpu, cuda, cuda:N or auto: the GPU when there is one (default: $VISREC_DEVICE, "
@@ -114,8 +104,13 @@ def environment() -> Settings | str:
 def _one_line(error: ErrorDetails) -> str:
     """A pydantic error as an operator reads it: the setting, then what is wrong."""
     message = str(error["msg"]).removeprefix("Value error, ")
-    where = ".".join(str(part) for part in error.get("loc", ()))
-    return f"VISREC_{where.upper()}: {message}" if where else message
+    where = ".".join(str(part) for part in error.get("loc", ())).upper()
+    if where and where not in UNPREFIXED:
+        where = f"VISREC_{where}"
+    return f"{where}: {message}" if where else message
+
+
+UNPREFIXED = ("HOST", "PORT")  # settings read from the names platforms set
 
 
 def main() -> None:
@@ -129,6 +124,8 @@ def main() -> None:
         raise SystemExit(2)
     args.data = args.data or env.data
     args.device = args.device or env.device
+    args.host = args.host or env.host
+    args.port = env.port if args.port is None else args.port
     args.workers = env.workers if args.workers is None else args.workers
     if args.epochs is not None and args.epochs < 1:
         cli.error(f"--epochs must be at least 1, got {args.epochs}")

@@ -123,3 +123,24 @@ def test_tests_and_benchmarks_share_the_harness_not_each_other(folder: str) -> N
         if name.split(".")[0] == "benchmarks" and TESTED_BENCHMARKS.get(f.name) != name
     }
     assert tests_of_benchmarks == set()
+
+
+MAX_FILE_LINES = 600
+MAX_FUNCTION_LINES = 60
+
+
+def test_no_file_or_function_in_the_service_outgrows_one_reading() -> None:
+    """The house's size limits (issue 23): a file a newcomer can read through, a function
+    that fits on a screen (docstring included)."""
+    long_files, long_functions = [], []
+    for path in sorted(SERVICE.rglob("*.py")):
+        source = path.read_text()
+        where = path.relative_to(SERVICE.parent)
+        if len(source.splitlines()) > MAX_FILE_LINES:
+            long_files.append(f"{where}: {len(source.splitlines())} lines")
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                length = (node.end_lineno or node.lineno) - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    long_functions.append(f"{where}:{node.lineno} {node.name}: {length} lines")
+    assert (long_files, long_functions) == ([], [])

@@ -251,6 +251,28 @@ def test_an_empty_variable_is_an_unset_one(monkeypatch: pytest.MonkeyPatch) -> N
     assert (env.data, env.redis_prefix, env.workers) == (None, "visrec", 1)
 
 
+def test_host_and_port_are_settings_under_the_names_platforms_set(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from service import serve
+
+    monkeypatch.setenv("VISREC_ENVIRONMENT", "development")
+    env = serve.environment()
+    assert not isinstance(env, str) and (env.host, env.port) == ("127.0.0.1", 8000)
+    monkeypatch.setenv("HOST", "0.0.0.0")
+    monkeypatch.setenv("PORT", "9100")
+    env = serve.environment()
+    assert not isinstance(env, str) and (env.host, env.port) == ("0.0.0.0", 9100)
+    # what Kubernetes sets for a Service named "visrec" is not read as the port
+    monkeypatch.setenv("VISREC_PORT", "tcp://10.0.0.7:8000")
+    env = serve.environment()
+    assert not isinstance(env, str) and env.port == 9100
+    monkeypatch.setenv("PORT", "eighty")
+    assert serve.environment() == (
+        "PORT: Input should be a valid integer, unable to parse string as an integer"
+    )
+
+
 def test_visrec_serve_help_is_quick_and_complete() -> None:
     """--help took ~9 s: torch was imported before the arguments were parsed."""
     code = (

@@ -58,8 +58,9 @@ async def serving(
     data set, :mod:`service.store.epoch`), and the tasks that keep them current."""
     items = await run_in_threadpool(_items, settings)
     items.on_loss = metrics.items_lost.inc
+    registry = registry_of(settings)
     if preloaded is None:
-        source, current = await run_in_threadpool(start_source, settings)
+        source, current = await run_in_threadpool(start_source, settings, registry)
         engine = None
     else:
         source, current, engine = preloaded.source, preloaded.serving, preloaded.engine
@@ -82,7 +83,7 @@ async def serving(
     # Everything loaded so far lives as long as the app: keep it out of the cyclic garbage
     # collector's full passes, whose pauses were the p99 of a loaded server.
     gc.freeze()
-    tasks = _keeping_current(settings, items, models, catalogue, watch, current)
+    tasks = _keeping_current(settings, registry, items, models, catalogue, watch, current)
     try:
         window = settings.batch_window_ms / 1000
         with reload_on_hangup(models, asyncio.get_running_loop()):
@@ -124,6 +125,7 @@ def _profile_store(
 
 def _keeping_current(
     settings: Settings,
+    registry: Registry | None,
     items: Items,
     models: ModelSlot,
     catalogue: Catalogue,
@@ -137,7 +139,6 @@ def _keeping_current(
         tasks.append(
             asyncio.create_task(_sync_items(items, models, catalogue, settings.items_sync_s))
         )
-    registry = registry_of(settings)
     if registry is not None:
         poll_s = settings.registry_poll_s
         tasks.append(asyncio.create_task(_follow_registry(registry, models, current, poll_s)))
