@@ -27,10 +27,10 @@ from service.offline.evaluation.attention import (
     attention_probe,
 )
 from service.offline.evaluation.evaluate import evaluate, holdout_task, validation_task
-from service.offline.training.config import SELECTION_METRIC, TrainConfig
+from service.offline.training.config import READS_USER, SELECTION_METRIC, TrainConfig
 from service.offline.training.objective import Objective
-from service.offline.training.pipeline import Prepared, fit, prepare
-from service.offline.training.train import TrainResult, build_model, train
+from service.offline.training.pipeline import Prepared, fit, prepare, to_checkpoint
+from service.offline.training.train import TrainResult, as_scored, build_model, train
 
 CPU = torch.device("cpu")
 SMALL = TrainConfig(dim=16, attention_dim=16, epochs=12, batch_size=128, lr=1e-2, patience=0)
@@ -75,7 +75,11 @@ def test_the_best_epoch_is_kept_not_the_last(prepared: Prepared, acf: TrainResul
     assert acf.best_epoch == 1 + int(np.argmax(history))
     # Chosen on both protocols' validation: what the kept weights score on each, and their mean
     scores = {
-        protocol: evaluate(acf.model, validation_task(prepared.split, protocol), device=CPU)  # type: ignore[arg-type]
+        protocol: evaluate(  # type: ignore[arg-type]
+            as_scored(acf.model, acf.validation, protocol),
+            validation_task(prepared.split, protocol),
+            device=CPU,
+        )
         for protocol in ("standard", "seed")
     }
     assert scores["standard"]["nDCG@20"].mean() == pytest.approx(acf.validation["nDCG@20"])
@@ -83,6 +87,50 @@ def test_the_best_epoch_is_kept_not_the_last(prepared: Prepared, acf: TrainResul
     assert acf.validation[SELECTION_METRIC] == pytest.approx(
         (acf.validation["nDCG@20"] + acf.validation["seed nDCG@20"]) / 2
     )
+
+
+def test_each_protocol_reads_the_user_vector_where_its_validation_ranks_better_with_it(
+    prepared: Prepared, acf: TrainResult
+) -> None:
+    row = acf.validation
+    assert isinstance(acf.model, ACF) and acf.model.user_embedding is not None
+    for protocol, prefix in (("standard", ""), ("seed", "seed ")):
+        task = validation_task(prepared.split, protocol)
+        with_user = evaluate(acf.model, task, device=CPU)["nDCG@20"].mean()
+        without = evaluate(acf.model.without_users(), task, device=CPU)["nDCG@20"].mean()
+        assert row[f"{prefix}nDCG@20 with user"] == pytest.approx(with_user)
+        assert row[f"{prefix}nDCG@20 without user"] == pytest.approx(without)
+        assert row[f"{prefix}nDCG@20"] == pytest.approx(max(with_user, without))
+        assert row[f"{prefix}{READS_USER}"] == float(with_user >= without)
+    # Where a protocol's validation chose the profile alone, that protocol scores every user as
+    # one the model never met, and the trained model keeps its embeddings.
+    alone = as_scored(acf.model, {**row, f"seed {READS_USER}": 0.0}, "seed")
+    assert isinstance(alone, ACF) and alone.user_embedding is None
+    assert acf.model.user_embedding is not None
+    task = holdout_task(prepared.split, "seed")
+    users, profiles = torch.as_tensor(task.users), torch.as_tensor(task.profiles)
+    with torch.no_grad():
+        unknown = acf.model.score_all(torch.full_like(users, UNKNOWN_USER), profiles)
+        known = acf.model.score_all(users, profiles)
+        torch.testing.assert_close(alone.score_all(users, profiles), unknown)
+    assert not torch.allclose(known, unknown)  # the embeddings did count before
+    assert as_scored(acf.model, {**row, f"seed {READS_USER}": 1.0}, "seed") is acf.model
+
+
+def test_the_checkpoint_reads_users_as_standard_validation_chose(
+    prepared: Prepared, acf: TrainResult
+) -> None:
+    best = acf.best_epoch - 1
+    history = [dict(h) for h in acf.history]
+    history[best][READS_USER] = 0.0
+    ckpt = to_checkpoint(prepared, replace(acf, history=history), SMALL)
+    assert ckpt.config.users is False and not any(k.startswith("user_") for k in ckpt.state)
+    model = ckpt.build_model(
+        prepared.features, inputs_hash=prepared.meta.inputs_hash, item_ids=prepared.meta.item_ids
+    )
+    assert isinstance(model, ACF) and model.user_embedding is None
+    kept = to_checkpoint(prepared, acf, SMALL)  # the fixture's own choice
+    assert kept.config.users is bool(acf.validation[READS_USER])
 
 
 def test_training_is_reproducible(prepared: Prepared) -> None:

@@ -46,6 +46,7 @@ of users never touches raw C-dimensional features more than once per item.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -434,6 +435,14 @@ class ACF(nn.Module):
                 state[name] = torch.cat([state[name], new.to(state[name])])
         grown.load_state_dict(state)
         return grown.to(self.reduce.weight.device).eval()
+
+    def without_users(self) -> ACF:
+        """A copy that reads no user embedding: every user's vector comes from their profile
+        alone, as an ``UNKNOWN_USER``'s does (``users=False``)."""
+        clone = copy.deepcopy(self)
+        clone.config = replace(self.config, users=False)
+        clone.user_embedding = None
+        return clone
 
     def query_vectors(self, user: Tensor) -> Tensor:
         """(B, D) user vectors -> (B, D[+1]) inner-product queries."""

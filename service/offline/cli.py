@@ -43,6 +43,7 @@ from service.offline.training.pipeline import (
     to_checkpoint,
     training_state_path,
 )
+from service.offline.training.train import as_scored
 from service.registry import Registry
 from service.runtime import keep_freed_memory, pick_device
 
@@ -190,7 +191,8 @@ def _evaluate(args: argparse.Namespace) -> None:
     rng = np.random.default_rng(0)
     out = {}
     for protocol in args.protocol or PROTOCOLS:
-        table = evaluate(model, holdout_task(prepared.split, protocol), device=device)
+        scored = as_scored(model, ckpt.validation, protocol)
+        table = evaluate(scored, holdout_task(prepared.split, protocol), device=device)  # type: ignore[arg-type]
         out[protocol] = {k: asdict(iv) for k, iv in summarise(table, rng=rng).items()}
     print(json.dumps(out, indent=2))
 

@@ -39,6 +39,7 @@ from service.offline.experiments.plan import Plan, seeded
 from service.offline.experiments.results import Table
 from service.offline.training.config import TrainConfig
 from service.offline.training.pipeline import Prepared, fit
+from service.offline.training.train import as_scored
 
 log = logging.getLogger(__name__)
 
@@ -394,7 +395,9 @@ def _train_and_rank(
     rank the warm test items for ``warm_task``, and append the rankings' metrics to ``row``;
     the share of test targets among what the mixed ranking showed."""
     fitted = fit(warm, config, device=device, progress=progress)
-    model, projection = fitted.model, fitted.projection
+    # serving is `standard`: the model as that protocol's validation chose to read it
+    model = as_scored(fitted.model, fitted.validation, "standard")
+    projection = fitted.projection
     if not isinstance(model, ACF) or not model.takes_new_items:
         raise ValueError(
             f"[cold] row {row.name!r} can score new items neither by their image nor by "

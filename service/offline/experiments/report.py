@@ -11,7 +11,7 @@ from service.model.checkpoint import SERVED_FILE
 from service.offline.evaluation.metrics import HEADLINE, Interval
 from service.offline.experiments.cold import RANKINGS, ColdComparison
 from service.offline.experiments.results import Comparison
-from service.offline.training.config import SERVING_METRIC
+from service.offline.training.config import SERVING_METRIC, reads_user_key
 
 if TYPE_CHECKING:
     from service.offline.experiments.plan import ColdPlan, Plan
@@ -165,7 +165,9 @@ def _notes(report: Report) -> list[str]:
         "the validation item is not part of the `standard` profile, so figures compare with "
         "earlier pages. Models with per-user state (ACF's and BPR-MF's user embeddings, EASE's "
         "row of all training items) see more than the profile; SASRec and the transition "
-        "counter see the profile alone.",
+        "counter see the profile alone. An ACF row with user embeddings reads them under a "
+        "protocol only where that protocol's validation ranked better with them than from the "
+        "profile alone (each run's choice: `user vector read` under Training runs).",
         "",
         f"Every row is trained with seeds {seeds}; the fitted baselines (popularity, "
         "transitions, EASE) have no randomness and are fitted once. A figure is the mean over "
@@ -515,8 +517,12 @@ def _runs_section(report: Report) -> list[str]:
         + ", ".join(f"{k}={v}" for k, v in defaults.items() if k not in ("model", "seed"))
         + ".",
         "",
-        "| data | row | seed | best epoch | epochs run | wall time (s) | settings changed |",
-        "|---|---|---|---|---|---|---|",
+        "`user vector read`: for an ACF with user embeddings, whether each protocol scores with "
+        "them, as that protocol's validation chose (`standard`, `seed`).",
+        "",
+        "| data | row | seed | best epoch | epochs run | wall time (s) | user vector read | "
+        "settings changed |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for c in _comparisons(report):
         for row in c.rows:
@@ -532,9 +538,15 @@ def _runs_section(report: Report) -> list[str]:
                     best += " (still improving at its last epoch)"
                 lines.append(
                     f"| {c.dataset} | {row.name} | {run.seed} | {best} | {epochs} | "
-                    f"{run.seconds:.1f} | {changed or '-'} |"
+                    f"{run.seconds:.1f} | {_user_read(run.validation)} | {changed or '-'} |"
                 )
     return [*lines, ""]
+
+
+def _user_read(validation: dict[str, float]) -> str:
+    """Per protocol, whether the run's validation chose to read the user embeddings."""
+    read = [validation.get(reads_user_key(p)) for p in ("standard", "seed")]
+    return ", ".join("-" if r is None else "yes" if r else "no" for r in read)
 
 
 def _comparisons(report: Report) -> list[Comparison]:

@@ -42,7 +42,7 @@ from service.offline.experiments.report import (
 from service.offline.experiments.results import Comparison, ModelRun, RowResult, TailBucket
 from service.offline.training.config import SERVING_METRIC, TrainConfig
 from service.offline.training.pipeline import Prepared, fit, prepare, to_checkpoint
-from service.offline.training.train import TrainResult
+from service.offline.training.train import TrainResult, as_scored
 
 log = logging.getLogger(__name__)
 
@@ -174,9 +174,10 @@ def run_rows(
             result.runs.append(
                 ModelRun(row.name, asdict(config), seconds, fitted.best_epoch, fitted.history, seed)
             )
+            scored = {p: as_scored(fitted.model, fitted.validation, p) for p in PROTOCOLS}
             for p, task in tasks.items():
-                result.tables[p].append(evaluate(fitted.model, task, device=device))  # type: ignore[arg-type]
-            model = fitted.model
+                result.tables[p].append(evaluate(scored[p], task, device=device))  # type: ignore[arg-type]
+            model = scored["standard"]
             if isinstance(model, ACF) and model.uses_images:
                 standard = tasks["standard"]
                 result.heatmaps.append(

@@ -27,6 +27,13 @@ SELECTION_METRIC = "mean nDCG@20"
 # The served row is chosen on `standard` validation alone: it is what the service does (the
 # last 9 items as profile, everything the user has seen left out).
 SERVING_METRIC = "nDCG@20"
+READS_USER = "reads user"  # validation row key: whether a protocol reads ACF's user vector
+
+
+def reads_user_key(protocol: str) -> str:
+    """The validation row's key saying whether ``protocol`` reads ACF's user embeddings."""
+    return READS_USER if protocol == "standard" else f"{protocol} {READS_USER}"
+
 
 POOLS = ("attention", "mean")
 CHOICES = {"visual": get_args(Visual), "component_pool": POOLS, "item_pool": POOLS}

@@ -19,7 +19,7 @@ from service.offline.data.sampling import build_samples
 from service.offline.evaluation.attention import attention_probe
 from service.offline.evaluation.evaluate import validation_task
 from service.offline.training.config import TrainConfig
-from service.offline.training.train import TrainResult, build_model, train
+from service.offline.training.train import TrainResult, as_scored, build_model, train
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,9 @@ def feature_projection(features: np.ndarray, config: TrainConfig) -> Projection 
 
 
 def to_checkpoint(prepared: Prepared, result: TrainResult, config: TrainConfig) -> Checkpoint:
-    model = result.model
+    """The run as the service serves it: read as `standard` validation chose (without ACF's
+    user embeddings where they ranked worse there; see :func:`as_scored`)."""
+    model = as_scored(result.model, result.validation, "standard")
     if not isinstance(model, ACF | SASRec):
         raise PipelineError(
             f"{config.model} is for comparison only: the served models are {', '.join(SERVED)}"

@@ -19,10 +19,10 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 import torch
@@ -46,7 +46,12 @@ from service.offline.evaluation.attention import LEVELS, Probe, attention_stats,
 from service.offline.evaluation.evaluate import Task, evaluate
 from service.offline.training import distributed
 from service.offline.training.baselines import BPRMF, EASE, VBPR, Popularity, Transitions
-from service.offline.training.config import MODELS, SELECTION_METRIC, TrainConfig
+from service.offline.training.config import (
+    MODELS,
+    SELECTION_METRIC,
+    TrainConfig,
+    reads_user_key,
+)
 from service.offline.training.objective import PAIRWISE, Objective
 from service.runtime import bar_interval, subnormals_flushed
 
@@ -189,13 +194,9 @@ def train(
     (:func:`~service.offline.evaluation.attention.attention_stats`), and a warning is logged when
     the kept epoch's attention is flat.
 
-    With a ``state_path``, everything the next epoch depends on (weights, the best ones so far,
-    Adam's moments, every random generator, the history) is written there after each epoch;
-    ``resume`` continues from that file when it exists, so a killed run ends with the same
-    weights as one that was never stopped. A run may resume with more ``epochs``, nothing
-    else changed."""
-    model.to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
+    With a ``state_path``, everything the next epoch depends on is written there after each
+    epoch, and ``resume`` continues from it (:func:`_start`)."""
+    params = [p for p in model.to(device).parameters() if p.requires_grad]
     if not params:
         return TrainResult(model.eval(), 0, [_validate(model, validation, device)])
     optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -208,12 +209,8 @@ def train(
         subnormals_flushed(),  # ~1.9x faster on CPU once values underflow (runtime.py)
     ):
         torch.manual_seed(gen.initial_seed())
-        run = _Run(copy.deepcopy(model.state_dict()))
-        if resume and state_path is not None and state_path.is_file():
-            run = _load_state(state_path, config, model, optimizer, rng, gen)
-            log.info("resuming %s from %s after epoch %d", config.model, state_path, run.epoch)
+        run = _start(model, optimizer, config, rng, gen, state_path if resume else None)
         while run.epoch < config.epochs and not run.stopped(config.patience):
-            epoch = run.epoch + 1
             row = _epoch(
                 step,
                 optimizer,
@@ -221,23 +218,39 @@ def train(
                 samples,
                 validation,
                 config,
-                epoch=epoch,
+                epoch=run.epoch + 1,
                 device=device,
                 rng=rng,
                 gen=gen,
                 probe=probe,
                 progress=progress,
             )
-            run.history.append(row)
-            run.epoch = epoch
-            if row[SELECTION_METRIC] >= max(h[SELECTION_METRIC] for h in run.history):
-                run.best_state, run.best_epoch = copy.deepcopy(model.state_dict()), epoch
+            run.record(row, model)
             if state_path is not None and main:
                 _save_state(state_path, run, config, model, optimizer, rng, gen)
     model.load_state_dict(run.best_state)
     if run.history and main:
         _warn_if_flat(config.model, run.history[run.best_epoch - 1], run.best_epoch)
     return TrainResult(model.eval(), run.best_epoch, run.history)
+
+
+def _start(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    config: TrainConfig,
+    rng: np.random.Generator,
+    gen: torch.Generator,
+    state_path: Path | None,
+) -> _Run:
+    """A new run, or the one saved at ``state_path`` when that file exists: everything the
+    next epoch depends on (weights, the best ones so far, Adam's moments, every random
+    generator, the history), so a killed run ends with the same weights as one that was never
+    stopped. A run may resume with more ``epochs``, nothing else changed."""
+    if state_path is None or not state_path.is_file():
+        return _Run(copy.deepcopy(model.state_dict()))
+    run = _load_state(state_path, config, model, optimizer, rng, gen)
+    log.info("resuming %s from %s after epoch %d", config.model, state_path, run.epoch)
+    return run
 
 
 def _epoch(
@@ -296,6 +309,13 @@ class _Run:
 
     def stopped(self, patience: int) -> bool:
         return bool(patience) and self.epoch - self.best_epoch >= patience
+
+    def record(self, row: dict[str, float], model: nn.Module) -> None:
+        """The next epoch's row of the history; its weights are kept if it is the best yet."""
+        self.history.append(row)
+        self.epoch += 1
+        if row[SELECTION_METRIC] >= max(h[SELECTION_METRIC] for h in self.history):
+            self.best_state, self.best_epoch = copy.deepcopy(model.state_dict()), self.epoch
 
 
 def _run_settings(config: TrainConfig) -> dict[str, Any]:
@@ -433,15 +453,39 @@ def _to_device(batch: Batch, device: torch.device) -> tuple[Tensor, Tensor, Tens
 
 def _validate(model: nn.Module, tasks: Sequence[Task], device: torch.device) -> dict[str, float]:
     """nDCG@20 and R@20 on each task (keys prefixed by the protocol, bare for ``standard``),
-    and their mean nDCG@20, the ``SELECTION_METRIC``."""
+    and their mean nDCG@20, the ``SELECTION_METRIC``.
+
+    An ACF with user embeddings is scored with and without them on each task: the better
+    reading by nDCG@20 gives the task's figures, and ``reads user`` (1 or 0) records which, so
+    validation chooses per protocol whether the embedding is read (:func:`as_scored`); the
+    other reading's nDCG@20 is kept as ``nDCG@20 with user`` / ``without user``."""
     model.eval()
     row: dict[str, float] = {}
     for task in tasks:
-        table = evaluate(model, task, device=device)  # type: ignore[arg-type]
         prefix = "" if task.protocol == "standard" else f"{task.protocol} "
+        reads = reads_user_key(task.protocol)
+        tables = {"with user": evaluate(model, task, device=device)}  # type: ignore[arg-type]
+        if _has_users(model):
+            tables["without user"] = evaluate(model.without_users(), task, device=device)
+            ndcg = {how: float(t["nDCG@20"].mean()) for how, t in tables.items()}
+            row |= {f"{prefix}nDCG@20 {how}": v for how, v in ndcg.items()}
+            row[reads] = float(ndcg["with user"] >= ndcg["without user"])
+        table = tables["with user" if row.get(reads, 1.0) else "without user"]
         row |= {f"{prefix}{k}": float(table[k].mean()) for k in ("nDCG@20", "R@20")}
     row[SELECTION_METRIC] = float(np.mean([row[_key(t.protocol)] for t in tasks]))
     return row
+
+
+def as_scored(model: nn.Module, validation: Mapping[str, float], protocol: str) -> nn.Module:
+    """``model`` as ``protocol`` scores it: an ACF without its user embeddings where that
+    protocol's validation ranked better without them (see :func:`_validate`)."""
+    if _has_users(model) and not validation.get(reads_user_key(protocol), 1.0):
+        return model.without_users()
+    return model
+
+
+def _has_users(model: nn.Module) -> TypeGuard[ACF]:
+    return isinstance(model, ACF) and model.user_embedding is not None
 
 
 def _key(protocol: str) -> str:
@@ -449,6 +493,11 @@ def _key(protocol: str) -> str:
 
 
 def _figures(row: dict[str, float]) -> str:
-    """Validation nDCG@20 per protocol, for the progress line."""
-    parts = [f"{p} {row[_key(p)]:.4f}" for p in ("standard", "seed") if _key(p) in row]
+    """Validation nDCG@20 per protocol, for the progress line (marked where it is read
+    without ACF's user vector)."""
+    parts = [
+        f"{p} {row[_key(p)]:.4f}" + (" (no user)" if not row.get(reads_user_key(p), 1.0) else "")
+        for p in ("standard", "seed")
+        if _key(p) in row
+    ]
     return ", ".join(parts)
