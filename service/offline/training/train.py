@@ -460,13 +460,14 @@ def _validate(model: nn.Module, tasks: Sequence[Task], device: torch.device) -> 
     validation chooses per protocol whether the embedding is read (:func:`as_scored`); the
     other reading's nDCG@20 is kept as ``nDCG@20 with user`` / ``without user``."""
     model.eval()
+    alone = model.without_users() if _has_users(model) else None  # one copy for every task
     row: dict[str, float] = {}
     for task in tasks:
         prefix = "" if task.protocol == "standard" else f"{task.protocol} "
         reads = reads_user_key(task.protocol)
         tables = {"with user": evaluate(model, task, device=device)}  # type: ignore[arg-type]
-        if _has_users(model):
-            tables["without user"] = evaluate(model.without_users(), task, device=device)
+        if alone is not None:
+            tables["without user"] = evaluate(alone, task, device=device)
             ndcg = {how: float(t["nDCG@20"].mean()) for how, t in tables.items()}
             row |= {f"{prefix}nDCG@20 {how}": v for how, v in ndcg.items()}
             row[reads] = float(ndcg["with user"] >= ndcg["without user"])
