@@ -286,24 +286,30 @@ def cost_run(args: argparse.Namespace) -> int:
 def startup_run(args: argparse.Namespace) -> int:
     """Seconds from starting an API process to its ``/healthz`` and to ``/readyz`` counting
     every added item, and its memory, with Redis holding 0 and each of ``args.startup`` added
-    items (random features of the backbone's shape: ~125 KB each with EfficientNet-Lite0)."""
+    items (random features of the backbone's shape: ~125 KB each with EfficientNet-Lite0):
+    stored as ``POST /items`` stores them (with their rows through the model's projection),
+    and without those rows (items stored by an earlier version, or a model with another
+    projection: the process reads and projects their raw features)."""
+    from service.model.checkpoint import read_checkpoint
     from service.model.feature_store import load_features
     from service.offline.bootstrap import prepare_serving
 
     dataset, features, checkpoint = prepare_serving(None, args.work_dir, torch.device("cpu"))
     _, meta = load_features(features)
     shape = (meta.grid * meta.grid, meta.feature_dim)
+    projection = read_checkpoint(checkpoint)[0].feature_map
     first = int(dataset.item_ids.max()) + 1
     print(f"{os.cpu_count()} CPUs; a catalogue of {dataset.n_items} items, added ones {shape}")
-    for count in (0, *args.startup):
+    for count, kept in [(0, True), *((n, k) for n in args.startup for k in (True, False))]:
         prefix = f"startup-{os.getpid()}-{count}"
         with tempfile.TemporaryDirectory(dir=args.work_dir) as folder:
             server = RedisServer(Path(folder), fsync="off")
             server.start()
             try:
+                ids = range(first, first + count)
+                add_items(server.url, prefix, ids, shape, projection if kept else None)
                 client = server.client()
-                add_items(client, prefix, range(first, first + count), shape)
-                stored = client.memory_usage(f"{prefix}:items") or 0
+                stored = sum(client.memory_usage(k) or 0 for k in client.scan_iter(f"{prefix}:*"))
                 env = api_env(
                     checkpoint=checkpoint, features=features, redis_url=server.url, prefix=prefix
                 )
@@ -317,13 +323,16 @@ def startup_run(args: argparse.Namespace) -> int:
                     time.sleep(0.1)
                 complete = time.monotonic() - t0
                 assert api.proc is not None
+                time.sleep(5)  # the background read of their features
                 rss = _rss_mib(api.proc.pid)
                 api.stop()
             finally:
                 server.kill()
+        rows = "rows kept" if kept else "no rows  "
         print(
-            f"  {count:6d} added items ({stored / 2**20:7.0f} MiB in Redis): /healthz after "
-            f"{healthy:6.1f} s, every item served after {complete:6.1f} s, {rss:6.0f} MiB RSS"
+            f"  {count:6d} added items, {rows} ({stored / 2**20:7.0f} MiB in Redis): /healthz "
+            f"after {healthy:6.1f} s, every item served after {complete:6.1f} s, {rss:6.0f} MiB "
+            "RSS 5 s later"
         )
     return 0
 

@@ -65,6 +65,7 @@ import torch
 from harness.load import paced
 from harness.processes import SERVE, children, free_port, wait_for
 from harness.redis_servers import Acked, RedisServer, add_items, found_afterwards
+from service.model.projection import Projection
 
 ROOT = Path(__file__).resolve().parents[1]
 HAPROXY = "/usr/sbin/haproxy"
@@ -318,9 +319,10 @@ def run_cell(
     rate: float,
     added: int,
     item_shape: tuple[int, int],
+    projection: Projection | None,
 ) -> Outcome:
     """One cell; ``added`` items of ``item_shape`` (K, C) features in Redis at start for the
-    added-items fault."""
+    added-items fault, as ``POST /items`` to a model with ``projection`` stores them."""
     from service.offline.data.dataset import load_dataset
 
     dataset = load_dataset(world, check_images=False)
@@ -335,8 +337,7 @@ def run_cell(
         try:
             if fault == "added-items":
                 first = max(items) + 1
-                with redis.client() as client:
-                    add_items(client, prefix, range(first, first + added), item_shape)
+                add_items(redis.url, prefix, range(first, first + added), item_shape, projection)
             started = time.monotonic()
             deployment.start()
             startup = time.monotonic() - started
@@ -416,13 +417,15 @@ def main() -> None:
         "--added-items", type=int, default=10_000, help="in Redis at start (added-items)"
     )
     args = parser.parse_args()
+    from service.model.checkpoint import read_checkpoint
     from service.model.feature_store import load_features
     from service.offline.bootstrap import prepare_serving
 
-    dataset, features, _ = prepare_serving(None, args.work_dir, torch.device("cpu"))  # trains once
+    dataset, features, checkpoint = prepare_serving(None, args.work_dir, torch.device("cpu"))
     world = dataset.root
     _, meta = load_features(features)
     item_shape = (meta.grid * meta.grid, meta.feature_dim)  # what added items hold
+    projection = read_checkpoint(checkpoint)[0].feature_map  # what the service projects them by
     print(f"{os.cpu_count()} CPUs; the synthetic world ({dataset.n_users} users); "
           f"{args.seconds:.0f} s of load at {args.rate:.0f} requests/s per cell")  # fmt: skip
     outcomes = []
@@ -439,6 +442,7 @@ def main() -> None:
                     rate=args.rate,
                     added=args.added_items,
                     item_shape=item_shape,
+                    projection=projection,
                 )
             )
             o = outcomes[-1]

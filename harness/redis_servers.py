@@ -3,6 +3,7 @@ prefix of one's own on the shared Redis; and what a durability check reads back.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import signal
 import socket
@@ -19,8 +20,9 @@ import numpy as np
 import redis
 
 from harness.processes import free_port
+from service.model.projection import Projection, project
 from service.store.codec import decode_profile
-from service.store.items import AddedItem, encode_item
+from service.store.items import AddedItem, RedisItemStore
 from service.store.redis.profiles import user_keys
 
 REDIS = "redis://127.0.0.1:6379/0"  # the Redis that runs before the tests (scripts/with-redis)
@@ -86,22 +88,42 @@ class RedisServer:
         return redis.Redis(port=self.port)
 
 
-def add_items(client: redis.Redis, prefix: str, ids: range, shape: tuple[int, int]) -> None:
-    """Items as ``POST /items`` stores them, straight into the item store of ``prefix``: a
-    small PNG and random float16 features of ``shape`` (125 KB each at EfficientNet-Lite0's
-    (49, 1280)), 200 a round trip."""
+def add_items(
+    url: str,
+    prefix: str,
+    ids: range,
+    shape: tuple[int, int],
+    projection: Projection | None = None,
+) -> None:
+    """Items as ``POST /items`` stores them, through the item store of ``prefix`` at ``url``:
+    a small PNG and random float16 features of ``shape`` (125 KB each at EfficientNet-Lite0's
+    (49, 1280)), and, given the serving model's ``projection``, their rows through it, as the
+    process that added them keeps them; 200 at a time."""
     from PIL import Image
 
     out = io.BytesIO()
     Image.new("RGB", (8, 12), (200, 40, 40)).save(out, format="PNG")
     image, rng = out.getvalue(), np.random.default_rng(0)
-    for start in range(ids.start, ids.stop, 200):
-        pipe = client.pipeline(transaction=False)
-        for item_id in range(start, min(start + 200, ids.stop)):
-            features = rng.normal(size=shape).astype(np.float16)
-            item = AddedItem(item_id, f"added {item_id}", "image/png", image, features)
-            pipe.hsetnx(f"{prefix}:items", str(item_id), encode_item(item))
-        pipe.execute()
+
+    async def add() -> None:
+        store = RedisItemStore.from_url(url, prefix=prefix, deadline_s=30)
+        try:
+            for start in range(ids.start, ids.stop, 200):
+                numbers = range(start, min(start + 200, ids.stop))
+                features = rng.normal(size=(len(numbers), *shape)).astype(np.float16)
+                items = [
+                    AddedItem(n, f"added {n}", "image/png", image, f)
+                    for n, f in zip(numbers, features, strict=True)
+                ]
+                assert all(await asyncio.gather(*map(store.add, items)))
+                if projection is not None:
+                    rows = project([i.features for i in items], projection).numpy()
+                    kept = {i.item_id: r for i, r in zip(items, rows, strict=True)}
+                    await store.keep_rows(projection.key, kept)
+        finally:
+            await store.close()
+
+    asyncio.run(add())
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from service.errors import ServiceError
 from service.index.item_index import IndexKind, ItemIndex
 from service.model.acf import PAD, UNKNOWN_USER
 from service.model.checkpoint import Checkpoint
-from service.model.projection import RawFeatures
+from service.model.projection import Projected, RawFeatures
 from service.model.serving import Explanation, Serving
 from service.model.tags import is_title_tag
 
@@ -118,13 +118,13 @@ class Recommender:
     def with_items(
         self,
         raw_ids: Sequence[int],
-        features: RawFeatures,
+        features: RawFeatures | Projected,
         tags: Sequence[Iterable[str]] | None = None,
     ) -> Recommender:
         """A new engine whose catalogue also holds these items, scored from their (M, K, C)
-        raw image features (and, by a model with metadata, their tags: genres and title,
-        :func:`service.model.tags.item_tags`); this one is left as it is (requests in flight
-        keep it).
+        raw image features or their rows through its projection (:meth:`project`) (and, by a
+        model with metadata, their tags: genres and title, :func:`service.model.tags.item_tags`);
+        this one is left as it is (requests in flight keep it).
         Raises ItemExistsError for ids it has, ValueError when the model cannot score new
         items."""
         taken = sorted(i for i in raw_ids if i in self._item_index)
@@ -142,6 +142,15 @@ class Recommender:
 
     def knows(self, raw_id: int) -> bool:
         return raw_id in self._item_index
+
+    @property
+    def projection_key(self) -> str | None:
+        """Names what new items' raw features go through (None: nothing, or no images read):
+        rows projected by one engine serve any engine with the same key."""
+        return self.serving.projection_key
+
+    def project(self, features: RawFeatures) -> Projected:
+        return self.serving.project(features)
 
     @property
     def tags(self) -> tuple[str, ...]:

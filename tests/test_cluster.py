@@ -84,6 +84,13 @@ def test_added_items_on_a_cluster(cluster: Cluster) -> None:
             (found,) = await items.get([77])
             assert (found.item_id, found.title, found.image) == (77, "new", b"png bytes")
             np.testing.assert_array_equal(found.features, features)
+            (about,) = await items.about([77, 78])  # 78 was never added
+            assert about.same_as(item) and about.features.size == 0
+            rows = np.arange(6, dtype=np.float32).reshape(2, 3)
+            await items.keep_rows("k", {77: rows})
+            kept = await items.rows("k", [77, 78])
+            assert kept.keys() == {77} and np.array_equal(kept[77], rows)
+            assert await items.rows("another", [77]) == {}
         finally:
             await items.close()
 

@@ -134,7 +134,7 @@ def _keeping_current(
 ) -> list[asyncio.Task[None]]:
     """The tasks that run as long as the app: picking up other replicas' added items,
     following the registry, watching Redis's epoch."""
-    tasks = []
+    tasks = [asyncio.create_task(items.keep_features())]  # those the start left unread
     if settings.items_sync_s:
         tasks.append(
             asyncio.create_task(_sync_items(items, models, catalogue, settings.items_sync_s))

@@ -20,8 +20,10 @@ new items use the training catalogue's mean and basis, never refitted ones.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -45,6 +47,16 @@ class Projection:
     @property
     def output_dim(self) -> int:
         return self.mean.shape[1] if self.basis is None else self.basis.shape[1]
+
+    @cached_property
+    def key(self) -> str:
+        """Names this map by its values: rows projected by it may be kept and used by any
+        model with the same key (:class:`Projected`)."""
+        digest = hashlib.sha256(f"{self.scale!r}".encode())
+        for part in (self.mean, self.basis):
+            if part is not None:
+                digest.update(part.detach().float().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
 
     def apply(self, features: RawFeatures, *, chunk: int = 32) -> Tensor:
         """(N, K, C) features of any float dtype (or N arrays of (K, C)) -> (N, K, R) float32,
@@ -84,9 +96,24 @@ def _float_tensor(chunk: RawFeatures) -> Tensor:
     return torch.from_numpy(array).float()
 
 
-def project(features: RawFeatures, projection: Projection | None) -> Tensor:
+@dataclass(frozen=True)
+class Projected:
+    """Component features already through the projection named ``key``
+    (:attr:`Projection.key`): (M, K, R) float32 rows, what a model takes. Kept beside added
+    items so that a restart need not read and project their raw features again."""
+
+    key: str
+    rows: Tensor
+
+
+def project(features: RawFeatures | Projected, projection: Projection | None) -> Tensor:
     """Raw (N, K, C) features -> what a model takes: through ``projection``, or as they are
-    (float32) for a model trained on raw features."""
+    (float32) for a model trained on raw features; rows already projected by ``projection``
+    as they are (ValueError for rows of another projection)."""
+    if isinstance(features, Projected):
+        if projection is None or features.key != projection.key:
+            raise ValueError(f"rows projected by {features.key}, not by this model's projection")
+        return features.rows
     if projection is None:
         return torch.as_tensor(np.asarray(features, dtype=np.float32))
     return projection.apply(features)

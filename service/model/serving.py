@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from service.model.acf import ACF, ITEM_ROWS, PAD, TAG_ROWS, Attended, ItemTables
-from service.model.projection import Projection, RawFeatures, project
+from service.model.projection import Projected, Projection, RawFeatures, project
 from service.model.sasrec import SASRec
 from service.model.tables import ServingTables, compute_tables, table_rows
 from service.model.tags import tag_rows
@@ -52,10 +52,13 @@ class Serving(Protocol):
     def reads_users(self) -> bool: ...  # whether a known user's embedding shapes the query
     @property
     def tags(self) -> tuple[str, ...]: ...  # the metadata (genres) it reads of an item
+    @property
+    def projection_key(self) -> str | None: ...  # of what new items' features go through
+    def project(self, features: RawFeatures) -> Projected: ...
     def queries(self, users: np.ndarray, profiles: np.ndarray) -> np.ndarray: ...  # (B, D')
     def explain(self, user: int, profile: Sequence[int], item: int) -> Explanation: ...
     def with_items(
-        self, features: RawFeatures, tags: Sequence[Iterable[str]] | None = None
+        self, features: RawFeatures | Projected, tags: Sequence[Iterable[str]] | None = None
     ) -> Serving: ...
 
 
@@ -165,18 +168,29 @@ class ServingModel:
     def tags(self) -> tuple[str, ...]:
         return self.model.config.tags
 
+    @property
+    def projection_key(self) -> str | None:
+        """None for a model that takes raw features as they are."""
+        return None if self.projection is None else self.projection.key
+
+    def project(self, features: RawFeatures) -> Projected:
+        """Raw (M, K, C) features through this model's projection (ValueError without one)."""
+        if self.projection is None:
+            raise ValueError("this model takes raw features as they are: nothing to project")
+        return Projected(self.projection.key, project(features, self.projection))
+
     def with_items(
-        self, features: RawFeatures, tags: Sequence[Iterable[str]] | None = None
+        self, features: RawFeatures | Projected, tags: Sequence[Iterable[str]] | None = None
     ) -> ServingModel:
         """A new serving model whose catalogue also holds items N+1..N+M with these raw
-        (M, K, C) features and, for a model with metadata, these tags (e.g. genre names; none
-        known when not given) (see the class doc). Raises ValueError when the model can score
-        them neither by their image nor by their tags. This one is left as it is (requests in
-        flight keep it)."""
+        (M, K, C) features (or rows already projected by this model's projection) and, for a
+        model with metadata, these tags (e.g. genre names; none known when not given) (see the
+        class doc). Raises ValueError when the model can score them neither by their image nor
+        by their tags. This one is left as it is (requests in flight keep it)."""
         projected = project(features, self.projection).to(self.device)
         model, n = self.model, self.model.config.n_items
         with torch.inference_mode():
-            known = tag_rows(model.config.tags, tags or [()] * len(features)).to(self.device)
+            known = tag_rows(model.config.tags, tags or [()] * len(projected)).to(self.device)
             by_tags = self._placed_by_tags(known)
             near = self._neighbours(projected, known, by_tags)  # (M, k) trained items
             scale = torch.where(by_tags, NEW_ITEM_LENGTH_BY_TAGS, NEW_ITEM_LENGTH)[:, None]
@@ -315,8 +329,13 @@ class SequenceServing:
     def item_vectors(self) -> np.ndarray:
         return self._vectors
 
+    projection_key = None  # it reads no images
+
+    def project(self, features: RawFeatures) -> Projected:
+        raise ValueError("this model (SASRec) reads no images")
+
     def with_items(
-        self, features: RawFeatures, tags: Sequence[Iterable[str]] | None = None
+        self, features: RawFeatures | Projected, tags: Sequence[Iterable[str]] | None = None
     ) -> SequenceServing:
         raise ValueError(
             "this model (SASRec) ranks items by their trained embeddings and reads no images, "

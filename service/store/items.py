@@ -8,7 +8,12 @@ of the serving backbone, so a reloaded model builds its own tables for the added
 
 Redis layout, for prefix ``visrec``: one hash ``visrec:items`` from item id to the item
 encoded as below. ``HSETNX`` adds an item only when its id is free, atomically, so two
-replicas adding the same id at once cannot both succeed.
+replicas adding the same id at once cannot both succeed. Beside it, what a start reads instead
+of the raw features (125 KB an item at EfficientNet-Lite0's shape; 10,000 items took a start
+2.5 s more to read and project): ``visrec:items:about``, each item without its features, and
+``visrec:items:rows:<projection key>``, its rows through one model's projection (25 KB),
+written by the first process that projected them and kept ``ROWS_TTL_S`` after the last start
+or pick-up that read them (a cache: gone, it costs a start the time to project again).
 
 Adding is idempotent: an item whose id is stored with the same image, title and genres counts as
 added (a client retrying after an answer that was lost or late, when the first call had stored
@@ -23,7 +28,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from dataclasses import dataclass
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, replace
+from importlib import resources
 from pathlib import Path
 from typing import Protocol
 
@@ -33,9 +40,18 @@ import redis.asyncio as aioredis
 from service.store.redis.client import reaching, redis_client
 from service.store.redis.deadline import LoopLag
 
-# Items per HMGET: an item is >= 125 KB of features, and reading every added item in one call
-# under the read deadline (250 ms) failed from ~600 items on, so no process could start
-ITEMS_PER_CALL = 16
+# Bytes per HMGET (one item at least): an item is >= 125 KB of features, and reading every
+# added item in one call under the deadline (250 ms) failed from ~600 items on, so no process
+# could start; images are up to max_image_bytes, so a number of items is no bound
+READ_BYTES = 4 << 20
+LENGTHS_PER_CALL = 1000  # fields whose stored length one call asks
+# read-only: it runs on replicas, and when Redis is over maxmemory
+_LENGTHS_LUA = (
+    "#!lua flags=no-writes\n"
+    + (resources.files("service.store.redis") / "lua" / "lengths.lua").read_text()
+)
+ROWS_TTL_S = 7 * 24 * 3600
+NO_FEATURES = np.empty(0, np.float16)
 
 
 @dataclass(frozen=True)
@@ -70,7 +86,37 @@ class ItemStore(Protocol):
 
     async def get(self, ids: list[int]) -> list[AddedItem]: ...
 
+    async def about(self, ids: list[int]) -> list[AddedItem]:
+        """The stored items of ``ids``, their features possibly left out (empty)."""
+        ...
+
+    async def rows(self, key: str, ids: list[int]) -> dict[int, np.ndarray]:
+        """The rows through projection ``key`` kept for those of ``ids`` that have them."""
+        ...
+
+    async def keep_rows(self, key: str, rows: dict[int, np.ndarray]) -> None: ...
+
     async def close(self) -> None: ...
+
+
+class Uncached(ABC):
+    """For a store whose start reads the items whole: no rows are kept."""
+
+    @abstractmethod
+    async def get(self, ids: list[int]) -> list[AddedItem]: ...
+
+    async def about(self, ids: list[int]) -> list[AddedItem]:
+        return await self.get(ids)
+
+    async def rows(self, key: str, ids: list[int]) -> dict[int, np.ndarray]:
+        return {}
+
+    async def keep_rows(self, key: str, rows: dict[int, np.ndarray]) -> None:  # noqa: B027
+        """Nothing is kept."""
+
+
+def _without_features(item: AddedItem) -> AddedItem:
+    return replace(item, features=NO_FEATURES)
 
 
 def encode_item(item: AddedItem) -> bytes:
@@ -107,7 +153,22 @@ def decode_item(blob: bytes) -> AddedItem:
     )
 
 
-class MemoryItemStore:
+def encode_rows(rows: np.ndarray) -> bytes:
+    """(K, R) projected rows: the two sizes as little-endian uint32, then float32 values."""
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    return np.asarray(rows.shape, dtype="<u4").tobytes() + rows.tobytes()
+
+
+def decode_rows(blob: bytes) -> np.ndarray:
+    shape = np.frombuffer(blob, dtype="<u4", count=2)
+    return np.frombuffer(blob, dtype=np.float32, offset=8).reshape(shape)  # read-only
+
+
+def _pieces(ids: list[int], size: int) -> list[list[str]]:
+    return [[str(i) for i in ids[start : start + size]] for start in range(0, len(ids), size)]
+
+
+class MemoryItemStore(Uncached):
     """In this process only: added items are gone when it stops."""
 
     def __init__(self) -> None:
@@ -127,7 +188,7 @@ class MemoryItemStore:
         pass
 
 
-class DirectoryItemStore:
+class DirectoryItemStore(Uncached):
     """One file per item, ``<id>.item`` (encoded as above), in ``folder``. A file is written
     under a temporary name and linked to its final name only if that name is free, so an
     item is either whole or absent, and an id is taken once."""
@@ -174,6 +235,9 @@ class RedisItemStore:
     ) -> None:
         self._client = client
         self._key = f"{prefix}:items"
+        self._about = f"{prefix}:items:about"
+        self._rows = f"{prefix}:items:rows"
+        self._lengths = client.register_script(_LENGTHS_LUA)
         self._deadline_s = deadline_s
         self._lag = LoopLag()
 
@@ -184,10 +248,13 @@ class RedisItemStore:
     async def add(self, item: AddedItem) -> bool:
         field = str(item.item_id)
         async with reaching(self._deadline_s, self._lag):
-            if await self._client.hsetnx(self._key, field, encode_item(item)):
-                return True
-            stored = await self._client.hget(self._key, field)
-        return isinstance(stored, bytes) and decode_item(stored).same_as(item)
+            if not await self._client.hsetnx(self._key, field, encode_item(item)):
+                stored = await self._client.hget(self._key, field)
+                if not (isinstance(stored, bytes) and decode_item(stored).same_as(item)):
+                    return False
+            # after the item: an item without it is read whole (about)
+            await self._client.hset(self._about, field, encode_item(_without_features(item)))
+        return True
 
     async def ids(self) -> list[int]:
         async with reaching(self._deadline_s, self._lag):
@@ -195,15 +262,73 @@ class RedisItemStore:
         return sorted(int(k) for k in keys)
 
     async def get(self, ids: list[int]) -> list[AddedItem]:
-        """The stored items of ``ids``, read ``ITEMS_PER_CALL`` at a time, each call under
-        the deadline (so their number is not bounded by it)."""
-        out: list[AddedItem] = []
-        for start in range(0, len(ids), ITEMS_PER_CALL):
-            fields = [str(i) for i in ids[start : start + ITEMS_PER_CALL]]
+        """The stored items of ``ids``, read in pieces of ``READ_BYTES``, each call under the
+        deadline (so their number is not bounded by it)."""
+        return [decode_item(blob) for _, blob in await self._read(self._key, ids)]
+
+    async def about(self, ids: list[int]) -> list[AddedItem]:
+        """Without their features; items stored before these were kept (or whose ``about``
+        a crash left unwritten) are read whole, and their ``about`` written for next time."""
+        read = await self._read(self._about, ids)
+        found = {i.item_id: i for i in (decode_item(blob) for _, blob in read)}
+        whole = await self.get([i for i in ids if i not in found])
+        if whole:
             async with reaching(self._deadline_s, self._lag):
-                blobs = await self._client.hmget(self._key, fields)
-            out += [decode_item(b) for b in blobs if isinstance(b, bytes)]
+                await self._client.hset(
+                    self._about,
+                    mapping={str(i.item_id): encode_item(_without_features(i)) for i in whole},
+                )
+        found |= {i.item_id: i for i in whole}
+        return [found[i] for i in ids if i in found]
+
+    async def rows(self, key: str, ids: list[int]) -> dict[int, np.ndarray]:
+        name = f"{self._rows}:{key}"
+        found = {int(field): decode_rows(blob) for field, blob in await self._read(name, ids)}
+        if found:
+            async with reaching(self._deadline_s, self._lag):
+                await self._client.expire(name, ROWS_TTL_S)
+        return found
+
+    async def keep_rows(self, key: str, rows: dict[int, np.ndarray]) -> None:
+        if not rows:
+            return
+        name = f"{self._rows}:{key}"
+        per_call = max(1, READ_BYTES // max(r.nbytes + 8 for r in rows.values()))
+        for fields in _pieces(list(rows), per_call):
+            async with reaching(self._deadline_s, self._lag):
+                await self._client.hset(
+                    name, mapping={f: encode_rows(rows[int(f)]) for f in fields}
+                )
+        async with reaching(self._deadline_s, self._lag):
+            await self._client.expire(name, ROWS_TTL_S)
+
+    async def _read(self, name: str, ids: list[int]) -> list[tuple[str, bytes]]:
+        """(field, value) of those of ``ids`` that ``name`` holds, read by HMGET in pieces of
+        at most ``READ_BYTES`` (or one field), each call under the deadline."""
+        out: list[tuple[str, bytes]] = []
+        for fields in await self._pieces_of(name, ids):
+            async with reaching(self._deadline_s, self._lag):
+                values = await self._client.hmget(name, fields)
+            out += [(f, v) for f, v in zip(fields, values, strict=True) if isinstance(v, bytes)]
         return out
+
+    async def _pieces_of(self, name: str, ids: list[int]) -> list[list[str]]:
+        """The fields of ``ids`` that ``name`` holds, in pieces of at most ``READ_BYTES``
+        stored bytes (a longer value is a piece of its own)."""
+        pieces: list[list[str]] = [[]]
+        size = 0
+        for fields in _pieces(ids, LENGTHS_PER_CALL):
+            async with reaching(self._deadline_s, self._lag):
+                lengths = await self._lengths(keys=[name], args=fields)
+            for f, length in zip(fields, lengths, strict=True):
+                if not length:  # not stored
+                    continue
+                if pieces[-1] and size + length > READ_BYTES:
+                    pieces.append([])
+                    size = 0
+                pieces[-1].append(f)
+                size += length
+        return [p for p in pieces if p]
 
     async def close(self) -> None:
         await self._lag.stop()

@@ -180,8 +180,7 @@ async def add_item(
             raise err.of("item") from err
         if not stored:  # another item took the id meanwhile (another replica's)
             raise _taken(item_id)
-        items.known = {**items.known, item_id: added}
-        await slot.update(items.added_to)
+        await items.admit(slot, [added])
     state.catalogue.add(catalogue_item(added))
     log.info("item %d added from its image", item_id)
     return _added(added, slot, started)
