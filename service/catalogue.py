@@ -12,6 +12,8 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from service.filters import Attributes
+
 log = logging.getLogger("visrec.catalogue")
 IMAGE_TYPES = {
     ".jpg": "image/jpeg",
@@ -46,9 +48,21 @@ class CatalogueItem:
 @dataclass(frozen=True)
 class Catalogue:
     items: dict[int, CatalogueItem] = field(default_factory=dict)
+    # the attributes of ``items`` as columns, built on first use after each change
+    _attributes: list[tuple[dict[int, CatalogueItem], Attributes]] = field(
+        default_factory=list, repr=False, compare=False
+    )
 
     def get(self, item_id: int) -> CatalogueItem | None:
         return self.items.get(item_id)
+
+    def attributes(self) -> Attributes:
+        """Every item's genres and year, for filters (:mod:`service.filters`)."""
+        items = self.items
+        if not self._attributes or self._attributes[0][0] is not items:
+            built = Attributes((i.item_id, i.genres, i.title) for i in items.values())
+            self._attributes[:] = [(items, built)]
+        return self._attributes[0][1]
 
     def add(self, *items: CatalogueItem) -> None:
         """Items added while serving; the dict is replaced, not changed, so a reader never

@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 
 from service.errors import ServiceError
-from service.index.item_index import IndexKind, ItemIndex
+from service.filters import CACHED_FILTERS, Passing
+from service.index.item_index import Allowed, IndexKind, ItemIndex
 from service.model.acf import PAD, UNKNOWN_USER
 from service.model.checkpoint import Checkpoint
 from service.model.projection import Projected, RawFeatures
@@ -29,6 +30,7 @@ class Query:
     exclude: Collection[int]  # raw item ids never to return
     k: int
     offset: int = 0
+    only: Passing | None = None  # the items it may return (a filter's); None: any
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,7 @@ class Recommendation:
     scores: list[float]
     fallback: bool  # popular items: nothing was known about the user
     version: str  # of the model that ranked it (a reload may swap models between requests)
+    passing: int | None = None  # items it could be answered from (filter, not excluded)
 
 
 class ItemExistsError(ServiceError, ValueError):
@@ -87,6 +90,8 @@ class Recommender:
         self.item_ids = np.asarray(item_ids, dtype=np.int64)
         self._user_ids = list(user_ids)
         self._item_index = {int(raw): i + 1 for i, raw in enumerate(self.item_ids.tolist())}
+        self._by_raw = np.argsort(self.item_ids, kind="stable")  # item_ids[_by_raw] sorted
+        self._allowed_of: dict[Passing, Allowed] = {}  # the last filters', oldest first
         self._user_index = {str(raw): u for u, raw in enumerate(self._user_ids)}
         counts = np.asarray(popularity, dtype=np.float64)
         self._popular = np.argsort(-counts, kind="stable") + 1  # item indices, most popular first
@@ -199,14 +204,21 @@ class Recommender:
             # one search deep enough for every page in the batch, then each query's slice
             depth = max(queries[r].k + queries[r].offset for r in rows)
             hits = self.index.search(
-                vectors, depth, exclude=[self._indices(queries[r].exclude) for r in rows]
+                vectors,
+                depth,
+                exclude=[self._indices(queries[r].exclude) for r in rows],
+                allowed=[self._allowed(queries[r].only) for r in rows],
             )
             for j, r in enumerate(rows):
                 page = slice(queries[r].offset, queries[r].offset + queries[r].k)
                 items, scores = hits.items[j][page], hits.scores[j][page]
                 keep = items > 0
                 out[r] = Recommendation(
-                    self.raw_ids(items[keep]), scores[keep].tolist(), False, self.version
+                    self.raw_ids(items[keep]),
+                    scores[keep].tolist(),
+                    False,
+                    self.version,
+                    int(hits.passing[j]),
                 )
         for r in np.flatnonzero(~personal).tolist():
             out[r] = self._popular_answer(queries[r])
@@ -237,13 +249,33 @@ class Recommender:
     def _indices(self, raw_ids: Collection[int]) -> set[int]:
         return {self._item_index[i] for i in raw_ids if i in self._item_index}
 
+    def _allowed(self, only: Passing | None) -> Allowed | None:
+        """What the index may answer with: the items of ``only`` this engine knows, made once
+        for the last ``CACHED_FILTERS`` filters (from a thread of the batcher or the loop:
+        a race makes the same mask twice, harmlessly)."""
+        if only is None:
+            return None
+        found = self._allowed_of.get(only)
+        if found is None:
+            place = np.searchsorted(self.item_ids, only.ids, sorter=self._by_raw)
+            index = self._by_raw[np.minimum(place, len(self.item_ids) - 1)]
+            mask = np.zeros(len(self.item_ids) + 1, dtype=bool)
+            mask[index[self.item_ids[index] == only.ids] + 1] = True  # unknown ids: none
+            found = self._allowed_of[only] = Allowed.of(mask)
+            while len(self._allowed_of) > CACHED_FILTERS:
+                self._allowed_of.pop(next(iter(self._allowed_of)), None)
+        return found
+
     def _popular_answer(self, query: Query) -> Recommendation:
         excluded = self._indices(query.exclude)
-        ranked = [i for i in self._popular.tolist() if i not in excluded]
+        allowed = self._allowed(query.only)
+        popular = self._popular if allowed is None else self._popular[allowed.has(self._popular)]
+        ranked = [i for i in popular.tolist() if i not in excluded]
         page = np.array(ranked[query.offset : query.offset + query.k], dtype=np.int64)
         return Recommendation(
             self.raw_ids(page) if len(page) else [],
             self._popularity[page - 1].astype(float).tolist() if len(page) else [],
             True,
             self.version,
+            len(ranked),
         )

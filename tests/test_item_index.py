@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from unittest.mock import patch
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from service.index.item_index import IndexKind, ItemIndex
+from service.index import item_index
+from service.index.item_index import Allowed, IndexKind, ItemIndex
 
 
 def _brute_force(vectors: np.ndarray, query: np.ndarray, exclude: set[int]) -> list[int]:
@@ -99,3 +103,45 @@ def test_an_approximate_index_is_kept_and_found_again(
     other = vectors[: len(vectors) // 2]  # a stale file for other vectors is not used
     assert ItemIndex(other, kind=kind, cache=tmp_path).n_items == len(other)
     assert ItemIndex(other, kind=kind, cache=tmp_path).search(other[:1], 1).items[0, 0] >= 1
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
+@pytest.mark.parametrize("exact_below", [0, item_index.EXACT_BELOW], ids=["selector", "exact"])
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(1, 400),
+    seed=st.integers(0, 2**16),
+    share=st.sampled_from([0.0, 0.001, 0.02, 0.3, 1.0]),
+    k=st.integers(1, 30),
+    offset=st.integers(0, 5),
+)
+def test_a_filtered_search_returns_min_k_passing_items_and_only_those(
+    kind: IndexKind, exact_below: int, n: int, seed: int, share: float, k: int, offset: int
+) -> None:
+    """Filters are applied inside the search (a FAISS selector, or an exact ranking of the
+    passing items), never by over-fetching: whatever the filter, the index or the catalogue,
+    an answer has exactly min(k, passing) items, all passing, the best of them where the search
+    is exact."""
+    rng = np.random.default_rng(seed)
+    vectors = rng.normal(size=(n, 8)).astype(np.float32)
+    queries = rng.normal(size=(3, 8)).astype(np.float32)
+    allowed = [rng.random(n + 1) < share for _ in range(3)]
+    allowed[1] = None  # an unfiltered query in the same batch
+    excluded = [set(rng.choice(np.arange(1, n + 1), size=n // 4, replace=False).tolist())] * 3
+    passes = [None if a is None else Allowed.of(a) for a in allowed]
+    with patch.object(item_index, "EXACT_BELOW", exact_below):
+        hits = ItemIndex(vectors, kind=kind).search(
+            queries, k, exclude=excluded, offset=offset, allowed=passes
+        )
+    for b in range(3):
+        mask = np.ones(n + 1, bool) if allowed[b] is None else allowed[b].copy()
+        mask[0] = False
+        mask[list(excluded[b])] = False
+        passing = np.flatnonzero(mask)
+        assert hits.passing[b] == len(passing)
+        got = hits.items[b][hits.items[b] > 0]
+        assert len(got) == max(0, min(k, len(passing) - offset))
+        assert set(got.tolist()) <= set(passing.tolist())
+        if kind == "flat" or (allowed[b] is not None and len(passing) < exact_below):
+            best = np.sort(vectors[passing - 1] @ queries[b])[::-1][offset : offset + k]
+            np.testing.assert_allclose(hits.scores[b][: len(got)], best, rtol=1e-4, atol=1e-5)

@@ -53,6 +53,40 @@ class RecommendResponse(BaseModel):
         description="the profile store did not answer in time: ranked from this server's cached "
         "copy of the user's profile, or popular items when it has none (then fallback is true)",
     )
+    passing: int | None = Field(
+        None,
+        description="with filters: how many items passed them (and were not excluded); the "
+        "answer has min(k, passing - offset) items",
+    )
+    reason: str | None = Field(None, description="why the answer is empty, when it is")
+
+
+MAX_FILTER_VALUES = 1000  # genres or excluded item ids in one filter
+GenreName = Annotated[str, Field(min_length=1, max_length=100)]
+# the bounds before the validator: after it, pydantic writes them into an optional field's
+# JSON Schema as "ge"/"le", which no client reads, instead of "minimum"/"maximum"
+Year = Annotated[int, Field(ge=0, le=9999), BeforeValidator(_whole_number)]
+
+
+class Filters(Body):
+    """What the answer may contain: every condition given holds for every item in it. A name
+    this schema does not have is refused (422), so a misspelt filter is never silently
+    ignored."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    genres: list[GenreName] = Field(
+        default_factory=list,
+        max_length=MAX_FILTER_VALUES,
+        description="at least one of these genres (empty: any)",
+    )
+    exclude_genres: list[GenreName] = Field(
+        default_factory=list, max_length=MAX_FILTER_VALUES, description="none of these genres"
+    )
+    year_min: Year | None = Field(None, description="released in or after (the title's year)")
+    year_max: Year | None = Field(None, description="released in or before")
+    exclude_items: list[Integer] = Field(
+        default_factory=list, max_length=MAX_FILTER_VALUES, description="item ids never to return"
+    )
 
 
 class HistoryRequest(Body):
@@ -60,6 +94,7 @@ class HistoryRequest(Body):
     k: Integer = Field(20, ge=1, le=MAX_K)
     offset: Integer = Field(0, ge=0, le=MAX_K)
     exclude_seen: bool = True
+    filters: Filters | None = None
 
 
 MAX_USER_ID = 2**53 - 1  # exact in a double, as JSON tools read numbers

@@ -3,6 +3,13 @@
 The vectors come from :meth:`service.model.acf.ACF.item_vectors`, which folds the score scale and
 item bias in, so the inner product *is* the model's score and an exact index returns exactly the
 model's ranking. Results are item indices ``1..N`` (the model's numbering).
+
+A query may name the items it may return (``allowed``: business rules, a category page). That is
+applied inside the search, never by over-fetching: a FAISS ``IDSelectorBitmap`` for the flat, IVF
+and HNSW indexes, or, when fewer than ``EXACT_BELOW`` items pass (or the index is on a GPU), an
+exact ranking of the passing items' vectors. An approximate index that finds fewer than the
+passing items it was asked for (a graph walk under a filter that 1% of items pass returned 7 of
+10) is answered exactly too, so an answer has ``min(k, passing)`` items.
 """
 
 from __future__ import annotations
@@ -23,10 +30,45 @@ IndexKind = Literal["flat", "ivf", "hnsw"]
 INDEX_KINDS: tuple[IndexKind, ...] = ("flat", "ivf", "hnsw")
 
 
+# Fewer passing items than this are ranked exactly, by their vectors (a 20,000 x D product
+# is well under a millisecond), instead of an index walk that skips most of what it meets
+EXACT_BELOW = 20_000
+
+
+@dataclass(frozen=True)
+class Allowed:
+    """The items a query may be answered with, over the indices 1..N: as FAISS's bitmap (bit
+    i - 1 for item i, little-endian) and as sorted indices. Made once per filter and engine
+    (:meth:`of`), then shared by every request with that filter."""
+
+    bits: np.ndarray  # (ceil(N / 8),) uint8
+    items: np.ndarray  # (passing,) int64, sorted
+
+    @classmethod
+    def of(cls, mask: np.ndarray) -> Allowed:
+        """From a (N + 1,) bool mask over the indices (0 unused)."""
+        return cls(np.packbits(mask[1:], bitorder="little"), np.flatnonzero(mask[1:]) + 1)
+
+    def has(self, items: np.ndarray) -> np.ndarray:
+        """Which of ``items`` (indices 1..N) pass."""
+        i = np.asarray(items, dtype=np.int64) - 1
+        return ((self.bits[i >> 3] >> (i & 7)) & 1).astype(bool)
+
+    def without(self, items: np.ndarray) -> Allowed:
+        """These items (indices 1..N) taken out, e.g. those a user has seen."""
+        out = items[self.has(items)] - 1
+        if not len(out):
+            return self
+        bits = self.bits.copy()
+        np.bitwise_and.at(bits, out >> 3, ~(1 << (out & 7)).astype(np.uint8))
+        return Allowed(bits, np.setdiff1d(self.items, out + 1, assume_unique=True))
+
+
 @dataclass(frozen=True)
 class Hits:
     items: np.ndarray  # (B, k) item indices 1..N; 0 where fewer than k items were left
     scores: np.ndarray  # (B, k) float32; -inf where items is 0
+    passing: np.ndarray  # (B,) items each query could be answered from (allowed, not excluded)
 
 
 def gpu_available() -> bool:
@@ -66,6 +108,7 @@ class ItemIndex:
             self._gpu = faiss.StandardGpuResources()
             index = faiss.index_cpu_to_gpu(self._gpu, 0, index)
         self._index = index
+        self._vectors = data  # for exact rankings of the items a filter lets through
 
     def search(
         self,
@@ -74,11 +117,13 @@ class ItemIndex:
         *,
         exclude: Sequence[Collection[int]] | None = None,
         offset: int = 0,
+        allowed: Sequence[Allowed | None] | None = None,
     ) -> Hits:
         """Best ``k`` items after skipping the first ``offset``, per query (B, D).
 
-        Items in ``exclude[b]`` (indices 1..N) are never returned for query b, and the answer
-        still has ``k`` items whenever the catalogue has that many left.
+        Items in ``exclude[b]`` (indices 1..N) are never returned for query b, and, where
+        ``allowed[b]`` is given, only the items it lets through are; the answer still has
+        ``k`` items whenever that many are left.
         """
         q = np.ascontiguousarray(queries, dtype=np.float32)
         if q.ndim != 2 or q.shape[1] != self.dim:
@@ -86,20 +131,72 @@ class ItemIndex:
         if k < 1 or offset < 0:
             raise ValueError(f"k must be >= 1 and offset >= 0, got k={k}, offset={offset}")
         exclude = exclude or [()] * len(q)
-        if len(exclude) != len(q):
-            raise ValueError("exclude needs one collection per query")
-        wanted = k + offset
-        depth = min(self.n_items, wanted + max((len(e) for e in exclude), default=0))
+        allowed = allowed or [None] * len(q)
+        if len(exclude) != len(q) or len(allowed) != len(q):
+            raise ValueError("exclude and allowed need one entry per query")
         # One thread per single query: on a small machine the OpenMP start-up costs more
         # than the scan it would share.
         faiss.omp_set_num_threads(1 if len(q) == 1 else self.threads)
+        wanted = k + offset
+        found: list[tuple[list[int], list[float]]] = [([], [])] * len(q)
+        passing = np.zeros(len(q), dtype=np.int64)
+        rows = [b for b, mask in enumerate(allowed) if mask is None]
+        if rows:
+            items, scores = self._search(q[rows], [exclude[b] for b in rows], wanted)
+            for j, b in enumerate(rows):
+                found[b] = items[j], scores[j]
+                passing[b] = self.n_items - len(exclude[b])
+        for b, mask in enumerate(allowed):
+            if mask is not None:
+                passing[b], found[b] = self._search_allowed(q[b : b + 1], mask, exclude[b], wanted)
+        return _pad([f[0] for f in found], [f[1] for f in found], k, offset, passing)
+
+    def _search(
+        self, q: np.ndarray, exclude: Sequence[Collection[int]], wanted: int
+    ) -> tuple[list[list[int]], list[list[float]]]:
+        depth = min(self.n_items, wanted + max((len(e) for e in exclude), default=0))
         while True:
             scores, ids = self._index.search(q, depth)
             items, kept = _filter(ids, scores, exclude, wanted)
             if depth >= self.n_items or all(len(row) >= wanted for row in items):
-                break
+                return items, kept
             depth = min(self.n_items, depth * 2)  # approximate indexes may return too few
-        return _pad(items, kept, k, offset)
+
+    def _search_allowed(
+        self, q: np.ndarray, allowed: Allowed, exclude: Collection[int], wanted: int
+    ) -> tuple[int, tuple[list[int], list[float]]]:
+        """How many items pass, and the best ``wanted`` of them, for one query (1, D)."""
+        if len(allowed.bits) != -(-self.n_items // 8):
+            raise ValueError(f"allowed is over {8 * len(allowed.bits)} items, not {self.n_items}")
+        if exclude:
+            allowed = allowed.without(np.fromiter(exclude, dtype=np.int64, count=len(exclude)))
+        passing = allowed.items
+        wanted = min(wanted, len(passing))
+        if wanted == 0:
+            return 0, ([], [])
+        if len(passing) >= EXACT_BELOW and not self.on_gpu:
+            selector = faiss.IDSelectorBitmap(self.n_items, faiss.swig_ptr(allowed.bits))
+            scores, ids = self._index.search(q, wanted, params=_params(self._index, selector))
+            got = ids[0] >= 0
+            if got.sum() == wanted:
+                return len(passing), ((ids[0][got] + 1).tolist(), scores[0][got].tolist())
+        scores = self._vectors[passing - 1] @ q[0]
+        best = np.argsort(-scores, kind="stable")[:wanted]
+        return len(passing), (passing[best].tolist(), scores[best].tolist())
+
+
+def _params(index: faiss.Index, selector: faiss.IDSelector) -> faiss.SearchParameters:
+    """Search parameters with ``selector``, keeping the index's own search-time settings."""
+    if isinstance(index, faiss.IndexHNSW):
+        params = faiss.SearchParametersHNSW()  # type: ignore[attr-defined]
+        params.efSearch = index.hnsw.efSearch
+    elif isinstance(index, faiss.IndexIVF):
+        params = faiss.SearchParametersIVF()
+        params.nprobe = index.nprobe
+    else:
+        params = faiss.SearchParameters()
+    params.sel = selector
+    return params
 
 
 def _build(data: np.ndarray, kind: IndexKind) -> faiss.Index:
@@ -180,11 +277,13 @@ def _filter(
     return items, kept
 
 
-def _pad(items: list[list[int]], scores: list[list[float]], k: int, offset: int) -> Hits:
+def _pad(
+    items: list[list[int]], scores: list[list[float]], k: int, offset: int, passing: np.ndarray
+) -> Hits:
     out_items = np.zeros((len(items), k), dtype=np.int64)
     out_scores = np.full((len(items), k), -np.inf, dtype=np.float32)
     for b, (row_items, row_scores) in enumerate(zip(items, scores, strict=True)):
         page = row_items[offset : offset + k]
         out_items[b, : len(page)] = page
         out_scores[b, : len(page)] = row_scores[offset : offset + k]
-    return Hits(out_items, out_scores)
+    return Hits(out_items, out_scores, passing)

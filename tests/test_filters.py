@@ -1,0 +1,186 @@
+"""Filters on /recommend: applied inside the search, every answer passes them and has exactly
+min(k, passing) items; unknown names are refused, an empty result is explained."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from service.api.app import create_app
+from service.config import Settings
+from service.filters import Attributes, ItemFilter, year_of
+from service.model.checkpoint import save_checkpoint
+from service.offline.bootstrap import histories
+from service.offline.data.dataset import load_dataset
+from service.offline.data.synthetic import World
+from service.offline.training.config import TrainConfig
+from service.offline.training.pipeline import fit, prepare, to_checkpoint
+
+CONFIG = TrainConfig(dim=16, attention_dim=16, epochs=3, batch_size=128, lr=1e-2)
+
+
+def _catalogue(world: World, folder: Path) -> dict[int, tuple[set[str], int | None]]:
+    """The world's items.csv with a year in most titles and a second genre on some: (genres,
+    year) of each item."""
+    folder.mkdir(exist_ok=True)
+    rows = list(csv.DictReader((world.root / "items.csv").open()))
+    out = {}
+    with (folder / "items.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["item_id", "title", "genres", "image"])
+        for row in rows:
+            n = int(row["item_id"])
+            year = None if n % 7 == 0 else 1970 + n % 40
+            title = row["title"] + ("" if year is None else f" ({year})")
+            genres = {row["genres"], *(["Classic"] if n % 5 == 0 else [])}
+            w.writerow([n, title, "|".join(sorted(genres)), ""])
+            out[n] = (genres, year)
+    return out
+
+
+@pytest.fixture(scope="module")
+def served(
+    world: World, world_features: tuple[Path, np.ndarray], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[TestClient, dict[int, tuple[set[str], int | None]], dict[str, list[int]]]]:
+    folder = tmp_path_factory.mktemp("filters")
+    items = _catalogue(world, folder / "data")
+    prepared = prepare(world.root, world_features[0])
+    result = fit(prepared, CONFIG, device=torch.device("cpu"), progress=False)
+    ckpt = folder / "acf.pt"
+    save_checkpoint(ckpt, to_checkpoint(prepared, result, CONFIG))
+    settings = Settings(
+        checkpoint=ckpt, features=world_features[0], device="cpu", data=folder / "data"
+    )
+    profiles = histories(load_dataset(world.root))
+    with TestClient(create_app(settings, profiles=profiles)) as client:
+        yield client, items, profiles
+
+
+def _passes(
+    item: tuple[set[str], int | None],
+    genres: set[str],
+    exclude: set[str],
+    lo: int | None,
+    hi: int | None,
+) -> bool:
+    have, year = item
+    if (genres and not have & genres) or have & exclude:
+        return False
+    if (lo is not None or hi is not None) and year is None:
+        return False
+    return (lo is None or year >= lo) and (hi is None or year <= hi)  # type: ignore[operator]
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data())
+def test_every_answer_passes_its_filters_and_has_exactly_min_k_passing_items(
+    served: tuple[TestClient, dict[int, tuple[set[str], int | None]], dict[str, list[int]]],
+    data: st.DataObject,
+) -> None:
+    """For random filters, users and k (GET for a stored user, POST for a history): every item
+    passes, none is excluded or already seen, and the answer has min(k, passing) items, with
+    passing counted here from items.csv."""
+    client, items, profiles = served
+    names = sorted({g for genres, _ in items.values() for g in genres})
+    genres = set(data.draw(st.lists(st.sampled_from(names), max_size=3)))
+    exclude = set(data.draw(st.lists(st.sampled_from(names), max_size=2)))
+    lo = data.draw(st.none() | st.integers(1960, 2015))
+    hi = data.draw(st.none() | st.integers(1960, 2015))
+    banned = set(data.draw(st.lists(st.sampled_from(sorted(items)), max_size=30)))
+    k = data.draw(st.integers(1, 60))
+    user = data.draw(st.sampled_from(sorted(profiles)))
+    seen = set(profiles[user])
+    filtered = True  # False: a GET without filters, whose answer has no passing count
+    if data.draw(st.booleans()):
+        params: dict[str, object] = {"k": k}
+        if genres:
+            params["genres"] = ",".join(sorted(genres))
+        if exclude:
+            params["exclude_genres"] = ",".join(sorted(exclude))
+        if lo is not None:
+            params["year_min"] = lo
+        if hi is not None:
+            params["year_max"] = hi
+        if banned:
+            params["exclude_items"] = ",".join(map(str, sorted(banned)))
+        answer = client.get(f"/recommend/{user}", params=params)
+        filtered = len(params) > 1
+    else:
+        filters = {
+            "genres": sorted(genres),
+            "exclude_genres": sorted(exclude),
+            "exclude_items": sorted(banned),
+        }
+        filters |= {"year_min": lo, "year_max": hi}
+        answer = client.post(
+            "/recommend", json={"history": profiles[user], "k": k, "filters": filters}
+        )
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    passing = (
+        {n for n, item in items.items() if _passes(item, genres, exclude, lo, hi)} - banned - seen
+    )
+    got = [i["item_id"] for i in body["items"]]
+    assert set(got) <= passing
+    assert len(got) == len(set(got)) == min(k, len(passing))
+    assert body["passing"] == (len(passing) if filtered else None)  # None: no filter given
+    assert (body["reason"] is not None) == (not passing)
+
+
+def test_unknown_filter_names_are_refused_and_an_empty_filter_is_explained(
+    served: tuple[TestClient, dict[int, tuple[set[str], int | None]], dict[str, list[int]]],
+) -> None:
+    client, _, profiles = served
+    user = sorted(profiles)[0]
+    typo = client.get(f"/recommend/{user}", params={"genre": "Comedy", "k": 5})
+    assert typo.status_code == 422
+    assert [f["loc"] for f in typo.json()["detail"]] == [["query", "genre"]]
+    body = client.post("/recommend", json={"history": [1], "filters": {"genre": ["x"]}})
+    assert body.status_code == 422 and ["body", "filters", "genre"] in [
+        f["loc"] for f in body.json()["detail"]
+    ]
+    nothing = client.get(f"/recommend/{user}", params={"genres": "No such genre"})
+    assert nothing.status_code == 200
+    assert nothing.json()["items"] == [] and nothing.json()["passing"] == 0
+    assert "no item passes the filters" in nothing.json()["reason"]
+    unfiltered = client.get(f"/recommend/{user}").json()
+    assert unfiltered["passing"] is None and unfiltered["reason"] is None
+
+
+def test_a_user_with_nothing_to_go_on_gets_popular_items_that_pass_the_filters(
+    served: tuple[TestClient, dict[int, tuple[set[str], int | None]], dict[str, list[int]]],
+) -> None:
+    client, items, _ = served
+    answer = client.get("/recommend/nobody", params={"genres": "Classic", "k": 100}).json()
+    classic = {n for n, (genres, _) in items.items() if "Classic" in genres}
+    assert answer["fallback"] and answer["passing"] == len(classic)
+    assert {i["item_id"] for i in answer["items"]} == classic  # k over what passes: all of them
+
+
+def test_attributes_read_years_from_titles_and_filter_by_any_genre() -> None:
+    attributes = Attributes(
+        [(3, ["Drama"], "A (1995)"), (1, ["Comedy", "Drama"], "B (1980)"), (2, ["Horror"], "C")]
+    )
+    assert attributes.passing(ItemFilter()).ids.tolist() == [1, 2, 3]
+    assert attributes.passing(ItemFilter(genres=frozenset({"Drama", "Horror"}))).ids.tolist() == [
+        1,
+        2,
+        3,
+    ]
+    assert attributes.passing(ItemFilter(exclude_genres=frozenset({"Comedy"}))).ids.tolist() == [
+        2,
+        3,
+    ]
+    assert attributes.passing(ItemFilter(year_min=1981)).ids.tolist() == [3]  # 2 has no year
+    assert attributes.passing(ItemFilter(year_max=1995)).ids.tolist() == [1, 3]
+    assert (year_of("Toy Story (1995)"), year_of("Untitled")) == (1995, None)
