@@ -13,7 +13,7 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 # redo it (~13 s) every time. `make install FORCE=1`, or deleting the stamp, redoes it.
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install reinstall browser haproxy serve test image-smoke lint reproduce tune generalise sweep bench bench-serve bench-reload bench-faults bench-fault-matrix bench-soak bench-workers bench-cluster bench-access-log bench-million bench-probe clean
+.PHONY: install reinstall browser haproxy serve test image-smoke lint reproduce tune generalise sweep bench bench-serve bench-reload bench-faults bench-fault-matrix bench-switches bench-soak bench-workers bench-cluster bench-access-log bench-million bench-probe clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -105,6 +105,10 @@ bench-faults: install
 # workers and 3 replicas behind HAProxy: lost, double-applied, seconds to recover, /readyz.
 bench-fault-matrix: install haproxy
 	$(BIN)/python -m benchmarks.fault_matrix
+
+# Items switched off (PATCH /items/{id}): how soon 3 replicas stop answering with them.
+bench-switches: install haproxy
+	$(BIN)/python -m benchmarks.switches
 
 # Several minutes at about 1,000 requests/s: errors, and the server's memory at start and end.
 bench-soak: install

@@ -4,7 +4,9 @@ min(k, passing) items; unknown names are refused, an empty result is explained."
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterator
+import time
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,7 @@ import torch
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from redis import Redis
 
 from service.api.app import create_app
 from service.config import Settings
@@ -25,6 +28,9 @@ from service.offline.training.config import TrainConfig
 from service.offline.training.pipeline import fit, prepare, to_checkpoint
 
 CONFIG = TrainConfig(dim=16, attention_dim=16, epochs=3, batch_size=128, lr=1e-2)
+READER, ADMIN = "read-key-0123456789abcdef", "admin-key-0123456789abcdef"
+READ, ADMINISTER = {"X-API-Key": READER}, {"X-API-Key": ADMIN}
+REDIS = "redis://127.0.0.1:6379/0"
 
 
 def _catalogue(world: World, folder: Path) -> dict[int, tuple[set[str], int | None]]:
@@ -46,10 +52,14 @@ def _catalogue(world: World, folder: Path) -> dict[int, tuple[set[str], int | No
     return out
 
 
+Catalogue = dict[int, tuple[set[str], int | None]]
+
+
 @pytest.fixture(scope="module")
-def served(
+def model(
     world: World, world_features: tuple[Path, np.ndarray], tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[TestClient, dict[int, tuple[set[str], int | None]], dict[str, list[int]]]]:
+) -> tuple[Settings, Catalogue, dict[str, list[int]]]:
+    """Settings that serve a model of the world, with a catalogue of genres and years."""
     folder = tmp_path_factory.mktemp("filters")
     items = _catalogue(world, folder / "data")
     prepared = prepare(world.root, world_features[0])
@@ -57,10 +67,23 @@ def served(
     ckpt = folder / "acf.pt"
     save_checkpoint(ckpt, to_checkpoint(prepared, result, CONFIG))
     settings = Settings(
-        checkpoint=ckpt, features=world_features[0], device="cpu", data=folder / "data"
+        checkpoint=ckpt,
+        features=world_features[0],
+        device="cpu",
+        data=folder / "data",
+        environment="production",
+        api_keys=READER,
+        admin_keys=ADMIN,
     )
-    profiles = histories(load_dataset(world.root))
-    with TestClient(create_app(settings, profiles=profiles)) as client:
+    return settings, items, histories(load_dataset(world.root))
+
+
+@pytest.fixture(scope="module")
+def served(
+    model: tuple[Settings, Catalogue, dict[str, list[int]]],
+) -> Iterator[tuple[TestClient, Catalogue, dict[str, list[int]]]]:
+    settings, items, profiles = model
+    with TestClient(create_app(settings, profiles=profiles), headers=READ) as client:
         yield client, items, profiles
 
 
@@ -184,3 +207,68 @@ def test_attributes_read_years_from_titles_and_filter_by_any_genre() -> None:
     assert attributes.passing(ItemFilter(year_min=1981)).ids.tolist() == [3]  # 2 has no year
     assert attributes.passing(ItemFilter(year_max=1995)).ids.tolist() == [1, 3]
     assert (year_of("Toy Story (1995)"), year_of("Untitled")) == (1995, None)
+
+
+def test_an_item_switched_off_is_in_no_answer_of_any_replica_until_switched_on(
+    model: tuple[Settings, Catalogue, dict[str, list[int]]],
+) -> None:
+    """An item could not be switched off without a new model. Off (PATCH /items/{id}), it is
+    in no answer of either replica, with or without filters, nor after a restart; on, it is
+    back."""
+    settings, items, profiles = model
+    shared = {"redis_url": REDIS, "redis_prefix": f"test-switch-{uuid.uuid4().hex}"}
+    replica = settings.model_copy(update=shared)
+    user = sorted(profiles)[0]
+    try:
+        with (
+            TestClient(create_app(replica, profiles=profiles), headers=READ) as a,
+            TestClient(create_app(replica), headers=READ) as b,
+        ):
+            first = a.get(f"/recommend/{user}", params={"k": 5}).json()["items"][0]["item_id"]
+            assert a.patch(f"/items/{first}", json={"available": False}).status_code == 401
+            off = a.patch(f"/items/{first}", json={"available": False}, headers=ADMINISTER)
+            assert off.status_code == 200 and off.json() == {"item_id": first, "available": False}
+            genre = sorted(items[first][0])[0]
+            for client in (a, b):
+                _until(lambda c=client: first not in _ids(c, user))  # type: ignore[misc]
+                assert first not in _ids(client, user, genres=genre)
+                assert client.get(f"/items/{first}").json()["available"] is False
+            with Redis.from_url(REDIS) as redis:  # Redis loses the switches: they are put back
+                key = f"{shared['redis_prefix']}:items:off"
+                redis.delete(key)
+                _until(lambda: bool(redis.hexists(key, str(first))))
+        with TestClient(create_app(replica), headers=READ) as restarted:
+            assert first not in _ids(restarted, user) and first not in _ids(restarted, user, k=200)
+            assert restarted.patch(
+                f"/items/{first}", json={"available": True}, headers=ADMINISTER
+            ).json()["available"]
+            assert first in _ids(restarted, user)
+            assert (
+                restarted.patch(
+                    "/items/999999", json={"available": False}, headers=ADMINISTER
+                ).status_code
+                == 404
+            )
+            assert (
+                restarted.patch(
+                    f"/items/{first}", json={"availabel": False}, headers=ADMINISTER
+                ).status_code
+                == 422
+            )
+    finally:
+        with Redis.from_url(REDIS) as redis:
+            for key in redis.scan_iter(f"{shared['redis_prefix']}:*"):
+                redis.delete(key)
+
+
+def _ids(client: TestClient, user: str, **params: object) -> list[int]:
+    answer = client.get(f"/recommend/{user}", params={"k": 20, **params})
+    assert answer.status_code == 200, answer.text
+    return [i["item_id"] for i in answer.json()["items"]]
+
+
+def _until(done: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        assert time.monotonic() < deadline, "not seen in time"
+        time.sleep(0.05)

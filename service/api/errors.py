@@ -8,6 +8,7 @@ input) and Starlette's own statuses (an unknown path, a wrong method: ``code`` f
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from http import HTTPStatus
 from typing import Any
@@ -58,7 +59,21 @@ async def _refused(request: Request, exc: ServiceError) -> JSONResponse:
 
 async def _framework(request: Request, exc: HTTPException) -> JSONResponse:
     code = getattr(exc, "code", None) or _snake(HTTPStatus(exc.status_code).phrase)
-    return problem(exc.status_code, code, _printable(str(exc.detail)), headers=exc.headers)
+    headers = exc.headers
+    methods = _methods(request) if exc.status_code == 405 else []
+    if methods:
+        headers = {**(headers or {}), "Allow": ", ".join(methods)}
+    return problem(exc.status_code, code, _printable(str(exc.detail)), headers=headers)
+
+
+def _methods(request: Request) -> list[str]:
+    """The methods of every operation on the request's path (Starlette's Allow names those
+    of the first route on it only: ``GET /items/{id}`` hid ``PATCH /items/{id}``)."""
+    for template, operations in request.app.openapi().get("paths", {}).items():
+        pattern = "[^/]+".join(map(re.escape, re.split(r"\{[^}/]+\}", template)))
+        if re.fullmatch(pattern, request.url.path):
+            return sorted(method.upper() for method in operations)
+    return []
 
 
 async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from starlette.concurrency import run_in_threadpool
 
+from service.api.availability import Availability
 from service.api.batcher import MicroBatcher
 from service.api.items import Items
 from service.api.metrics import Metrics
@@ -39,6 +40,7 @@ from service.store.memory import MemoryProfileStore
 from service.store.profiles import StoreUnavailable
 from service.store.redis.profiles import RedisProfileStore
 from service.store.resilient import ResilientStore
+from service.store.switches import FileSwitches, MemorySwitches, RedisSwitches, Switches
 
 log = logging.getLogger("visrec.api")
 EPOCH_CHECK_S = 1.0  # how often a process looks whether Redis came back empty
@@ -58,6 +60,11 @@ async def serving(
     data set, :mod:`service.store.epoch`), and the tasks that keep them current."""
     items = await run_in_threadpool(_items, settings)
     items.on_loss = metrics.items_lost.inc
+    availability = Availability(_switches(settings))
+    try:
+        await availability.refresh()
+    except StoreUnavailable as err:  # read again every SWITCH_POLL_S once it answers
+        log.warning("starting without the switched-off items: the store is down (%s)", err)
     registry = registry_of(settings)
     if preloaded is None:
         source, current = await run_in_threadpool(start_source, settings, registry)
@@ -84,18 +91,22 @@ async def serving(
     # collector's full passes, whose pauses were the p99 of a loaded server.
     gc.freeze()
     tasks = _keeping_current(settings, registry, items, models, catalogue, watch, current)
+    tasks.append(asyncio.create_task(availability.keep_current()))
     try:
         window = settings.batch_window_ms / 1000
         with reload_on_hangup(models, asyncio.get_running_loop()):
             # The batcher asks the slot, so a batch runs on the engine current at its start.
             async with MicroBatcher(models.recommend, window_s=window) as batcher:
-                yield State(models, store, name, batcher, watch, items, catalogue, metrics)
+                yield State(
+                    models, store, name, batcher, watch, items, availability, catalogue, metrics
+                )
     finally:
         for task in tasks:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         await store.close()
         await items.store.close()
+        await availability.store.close()
 
 
 def _profile_store(
@@ -168,6 +179,19 @@ def _items(settings: Settings) -> Items:
         max_image_bytes=settings.max_image_bytes,
         max_image_pixels=settings.max_image_pixels,
     )
+
+
+def _switches(settings: Settings) -> Switches:
+    """Where switched-off items are kept: beside the added items."""
+    if settings.redis_url:
+        return RedisSwitches.from_url(
+            settings.redis_url,
+            prefix=settings.redis_prefix,
+            deadline_s=settings.redis_write_timeout_ms / 1000,
+        )
+    if settings.items_dir is not None:
+        return FileSwitches(settings.items_dir / "switched-off.json")
+    return MemorySwitches()
 
 
 async def _sync_items(items: Items, slot: ModelSlot, catalogue: Catalogue, every_s: float) -> None:

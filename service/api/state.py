@@ -9,6 +9,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from service.api.availability import Availability
 from service.api.batcher import MicroBatcher
 from service.api.items import Items
 from service.api.metrics import Metrics
@@ -27,6 +28,7 @@ class State:
     batcher: MicroBatcher[Query, Recommendation]
     watch: EpochWatch | None  # whether Redis lost its data; None for the in-process store
     items: Items  # added items
+    availability: Availability  # switched-off items
     catalogue: Catalogue  # titles and images, for the page
     metrics: Metrics
 

@@ -9,14 +9,21 @@ from dataclasses import replace
 from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, File, Form, UploadFile
+from fastapi import APIRouter, File, Form, Path, Request, UploadFile
 from fastapi.responses import FileResponse, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from service.api.forms import StrictForms
 from service.api.items import catalogue_item, decode_image
-from service.api.schemas import GUARDED, INVALID_FIELDS, StoreRefused, refusals
+from service.api.schemas import (
+    GUARDED,
+    INVALID_FIELDS,
+    JSON_BODY,
+    Body,
+    StoreRefused,
+    refusals,
+)
 from service.api.security import Guards
 from service.api.state import CatalogueDep, StateDep
 from service.catalogue import Catalogue, CatalogueItem
@@ -43,6 +50,36 @@ class ItemInfo(BaseModel):
         description="added while serving (POST /items): scored from its image and genres, "
         "with no interactions behind it when the model was trained"
     )
+    available: bool = Field(
+        True, description="false: switched off (PATCH /items/{item_id}), never recommended"
+    )
+
+
+class ItemPatch(Body):
+    """What to change of an item; a name not listed is refused (422)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    available: bool = Field(
+        description="false switches the item off: no answer of any process contains it "
+        "(within a quarter of a second on other workers and replicas) until it is switched on"
+    )
+
+
+class ItemAvailability(BaseModel):
+    item_id: int
+    available: bool
+
+
+PATCH_RESPONSES = {
+    **GUARDED,
+    **JSON_BODY,
+    **refusals({404: "no such item in the serving model"}),
+    503: {
+        "model": StoreRefused,
+        "description": "the store of switches is unavailable: `nothing_applied` says whether "
+        "the change may have been made all the same; send it again (it is idempotent)",
+    },
+}
 
 
 class AddedItemResponse(BaseModel):
@@ -102,10 +139,33 @@ def router(guards: Guards) -> APIRouter:
         responses=ADD_RESPONSES,
         dependencies=guards.admin,
     )(add_item)
+    routes.patch(
+        "/items/{item_id}",
+        response_model=ItemAvailability,
+        responses=PATCH_RESPONSES,
+        dependencies=guards.admin,
+    )(patch_item)
     return routes
 
 
-async def item_info(item_id: int, catalogue: CatalogueDep) -> ItemInfo:
+async def patch_item(
+    item_id: Annotated[int, Path(ge=0, le=MAX_ITEM_ID)], body: ItemPatch, state: StateDep
+) -> ItemAvailability:
+    """Switch an item off (``available: false``) or on again (admin key). Off, it is in no
+    answer of ``/recommend`` on any process, with or without filters, until switched on; the
+    switch is kept with the added items (Redis when configured), so it outlives restarts and
+    model reloads."""
+    if not state.engine.knows(item_id):
+        raise NotFound(f"no item {item_id} in the serving model")
+    try:
+        await state.availability.switch(item_id, available=body.available)
+    except StoreUnavailable as err:
+        raise err.of("item") from err
+    log.info("item %d switched %s", item_id, "on" if body.available else "off")
+    return ItemAvailability(item_id=item_id, available=body.available)
+
+
+async def item_info(item_id: int, catalogue: CatalogueDep, request: Request) -> ItemInfo:
     """An item's title, genres and the URL of its image, from the dataset's items.csv or, for
     an item added while serving (``added``), from POST /items."""
     item = _item(catalogue, item_id)
@@ -116,7 +176,15 @@ async def item_info(item_id: int, catalogue: CatalogueDep) -> ItemInfo:
         image_url=url,
         genres=list(item.genres),
         added=item.data is not None,
+        available=item_id not in _switched_off(request),
     )
+
+
+def _switched_off(request: Request) -> frozenset[int]:
+    """The items switched off, for an app with a serving state (an app serving only item
+    pages has none)."""
+    state = getattr(request.state, "app_state", None)
+    return state.availability.off if state is not None else frozenset()
 
 
 async def item_image(item_id: int, catalogue: CatalogueDep) -> Response:

@@ -144,13 +144,15 @@ def _query(
     offset: int,
     filters: Filters | None,
 ) -> RecQuery:
-    """The engine's query: ``seen`` and the filter's excluded ids never returned, and only the
-    catalogue items that pass its attribute conditions (searched inside the index)."""
+    """The engine's query: ``seen``, switched-off items and the filter's excluded ids never
+    returned, and only the catalogue items that pass its attribute conditions (searched inside
+    the index)."""
+    off = state.availability.off  # switched off (PATCH /items)
     if filters is None:
-        return RecQuery(user_id, history, seen, k, offset)
+        return RecQuery(user_id, history, {*seen, *off} if off else seen, k, offset)
     spec = _spec(filters)
     only = state.catalogue.attributes().passing(spec) if spec else None
-    return RecQuery(user_id, history, {*seen, *filters.exclude_items}, k, offset, only)
+    return RecQuery(user_id, history, {*seen, *off, *filters.exclude_items}, k, offset, only)
 
 
 def _response(
