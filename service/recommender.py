@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from service.diversity import pool_size, rerank
 from service.errors import ServiceError
 from service.filters import CACHED_FILTERS, Passing
 from service.index.item_index import Allowed, IndexKind, ItemIndex
@@ -31,6 +32,7 @@ class Query:
     k: int
     offset: int = 0
     only: Passing | None = None  # the items it may return (a filter's); None: any
+    diversity: float = 0.0  # 0..1: how far the maximal-marginal-relevance re-rank goes
 
 
 @dataclass(frozen=True)
@@ -201,8 +203,9 @@ class Recommender:
         rows = np.flatnonzero(personal).tolist()
         if len(rows):
             vectors = self.serving.queries(users[rows], profiles[rows])
-            # one search deep enough for every page in the batch, then each query's slice
-            depth = max(queries[r].k + queries[r].offset for r in rows)
+            # one search deep enough for every page (and diversity pool) in the batch, then
+            # each query's slice
+            depth = max(self._depth(queries[r]) for r in rows)
             hits = self.index.search(
                 vectors,
                 depth,
@@ -210,8 +213,10 @@ class Recommender:
                 allowed=[self._allowed(queries[r].only) for r in rows],
             )
             for j, r in enumerate(rows):
-                page = slice(queries[r].offset, queries[r].offset + queries[r].k)
-                items, scores = hits.items[j][page], hits.scores[j][page]
+                query = queries[r]
+                items, scores = self._diverse(query, hits.items[j], hits.scores[j])
+                page = slice(query.offset, query.offset + query.k)
+                items, scores = items[page], scores[page]
                 keep = items > 0
                 out[r] = Recommendation(
                     self.raw_ids(items[keep]),
@@ -248,6 +253,22 @@ class Recommender:
 
     def _indices(self, raw_ids: Collection[int]) -> set[int]:
         return {self._item_index[i] for i in raw_ids if i in self._item_index}
+
+    def _depth(self, query: Query) -> int:
+        wanted = query.k + query.offset
+        return pool_size(wanted, len(self.item_ids)) if query.diversity > 0 else wanted
+
+    def _diverse(
+        self, query: Query, items: np.ndarray, scores: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The search's items re-ranked for ``query.diversity`` (as they are at 0)."""
+        if query.diversity <= 0:
+            return items, scores
+        found = items > 0
+        items, scores = items[found], scores[found]
+        vectors = self.serving.item_vectors[items - 1]
+        order = rerank(scores, vectors, query.k + query.offset, query.diversity)
+        return items[order], scores[order]
 
     def _allowed(self, only: Passing | None) -> Allowed | None:
         """What the index may answer with: the items of ``only`` this engine knows, made once

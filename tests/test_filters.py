@@ -19,6 +19,7 @@ from redis import Redis
 
 from service.api.app import create_app
 from service.config import Settings
+from service.diversity import intra_list_similarity, rerank
 from service.filters import Attributes, ItemFilter, year_of
 from service.model.checkpoint import save_checkpoint
 from service.offline.bootstrap import histories
@@ -122,10 +123,11 @@ def test_every_answer_passes_its_filters_and_has_exactly_min_k_passing_items(
     banned = set(data.draw(st.lists(st.sampled_from(sorted(items)), max_size=30)))
     k = data.draw(st.integers(1, 60))
     user = data.draw(st.sampled_from(sorted(profiles)))
+    diversity = data.draw(st.sampled_from([0.0, 0.3, 1.0]))
     seen = set(profiles[user])
     filtered = True  # False: a GET without filters, whose answer has no passing count
     if data.draw(st.booleans()):
-        params: dict[str, object] = {"k": k}
+        params: dict[str, object] = {"k": k, "diversity": diversity}
         if genres:
             params["genres"] = ",".join(sorted(genres))
         if exclude:
@@ -137,7 +139,7 @@ def test_every_answer_passes_its_filters_and_has_exactly_min_k_passing_items(
         if banned:
             params["exclude_items"] = ",".join(map(str, sorted(banned)))
         answer = client.get(f"/recommend/{user}", params=params)
-        filtered = len(params) > 1
+        filtered = len(params) > 2
     else:
         filters = {
             "genres": sorted(genres),
@@ -146,7 +148,8 @@ def test_every_answer_passes_its_filters_and_has_exactly_min_k_passing_items(
         }
         filters |= {"year_min": lo, "year_max": hi}
         answer = client.post(
-            "/recommend", json={"history": profiles[user], "k": k, "filters": filters}
+            "/recommend",
+            json={"history": profiles[user], "k": k, "filters": filters, "diversity": diversity},
         )
     assert answer.status_code == 200, answer.text
     body = answer.json()
@@ -272,3 +275,18 @@ def _until(done: Callable[[], bool], timeout_s: float = 10.0) -> None:
     while not done():
         assert time.monotonic() < deadline, "not seen in time"
         time.sleep(0.05)
+
+
+def test_diversity_takes_the_best_item_first_then_trades_score_for_variety() -> None:
+    """Two kinds of items: the ten best-scored are all of one kind. The ranking (0) keeps
+    them; a re-rank for diversity brings the other kind in after the best item, and lowers
+    the list's intra-list similarity."""
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=8), rng.normal(size=8)
+    vectors = np.stack([a + 0.05 * rng.normal(size=8) for _ in range(10)] + [b] * 10)
+    scores = np.concatenate([np.linspace(10, 9, 10), np.linspace(8, 7, 10)])
+    plain = rerank(scores, vectors, 10, 0.0)
+    assert plain.tolist() == list(range(10))
+    varied = rerank(scores, vectors, 10, 0.5)
+    assert varied[0] == 0 and (varied >= 10).any() and len(set(varied.tolist())) == 10
+    assert intra_list_similarity(vectors[varied]) < intra_list_similarity(vectors[plain])

@@ -62,6 +62,10 @@ class RecommendResponse(BaseModel):
 
 
 MAX_FILTER_VALUES = 1000  # genres or excluded item ids in one filter
+DIVERSITY = (
+    "0..1: re-rank for variety (maximal marginal relevance over the item vectors): 0 is the "
+    "model's ranking, higher trades score for items less alike the ones above them"
+)
 GenreName = Annotated[str, Field(min_length=1, max_length=100)]
 # the bounds before the validator: after it, pydantic writes them into an optional field's
 # JSON Schema as "ge"/"le", which no client reads, instead of "minimum"/"maximum"
@@ -95,6 +99,7 @@ class HistoryRequest(Body):
     offset: Integer = Field(0, ge=0, le=MAX_K)
     exclude_seen: bool = True
     filters: Filters | None = None
+    diversity: float = Field(0.0, ge=0, le=1, description=DIVERSITY)
 
 
 MAX_USER_ID = 2**53 - 1  # exact in a double, as JSON tools read numbers

@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
 from service.api.schemas import (
+    DIVERSITY,
     GUARDED,
     INVALID_FIELDS,
     JSON_BODY,
@@ -31,7 +32,7 @@ from service.recommender import Recommendation
 
 # GET's query parameters: any other name is refused (a misspelt filter must not be ignored)
 FILTER_PARAMETERS = ("genres", "exclude_genres", "year_min", "year_max", "exclude_items")
-GET_PARAMETERS = frozenset({"k", "offset", "exclude_seen", *FILTER_PARAMETERS})
+GET_PARAMETERS = frozenset({"k", "offset", "exclude_seen", "diversity", *FILTER_PARAMETERS})
 LIST = r"^[^,]+(,[^,]+)*$"  # comma-separated, no empty entry
 IDS = r"^\d{1,18}(,\d{1,18})*$"  # ids of up to 18 digits: an int64 each
 Year = Annotated[int | None, Query(ge=0, le=9999)]
@@ -91,6 +92,7 @@ def router(guards: Guards) -> APIRouter:
         k: Annotated[int, Query(ge=1, le=MAX_K)] = 20,
         offset: Annotated[int, Query(ge=0, le=MAX_K)] = 0,
         exclude_seen: bool = True,
+        diversity: Annotated[float, Query(ge=0, le=1, description=DIVERSITY)] = 0.0,
     ) -> RecommendResponse:
         """The top ``k`` items for a stored user (after ``offset``), best first, unseen ones only
         unless ``exclude_seen=false``, and only those that pass the filters given (then
@@ -103,7 +105,7 @@ def router(guards: Guards) -> APIRouter:
         (profile,) = read.profiles
         seen = profile.seen if exclude_seen else frozenset()
         with state.metrics.model_stage.time():
-            query = _query(state, user_id, profile.recent, seen, k, offset, filters)
+            query = _query(state, user_id, profile.recent, seen, k, offset, filters, diversity)
             rec = await state.batcher.submit(query)
         return _response(user_id, rec, filters, degraded=read.degraded)
 
@@ -116,7 +118,9 @@ def router(guards: Guards) -> APIRouter:
         given. Needs no profile store."""
         state.engine.require_known(body.history)
         seen = set(body.history) if body.exclude_seen else set()
-        query = _query(state, None, body.history, seen, body.k, body.offset, body.filters)
+        query = _query(
+            state, None, body.history, seen, body.k, body.offset, body.filters, body.diversity
+        )
         return _response(None, await state.batcher.submit(query), body.filters)
 
     return routes
@@ -143,16 +147,19 @@ def _query(
     k: int,
     offset: int,
     filters: Filters | None,
+    diversity: float = 0.0,
 ) -> RecQuery:
     """The engine's query: ``seen``, switched-off items and the filter's excluded ids never
     returned, and only the catalogue items that pass its attribute conditions (searched inside
     the index)."""
     off = state.availability.off  # switched off (PATCH /items)
     if filters is None:
-        return RecQuery(user_id, history, {*seen, *off} if off else seen, k, offset)
+        excluded = {*seen, *off} if off else seen
+        return RecQuery(user_id, history, excluded, k, offset, diversity=diversity)
     spec = _spec(filters)
     only = state.catalogue.attributes().passing(spec) if spec else None
-    return RecQuery(user_id, history, {*seen, *off, *filters.exclude_items}, k, offset, only)
+    excluded = {*seen, *off, *filters.exclude_items}
+    return RecQuery(user_id, history, excluded, k, offset, only, diversity)
 
 
 def _response(
