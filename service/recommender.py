@@ -44,6 +44,10 @@ class Recommendation:
     passing: int | None = None  # items it could be answered from (filter, not excluded)
 
 
+# The masks (and the passing items' gathered vectors) an engine keeps for the filters it met
+FILTER_CACHE_BYTES = 256 << 20
+
+
 class ItemExistsError(ServiceError, ValueError):
     status = 409
     code = "item_exists"
@@ -272,8 +276,8 @@ class Recommender:
 
     def _allowed(self, only: Passing | None) -> Allowed | None:
         """What the index may answer with: the items of ``only`` this engine knows, made once
-        for the last ``CACHED_FILTERS`` filters (from a thread of the batcher or the loop:
-        a race makes the same mask twice, harmlessly)."""
+        for the last ``CACHED_FILTERS`` filters within ``FILTER_CACHE_BYTES`` (from a thread
+        of the batcher or the loop: a race makes the same mask twice, harmlessly)."""
         if only is None:
             return None
         found = self._allowed_of.get(only)
@@ -283,7 +287,10 @@ class Recommender:
             mask = np.zeros(len(self.item_ids) + 1, dtype=bool)
             mask[index[self.item_ids[index] == only.ids] + 1] = True  # unknown ids: none
             found = self._allowed_of[only] = Allowed.of(mask)
-            while len(self._allowed_of) > CACHED_FILTERS:
+            while len(self._allowed_of) > CACHED_FILTERS or (
+                len(self._allowed_of) > 1
+                and sum(a.nbytes for a in self._allowed_of.values()) > FILTER_CACHE_BYTES
+            ):
                 self._allowed_of.pop(next(iter(self._allowed_of)), None)
         return found
 

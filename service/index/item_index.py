@@ -18,7 +18,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -30,9 +30,10 @@ IndexKind = Literal["flat", "ivf", "hnsw"]
 INDEX_KINDS: tuple[IndexKind, ...] = ("flat", "ivf", "hnsw")
 
 
-# Fewer passing items than this are ranked exactly, by their vectors (a 20,000 x D product
-# is well under a millisecond), instead of an index walk that skips most of what it meets
-EXACT_BELOW = 20_000
+# Fewer passing items than this are ranked exactly, by their vectors (gathered once per filter:
+# 25.6 MB at 100,000 x 64, ranked in ~1 ms), instead of an index walk that skips most of what
+# it meets: HNSW under a filter that 5% of a million items pass found 0.662 of the best 20
+EXACT_BELOW = 100_000
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,19 @@ class Allowed:
 
     bits: np.ndarray  # (ceil(N / 8),) uint8
     items: np.ndarray  # (passing,) int64, sorted
+    _gathered: list[np.ndarray] = field(default_factory=list, repr=False, compare=False)
+
+    @property
+    def nbytes(self) -> int:
+        return self.bits.nbytes + self.items.nbytes + sum(g.nbytes for g in self._gathered)
+
+    def vectors(self, every: np.ndarray) -> np.ndarray:
+        """The passing items' rows of ``every`` (N, D), gathered once: ranking them is then
+        one product over contiguous rows (0.46 ms for 50,000 x 64, against 1.6 ms gathering
+        them each time)."""
+        if not self._gathered:
+            self._gathered.append(np.ascontiguousarray(every[self.items - 1]))
+        return self._gathered[0]
 
     @classmethod
     def of(cls, mask: np.ndarray) -> Allowed:
@@ -168,21 +182,37 @@ class ItemIndex:
         """How many items pass, and the best ``wanted`` of them, for one query (1, D)."""
         if len(allowed.bits) != -(-self.n_items // 8):
             raise ValueError(f"allowed is over {8 * len(allowed.bits)} items, not {self.n_items}")
-        if exclude:
-            allowed = allowed.without(np.fromiter(exclude, dtype=np.int64, count=len(exclude)))
-        passing = allowed.items
-        wanted = min(wanted, len(passing))
+        excluded = np.fromiter(exclude, dtype=np.int64, count=len(exclude))
+        if len(allowed.items) < EXACT_BELOW or self.on_gpu:
+            return self._exact(q[0], allowed, excluded, wanted)
+        allowed = allowed.without(excluded)
+        wanted = min(wanted, len(allowed.items))
         if wanted == 0:
             return 0, ([], [])
-        if len(passing) >= EXACT_BELOW and not self.on_gpu:
-            selector = faiss.IDSelectorBitmap(self.n_items, faiss.swig_ptr(allowed.bits))
-            scores, ids = self._index.search(q, wanted, params=_params(self._index, selector))
-            got = ids[0] >= 0
-            if got.sum() == wanted:
-                return len(passing), ((ids[0][got] + 1).tolist(), scores[0][got].tolist())
-        scores = self._vectors[passing - 1] @ q[0]
-        best = np.argsort(-scores, kind="stable")[:wanted]
-        return len(passing), (passing[best].tolist(), scores[best].tolist())
+        selector = faiss.IDSelectorBitmap(self.n_items, faiss.swig_ptr(allowed.bits))
+        scores, ids = self._index.search(q, wanted, params=_params(self._index, selector))
+        got = ids[0] >= 0
+        if got.sum() == wanted:
+            return len(allowed.items), ((ids[0][got] + 1).tolist(), scores[0][got].tolist())
+        return self._exact(q[0], allowed, excluded[:0], wanted)  # the walk found too few
+
+    def _exact(
+        self, q: np.ndarray, allowed: Allowed, excluded: np.ndarray, wanted: int
+    ) -> tuple[int, tuple[list[int], list[float]]]:
+        """The best ``wanted`` of the allowed items but ``excluded``, ranked by their vectors."""
+        items = allowed.items
+        scores = allowed.vectors(self._vectors) @ q
+        place = np.searchsorted(items, excluded)
+        inside = place < len(items)
+        out = place[inside][items[place[inside]] == excluded[inside]]  # excluded that pass
+        scores[out] = -np.inf
+        passing = len(items) - len(out)
+        wanted = min(wanted, passing)
+        if wanted == 0:
+            return 0, ([], [])
+        top = np.argpartition(-scores, wanted - 1)[:wanted]
+        top = top[np.argsort(-scores[top], kind="stable")]
+        return passing, (items[top].tolist(), scores[top].tolist())
 
 
 def _params(index: faiss.Index, selector: faiss.IDSelector) -> faiss.SearchParameters:
