@@ -164,7 +164,7 @@ class Cluster:
 
     def start(self) -> None:
         for _ in range(self.primaries * (1 + self.replicas)):
-            port = _node_port()
+            port = _node_port(taken=set(self.ports))
             where = self.folder / str(port)
             where.mkdir()
             node = ["--port", str(port), "--bind", "127.0.0.1", "--dir", str(where)]
@@ -212,11 +212,14 @@ class Cluster:
             proc.wait()
 
 
-def _node_port() -> int:
-    """A free port whose cluster bus port (+10000) is free and valid too."""
+def _node_port(taken: set[int]) -> int:
+    """A free port whose cluster bus port (+10000) is free and valid too, and neither of them
+    one of the ``taken`` nodes' (a node started a moment ago may not listen yet: the same port
+    came back twice once, and the second node's folder existed)."""
+    busy = taken | {t + 10_000 for t in taken} | {t - 10_000 for t in taken}
     while True:
         port = free_port()
-        if port + 10_000 <= 65_535:
+        if port + 10_000 <= 65_535 and not {port, port + 10_000} & busy:
             with socket.socket() as s:
                 if s.connect_ex(("127.0.0.1", port + 10_000)) != 0:
                     return port

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from harness import redis_servers
 from harness.redis_servers import REDIS, Cluster
 from service.api.app import create_app
 from service.config import Settings
@@ -245,3 +246,11 @@ def test_wait_on_a_redis_without_replicas_acknowledges_nothing(tmp_path: Path) -
 
     refused = asyncio.run(scenario())
     assert "reached 0 of 1 replica" in refused.reason and refused.maybe_applied
+
+
+def test_a_clusters_nodes_never_get_the_same_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node started a moment before may not listen yet, so a free port can come back for
+    the next node: CI once failed with the second node's folder existing."""
+    handed = iter([40001, 40001, 50001, 40002])  # 50001: the first node's cluster bus port
+    monkeypatch.setattr(redis_servers, "free_port", lambda: next(handed))
+    assert redis_servers._node_port(taken={40001}) == 40002
