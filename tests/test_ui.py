@@ -294,3 +294,30 @@ def test_no_path_leaves_the_dataset_folder(server: str, path: str) -> None:
     assert 400 <= r.status < 500
     assert b"root:" not in body
     assert b"import" not in body
+
+
+def test_the_page_shows_a_filtered_list_and_keeps_its_filter(
+    server: str, browser: webdriver.Chrome
+) -> None:
+    """Filters in the page's URL go with its /recommend, so a catalogue owner sees the list a
+    category page would get; clicking an item keeps them."""
+    api = httpx.Client(base_url=server)
+    unfiltered = api.get(f"/recommend/{USER}", params={"k": 10}).json()["items"]
+    genres = {r["item_id"]: api.get(f"/items/{r['item_id']}").json()["genres"] for r in unfiltered}
+    top_genre = genres[unfiltered[0]["item_id"]][0]
+    other = next(
+        g for i in range(1, 200) for g in api.get(f"/items/{i}").json()["genres"] if g != top_genre
+    )
+    expected = api.get(f"/recommend/{USER}", params={"k": 10, "genres": other}).json()
+    browser.get(f"{server}/ui/users/{USER}?genres={other}")
+    page = _settled(browser, lambda p: len(p["recs"]) == len(expected["items"]) > 0, "the list")
+    assert page["recs"] == [r["item_id"] for r in expected["items"]]
+    assert all(other in api.get(f"/items/{i}").json()["genres"] for i in page["recs"])
+    assert (
+        f"{expected['passing']} items pass" in browser.find_element(By.ID, "recommendations").text
+    )
+    browser.find_elements(By.CSS_SELECTOR, "#recommendations .rec")[1].click()
+    clicked = page["recs"][1]
+    page = _settled(browser, lambda p: p["target"] == clicked, f"the explanation of {clicked}")
+    assert f"genres={other}" in page["url"] and f"item_id={clicked}" in page["url"]
+    assert page["recs"] == [r["item_id"] for r in expected["items"]]

@@ -7,6 +7,12 @@ const userId = decodeURIComponent(location.pathname.split("/").pop());
 const itemInfo = new Map(); // item id -> Promise of {item_id, title, image_url}
 // The item explained: the one in the URL, else the current top recommendation.
 let explained = Number(new URLSearchParams(location.search).get("item_id")) || null;
+// Filters in the page's URL (?genres=Comedy&year_min=1990, as GET /recommend takes them) go
+// with every /recommend the page makes, so the page shows a filtered list.
+const FILTERS = ["genres", "exclude_genres", "year_min", "year_max", "exclude_items", "diversity"];
+const filters = new URLSearchParams(
+  [...new URLSearchParams(location.search)].filter(([name]) => FILTERS.includes(name)),
+);
 let latest = 0; // only the newest refresh draws, when several overlap
 
 const KEY = "visrec-api-key"; // in sessionStorage: this tab only, gone when it closes
@@ -123,6 +129,8 @@ function drawRecommendations(recs, items, target) {
     return c;
   });
   const note = recs.fallback ? ["(popular items: nothing is known about this user)"] : [];
+  if (recs.passing !== null) note.push(`(filtered: ${recs.passing} items pass ${filters})`);
+  if (recs.reason) note.push(`(${recs.reason})`);
   $("recommendations").replaceChildren(...cards, ...note);
 }
 
@@ -137,7 +145,8 @@ async function refresh() {
   const mine = ++latest;
   document.body.dataset.busy = "true";
   try {
-    const recs = await getJSON(`${api("/recommend")}?k=${RECOMMENDATIONS}`);
+    const query = new URLSearchParams([["k", RECOMMENDATIONS], ...filters]);
+    const recs = await getJSON(`${api("/recommend")}?${query}`);
     const target = explained ?? recs.items[0]?.item_id;
     const why = await getJSON(`${api("/explain")}?item_id=${target}`);
     const shown = [why.item_id, ...[...why.profile, ...recs.items].map((x) => x.item_id)];
@@ -157,7 +166,7 @@ async function refresh() {
 
 function explain(itemId) {
   explained = itemId;
-  history.replaceState(null, "", `?item_id=${itemId}`);
+  history.replaceState(null, "", `?${new URLSearchParams([["item_id", itemId], ...filters])}`);
   return refresh();
 }
 
