@@ -3,6 +3,7 @@ min(k, passing) items; unknown names are refused, an empty result is explained."
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import time
 import uuid
@@ -27,6 +28,7 @@ from service.offline.data.dataset import load_dataset
 from service.offline.data.synthetic import World
 from service.offline.training.config import TrainConfig
 from service.offline.training.pipeline import fit, prepare, to_checkpoint
+from service.store.switches import FileSwitches
 
 CONFIG = TrainConfig(dim=16, attention_dim=16, epochs=3, batch_size=128, lr=1e-2)
 READER, ADMIN = "read-key-0123456789abcdef", "admin-key-0123456789abcdef"
@@ -290,3 +292,17 @@ def test_diversity_takes_the_best_item_first_then_trades_score_for_variety() -> 
     varied = rerank(scores, vectors, 10, 0.5)
     assert varied[0] == 0 and (varied >= 10).any() and len(set(varied.tolist())) == 10
     assert intra_list_similarity(vectors[varied]) < intra_list_similarity(vectors[plain])
+
+
+def test_switches_kept_in_a_file_hold_every_switch_made_at_once(tmp_path: Path) -> None:
+    """A process that keeps added items in a folder keeps its switches in a file beside them:
+    many switches answered at once are all in it when the process starts again."""
+
+    async def switch_many() -> None:
+        switches = FileSwitches(tmp_path / "off.json")
+        await asyncio.gather(*(switches.switch(i, available=False) for i in range(1, 51)))
+        await switches.switch(7, available=True)
+
+    asyncio.run(switch_many())
+    version, off = asyncio.run(FileSwitches(tmp_path / "off.json").off())
+    assert (version, off) == (51, frozenset(range(1, 51)) - {7})

@@ -64,18 +64,25 @@ class FileSwitches(MemorySwitches):
     def __init__(self, path: Path) -> None:
         super().__init__()
         self._path = path
+        self._writing = asyncio.Lock()  # one switch at a time: the file holds the newest set
         if path.is_file():
             saved = json.loads(path.read_text())
             self._version, self._off = saved["version"], frozenset(saved["off"])
 
     async def switch(self, item_id: int, *, available: bool) -> None:
-        await super().switch(item_id, available=available)
-        state = json.dumps({"version": self._version, "off": sorted(self._off)})
-        await asyncio.to_thread(self._write, state)
+        async with self._writing:
+            await super().switch(item_id, available=available)
+            state = json.dumps({"version": self._version, "off": sorted(self._off)})
+            await asyncio.to_thread(self._write, state)
 
     def _write(self, state: str) -> None:
+        """Whole or not at all, and on disk before the switch is answered (as the folder of
+        added items writes its files)."""
         partial = self._path.with_name(f".{self._path.name}.{os.getpid()}")
-        partial.write_text(state)
+        with open(partial, "w") as f:
+            f.write(state)
+            f.flush()
+            os.fsync(f.fileno())
         partial.replace(self._path)
 
 
