@@ -31,6 +31,7 @@ from service.offline.experiments.plan import ColdPlan, Plan, Row
 from service.offline.experiments.report import cold_section
 from service.offline.training.config import TrainConfig
 from service.offline.training.pipeline import Prepared, fit
+from service.offline.training.runner import Runner
 
 
 def test_held_out_items_never_reach_the_warm_data_and_are_each_users_targets(
@@ -186,7 +187,7 @@ def test_the_protocol_run_ranks_trained_rows_three_ways_and_baselines_cold_only(
         n_resamples=50,
         cold=cold,
     )
-    c = run_cold(prepared, plan, device=torch.device("cpu"), progress=False)
+    c = run_cold(prepared, plan, runner=Runner(torch.device("cpu"), progress=False))
     names = [r.name for r in c.rows]
     assert names[-2:] == ["acf", "acf_item_dropout"] and names[:2] == ["random", "image only"]
     for ranking in ("all", "warm"):  # baselines cannot rank the warm items beside the cold

@@ -12,12 +12,13 @@ import torch
 
 from service.model.checkpoint import load_checkpoint
 from service.offline.data.synthetic import World
-from service.offline.experiments import sweep as sweep_module
 from service.offline.experiments.plan import load_plan
 from service.offline.experiments.reproduce import reproduce
 from service.offline.experiments.sweep import Trial, candidates, load_sweep, sweep
+from service.offline.training import runner as runner_module
 from service.offline.training.config import TrainConfig
 from service.offline.training.pipeline import Prepared, prepare
+from service.offline.training.runner import Runner
 
 PLAN = """
 seeds = [3, 4]
@@ -139,14 +140,9 @@ def test_reproduce_writes_both_protocols_for_every_row_and_seed(
     plan = load_plan(plan_file)
     docs = tmp_path / "docs"
     docs.mkdir()
-    reproduce(
-        world.root,
-        plan=plan,
-        work_dir=tmp_path / "work",
-        docs_dir=docs,
-        device=torch.device("cpu"),
-        progress=False,
-    )
+    # side by side, as `visrec reproduce` trains on a machine with more than one core
+    with Runner(torch.device("cpu"), jobs=2, progress=False) as runner:
+        reproduce(world.root, plan=plan, work_dir=tmp_path / "work", docs_dir=docs, runner=runner)
     results = json.loads((docs / "results.json").read_text())
     assert results["dataset"] == world.root.name and results["seeds"] == [3, 4]
     for protocol in ("seed", "standard"):
@@ -237,7 +233,7 @@ def _sweep(world: World, tmp_path: Path) -> list[Trial]:
         plan=load_sweep(tmp_path / "sweep.toml"),
         work_dir=tmp_path / "work",
         docs_dir=tmp_path / "docs",
-        device=torch.device("cpu"),
+        runner=Runner(torch.device("cpu"), progress=False),
     )
 
 
@@ -272,13 +268,13 @@ def test_a_sweep_resumes_and_reruns_only_what_changed(
 ) -> None:
     first = _sweep(world, tmp_path)
     trained: list[str] = []
-    real_fit = sweep_module.fit
+    real_fit = runner_module.fit
 
     def counting_fit(prepared: Prepared, config: TrainConfig, **kwargs: Any) -> Any:
         trained.append(config.model)
         return real_fit(prepared, config, **kwargs)
 
-    monkeypatch.setattr(sweep_module, "fit", counting_fit)
+    monkeypatch.setattr(runner_module, "fit", counting_fit)
     assert [t.seconds for t in _sweep(world, tmp_path)] == [t.seconds for t in first]
     assert trained == []
 
@@ -301,7 +297,7 @@ def test_a_stopped_resume_keeps_the_trials_it_had_not_reached(
     def stop(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(sweep_module, "fit", stop)
+    monkeypatch.setattr(runner_module, "fit", stop)
     with pytest.raises(KeyboardInterrupt):
         _sweep(world, tmp_path)  # stops at the first transitions draw it has not run
     saved = json.loads((tmp_path / "docs" / "sweep.json").read_text())["trials"]

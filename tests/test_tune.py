@@ -26,6 +26,7 @@ from service.offline.experiments.generalise import generalise
 from service.offline.experiments.plan import load_plan
 from service.offline.experiments.sweep import load_sweep
 from service.offline.experiments.tune import plan_for, tune, tuned_plan_path
+from service.offline.training.runner import Runner
 
 BASE = """
 seeds = [0]
@@ -93,7 +94,7 @@ def test_tune_chooses_on_the_datasets_validation_and_reproduce_finds_its_plan(
         world.root,
         sweep_plan=load_sweep(base_plan.parent / "sweep.toml"),
         work_dir=work,
-        device=torch.device("cpu"),
+        runner=Runner(torch.device("cpu"), progress=False),
         budget=2,
     )
     assert path == tuned_plan_path(work)
@@ -189,10 +190,9 @@ def test_generalise_tunes_on_each_split_and_says_whether_the_signs_agree(
         sweep_plan=load_sweep(base_plan.parent / "sweep.toml"),
         work_dir=tmp_path / "work",
         docs_dir=docs,
-        device=torch.device("cpu"),
+        runner=Runner(torch.device("cpu"), progress=False),
         budget=2,
         rows=("transitions", "popularity"),
-        progress=False,
     )
     assert [c.name for c in checks] == ["users", "time"]
     for check in checks:

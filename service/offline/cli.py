@@ -43,6 +43,7 @@ from service.offline.training.pipeline import (
     to_checkpoint,
     training_state_path,
 )
+from service.offline.training.runner import Runner, cpu_cores, default_jobs
 from service.offline.training.train import as_scored
 from service.registry import Registry
 from service.runtime import keep_freed_memory, pick_device
@@ -208,13 +209,10 @@ def _reproduce(args: argparse.Namespace) -> None:
         )
         config = _run_tune(args, work)
     print(f"plan: {config}")
-    payload = reproduce(
-        args.data,
-        plan=load_plan(config),
-        work_dir=work,
-        docs_dir=args.docs,
-        device=pick_device(args.device),
-    )
+    with _runner(args) as runner:
+        payload = reproduce(
+            args.data, plan=load_plan(config), work_dir=work, docs_dir=args.docs, runner=runner
+        )
     for protocol, models in payload["protocols"].items():
         print(f"[{protocol}] mean over seeds {payload['seeds']}")
         for name, metrics in models.items():
@@ -229,13 +227,23 @@ def _reproduce(args: argparse.Namespace) -> None:
 
 
 def _run_tune(args: argparse.Namespace, work: Path) -> Path:
-    return tune(
-        args.data,
-        sweep_plan=load_sweep(args.sweep),
-        work_dir=work,
-        device=pick_device(args.device),
-        budget=args.budget,
-    )
+    with _runner(args) as runner:
+        return tune(
+            args.data,
+            sweep_plan=load_sweep(args.sweep),
+            work_dir=work,
+            runner=runner,
+            budget=args.budget,
+        )
+
+
+def _runner(args: argparse.Namespace) -> Runner:
+    """What trains a command's runs: ``--jobs`` of them side by side."""
+    device = pick_device(args.device)
+    jobs = default_jobs(device) if args.jobs is None else args.jobs
+    if jobs > 1:
+        print(f"training {jobs} runs side by side, {max(1, cpu_cores() // jobs)} thread(s) each")
+    return Runner(device, jobs=jobs)
 
 
 def _tune(args: argparse.Namespace) -> None:
@@ -244,16 +252,17 @@ def _tune(args: argparse.Namespace) -> None:
 
 
 def _generalise(args: argparse.Namespace) -> None:
-    checks = generalise(
-        args.data,
-        sweep_plan=load_sweep(args.sweep),
-        work_dir=args.work_dir or _default_work_dir(args.data),
-        docs_dir=args.docs,
-        device=pick_device(args.device),
-        budget=args.budget,
-        rows=tuple(args.rows.split(",")),
-        seeds=tuple(int(s) for s in args.seeds.split(",")) if args.seeds else None,
-    )
+    with _runner(args) as runner:
+        checks = generalise(
+            args.data,
+            sweep_plan=load_sweep(args.sweep),
+            work_dir=args.work_dir or _default_work_dir(args.data),
+            docs_dir=args.docs,
+            runner=runner,
+            budget=args.budget,
+            rows=tuple(args.rows.split(",")),
+            seeds=tuple(int(s) for s in args.seeds.split(",")) if args.seeds else None,
+        )
     ref, other = args.rows.split(",")[:2]
     for check in checks:
         for protocol, rows in check.comparison.diffs.items():
@@ -267,13 +276,14 @@ def _generalise(args: argparse.Namespace) -> None:
 
 def _sweep(args: argparse.Namespace) -> None:
     work = args.work_dir or _default_work_dir(args.data)
-    trials = sweep(
-        args.data,
-        plan=load_sweep(args.config),
-        work_dir=work,
-        docs_dir=args.docs,
-        device=pick_device(args.device),
-    )
+    with _runner(args) as runner:
+        trials = sweep(
+            args.data,
+            plan=load_sweep(args.config),
+            work_dir=work,
+            docs_dir=args.docs,
+            runner=runner,
+        )
     for row, changes in best_settings(trials).items():
         print(f"  {row:14s} best: {changes or '(as planned)'}")
     print(f"sweep: {args.docs / 'sweep.md'}, {args.docs / 'sweep.json'}")
@@ -407,6 +417,7 @@ def _sweep_command(sub: Subcommands) -> None:
         "--work-dir", type=Path, help="features and checkpoints (default runs/<dataset>)"
     )
     p.add_argument("--docs", type=Path, default=Path("docs"))
+    _jobs_arg(p)
     p.set_defaults(run=_sweep)
 
 
@@ -425,6 +436,24 @@ def _tune_args(p: argparse.ArgumentParser) -> None:
         type=int,
         default=DEFAULT_BUDGET,
         help="training runs per row when tuning, the same for every row (default %(default)s)",
+    )
+    _jobs_arg(p)
+
+
+def _jobs(text: str) -> int | None:
+    if text == "auto":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a number of runs (1 or more), or auto")
+    return int(text)
+
+
+def _jobs_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--jobs",
+        type=_jobs,
+        help="training runs side by side, each in its own process with a share of the cores "
+        "(default auto: one per core on a CPU, up to 8; one on a GPU)",
     )
 
 

@@ -37,9 +37,9 @@ from service.offline.evaluation.evaluate import Task, evaluate, holdout_task
 from service.offline.evaluation.metrics import HEADLINE, Interval, bootstrap, paired_bootstrap
 from service.offline.experiments.plan import Plan, seeded
 from service.offline.experiments.results import Table
-from service.offline.training.config import TrainConfig
-from service.offline.training.pipeline import Prepared, fit
-from service.offline.training.train import as_scored
+from service.offline.training.pipeline import Prepared
+from service.offline.training.runner import Runner
+from service.offline.training.train import TrainResult, as_scored
 
 log = logging.getLogger(__name__)
 
@@ -340,11 +340,10 @@ def warm_prepared(prepared: Prepared, split: ColdSplit) -> Prepared:
     return Prepared(split.warm, leave_last_out(split.warm), features, meta)
 
 
-def run_cold(
-    prepared: Prepared, plan: Plan, *, device: torch.device, progress: bool = True
-) -> ColdComparison:
-    """The plan's ``[cold]`` rows, each trained with every seed on the warm items, and the
-    baselines, ranked for the test users (see the module doc)."""
+def run_cold(prepared: Prepared, plan: Plan, *, runner: Runner) -> ColdComparison:
+    """The plan's ``[cold]`` rows, each trained with every seed on the warm items (by
+    ``runner``, side by side where it can), and the baselines, ranked for the test users (see
+    the module doc)."""
     assert plan.cold is not None
     started = time.perf_counter()
     split = cold_split(
@@ -352,18 +351,23 @@ def run_cold(
     )
     warm = warm_prepared(prepared, split)
     seeds = plan.cold.seeds or plan.seeds
+    runs = {
+        name: [
+            runner.submit(warm, seeded(plan.row(name).config, seed), f"cold {name}")
+            for seed in seeds
+        ]
+        for name in plan.cold.rows
+    }
     rows = _baselines(prepared, split, seeds)
     warm_task = holdout_task(warm.split, "standard")  # the same for every row and seed
     target_share = 0.0
-    for name in plan.cold.rows:
-        row, t0 = ColdRow(name, {r: [] for r in RANKINGS}), time.perf_counter()
-        for seed in seeds:
-            config = seeded(plan.row(name).config, seed)
-            target_share = _train_and_rank(
-                row, config, warm, warm_task, split, prepared, device=device, progress=progress
-            )
-            log.info("cold %s seed %d: %.0f s", name, seed, time.perf_counter() - t0)
-        row.seconds = time.perf_counter() - t0
+    for name, futures in runs.items():
+        row = ColdRow(name, {r: [] for r in RANKINGS})
+        for seed, future in zip(seeds, futures, strict=True):
+            fitted = future.result()
+            target_share = _rank(row, fitted, warm_task, split, prepared, device=runner.device)
+            row.seconds += fitted.seconds
+            log.info("cold %s seed %d: %.0f s", name, seed, fitted.seconds)
         rows.append(row)
     summary, diffs = _intervals(rows, plan.cold.rows[0], plan)
     return ColdComparison(
@@ -380,21 +384,18 @@ def run_cold(
     )
 
 
-def _train_and_rank(
+def _rank(
     row: ColdRow,
-    config: TrainConfig,
-    warm: Prepared,
+    fitted: TrainResult,
     warm_task: Task,
     split: ColdSplit,
     prepared: Prepared,
     *,
     device: torch.device,
-    progress: bool,
 ) -> float:
-    """Train ``config`` on the warm items, add the held-out ones as ``POST /items`` adds them,
-    rank the warm test items for ``warm_task``, and append the rankings' metrics to ``row``;
-    the share of test targets among what the mixed ranking showed."""
-    fitted = fit(warm, config, device=device, progress=progress)
+    """With a run trained on the warm items, add the held-out ones as ``POST /items`` adds
+    them, rank the warm test items for ``warm_task``, and append the rankings' metrics to
+    ``row``; the share of test targets among what the mixed ranking showed."""
     # serving is `standard`: the model as that protocol's validation chose to read it
     model = as_scored(fitted.model, fitted.validation, "standard")
     projection = fitted.projection

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from service.offline.data.dataset import Split, busiest_cut, split_at, user_disjoint
 from service.offline.evaluation.metrics import HEADLINE, Interval
@@ -33,6 +32,7 @@ from service.offline.experiments.reproduce import compare, prepare_with_features
 from service.offline.experiments.results import Comparison
 from service.offline.experiments.sweep import Settings, SweepPlan, best_settings, sweep
 from service.offline.training.pipeline import Prepared
+from service.offline.training.runner import Runner
 
 PROTOCOLS = ("standard", "seed")  # the order of the page's columns
 
@@ -53,18 +53,17 @@ def generalise(
     sweep_plan: SweepPlan,
     work_dir: Path,
     docs_dir: Path,
-    device: torch.device,
+    runner: Runner,
     budget: int,
     rows: tuple[str, ...] = ("acf", "sasrec"),
     seeds: tuple[int, ...] | None = None,
-    progress: bool = True,
 ) -> list[Check]:
     """Both checks for ``rows`` (the first is the reference), each trained with ``seeds``
     (default: the plan's); writes the page and returns the checks."""
     plan = replace(sweep_plan.base, seeds=seeds or sweep_plan.base.seeds)
     for name in rows:
         plan.row(name)
-    prepared = prepare_with_features(data_dir, work_dir, plan, device)
+    prepared = prepare_with_features(data_dir, work_dir, plan, runner.device)
     splits = _splits(prepared, np.random.default_rng(plan.bootstrap_seed))
     searched = replace(
         sweep_plan,
@@ -80,7 +79,7 @@ def generalise(
             plan=searched,
             work_dir=work_dir,
             docs_dir=work_dir / "generalise" / name,
-            device=device,
+            runner=runner,
             prepared=here,
         )
         tuned = best_settings(trials)
@@ -91,7 +90,7 @@ def generalise(
                 len(split.val_users),
                 len(split.test_users),
                 tuned,
-                _judge(here, replace(plan, reference=rows[0]), rows, tuned, device, progress),
+                _judge(here, replace(plan, reference=rows[0]), rows, tuned, runner),
             )
         )
     main = _main_differences(docs_dir / "results.json", data_dir.resolve().name)
@@ -126,11 +125,10 @@ def _judge(
     plan: Plan,
     rows: tuple[str, ...],
     tuned: dict[str, Settings],
-    device: torch.device,
-    progress: bool,
+    runner: Runner,
 ) -> Comparison:
     chosen = tuple(Row(r, replace(plan.row(r).config, **tuned.get(r, {}))) for r in rows)
-    results, _ = run_rows(prepared, plan, chosen, device=device, progress=progress)
+    results, _ = run_rows(prepared, plan, chosen, runner=runner)
     return compare("check", results, plan)
 
 

@@ -42,9 +42,14 @@ class Report:
     n_items: int
     timings: dict[str, float]
     device: str
+    jobs: int = 1  # training runs side by side (runner.Runner)
     chosen: str = ""  # where the plan's settings were chosen, in words
     served: str = ""  # the row whose checkpoint the service serves on this data
     cold: ColdComparison | None = None  # the cold-item protocol, when the plan has [cold]
+
+
+def _side_by_side(jobs: int) -> str:
+    return "" if jobs == 1 else f", {jobs} training runs side by side (Training runs: each its own)"
 
 
 def results_json(report: Report) -> dict[str, Any]:
@@ -102,6 +107,7 @@ def results_json(report: Report) -> dict[str, Any]:
         "timings": report.timings,
         "bootstrap_seed": report.plan.bootstrap_seed,
         "device": report.device,
+        "jobs": report.jobs,
         "settings_chosen": report.chosen,
         "served": report.served,
         "cold": _cold_json(report.cold) if report.cold else None,
@@ -176,8 +182,9 @@ def _notes(report: Report) -> list[str]:
         f"resamples, seed {plan.bootstrap_seed}). Differences pair the same users. "
         f"{report.chosen}",
         "",
-        f"Wall times on `{report.device}`: features {t['features_s']:.0f} s, training and "
-        f"evaluation {t['training_and_evaluation_s']:.0f} s, cold-item protocol "
+        f"Wall times on `{report.device}`{_side_by_side(report.jobs)}: features "
+        f"{t['features_s']:.0f} s, training and evaluation "
+        f"{t['training_and_evaluation_s']:.0f} s, cold-item protocol "
         f"{t.get('cold_s', 0.0):.0f} s, synthetic world "
         f"{t['synthetic_s']:.0f} s, whole run {t['total_s']:.0f} s "
         f"({t['total_s'] / 60:.1f} min). Training curves (first seed): `training.png`.",

@@ -28,7 +28,14 @@ from service.offline.data.dataset import fingerprint, load_dataset
 from service.offline.data.features import extract_features
 from service.offline.data.synthetic import World, make_world
 from service.offline.evaluation.attention import heatmap_stats
-from service.offline.evaluation.evaluate import PROTOCOLS, evaluate, holdout_task, rank_new_items
+from service.offline.evaluation.evaluate import (
+    PROTOCOLS,
+    ProtocolName,
+    Task,
+    evaluate,
+    holdout_task,
+    rank_new_items,
+)
 from service.offline.evaluation.metrics import Interval, bootstrap, paired_bootstrap
 from service.offline.experiments.cold import run_cold
 from service.offline.experiments.plan import Plan, Row, seeded
@@ -40,8 +47,9 @@ from service.offline.experiments.report import (
     results_markdown,
 )
 from service.offline.experiments.results import Comparison, ModelRun, RowResult, TailBucket
-from service.offline.training.config import SERVING_METRIC, TrainConfig
-from service.offline.training.pipeline import Prepared, fit, prepare, to_checkpoint
+from service.offline.training.config import FITTED, SERVING_METRIC, TrainConfig
+from service.offline.training.pipeline import Prepared, prepare, to_checkpoint
+from service.offline.training.runner import Runner
 from service.offline.training.train import TrainResult, as_scored
 
 log = logging.getLogger(__name__)
@@ -70,20 +78,17 @@ class NewItems:
 
 
 def reproduce(
-    data_dir: Path,
-    *,
-    plan: Plan,
-    work_dir: Path,
-    docs_dir: Path,
-    device: torch.device,
-    progress: bool = True,
+    data_dir: Path, *, plan: Plan, work_dir: Path, docs_dir: Path, runner: Runner
 ) -> dict[str, Any]:
+    """The plan's page for ``data_dir``, its runs trained by ``runner`` (side by side where it
+    can: :class:`~service.offline.training.runner.Runner`)."""
+    device = runner.device
     started = time.perf_counter()
     t0 = time.perf_counter()
     prepared = prepare_with_features(data_dir, work_dir, plan, device)
     feature_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
-    results, best = run_rows(prepared, plan, plan.main_rows, device=device, progress=progress)
+    results, best = run_rows(prepared, plan, plan.main_rows, runner=runner)
     main = compare(data_dir.resolve().name, results, plan, tail=target_counts(prepared))
     training_seconds = time.perf_counter() - t0
     if plan.reference in best:
@@ -93,11 +98,11 @@ def reproduce(
     served = served_row(results, best)
     if served is not None:  # what `visrec-serve` serves on this data
         save_checkpoint(work_dir / SERVED_FILE, to_checkpoint(prepared, *best[served]))
-    cold = run_cold(prepared, plan, device=device, progress=progress) if plan.cold else None
+    cold = run_cold(prepared, plan, runner=runner) if plan.cold else None
     synthetic, world_seconds = None, 0.0
     if plan.synthetic is not None:
         t0 = time.perf_counter()
-        synthetic = _synthetic(plan, work_dir, device, progress)
+        synthetic = _synthetic(plan, work_dir, runner)
         world_seconds = time.perf_counter() - t0
     timings = {
         "features_s": feature_seconds,
@@ -114,6 +119,7 @@ def reproduce(
         n_items=prepared.split.n_items,
         timings=timings,
         device=str(device),
+        jobs=runner.jobs,
         chosen=plan.settings_note(fingerprint(data_dir)),
         served=served or "",
         cold=cold,
@@ -151,60 +157,83 @@ def run_rows(
     plan: Plan,
     rows: tuple[Row, ...],
     *,
-    device: torch.device,
-    progress: bool = True,
+    runner: Runner,
     object_cover: np.ndarray | None = None,
     new_items: NewItems | None = None,
 ) -> tuple[list[RowResult], dict[str, Fitted]]:
-    """Every row with every seed, evaluated under both protocols (and, for ACF rows that can,
-    on ranking ``new_items``). Also returns, for each row the service can serve (ACF's and
-    SASRec), its run with the best ``standard`` validation nDCG@20 and that run's config."""
+    """Every row with every seed (trained by ``runner``, side by side where it can), evaluated
+    under both protocols (and, for ACF rows that can, on ranking ``new_items``). Also returns,
+    for each row the service can serve (ACF's and SASRec), its run with the best ``standard``
+    validation nDCG@20 and that run's config."""
+    runs = [
+        (row, config, runner.submit(prepared, config, row.name))
+        for row in rows
+        for config in _seed_configs(row, plan)
+    ]
     tasks = {p: holdout_task(prepared.split, p) for p in PROTOCOLS}
-    results: list[RowResult] = []
+    results = {row.name: RowResult(row.name, tables={p: [] for p in PROTOCOLS}) for row in rows}
     best: dict[str, Fitted] = {}
-    for row in rows:
-        result = RowResult(row.name, tables={p: [] for p in PROTOCOLS})
-        fitted: TrainResult | None = None
-        for seed in plan.seeds:
-            config = seeded(row.config, seed)
-            t0 = time.perf_counter()
-            if fitted is None or fitted.best_epoch:  # fitted baselines: once, no randomness
-                fitted = fit(prepared, config, device=device, progress=progress)
-            seconds = time.perf_counter() - t0
+    for row, config, future in runs:
+        fitted = future.result()
+        result = results[row.name]
+        for seed in _seeds_of(row, config, plan):  # a fitted baseline stands for every seed
             result.runs.append(
-                ModelRun(row.name, asdict(config), seconds, fitted.best_epoch, fitted.history, seed)
+                ModelRun(
+                    row.name,
+                    asdict(seeded(config, seed)),
+                    fitted.seconds if seed == config.seed else 0.0,
+                    fitted.best_epoch,
+                    fitted.history,
+                    seed,
+                )
             )
-            scored = {p: as_scored(fitted.model, fitted.validation, p) for p in PROTOCOLS}
-            for p, task in tasks.items():
-                result.tables[p].append(evaluate(scored[p], task, device=device))  # type: ignore[arg-type]
-            model = scored["standard"]
-            if isinstance(model, ACF) and model.uses_images:
-                standard = tasks["standard"]
-                result.heatmaps.append(
-                    heatmap_stats(
-                        model,
-                        torch.as_tensor(standard.users),
-                        torch.as_tensor(standard.profiles),
-                        object_cover=object_cover,
-                    )
-                )
-            if new_items is not None and isinstance(model, ACF) and model.config.visual == "score":
-                standard = tasks["standard"]
-                top = rank_new_items(
-                    model, fitted.projection, new_items.features, standard, device=device
-                )
-                relevant = new_items.relevant(standard.targets)
-                shown = np.take_along_axis(relevant, top, axis=1)  # (U, 20)
-                result.new_items.append(shown.mean(1))
-            kept = best.get(row.name)
-            if config.model in SERVED and (
-                kept is None
-                or fitted.validation[SERVING_METRIC] > kept[0].validation[SERVING_METRIC]
-            ):
-                best[row.name] = (fitted, config)
-            log.info("%s seed %d: %.0f s", row.name, seed, seconds)
-        results.append(result)
-    return results, best
+            _evaluate_run(result, fitted, tasks, runner.device, object_cover, new_items)
+        kept = best.get(row.name)
+        if config.model in SERVED and (
+            kept is None or fitted.validation[SERVING_METRIC] > kept[0].validation[SERVING_METRIC]
+        ):
+            best[row.name] = (fitted, config)
+        log.info("%s seed %d: %.0f s", row.name, config.seed, fitted.seconds)
+    return list(results.values()), best
+
+
+def _seed_configs(row: Row, plan: Plan) -> list[TrainConfig]:
+    """The runs a row needs: one per seed, or one for a fitted baseline (no randomness)."""
+    configs = [seeded(row.config, seed) for seed in plan.seeds]
+    return configs[:1] if row.config.model in FITTED else configs
+
+
+def _seeds_of(row: Row, config: TrainConfig, plan: Plan) -> tuple[int, ...]:
+    return plan.seeds if row.config.model in FITTED else (config.seed,)
+
+
+def _evaluate_run(
+    result: RowResult,
+    fitted: TrainResult,
+    tasks: dict[ProtocolName, Task],
+    device: torch.device,
+    object_cover: np.ndarray | None,
+    new_items: NewItems | None,
+) -> None:
+    """One run's test tables under both protocols, its attention heatmap statistics (ACF with
+    images) and its precision among ``new_items``, appended to ``result``."""
+    scored = {p: as_scored(fitted.model, fitted.validation, p) for p in PROTOCOLS}
+    for p, task in tasks.items():
+        result.tables[p].append(evaluate(scored[p], task, device=device))  # type: ignore[arg-type]
+    model, standard = scored["standard"], tasks["standard"]
+    if isinstance(model, ACF) and model.uses_images:
+        result.heatmaps.append(
+            heatmap_stats(
+                model,
+                torch.as_tensor(standard.users),
+                torch.as_tensor(standard.profiles),
+                object_cover=object_cover,
+            )
+        )
+    if new_items is not None and isinstance(model, ACF) and model.config.visual == "score":
+        top = rank_new_items(model, fitted.projection, new_items.features, standard, device=device)
+        relevant = new_items.relevant(standard.targets)
+        result.new_items.append(np.take_along_axis(relevant, top, axis=1).mean(1))  # (U,)
 
 
 def served_row(results: list[RowResult], servable: dict[str, Fitted]) -> str | None:
@@ -302,8 +331,9 @@ def _tail(
     return out
 
 
-def _synthetic(plan: Plan, work_dir: Path, device: torch.device, progress: bool) -> Comparison:
+def _synthetic(plan: Plan, work_dir: Path, runner: Runner) -> Comparison:
     assert plan.synthetic is not None
+    device = runner.device
     root = work_dir / "synthetic-world"
     world = make_world(root, plan.synthetic.spec)  # deterministic: the same bytes each time
     prepared = prepare_with_features(root, root, plan, device)
@@ -315,8 +345,7 @@ def _synthetic(plan: Plan, work_dir: Path, device: torch.device, progress: bool)
         prepared,
         plan,
         rows,
-        device=device,
-        progress=progress,
+        runner=runner,
         object_cover=world.object_cover,
         new_items=_new_items(world, plan, device) if len(world.new_kinds) else None,
     )

@@ -20,20 +20,23 @@ import hashlib
 import itertools
 import json
 import logging
-import time
+import threading
 import tomllib
 import zlib
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from service.offline.experiments.plan import Plan, load_plan
 from service.offline.experiments.reproduce import prepare_with_features
 from service.offline.training.config import SELECTION_METRIC, TrainConfig
-from service.offline.training.pipeline import Prepared, fit
+from service.offline.training.pipeline import Prepared
+from service.offline.training.runner import Runner
+from service.offline.training.train import TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -103,11 +106,12 @@ def sweep(
     plan: SweepPlan,
     work_dir: Path,
     docs_dir: Path,
-    device: torch.device,
+    runner: Runner,
     prepared: Prepared | None = None,
 ) -> list[Trial]:
     """Every trial of ``plan`` on ``data_dir``'s validation (or on ``prepared``'s: another
-    split of it), resuming from ``docs_dir/sweep.json``."""
+    split of it), trained by ``runner`` (side by side where it can), resuming from
+    ``docs_dir/sweep.json``, which is rewritten as each trial ends."""
     planned = [
         (name, changes, "search")
         for name, space in plan.spaces.items()
@@ -122,19 +126,32 @@ def sweep(
     ]
     done = _earlier_trials(docs_dir / "sweep.json", data_dir, plan)
     keys = [_key(name, changes, kind, _fingerprint(plan, name)) for name, changes, kind in planned]
-    trials: list[Trial] = []
-    for i, (name, changes, kind) in enumerate(planned):
-        trial = done.get(keys[i])
-        if trial is None:
-            prepared = prepared or prepare_with_features(data_dir, work_dir, plan.base, device)
-            trial = _trial(prepared, plan, name, changes, kind, device)
-        else:
-            log.info("sweep %s %s: kept from the earlier run", name, changes or "(as planned)")
-        trials.append(trial)
-        # Earlier trials not reached yet stay on disk, so a stop now loses none of them.
-        later = [done[k] for k in keys[i + 1 :] if k in done]
-        _write([*trials, *later], plan, data_dir, docs_dir)
-    return trials
+    ended = {i: done[k] for i, k in enumerate(keys) if k in done}
+    for i in ended:
+        log.info("sweep %s %s: kept from the earlier run", planned[i][0], planned[i][1] or "-")
+    lock = threading.Lock()
+
+    def finished(i: int, future: Future[TrainResult]) -> None:
+        if future.exception() is not None:
+            return  # raised below, where the trials are gathered
+        name, changes, kind = planned[i]
+        with lock:  # on the runner's thread: written as each ends, earlier trials kept
+            ended[i] = _trial(future.result(), plan, name, changes, kind)
+            _write([ended[j] for j in sorted(ended)], plan, data_dir, docs_dir)
+
+    futures = []
+    for i, (name, changes, _) in enumerate(planned):
+        if i not in ended:
+            prepared = prepared or prepare_with_features(
+                data_dir, work_dir, plan.base, runner.device
+            )
+            config = replace(plan.base.row(name).config, seed=plan.seed, **changes)
+            future = runner.submit(prepared, config, f"sweep {name}")
+            future.add_done_callback(partial(finished, i))
+            futures.append(future)
+    for future in futures:
+        future.result()  # a run's error, raised here
+    return [ended[i] for i in range(len(planned))]
 
 
 def _row_rng(seed: int, name: str) -> np.random.Generator:
@@ -172,24 +189,14 @@ def _earlier_trials(path: Path, data_dir: Path, plan: SweepPlan) -> dict[str, Tr
     return {_key(t.row, t.changes, t.kind, t.planned): t for t in trials}
 
 
-def _trial(
-    prepared: Prepared,
-    plan: SweepPlan,
-    name: str,
-    changes: Settings,
-    kind: str,
-    device: torch.device,
-) -> Trial:
-    config = replace(plan.base.row(name).config, seed=plan.seed, **changes)
-    started = time.perf_counter()
-    result = fit(prepared, config, device=device)
+def _trial(result: TrainResult, plan: SweepPlan, name: str, changes: Settings, kind: str) -> Trial:
     trial = Trial(
         name,
         changes,
         {k: v for k, v in result.validation.items() if "@" in k},
         result.best_epoch,
         len(result.history) if result.best_epoch else 0,
-        time.perf_counter() - started,
+        result.seconds,
         kind,
         _fingerprint(plan, name),
     )

@@ -16,11 +16,10 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-
 from service.offline.data.dataset import fingerprint
 from service.offline.experiments.plan import load_plan
 from service.offline.experiments.sweep import Settings, SweepPlan, best_settings, sweep
+from service.offline.training.runner import Runner
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +35,14 @@ def tune(
     *,
     sweep_plan: SweepPlan,
     work_dir: Path,
-    device: torch.device,
+    runner: Runner,
     budget: int | None = None,
 ) -> Path:
     """Sweep ``data_dir``'s validation (``budget`` runs per row; default the sweep plan's) and
     write its plan; returns the plan's path. The sweep's page goes to ``work_dir/tune``."""
     plan = replace(sweep_plan, budget=budget or sweep_plan.budget, compare={})
     pages = work_dir / "tune"
-    trials = sweep(data_dir, plan=plan, work_dir=work_dir, docs_dir=pages, device=device)
+    trials = sweep(data_dir, plan=plan, work_dir=work_dir, docs_dir=pages, runner=runner)
     path = tuned_plan_path(work_dir)
     by = (
         f"`visrec tune` on this dataset's validation: {plan.budget} runs per row, seed "

@@ -18,6 +18,8 @@ MODELS: tuple[ModelName, ...] = (
     "vbpr",
     "popularity",
 )
+# Fitted, not trained: no randomness, so one fit stands for every seed
+FITTED: frozenset[ModelName] = frozenset({"transitions", "ease", "popularity"})
 LossName = Literal["softmax", "bpr", "warp"]
 LOSS_NAMES: tuple[LossName, ...] = ("softmax", "bpr", "warp")
 # Epochs and settings are chosen on the mean of validation nDCG@20 under both protocols (see

@@ -64,6 +64,7 @@ class TrainResult:
     best_epoch: int  # 1-based; 0 when the model has nothing to train
     history: list[dict[str, float]] = field(default_factory=list)
     projection: Projection | None = None  # what ACF's raw features went through
+    seconds: float = 0.0  # the run's wall time, where it was timed (runner.Runner)
 
     @property
     def validation(self) -> dict[str, float]:
