@@ -191,6 +191,9 @@ def test_reproduce_writes_both_protocols_for_every_row_and_seed(
     assert served.model == ("sasrec" if results["served"] == "sasrec" else "acf")
     assert served.validation["nDCG@20"] == max(validation[results["served"]])
     assert f"**Served.** `{results['served']}`" in page
+    # The served run's diversity re-rank, at each setting the page lists
+    assert [r["diversity"] for r in results["diversity_standard"]] == [0.0, 0.25, 0.5, 0.75]
+    assert "## Diversity (protocol `standard`)" in page
     # The long tail: every test user in exactly one bucket of their target's training count
     tail = results["tail_standard"]
     prepared = prepare(world.root, tmp_path / "work" / "features-mobilenet_v2")
@@ -227,14 +230,15 @@ def test_sweep_candidates_start_with_the_plan_and_never_repeat() -> None:
     assert len(again) == 6 and {"lr": 2, "dim": 5} not in again
 
 
-def _sweep(world: World, tmp_path: Path) -> list[Trial]:
-    return sweep(
-        world.root,
-        plan=load_sweep(tmp_path / "sweep.toml"),
-        work_dir=tmp_path / "work",
-        docs_dir=tmp_path / "docs",
-        runner=Runner(torch.device("cpu"), progress=False),
-    )
+def _sweep(world: World, tmp_path: Path, jobs: int = 1) -> list[Trial]:
+    with Runner(torch.device("cpu"), jobs=jobs, progress=False) as runner:
+        return sweep(
+            world.root,
+            plan=load_sweep(tmp_path / "sweep.toml"),
+            work_dir=tmp_path / "work",
+            docs_dir=tmp_path / "docs",
+            runner=runner,
+        )
 
 
 @pytest.fixture
@@ -250,7 +254,7 @@ def sweep_file(plan_file: Path) -> Path:
 def test_sweep_reads_validation_only_and_writes_its_page(
     world: World, sweep_file: Path, tmp_path: Path
 ) -> None:
-    trials = _sweep(world, tmp_path)
+    trials = _sweep(world, tmp_path, jobs=2)  # side by side, each written as it ends
     assert [(t.row, t.kind) for t in trials] == [
         ("transitions", "search"),
         ("transitions", "search"),

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from service.model.checkpoint import SERVED_FILE
+from service.offline.evaluation.diversity import DiversityRow
 from service.offline.evaluation.metrics import HEADLINE, Interval
 from service.offline.experiments.cold import RANKINGS, ColdComparison
 from service.offline.experiments.results import Comparison
@@ -46,6 +47,7 @@ class Report:
     chosen: str = ""  # where the plan's settings were chosen, in words
     served: str = ""  # the row whose checkpoint the service serves on this data
     cold: ColdComparison | None = None  # the cold-item protocol, when the plan has [cold]
+    diversity: tuple[DiversityRow, ...] = ()  # the served run's re-rank on `standard`
 
 
 def _side_by_side(jobs: int) -> str:
@@ -107,6 +109,7 @@ def results_json(report: Report) -> dict[str, Any]:
         "timings": report.timings,
         "bootstrap_seed": report.plan.bootstrap_seed,
         "device": report.device,
+        "diversity_standard": [asdict(r) for r in report.diversity],
         "jobs": report.jobs,
         "settings_chosen": report.chosen,
         "served": report.served,
@@ -150,6 +153,7 @@ def results_markdown(report: Report) -> str:
         lines += _protocol_section(main, protocol, ref)
     lines += _ablation_section(report)
     lines += _tail_section(main, ref)
+    lines += _diversity_section(report)
     if report.cold is not None and plan.cold is not None:
         lines += cold_section(report.cold, plan.cold)
     lines += _heatmap_section(report)
@@ -344,6 +348,27 @@ def _ablation_section(report: Report) -> list[str]:
                 cells.append(f"{ranked.mean:.4f}" if ranked else "cannot")
                 cells.append(signed_interval(change) if change else "—")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def _diversity_section(report: Report) -> list[str]:
+    if not report.diversity:
+        return []
+    lines = [
+        "## Diversity (protocol `standard`)",
+        "",
+        f"`/recommend?diversity=...` on the served run (`{report.served}`, its best seed): each "
+        "test user's top 20 re-ranked from the best-scored pool as the service does it "
+        "(`service/diversity.py`); ILS@20 is the mean cosine between the 20 items' vectors.",
+        "",
+        "| diversity | R@20 | nDCG@20 | nDCG@20 − at 0 [95%] | ILS@20 |",
+        "|---|---|---|---|---|",
+    ]
+    for r in report.diversity:
+        lines.append(
+            f"| {r.diversity:.2f} | {r.recall:.4f} | {r.ndcg:.4f} | "
+            f"{signed_interval(r.ndcg_change)} | {r.ils:.3f} |"
+        )
     return [*lines, ""]
 
 

@@ -28,6 +28,7 @@ from service.offline.data.dataset import fingerprint, load_dataset
 from service.offline.data.features import extract_features
 from service.offline.data.synthetic import World, make_world
 from service.offline.evaluation.attention import heatmap_stats
+from service.offline.evaluation.diversity import DiversityRow, diversity_rows
 from service.offline.evaluation.evaluate import (
     PROTOCOLS,
     ProtocolName,
@@ -91,13 +92,7 @@ def reproduce(
     results, best = run_rows(prepared, plan, plan.main_rows, runner=runner)
     main = compare(data_dir.resolve().name, results, plan, tail=target_counts(prepared))
     training_seconds = time.perf_counter() - t0
-    if plan.reference in best:
-        save_checkpoint(
-            work_dir / f"{plan.reference}.pt", to_checkpoint(prepared, *best[plan.reference])
-        )
-    served = served_row(results, best)
-    if served is not None:  # what `visrec-serve` serves on this data
-        save_checkpoint(work_dir / SERVED_FILE, to_checkpoint(prepared, *best[served]))
+    served, diversity = _save_served(prepared, plan, results, best, work_dir, device)
     cold = run_cold(prepared, plan, runner=runner) if plan.cold else None
     synthetic, world_seconds = None, 0.0
     if plan.synthetic is not None:
@@ -123,6 +118,7 @@ def reproduce(
         chosen=plan.settings_note(fingerprint(data_dir)),
         served=served or "",
         cold=cold,
+        diversity=tuple(diversity),
     )
     plot_history(
         [r for row in results for r in row.runs if r.seed == plan.seeds[0]],
@@ -132,6 +128,34 @@ def reproduce(
     (docs_dir / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
     (docs_dir / "results.md").write_text(results_markdown(report))
     return payload
+
+
+def _save_served(
+    prepared: Prepared,
+    plan: Plan,
+    results: list[RowResult],
+    best: dict[str, Fitted],
+    work_dir: Path,
+    device: torch.device,
+) -> tuple[str | None, list[DiversityRow]]:
+    """Saves the reference row's checkpoint and the one to serve; returns the served row and
+    what its diversity re-rank does on `standard`."""
+    if plan.reference in best:
+        save_checkpoint(
+            work_dir / f"{plan.reference}.pt", to_checkpoint(prepared, *best[plan.reference])
+        )
+    served = served_row(results, best)
+    if served is None:
+        return None, []
+    save_checkpoint(work_dir / SERVED_FILE, to_checkpoint(prepared, *best[served]))
+    fitted = best[served][0]
+    return served, diversity_rows(
+        as_scored(fitted.model, fitted.validation, "standard"),
+        holdout_task(prepared.split, "standard"),
+        device=device,
+        rng=np.random.default_rng(plan.bootstrap_seed),
+        n_resamples=plan.n_resamples,
+    )
 
 
 def prepare_with_features(

@@ -23,6 +23,7 @@ import logging
 import threading
 import tomllib
 import zlib
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
@@ -131,27 +132,33 @@ def sweep(
         log.info("sweep %s %s: kept from the earlier run", planned[i][0], planned[i][1] or "-")
     lock = threading.Lock()
 
-    def finished(i: int, future: Future[TrainResult]) -> None:
-        if future.exception() is not None:
-            return  # raised below, where the trials are gathered
-        name, changes, kind = planned[i]
-        with lock:  # on the runner's thread: written as each ends, earlier trials kept
-            ended[i] = _trial(future.result(), plan, name, changes, kind)
-            _write([ended[j] for j in sorted(ended)], plan, data_dir, docs_dir)
+    def record(i: int, result: TrainResult) -> None:
+        """Trial ``i`` written as it ends (on the runner's thread, or below for a trial whose
+        result was read before its callback ran), with the earlier trials kept."""
+        with lock:
+            if i not in ended:
+                ended[i] = _trial(result, plan, *planned[i])
+                _write([ended[j] for j in sorted(ended)], plan, data_dir, docs_dir)
 
-    futures = []
+    futures: dict[int, Future[TrainResult]] = {}
     for i, (name, changes, _) in enumerate(planned):
         if i not in ended:
             prepared = prepared or prepare_with_features(
                 data_dir, work_dir, plan.base, runner.device
             )
             config = replace(plan.base.row(name).config, seed=plan.seed, **changes)
-            future = runner.submit(prepared, config, f"sweep {name}")
-            future.add_done_callback(partial(finished, i))
-            futures.append(future)
-    for future in futures:
-        future.result()  # a run's error, raised here
+            futures[i] = runner.submit(prepared, config, f"sweep {name}")
+            futures[i].add_done_callback(partial(_when_done, record, i))
+    for i, future in futures.items():
+        record(i, future.result())  # a run's error is raised here
     return [ended[i] for i in range(len(planned))]
+
+
+def _when_done(
+    record: Callable[[int, TrainResult], None], i: int, future: Future[TrainResult]
+) -> None:
+    if future.exception() is None:  # an error is raised where the trials are gathered
+        record(i, future.result())
 
 
 def _row_rng(seed: int, name: str) -> np.random.Generator:
