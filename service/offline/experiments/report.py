@@ -50,10 +50,6 @@ class Report:
     diversity: tuple[DiversityRow, ...] = ()  # the served run's re-rank on `standard`
 
 
-def _side_by_side(jobs: int) -> str:
-    return "" if jobs == 1 else f", {jobs} training runs side by side (Training runs: each its own)"
-
-
 def results_json(report: Report) -> dict[str, Any]:
     """Every figure of the page: means, intervals, spreads, differences, runs, timings."""
 
@@ -85,19 +81,7 @@ def results_json(report: Report) -> dict[str, Any]:
             "new_items_difference_to_reference_95": {
                 m: [iv.mean, iv.low, iv.high] for m, iv in c.new_items_diffs.items()
             },
-            "runs": [
-                {
-                    "row": run.name,
-                    "seed": run.seed,
-                    "seconds": run.seconds,
-                    "best_epoch": run.best_epoch,
-                    "epochs_run": len(run.history) if run.best_epoch else 0,
-                    "config": run.config,
-                    "history": run.history,
-                }
-                for r in c.rows
-                for run in r.runs
-            ],
+            "runs": _runs_json(c),
         }
 
     return {
@@ -115,6 +99,22 @@ def results_json(report: Report) -> dict[str, Any]:
         "served": report.served,
         "cold": _cold_json(report.cold) if report.cold else None,
     }
+
+
+def _runs_json(c: Comparison) -> list[dict[str, Any]]:
+    return [
+        {
+            "row": run.name,
+            "seed": run.seed,
+            "seconds": run.seconds,
+            "best_epoch": run.best_epoch,
+            "epochs_run": len(run.history) if run.best_epoch else 0,
+            "config": run.config,
+            "history": run.history,
+        }
+        for r in c.rows
+        for run in r.runs
+    ]
 
 
 def _triples(rows: dict[str, dict[str, Interval]]) -> dict[str, dict[str, list[float]]]:
@@ -186,7 +186,9 @@ def _notes(report: Report) -> list[str]:
         f"resamples, seed {plan.bootstrap_seed}). Differences pair the same users. "
         f"{report.chosen}",
         "",
-        f"Wall times on `{report.device}`{_side_by_side(report.jobs)}: features "
+        f"Wall times on `{report.device}`"
+        + (f", {report.jobs} training runs side by side" if report.jobs > 1 else "")
+        + f" (Training runs: each its own): features "
         f"{t['features_s']:.0f} s, training and evaluation "
         f"{t['training_and_evaluation_s']:.0f} s, cold-item protocol "
         f"{t.get('cold_s', 0.0):.0f} s, synthetic world "
