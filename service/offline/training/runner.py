@@ -7,7 +7,9 @@ other with every thread (README, "How fast, and why"). A run's weights do not de
 it ran: the same seed gives the same model with the same number of threads.
 
 ``Runner.submit`` returns a future; with one job the run happens in this process right away, as
-``fit`` would, with its progress bars.
+``fit`` would, with its progress bars. Workers are spawned, so they import the main module
+again: a script of your own that trains with more than one job keeps its work under
+``if __name__ == "__main__":`` (the ``visrec`` command does).
 """
 
 from __future__ import annotations
