@@ -43,7 +43,7 @@ from service.offline.training.pipeline import (
     to_checkpoint,
     training_state_path,
 )
-from service.offline.training.runner import Runner, cpu_cores, default_jobs
+from service.offline.training.runner import Runner, default_jobs
 from service.offline.training.train import as_scored
 from service.registry import Registry
 from service.runtime import keep_freed_memory, pick_device
@@ -241,9 +241,10 @@ def _runner(args: argparse.Namespace) -> Runner:
     """What trains a command's runs: ``--jobs`` of them side by side."""
     device = pick_device(args.device)
     jobs = default_jobs(device) if args.jobs is None else args.jobs
+    runner = Runner(device, jobs=jobs)
     if jobs > 1:
-        print(f"training {jobs} runs side by side, {max(1, cpu_cores() // jobs)} thread(s) each")
-    return Runner(device, jobs=jobs)
+        print(f"training {jobs} runs side by side, {runner.threads} thread(s) each")
+    return runner
 
 
 def _tune(args: argparse.Namespace) -> None:

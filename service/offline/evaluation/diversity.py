@@ -44,10 +44,7 @@ def diversity_rows(
 ) -> list[DiversityRow]:
     """One row per setting of ``diversity`` (the first is the baseline of the change)."""
     scores = score_users(model, task.users, task.profiles, device=device)  # type: ignore[arg-type]
-    for u in range(len(task.users)):
-        scores[
-            u, task.exclude.indices[task.exclude.indptr[u] : task.exclude.indptr[u + 1]]
-        ] = -np.inf
+    scores[task.exclude.row_ids(), task.exclude.indices] = -np.inf  # what the protocol removes
     vectors = model.item_vectors().detach().float().cpu().numpy()  # type: ignore[operator]
     depth = pool_size(K, task.n_items)
     pools = np.argsort(-scores, axis=1, kind="stable")[:, :depth]  # (U, depth) columns

@@ -190,17 +190,17 @@ def run_rows(
     for each row the service can serve (ACF's and SASRec), its run with the best ``standard``
     validation nDCG@20 and that run's config."""
     runs = [
-        (row, config, runner.submit(prepared, config, row.name))
+        (row, config, seeds, runner.submit(prepared, config, row.name))
         for row in rows
-        for config in _seed_configs(row, plan)
+        for config, seeds in _runs_of(row, plan)
     ]
     tasks = {p: holdout_task(prepared.split, p) for p in PROTOCOLS}
     results = {row.name: RowResult(row.name, tables={p: [] for p in PROTOCOLS}) for row in rows}
     best: dict[str, Fitted] = {}
-    for row, config, future in runs:
+    for row, config, seeds, future in runs:
         fitted = future.result()
         result = results[row.name]
-        for seed in _seeds_of(row, config, plan):  # a fitted baseline stands for every seed
+        for seed in seeds:
             result.runs.append(
                 ModelRun(
                     row.name,
@@ -211,7 +211,7 @@ def run_rows(
                     seed,
                 )
             )
-            _evaluate_run(result, fitted, tasks, runner.device, object_cover, new_items)
+        _evaluate_run(result, fitted, len(seeds), tasks, runner.device, object_cover, new_items)
         kept = best.get(row.name)
         if config.model in SERVED and (
             kept is None or fitted.validation[SERVING_METRIC] > kept[0].validation[SERVING_METRIC]
@@ -221,43 +221,39 @@ def run_rows(
     return list(results.values()), best
 
 
-def _seed_configs(row: Row, plan: Plan) -> list[TrainConfig]:
-    """The runs a row needs: one per seed, or one for a fitted baseline (no randomness)."""
-    configs = [seeded(row.config, seed) for seed in plan.seeds]
-    return configs[:1] if row.config.model in FITTED else configs
-
-
-def _seeds_of(row: Row, config: TrainConfig, plan: Plan) -> tuple[int, ...]:
-    return plan.seeds if row.config.model in FITTED else (config.seed,)
+def _runs_of(row: Row, plan: Plan) -> list[tuple[TrainConfig, tuple[int, ...]]]:
+    """The runs a row needs, each with the seeds it stands for: one per seed, or one for every
+    seed of a fitted baseline (no randomness)."""
+    if row.config.model in FITTED:
+        return [(seeded(row.config, plan.seeds[0]), plan.seeds)]
+    return [(seeded(row.config, seed), (seed,)) for seed in plan.seeds]
 
 
 def _evaluate_run(
     result: RowResult,
     fitted: TrainResult,
+    seeds: int,
     tasks: dict[ProtocolName, Task],
     device: torch.device,
     object_cover: np.ndarray | None,
     new_items: NewItems | None,
 ) -> None:
     """One run's test tables under both protocols, its attention heatmap statistics (ACF with
-    images) and its precision among ``new_items``, appended to ``result``."""
+    images) and its precision among ``new_items``, appended to ``result`` once for each of the
+    ``seeds`` it stands for (evaluated once)."""
     scored = {p: as_scored(fitted.model, fitted.validation, p) for p in PROTOCOLS}
     for p, task in tasks.items():
-        result.tables[p].append(evaluate(scored[p], task, device=device))  # type: ignore[arg-type]
+        table = evaluate(scored[p], task, device=device)  # type: ignore[arg-type]
+        result.tables[p] += [table] * seeds
     model, standard = scored["standard"], tasks["standard"]
     if isinstance(model, ACF) and model.uses_images:
-        result.heatmaps.append(
-            heatmap_stats(
-                model,
-                torch.as_tensor(standard.users),
-                torch.as_tensor(standard.profiles),
-                object_cover=object_cover,
-            )
-        )
+        users, profiles = torch.as_tensor(standard.users), torch.as_tensor(standard.profiles)
+        stats = heatmap_stats(model, users, profiles, object_cover=object_cover)
+        result.heatmaps += [stats] * seeds
     if new_items is not None and isinstance(model, ACF) and model.config.visual == "score":
         top = rank_new_items(model, fitted.projection, new_items.features, standard, device=device)
         relevant = new_items.relevant(standard.targets)
-        result.new_items.append(np.take_along_axis(relevant, top, axis=1).mean(1))  # (U,)
+        result.new_items += [np.take_along_axis(relevant, top, axis=1).mean(1)] * seeds  # (U,)
 
 
 def served_row(results: list[RowResult], servable: dict[str, Fitted]) -> str | None:

@@ -64,6 +64,11 @@ class Runner:
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._bar: tqdm | None = None
 
+    @property
+    def threads(self) -> int:
+        """torch threads of each worker: the cores shared out (unused with one job)."""
+        return max(1, cpu_cores() // self.jobs)
+
     def __enter__(self) -> Runner:
         return self
 
@@ -110,12 +115,11 @@ class Runner:
 
     def _start(self) -> ProcessPoolExecutor:
         if self._pool is None:
-            threads = max(1, cpu_cores() // self.jobs)
             self._pool = ProcessPoolExecutor(
                 self.jobs,
                 mp_context=multiprocessing.get_context("spawn"),  # no forked OpenMP state
                 initializer=_start_worker,
-                initargs=(threads,),
+                initargs=(self.threads,),
             )
             self._tmp = tempfile.TemporaryDirectory(prefix="visrec-runs-")
             self._bar = tqdm(
