@@ -13,7 +13,7 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 # redo it (~13 s) every time. `make install FORCE=1`, or deleting the stamp, redoes it.
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install reinstall browser haproxy serve test image-smoke lint reproduce tune generalise sweep bench bench-serve bench-reload bench-faults bench-fault-matrix bench-switches bench-soak bench-workers bench-cluster bench-access-log bench-million bench-probe clean
+.PHONY: install reinstall browser haproxy serve test image-smoke lint reproduce tune generalise sweep bench bench-serve bench-reload bench-faults bench-fault-matrix bench-switches bench-filters bench-soak bench-workers bench-cluster bench-access-log bench-million bench-probe clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -109,6 +109,13 @@ bench-fault-matrix: install haproxy
 # Items switched off (PATCH /items/{id}): how soon 3 replicas stop answering with them.
 bench-switches: install haproxy
 	$(BIN)/python -m benchmarks.switches
+
+# GET /recommend through HTTP with filters that 50%, 5% and 0.1% of the items pass, against no
+# filter: on DATA, then on bench-million's catalogue (built by `make bench-million` first).
+bench-filters: install
+	command -v wrk >/dev/null || apt-get install -y wrk
+	$(BIN)/python -m benchmarks.filters_http $(DATA)
+	test ! -f runs/million/acf.pt || $(BIN)/python -m benchmarks.filters_http --million runs/million
 
 # Several minutes at about 1,000 requests/s: errors, and the server's memory at start and end.
 bench-soak: install

@@ -122,17 +122,18 @@ def tutorial_app(settings: Settings, histories: dict[str, list[int]]) -> FastAPI
 
 @contextmanager
 def server(
-    kind: str, settings: Settings, histories: Path
+    kind: str, settings: Settings, histories: Path, *, timeout_s: float = 300
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     """A server subprocess (this script with ``--serve``); yields its URL and process once
-    /healthz answers."""
+    /healthz answers (within ``timeout_s``: a first start at a million items builds its
+    index for minutes)."""
     port = free_port()
     env = {**os.environ, **{f"VISREC_{k.upper()}": str(v) for k, v in settings if v is not None}}
     cmd = [sys.executable, __file__, "--serve", kind, "--histories", str(histories)]
     proc = subprocess.Popen([*cmd, "--port", str(port)], env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_for(f"{url}/healthz", [proc], timeout_s=300)
+        wait_for(f"{url}/healthz", [proc], timeout_s=timeout_s)
         yield url, proc
     finally:
         proc.terminate()
@@ -192,13 +193,14 @@ def wrk(url: str, script: str, *, connections: int, seconds: int) -> Load:
     )
 
 
-def recommend_script(users: Sequence[str]) -> str:
+def recommend_script(users: Sequence[str], query: str = "") -> str:
+    """``GET /recommend/{user}?k=20`` for random users of ``users``, with ``query`` after."""
     ids = ",".join(json.dumps(u) for u in users)
     return f"""
 math.randomseed(7)
 local users = {{{ids}}}
 request = function()
-  return wrk.format("GET", "/recommend/" .. users[math.random(#users)] .. "?k=20")
+  return wrk.format("GET", "/recommend/" .. users[math.random(#users)] .. "?k=20{query}")
 end
 """
 

@@ -1,8 +1,10 @@
-"""Item titles and images of a dataset folder, for the explanation page.
+"""Item titles, images and attributes of a dataset folder, for the page and for filters.
 
 Read from the folder's ``items.csv`` (``item_id,title,genres,image``; ``image`` relative to the
-folder). An image path is kept only when it resolves, symlinks followed, to an image file inside
-the folder: whatever a row says, nothing outside the dataset folder is ever served.
+folder; any other column is an attribute, its values ``|``-separated as genres are, e.g. a
+``brand`` or ``category`` column to filter on). An image path is kept only when it resolves,
+symlinks followed, to an image file inside the folder: whatever a row says, nothing outside
+the dataset folder is ever served.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from service.filters import Attributes
+from service.filters import GENRES, Attributes, Changes, Row, year_of
 
 log = logging.getLogger("visrec.catalogue")
 IMAGE_TYPES = {
@@ -33,6 +35,13 @@ class CatalogueItem:
     data: bytes | None = None
     data_type: str | None = None
     genres: tuple[str, ...] = ()
+    # other attributes (items.csv's other columns, POST /items's): (name, values), by name
+    attributes: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    def row(self) -> Row:
+        values = {GENRES: frozenset(self.genres)} if self.genres else {}
+        values |= {name: frozenset(v) for name, v in self.attributes if v}
+        return Row(self.item_id, values, year_of(self.title))
 
     @property
     def media_type(self) -> str | None:
@@ -48,21 +57,32 @@ class CatalogueItem:
 @dataclass(frozen=True)
 class Catalogue:
     items: dict[int, CatalogueItem] = field(default_factory=dict)
-    # the attributes of ``items`` as columns, built on first use after each change
+    # the attributes of ``items`` as columns, built on first use after each change, and
+    # the last changes overlaid on them
     _attributes: list[tuple[dict[int, CatalogueItem], Attributes]] = field(
+        default_factory=list, repr=False, compare=False
+    )
+    _changed: list[tuple[Attributes, Changes, Attributes]] = field(
         default_factory=list, repr=False, compare=False
     )
 
     def get(self, item_id: int) -> CatalogueItem | None:
         return self.items.get(item_id)
 
-    def attributes(self) -> Attributes:
-        """Every item's genres and year, for filters (:mod:`service.filters`)."""
+    def attributes(self, changes: Changes | None = None) -> Attributes:
+        """Every item's attributes, for filters (:mod:`service.filters`), with ``changes``
+        (PATCH's) overlaid. ``changes`` is compared by identity: a new set is a new mapping."""
         items = self.items
         if not self._attributes or self._attributes[0][0] is not items:
-            built = Attributes((i.item_id, i.genres, i.title) for i in items.values())
+            built = Attributes(i.row() for i in items.values())
             self._attributes[:] = [(items, built)]
-        return self._attributes[0][1]
+        base = self._attributes[0][1]
+        if not changes:
+            return base
+        kept = self._changed[0] if self._changed else None
+        if kept is None or kept[0] is not base or kept[1] is not changes:
+            self._changed[:] = [(base, changes, base.changed(changes))]
+        return self._changed[0][2]
 
     def add(self, *items: CatalogueItem) -> None:
         """Items added while serving; the dict is replaced, not changed, so a reader never
@@ -84,6 +104,13 @@ def safe_image_path(root: Path, relative: str) -> Path | None:
     return path if path.suffix.lower() in IMAGE_TYPES else None
 
 
+OWN_COLUMNS = frozenset({"item_id", "title", "genres", "image"})  # not attributes
+
+
+def _values(cell: str | None) -> tuple[str, ...]:
+    return tuple(v for v in (cell or "").split("|") if v)
+
+
 def load_catalogue(folder: Path | None) -> Catalogue:
     """The items of ``folder/items.csv``; an empty catalogue when ``folder`` is None."""
     if folder is None:
@@ -93,8 +120,17 @@ def load_catalogue(folder: Path | None) -> Catalogue:
         for row in csv.DictReader(f):
             item_id = int(row["item_id"])
             image = safe_image_path(folder, row.get("image") or "")
-            genres = tuple(g for g in (row.get("genres") or "").split("|") if g)
-            items[item_id] = CatalogueItem(item_id, row.get("title") or "", image, genres=genres)
+            genres = _values(row.pop("genres", ""))
+            others = tuple(
+                sorted(
+                    (name, _values(value))
+                    for name, value in row.items()
+                    if isinstance(name, str) and name not in OWN_COLUMNS and _values(value)
+                )
+            )
+            items[item_id] = CatalogueItem(
+                item_id, row.get("title") or "", image, genres=genres, attributes=others
+            )
     missing = sum(item.image is None for item in items.values())
     if missing:
         log.warning("%d of %d items have no image inside %s", missing, len(items), folder)

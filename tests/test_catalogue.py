@@ -95,6 +95,8 @@ def test_an_item_image_is_served_with_its_type(client: TestClient, folder: Path)
         "title": "title 1",
         "image_url": "/items/1/image",
         "genres": ["x"],  # from items.csv
+        "year": None,  # the title has none
+        "attributes": {},
         "added": False,  # not added while serving
         "available": True,  # nothing switched it off (an app of pages alone switches nothing)
     }

@@ -152,7 +152,7 @@ def _new_ids(world: World) -> list[int]:
     return [COLD_WORLD.n_items + j + 1 for j in range(len(world.new_kinds))]
 
 
-def _add(client: TestClient, world: World, item_id: int, key: str = ADMIN, **form: str):  # type: ignore[no-untyped-def]
+def _add(client: TestClient, world: World, item_id: int, key: str = ADMIN, **form: str | list[str]):  # type: ignore[no-untyped-def]
     image = (world.root / "new" / f"{item_id}.png").read_bytes()
     return client.post(
         "/items",
@@ -336,10 +336,15 @@ def test_bad_uploads_are_refused_and_change_nothing(
                 headers={"X-API-Key": ADMIN},
             )
         )
-    assert [r.status_code for r in refused] == [401, 415, 409, 422, 422, 422, 422, 400, 400]
+    for attribute in ("colour", "colour:", "colour:a\x01", "genres:Comedy"):
+        refused.append(_add(client, world, item, attribute=attribute))
+    assert [r.status_code for r in refused] == [401, 415, 409, 422, 422, 422, 422, 400, 400] + [
+        422
+    ] * 4
+    assert all("attribute" in str(r.json()["detail"]) for r in refused[-4:])
     assert "already in the catalogue" in refused[2].json()["detail"]
-    assert all("title" in str(r.json()["detail"]) for r in refused[4:])
-    assert all("'title' is not valid utf-8" in r.json()["detail"] for r in refused[-2:])
+    assert all("title" in str(r.json()["detail"]) for r in refused[4:9])
+    assert all("'title' is not valid utf-8" in r.json()["detail"] for r in refused[7:9])
     assert client.get("/readyz").json()["items"] == before
     assert client.post("/recommend", json={"history": [item]}).status_code == 422
 
@@ -378,12 +383,15 @@ def test_added_items_survive_a_restart_a_reload_and_reach_every_replica(
             TestClient(create_app(_settings(cold, **shared))) as a,
             TestClient(create_app(_settings(cold, **shared))) as b,
         ):
-            assert _add(a, world, item).status_code == 201
+            added = _add(a, world, item, attribute=ATTRIBUTES)
+            assert added.status_code == 201 and added.json()["attributes"] == ATTRIBUTES_READ
             deadline = time.monotonic() + 10
             while b.post("/recommend", json={"history": [item]}).status_code != 200:
                 assert time.monotonic() < deadline, "the other replica never got the item"
                 time.sleep(0.1)
-            assert _add(b, world, item).status_code == 201  # the same item again: a retry
+            assert _only_violet(b) == [item]  # its attributes came with it
+            assert _add(b, world, item, attribute=ATTRIBUTES).status_code == 201  # a retry
+            assert _add(b, world, item).status_code == 409  # not the same item: no attributes
             other = b.post(
                 "/items",
                 data={"item_id": str(item)},
@@ -395,14 +403,30 @@ def test_added_items_survive_a_restart_a_reload_and_reach_every_replica(
             assert a.post("/recommend", json={"history": [item]}).status_code == 200
         with TestClient(create_app(_settings(cold, **shared))) as restarted:
             assert restarted.post("/recommend", json={"history": [item]}).status_code == 200
+            assert _only_violet(restarted) == [item]
     finally:
         _forget(prefix)
     folder = {"items_dir": tmp_path / "added"}
     with TestClient(create_app(_settings(cold, **folder))) as c:
-        assert _add(c, world, item).status_code == 201
+        assert _add(c, world, item, attribute=ATTRIBUTES).status_code == 201
     with TestClient(create_app(_settings(cold, **folder))) as c:
         assert c.post("/recommend", json={"history": [item]}).status_code == 200
-        assert c.get(f"/items/{item}").json()["title"] == f"new #{item}"
+        info = c.get(f"/items/{item}").json()
+        assert info["title"] == f"new #{item}" and info["attributes"] == ATTRIBUTES_READ
+        assert _only_violet(c) == [item]
+
+
+# An added item's attributes, as sent (name:value,value fields) and as read back (sorted)
+ATTRIBUTES = ["size:M,L", "colour:violet"]
+ATTRIBUTES_READ = {"colour": ["violet"], "size": ["L", "M"]}
+
+
+def _only_violet(client: TestClient) -> list[int]:
+    """The items a filter on the added item's colour lets through: no other item has one."""
+    body = {"history": [1], "k": 50, "filters": {"attributes": {"colour": ["violet"]}}}
+    answer = client.post("/recommend", json=body, headers={"X-API-Key": ADMIN})
+    assert answer.status_code == 200, answer.text
+    return [i["item_id"] for i in answer.json()["items"]]
 
 
 def test_added_items_lost_by_redis_are_reported_and_put_back(

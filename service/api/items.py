@@ -215,7 +215,13 @@ class Items:
 
 def catalogue_item(item: AddedItem) -> CatalogueItem:
     return CatalogueItem(
-        item.item_id, item.title, None, item.image, item.media_type, genres=item.genres
+        item.item_id,
+        item.title,
+        None,
+        item.image,
+        item.media_type,
+        genres=item.genres,
+        attributes=item.attributes,
     )
 
 

@@ -14,10 +14,10 @@ from pathlib import Path
 
 from starlette.concurrency import run_in_threadpool
 
-from service.api.availability import Availability
 from service.api.batcher import MicroBatcher
 from service.api.items import Items
 from service.api.metrics import Metrics
+from service.api.patches import Patches
 from service.api.state import State
 from service.catalogue import Catalogue, load_catalogue
 from service.config import Settings
@@ -37,10 +37,10 @@ from service.store.epoch import EpochWatch
 from service.store.items import DirectoryItemStore, ItemStore, MemoryItemStore, RedisItemStore
 from service.store.journal import Journal
 from service.store.memory import MemoryProfileStore
+from service.store.patches import FileTable, ItemTable, MemoryTable, RedisTable
 from service.store.profiles import StoreUnavailable
 from service.store.redis.profiles import RedisProfileStore
 from service.store.resilient import ResilientStore
-from service.store.switches import FileSwitches, MemorySwitches, RedisSwitches, Switches
 
 log = logging.getLogger("visrec.api")
 EPOCH_CHECK_S = 1.0  # how often a process looks whether Redis came back empty
@@ -60,11 +60,11 @@ async def serving(
     data set, :mod:`service.store.epoch`), and the tasks that keep them current."""
     items = await run_in_threadpool(_items, settings)
     items.on_loss = metrics.items_lost.inc
-    availability = Availability(_switches(settings))
+    patches = Patches.of(_table(settings, "off", "switched-off"), _table(settings, "changes"))
     try:
-        await availability.refresh()
-    except StoreUnavailable as err:  # read again every SWITCH_POLL_S once it answers
-        log.warning("starting without the switched-off items: the store is down (%s)", err)
+        await patches.refresh()
+    except StoreUnavailable as err:  # read again every PATCH_POLL_S once it answers
+        log.warning("starting without the items' changes: the store is down (%s)", err)
     registry = registry_of(settings)
     if preloaded is None:
         source, current = await run_in_threadpool(start_source, settings, registry)
@@ -91,22 +91,20 @@ async def serving(
     # collector's full passes, whose pauses were the p99 of a loaded server.
     gc.freeze()
     tasks = _keeping_current(settings, registry, items, models, catalogue, watch, current)
-    tasks.append(asyncio.create_task(availability.keep_current()))
+    tasks.append(asyncio.create_task(patches.keep_current()))
     try:
         window = settings.batch_window_ms / 1000
         with reload_on_hangup(models, asyncio.get_running_loop()):
             # The batcher asks the slot, so a batch runs on the engine current at its start.
             async with MicroBatcher(models.recommend, window_s=window) as batcher:
-                yield State(
-                    models, store, name, batcher, watch, items, availability, catalogue, metrics
-                )
+                yield State(models, store, name, batcher, watch, items, patches, catalogue, metrics)
     finally:
         for task in tasks:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         await store.close()
         await items.store.close()
-        await availability.store.close()
+        await patches.close()
 
 
 def _profile_store(
@@ -181,17 +179,18 @@ def _items(settings: Settings) -> Items:
     )
 
 
-def _switches(settings: Settings) -> Switches:
-    """Where switched-off items are kept: beside the added items."""
+def _table(settings: Settings, name: str, file: str | None = None) -> ItemTable:
+    """Where one table of what PATCH /items set is kept: beside the added items
+    (``<prefix>:items:<name>`` in Redis, ``<file or name>.json`` beside a folder of items)."""
     if settings.redis_url:
-        return RedisSwitches.from_url(
+        return RedisTable.from_url(
             settings.redis_url,
-            prefix=settings.redis_prefix,
+            key=f"{settings.redis_prefix}:items:{name}",
             deadline_s=settings.redis_write_timeout_ms / 1000,
         )
     if settings.items_dir is not None:
-        return FileSwitches(settings.items_dir / "switched-off.json")
-    return MemorySwitches()
+        return FileTable(settings.items_dir / f"{file or name}.json")
+    return MemoryTable()
 
 
 async def _sync_items(items: Items, slot: ModelSlot, catalogue: Catalogue, every_s: float) -> None:

@@ -67,6 +67,34 @@ DIVERSITY = (
     "model's ranking, higher trades score for items less alike the ones above them"
 )
 GenreName = Annotated[str, Field(min_length=1, max_length=100)]
+AttributeName = Annotated[str, Field(min_length=1, max_length=100)]
+AttributeValues = Annotated[list[GenreName], Field(min_length=1, max_length=MAX_FILTER_VALUES)]
+MAX_ATTRIBUTES = 32  # names in one filter
+# Characters no text shown on the page may hold: control characters (C0, DEL, C1: also what
+# invalid UTF-8 often becomes, as the form parser falls back to Latin-1) and bidirectional
+# overrides, which can make a text read as something else (U+202E); a regex class's inside
+UNSAFE = r"\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069"
+# An attribute condition in a query or a form, name:value,value (names and values as the
+# body's: up to 100 characters, up to 1,000 values), so that one valid by its schema is never
+# refused by the body's
+Condition = Annotated[
+    str,
+    StringConstraints(
+        pattern=rf"^[^:,{UNSAFE}]{{1,100}}:[^,{UNSAFE}]{{1,100}}(,[^,{UNSAFE}]{{1,100}})*$",
+        max_length=101 * MAX_FILTER_VALUES + 101,
+    ),
+]
+
+
+def conditions(given: list[str] | None) -> dict[str, list[str]]:
+    """``name:a,b`` conditions as {name: [a, b]}; a name given twice has all its values."""
+    out: dict[str, list[str]] = {}
+    for one in given or ():
+        name, values = one.split(":", 1)
+        out.setdefault(name, []).extend(values.split(","))
+    return out
+
+
 # the bounds before the validator: after it, pydantic writes them into an optional field's
 # JSON Schema as "ge"/"le", which no client reads, instead of "minimum"/"maximum"
 Year = Annotated[int, Field(ge=0, le=9999), BeforeValidator(_whole_number)]
@@ -88,6 +116,19 @@ class Filters(Body):
     )
     year_min: Year | None = Field(None, description="released in or after (the title's year)")
     year_max: Year | None = Field(None, description="released in or before")
+    attributes: dict[AttributeName, AttributeValues] = Field(
+        default_factory=dict,
+        max_length=MAX_ATTRIBUTES,
+        description="for each attribute named (items.csv's other columns, POST /items's "
+        'attributes, PATCH /items\'s), at least one of its values, e.g. {"colour": ["red", '
+        '"blue"]}; a name no item has is refused (422)',
+        examples=[{"colour": ["red", "blue"]}],
+    )
+    exclude_attributes: dict[AttributeName, AttributeValues] = Field(
+        default_factory=dict,
+        max_length=MAX_ATTRIBUTES,
+        description="for each attribute named, none of its values",
+    )
     exclude_items: list[Integer] = Field(
         default_factory=list, max_length=MAX_FILTER_VALUES, description="item ids never to return"
     )
@@ -285,6 +326,13 @@ class UnknownItems(Problem):
     unknown_item_ids: list[int]
 
 
+class UnknownAttributes(Problem):
+    """A filter naming attributes no item has; the known names are listed."""
+
+    unknown_attributes: list[str]
+    known_attributes: list[str]
+
+
 # Every route with parameters: FastAPI documents its own 422 body unless told ours.
 INVALID_FIELDS: Responses = {
     422: {"model": InvalidFields, "description": "a field is missing or invalid"}
@@ -294,6 +342,20 @@ UNKNOWN_ITEMS: Responses = {
     422: {
         "model": InvalidFields | UnknownItems,
         "description": "invalid fields, or item ids the model does not know",
+    }
+}
+
+UNKNOWN_ATTRIBUTES: Responses = {
+    422: {
+        "model": InvalidFields | UnknownAttributes,
+        "description": "invalid fields, or a filter naming attributes no item has",
+    }
+}
+UNKNOWN_ITEMS_OR_ATTRIBUTES: Responses = {
+    422: {
+        "model": InvalidFields | UnknownItems | UnknownAttributes,
+        "description": "invalid fields, item ids the model does not know, or a filter naming "
+        "attributes no item has",
     }
 }
 

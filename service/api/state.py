@@ -9,10 +9,10 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from service.api.availability import Availability
 from service.api.batcher import MicroBatcher
 from service.api.items import Items
 from service.api.metrics import Metrics
+from service.api.patches import Patches
 from service.catalogue import Catalogue
 from service.engine import ModelSlot
 from service.recommender import Query, Recommendation, Recommender
@@ -28,7 +28,7 @@ class State:
     batcher: MicroBatcher[Query, Recommendation]
     watch: EpochWatch | None  # whether Redis lost its data; None for the in-process store
     items: Items  # added items
-    availability: Availability  # switched-off items
+    patches: Patches  # items switched off, attributes changed (PATCH /items)
     catalogue: Catalogue  # titles and images, for the page
     metrics: Metrics
 

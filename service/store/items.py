@@ -15,12 +15,12 @@ of the raw features (125 KB an item at EfficientNet-Lite0's shape; 10,000 items 
 written by the first process that projected them and kept ``ROWS_TTL_S`` after the last start
 or pick-up that read them (a cache: gone, it costs a start the time to project again).
 
-Adding is idempotent: an item whose id is stored with the same image, title and genres counts as
-added (a client retrying after an answer that was lost or late, when the first call had stored
-it).
+Adding is idempotent: an item whose id is stored with the same image, title, genres and
+attributes counts as added (a client retrying after an answer that was lost or late, when the
+first call had stored it).
 
-Encoding: a 4-byte little-endian length, a JSON header (title, genres, media type, feature
-shape and dtype, image length), the feature bytes, then the image bytes.
+Encoding: a 4-byte little-endian length, a JSON header (title, genres, attributes, media type,
+feature shape and dtype, image length), the feature bytes, then the image bytes.
 """
 
 from __future__ import annotations
@@ -62,17 +62,23 @@ class AddedItem:
     image: bytes
     features: np.ndarray  # (K, C) float16 raw component features of the image
     genres: tuple[str, ...] = ()  # sorted; what a model with metadata reads beside the image
+    # other attributes, for filters: (name, sorted values), by name
+    attributes: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     def same_as(self, other: AddedItem) -> bool:
-        """Whether ``other`` is this item sent again: the same id, image, title and genres
-        (features are what a backbone made of the image, which may differ in the last bits by
-        machine)."""
-        return (self.item_id, self.title, self.media_type, self.image, self.genres) == (
-            other.item_id,
-            other.title,
-            other.media_type,
-            other.image,
-            other.genres,
+        """Whether ``other`` is this item sent again: the same id, image, title, genres and
+        attributes (features are what a backbone made of the image, which may differ in the
+        last bits by machine)."""
+        return self._sent() == other._sent()
+
+    def _sent(self) -> tuple[object, ...]:
+        return (
+            self.item_id,
+            self.title,
+            self.media_type,
+            self.image,
+            self.genres,
+            self.attributes,
         )
 
 
@@ -126,6 +132,7 @@ def encode_item(item: AddedItem) -> bytes:
             "item_id": item.item_id,
             "title": item.title,
             "genres": list(item.genres),
+            "attributes": {name: list(values) for name, values in item.attributes},
             "media_type": item.media_type,
             "shape": list(features.shape),
             "image_bytes": len(item.image),
@@ -150,6 +157,7 @@ def decode_item(blob: bytes) -> AddedItem:
         image,
         features.reshape(header["shape"]),
         tuple(header.get("genres", ())),  # items stored before genres were taken have none
+        tuple((n, tuple(v)) for n, v in header.get("attributes", {}).items()),  # and these
     )
 
 

@@ -11,7 +11,7 @@ from typing import Annotated
 import numpy as np
 from fastapi import APIRouter, File, Form, Path, Request, UploadFile
 from fastapi.responses import FileResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.concurrency import run_in_threadpool
 
 from service.api.forms import StrictForms
@@ -20,8 +20,18 @@ from service.api.schemas import (
     GUARDED,
     INVALID_FIELDS,
     JSON_BODY,
+    MAX_ATTRIBUTES,
+    MAX_FILTER_VALUES,
+    UNSAFE,
+    AttributeName,
     Body,
+    Condition,
+    GenreName,
+    InvalidFields,
+    Problem,
     StoreRefused,
+    Year,
+    conditions,
     refusals,
 )
 from service.api.security import Guards
@@ -29,45 +39,91 @@ from service.api.state import CatalogueDep, StateDep
 from service.catalogue import Catalogue, CatalogueItem
 from service.engine import ModelSlot
 from service.errors import NotFound, Refused
+from service.filters import GENRES, YEAR_NAME, Row
 from service.model.backbones import component_features
 from service.model.tags import item_tags
 from service.store.items import AddedItem
 from service.store.profiles import MAX_ITEM_ID, StoreUnavailable
 
 log = logging.getLogger("visrec.items")
-# A title is shown on the page: no control characters (C0, DEL, C1: also what invalid UTF-8
-# often becomes, as the form parser falls back to Latin-1) and no bidirectional overrides,
-# which can make a title read as something else (U+202E)
-TITLE_PATTERN = r"^[^\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]*$"
+# A title is shown on the page: none of the UNSAFE characters
+TITLE_PATTERN = rf"^[^{UNSAFE}]*$"
 
 
-class ItemInfo(BaseModel):
+class ItemAttributes(BaseModel):
+    """What filters read of an item: its own attributes with PATCH's changes."""
+
     item_id: int
+    available: bool = Field(
+        True, description="false: switched off (PATCH /items/{item_id}), never recommended"
+    )
+    genres: list[str]
+    year: int | None = Field(description="the title's year, or PATCH's; none: no year")
+    attributes: dict[str, list[str]] = Field(
+        description="its other attributes (items.csv's other columns, POST /items's, PATCH's)"
+    )
+
+
+class ItemInfo(ItemAttributes):
     title: str
     image_url: str | None
-    genres: list[str]
     added: bool = Field(
         description="added while serving (POST /items): scored from its image and genres, "
         "with no interactions behind it when the model was trained"
     )
-    available: bool = Field(
-        True, description="false: switched off (PATCH /items/{item_id}), never recommended"
-    )
+
+
+Values = Annotated[list[GenreName], Field(max_length=MAX_FILTER_VALUES)]
 
 
 class ItemPatch(Body):
-    """What to change of an item; a name not listed is refused (422)."""
+    """What to change of an item (at least one field); a name not listed is refused (422).
+    Attributes changed here are what filters read, on every process within a quarter of a
+    second; how the model scores the item stays what it was trained or added with."""
 
-    model_config = ConfigDict(strict=True, extra="forbid")
-    available: bool = Field(
+    model_config = ConfigDict(strict=True, extra="forbid", json_schema_extra={"minProperties": 1})
+    available: bool | None = Field(
+        None,
         description="false switches the item off: no answer of any process contains it "
-        "(within a quarter of a second on other workers and replicas) until it is switched on"
+        "(within a quarter of a second on other workers and replicas) until it is switched on",
+    )
+    genres: Values | None = Field(
+        None, description="its genres from now on ([]: none); null: back to its own"
+    )
+    year: Year | None = Field(None, description="its year from now on; null: back to its own")
+    attributes: dict[AttributeName, Values | None] = Field(
+        default_factory=dict,
+        max_length=MAX_ATTRIBUTES,
+        description="for each attribute named, its values from now on ([]: none); null: back "
+        'to its own, e.g. {"colour": ["red"], "on_sale": null} (genres and year are fields of '
+        "their own)",
+        json_schema_extra={  # AttributeName's bounds, and neither of those two
+            "propertyNames": {
+                "minLength": 1,
+                "maxLength": 100,
+                "not": {"enum": [GENRES, YEAR_NAME]},
+            }
+        },
     )
 
+    @model_validator(mode="after")
+    def _says_what_to_change(self) -> ItemPatch:
+        if not self.model_fields_set:
+            raise ValueError("nothing to change: give available, genres, year or attributes")
+        if {GENRES, YEAR_NAME} & self.attributes.keys():
+            raise ValueError("genres and year are fields of their own, not attributes")
+        return self
 
-class ItemAvailability(BaseModel):
-    item_id: int
-    available: bool
+    def changes(self) -> dict[str, tuple[str, ...] | int | None]:
+        """The attributes it sets (None: back to the item's own)."""
+        out: dict[str, tuple[str, ...] | int | None] = {
+            n: None if v is None else tuple(sorted(set(v))) for n, v in self.attributes.items()
+        }
+        if GENRES in self.model_fields_set:
+            out[GENRES] = None if self.genres is None else tuple(sorted(set(self.genres)))
+        if YEAR_NAME in self.model_fields_set:
+            out[YEAR_NAME] = self.year
+        return out
 
 
 PATCH_RESPONSES = {
@@ -86,6 +142,7 @@ class AddedItemResponse(BaseModel):
     item_id: int
     title: str
     genres: list[str]
+    attributes: dict[str, list[str]]
     genres_read: list[str]  # those the serving model knows (none: it reads no metadata)
     title_read: list[str]  # the title's tags (words, decade) the serving model knows
     model_version: str
@@ -95,6 +152,11 @@ class AddedItemResponse(BaseModel):
 
 ADD_RESPONSES = {
     **GUARDED,
+    422: {
+        "model": InvalidFields | Problem,
+        "description": "a field is missing or invalid, or an attribute is named genres, year "
+        "or title (fields of their own)",
+    },
     **refusals(
         {
             400: "the body is not a readable multipart form, or a text field (title, genres) "
@@ -141,7 +203,7 @@ def router(guards: Guards) -> APIRouter:
     )(add_item)
     routes.patch(
         "/items/{item_id}",
-        response_model=ItemAvailability,
+        response_model=ItemAttributes,
         responses=PATCH_RESPONSES,
         dependencies=guards.admin,
     )(patch_item)
@@ -150,41 +212,51 @@ def router(guards: Guards) -> APIRouter:
 
 async def patch_item(
     item_id: Annotated[int, Path(ge=0, le=MAX_ITEM_ID)], body: ItemPatch, state: StateDep
-) -> ItemAvailability:
-    """Switch an item off (``available: false``) or on again (admin key). Off, it is in no
-    answer of ``/recommend`` on any process, with or without filters, until switched on; the
-    switch is kept with the added items (Redis when configured), so it outlives restarts and
-    model reloads."""
+) -> ItemAttributes:
+    """Switch an item off (``available: false``) or on again, and change the attributes
+    filters read of it (admin key). Off, it is in no answer of ``/recommend`` on any process,
+    with or without filters, until switched on; changed attributes are what every process's
+    filters read. Both are kept with the added items (Redis when configured), so they outlive
+    restarts and model reloads. The answer is the item as filters now see it."""
     if not state.engine.knows(item_id):
         raise NotFound(f"no item {item_id} in the serving model")
+    changes = body.changes()
     try:
-        await state.availability.switch(item_id, available=body.available)
+        if changes:
+            await state.patches.change(item_id, changes)
+        if body.available is not None:
+            await state.patches.switch(item_id, available=body.available)
     except StoreUnavailable as err:
         raise err.of("item") from err
-    log.info("item %d switched %s", item_id, "on" if body.available else "off")
-    return ItemAvailability(item_id=item_id, available=body.available)
+    log.info("item %d changed: %s", item_id, body.model_dump(exclude_unset=True))
+    row = state.catalogue.attributes(state.patches.changes).row(item_id)
+    return _attributes(item_id, row, item_id not in state.patches.off)
 
 
 async def item_info(item_id: int, catalogue: CatalogueDep, request: Request) -> ItemInfo:
-    """An item's title, genres and the URL of its image, from the dataset's items.csv or, for
-    an item added while serving (``added``), from POST /items."""
+    """An item's title, image URL and attributes, from the dataset's items.csv or, for an
+    item added while serving (``added``), from POST /items, with PATCH's changes."""
     item = _item(catalogue, item_id)
-    url = f"/items/{item_id}/image" if item.has_image else None
+    state = getattr(request.state, "app_state", None)  # none: an app serving only item pages
+    changes, off = (state.patches.changes, state.patches.off) if state else ({}, frozenset())
+    about = _attributes(item_id, catalogue.attributes(changes).row(item_id), item_id not in off)
     return ItemInfo(
-        item_id=item_id,
+        **about.model_dump(),
         title=item.title,
-        image_url=url,
-        genres=list(item.genres),
+        image_url=f"/items/{item_id}/image" if item.has_image else None,
         added=item.data is not None,
-        available=item_id not in _switched_off(request),
     )
 
 
-def _switched_off(request: Request) -> frozenset[int]:
-    """The items switched off, for an app with a serving state (an app serving only item
-    pages has none)."""
-    state = getattr(request.state, "app_state", None)
-    return state.availability.off if state is not None else frozenset()
+def _attributes(item_id: int, row: Row | None, available: bool) -> ItemAttributes:
+    values = row.values if row is not None else {}
+    return ItemAttributes(
+        item_id=item_id,
+        available=available,
+        genres=sorted(values.get(GENRES, ())),
+        year=row.year if row is not None else None,
+        attributes={n: sorted(v) for n, v in sorted(values.items()) if n != GENRES},
+    )
 
 
 async def item_image(item_id: int, catalogue: CatalogueDep) -> Response:
@@ -211,6 +283,15 @@ async def add_item(
             description="|-separated, as in items.csv (e.g. Animation|Children's)",
         ),
     ] = "",
+    attribute: Annotated[
+        list[Condition],
+        Form(
+            max_length=MAX_ATTRIBUTES,
+            description="another attribute for filters, name:value,value (repeatable), e.g. "
+            "attribute=colour:red,blue and attribute=brand:Acme; not genres, year or title, "
+            "which are its own",
+        ),
+    ] = [],  # noqa: B006 (FastAPI copies it)
 ) -> AddedItemResponse:
     """Add an item from its image (multipart form: ``item_id``, ``image``, optional
     ``title`` and ``genres``; admin key). The serving backbone turns the image into the
@@ -228,10 +309,11 @@ async def add_item(
         raise Refused(413, "image_too_large", f"the image is over {items.max_image_bytes} bytes")
     picture, media_type = await run_in_threadpool(decode_image, data, items.max_image_pixels)
     names = tuple(sorted({g.strip() for g in genres.split("|")} - {""}))
+    others = _attributes_sent(attribute)
     refusal = slot.engine.refuses_new_item(item_tags(title, names))
     if refusal is not None:
         raise Refused(409, "new_items_refused", refusal)
-    sent = AddedItem(item_id, title, media_type, data, np.empty(0, np.float16), names)
+    sent = AddedItem(item_id, title, media_type, data, np.empty(0, np.float16), names, others)
     async with items.lock:
         known = items.known.get(item_id)
         if known is not None and known.same_as(sent):  # a retry of an item it has
@@ -254,6 +336,18 @@ async def add_item(
     return _added(added, slot, started)
 
 
+def _attributes_sent(given: list[str]) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """POST /items's ``attribute`` fields as (name, sorted values), by name; 422 for one
+    naming genres, year or title."""
+    read = conditions(given)
+    reserved = sorted({GENRES, YEAR_NAME, "title"} & read.keys())
+    if reserved:
+        raise Refused(
+            422, "reserved_attribute", f"{', '.join(reserved)}: fields of their own, not attributes"
+        )
+    return tuple(sorted((name, tuple(sorted(set(values)))) for name, values in read.items()))
+
+
 def _item(catalogue: Catalogue, item_id: int) -> CatalogueItem:
     item = catalogue.get(item_id)
     if item is None:
@@ -270,6 +364,7 @@ def _added(item: AddedItem, slot: ModelSlot, started: float) -> AddedItemRespons
         item_id=item.item_id,
         title=item.title,
         genres=list(item.genres),
+        attributes={n: list(v) for n, v in item.attributes},
         genres_read=[g for g in item.genres if g in slot.engine.tags],
         title_read=sorted(set(item_tags(item.title, ())) & set(slot.engine.tags)),
         model_version=slot.engine.version,

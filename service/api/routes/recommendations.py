@@ -15,23 +15,35 @@ from service.api.schemas import (
     GUARDED,
     INVALID_FIELDS,
     JSON_BODY,
+    MAX_ATTRIBUTES,
     MAX_FILTER_VALUES,
     MAX_K,
-    UNKNOWN_ITEMS,
+    UNKNOWN_ATTRIBUTES,
+    UNKNOWN_ITEMS_OR_ATTRIBUTES,
+    Condition,
     Filters,
     HistoryRequest,
     RecommendResponse,
     ScoredItem,
     UserIdInPath,
+    conditions,
 )
 from service.api.security import Guards
 from service.api.state import State, StateDep
-from service.filters import ItemFilter
+from service.filters import ItemFilter, named
 from service.recommender import Query as RecQuery
 from service.recommender import Recommendation
 
 # GET's query parameters: any other name is refused (a misspelt filter must not be ignored)
-FILTER_PARAMETERS = ("genres", "exclude_genres", "year_min", "year_max", "exclude_items")
+FILTER_PARAMETERS = (
+    "genres",
+    "exclude_genres",
+    "year_min",
+    "year_max",
+    "attribute",
+    "exclude_attribute",
+    "exclude_items",
+)
 GET_PARAMETERS = frozenset({"k", "offset", "exclude_seen", "diversity", *FILTER_PARAMETERS})
 LIST = r"^[^,]+(,[^,]+)*$"  # comma-separated, no empty entry
 IDS = r"^\d{1,18}(,\d{1,18})*$"  # ids of up to 18 digits: an int64 each
@@ -50,6 +62,21 @@ async def get_filters(
     exclude_genres: Annotated[str | None, _listed("comma-separated: none of these genres")] = None,
     year_min: Year = None,
     year_max: Year = None,
+    attribute: Annotated[
+        list[Condition] | None,
+        Query(
+            max_length=MAX_ATTRIBUTES,
+            description="name:value,value (repeatable): at least one of these values of the "
+            "attribute named, e.g. attribute=colour:red,blue; a name no item has is 422",
+        ),
+    ] = None,
+    exclude_attribute: Annotated[
+        list[Condition] | None,
+        Query(
+            max_length=MAX_ATTRIBUTES,
+            description="name:value,value (repeatable): none of these values",
+        ),
+    ] = None,
     exclude_items: Annotated[
         str | None, _listed("comma-separated item ids never to return", IDS)
     ] = None,
@@ -73,6 +100,8 @@ async def get_filters(
             exclude_genres=_split(exclude_genres),
             year_min=year_min,
             year_max=year_max,
+            attributes=conditions(attribute),
+            exclude_attributes=conditions(exclude_attribute),
             exclude_items=[int(i) for i in _split(exclude_items)],
         )
     except ValidationError as err:  # a genre too long, too many ids
@@ -84,7 +113,9 @@ async def get_filters(
 def router(guards: Guards) -> APIRouter:
     routes = APIRouter(dependencies=guards.read, responses=GUARDED | INVALID_FIELDS)
 
-    @routes.get("/recommend/{user_id}", response_model=RecommendResponse)
+    @routes.get(
+        "/recommend/{user_id}", response_model=RecommendResponse, responses=UNKNOWN_ATTRIBUTES
+    )
     async def recommend_user(
         user_id: UserIdInPath,
         state: StateDep,
@@ -110,7 +141,9 @@ def router(guards: Guards) -> APIRouter:
         return _response(user_id, rec, filters, degraded=read.degraded)
 
     @routes.post(
-        "/recommend", response_model=RecommendResponse, responses=JSON_BODY | UNKNOWN_ITEMS
+        "/recommend",
+        response_model=RecommendResponse,
+        responses=JSON_BODY | UNKNOWN_ITEMS_OR_ATTRIBUTES,
     )
     async def recommend_history(body: HistoryRequest, state: StateDep) -> RecommendResponse:
         """The top ``k`` items for a history given in the body (raw item ids, oldest first; the
@@ -136,6 +169,8 @@ def _spec(filters: Filters) -> ItemFilter:
         frozenset(filters.exclude_genres),
         filters.year_min,
         filters.year_max,
+        named(filters.attributes),
+        named(filters.exclude_attributes),
     )
 
 
@@ -152,12 +187,12 @@ def _query(
     """The engine's query: ``seen``, switched-off items and the filter's excluded ids never
     returned, and only the catalogue items that pass its attribute conditions (searched inside
     the index)."""
-    off = state.availability.off  # switched off (PATCH /items)
+    off = state.patches.off  # switched off (PATCH /items)
     if filters is None:
         excluded = {*seen, *off} if off else seen
         return RecQuery(user_id, history, excluded, k, offset, diversity=diversity)
     spec = _spec(filters)
-    only = state.catalogue.attributes().passing(spec) if spec else None
+    only = state.catalogue.attributes(state.patches.changes).passing(spec) if spec else None
     excluded = {*seen, *off, *filters.exclude_items}
     return RecQuery(user_id, history, excluded, k, offset, only, diversity)
 

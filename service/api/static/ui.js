@@ -7,9 +7,19 @@ const userId = decodeURIComponent(location.pathname.split("/").pop());
 const itemInfo = new Map(); // item id -> Promise of {item_id, title, image_url}
 // The item explained: the one in the URL, else the current top recommendation.
 let explained = Number(new URLSearchParams(location.search).get("item_id")) || null;
-// Filters in the page's URL (?genres=Comedy&year_min=1990, as GET /recommend takes them) go
-// with every /recommend the page makes, so the page shows a filtered list.
-const FILTERS = ["genres", "exclude_genres", "year_min", "year_max", "exclude_items", "diversity"];
+// Filters in the page's URL (?genres=Comedy&year_min=1990&attribute=colour:red, as GET
+// /recommend takes them) go with every /recommend the page makes, so the page shows a
+// filtered list.
+const FILTERS = [
+  "genres",
+  "exclude_genres",
+  "year_min",
+  "year_max",
+  "attribute",
+  "exclude_attribute",
+  "exclude_items",
+  "diversity",
+];
 const filters = new URLSearchParams(
   [...new URLSearchParams(location.search)].filter(([name]) => FILTERS.includes(name)),
 );
