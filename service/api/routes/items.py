@@ -179,6 +179,25 @@ ADD_RESPONSES = {
 }
 
 
+GenresField = Annotated[
+    str,
+    Form(
+        max_length=1000,
+        pattern=TITLE_PATTERN,
+        description="|-separated, as in items.csv (e.g. Animation|Children's)",
+    ),
+]
+AttributeFields = Annotated[
+    list[Condition],
+    Form(
+        max_length=MAX_ATTRIBUTES,
+        description="another attribute for filters, name:value,value (repeatable), e.g. "
+        "attribute=colour:red,blue and attribute=brand:Acme; not genres, year or title, "
+        "which are its own",
+    ),
+]
+
+
 def router(guards: Guards) -> APIRouter:
     # a title is UTF-8 or refused, not re-read
     routes = APIRouter(route_class=StrictForms, responses=INVALID_FIELDS)
@@ -275,33 +294,18 @@ async def add_item(
     item_id: Annotated[int, Form(ge=0, le=MAX_ITEM_ID)],
     image: Annotated[UploadFile, File(description="the item's image: JPEG, PNG, GIF or WebP")],
     title: Annotated[str, Form(max_length=1000, pattern=TITLE_PATTERN)] = "",
-    genres: Annotated[
-        str,
-        Form(
-            max_length=1000,
-            pattern=TITLE_PATTERN,
-            description="|-separated, as in items.csv (e.g. Animation|Children's)",
-        ),
-    ] = "",
-    attribute: Annotated[
-        list[Condition],
-        Form(
-            max_length=MAX_ATTRIBUTES,
-            description="another attribute for filters, name:value,value (repeatable), e.g. "
-            "attribute=colour:red,blue and attribute=brand:Acme; not genres, year or title, "
-            "which are its own",
-        ),
-    ] = [],  # noqa: B006 (FastAPI copies it)
+    genres: GenresField = "",
+    attribute: AttributeFields = [],  # noqa: B006 (FastAPI copies it)
 ) -> AddedItemResponse:
     """Add an item from its image (multipart form: ``item_id``, ``image``, optional
-    ``title`` and ``genres``; admin key). The serving backbone turns the image into the
-    model's components, the item is scored from its image (and, by a model trained with
-    metadata, its genres and title: ``genres_read`` and ``title_read`` say which it
-    knows), and it is recommendable, explainable and on the page as soon as this answers
-    201; it is stored so that a restart, a reloaded model and every replica have it too.
-    Sending the same image, title and genres under the same id again answers 201 too (a
-    safe retry); another item under a taken id is 409. A title or genre with control
-    characters or bidirectional overrides is 422."""
+    ``title``, ``genres`` and ``attribute`` fields; admin key). The serving backbone turns the
+    image into the model's components, the item is scored from its image (and, by a model
+    trained with metadata, its genres and title: ``genres_read`` and ``title_read`` say which
+    it knows), and it is recommendable, explainable, on the page and filterable by its
+    attributes as soon as this answers 201; it is stored so that a restart, a reloaded model
+    and every replica have it too. Sending the same image, title, genres and attributes under
+    the same id again answers 201 too (a safe retry); another item under a taken id is 409.
+    A title, genre or attribute with control characters or bidirectional overrides is 422."""
     started = time.perf_counter()
     items, slot = state.items, state.models
     data = await image.read(items.max_image_bytes + 1)
