@@ -29,8 +29,7 @@ import httpx
 import numpy as np
 
 from benchmarks.serve_load import recommend_script, server, wrk
-from harness.catalogues import dataset_catalogue
-from service.config import Settings
+from harness.catalogues import dataset_catalogue, trained_catalogue
 from service.index.item_index import INDEX_KINDS
 from service.model.feature_store import META_FILE, FeatureMeta
 from service.runtime import keep_freed_memory
@@ -90,30 +89,20 @@ def main() -> None:
         sys.exit("wrk is not installed: apt-get install wrk (or make bench-serve)")
     keep_freed_memory()
     rng = np.random.default_rng(0)
+    if args.million is not None:
+        catalogue, source, index = trained_catalogue(args.million), None, args.index or "hnsw"
+    else:
+        catalogue = dataset_catalogue(args.data, args.work_dir)
+        source, index = args.data, args.index or "flat"
+    meta = FeatureMeta.from_json((catalogue.settings.features / META_FILE).read_text())
+    item_ids, histories = meta.item_ids, catalogue.histories
     with tempfile.TemporaryDirectory() as tmp:
-        if args.million is not None:
-            work = args.million
-            meta = FeatureMeta.from_json((work / META_FILE).read_text())
-            settings = Settings(
-                checkpoint=work / "acf.pt",
-                features=work,
-                device="auto",
-                environment="development",
-                rate_limit_per_s=0,
-            )
-            histories_file = work / "histories.json"
-            item_ids, source, index = meta.item_ids, None, args.index or "hnsw"
-        else:
-            catalogue = dataset_catalogue(args.data, args.work_dir)
-            settings = catalogue.settings
-            histories_file = Path(tmp) / "histories.json"
-            histories_file.write_text(json.dumps(catalogue.histories))
-            meta = FeatureMeta.from_json((settings.features / META_FILE).read_text())
-            item_ids, source, index = meta.item_ids, args.data, args.index or "flat"
+        histories_file = Path(tmp) / "histories.json"
+        histories_file.write_text(json.dumps(histories))
         shelves = write_catalogue(Path(tmp) / "data", item_ids, source, rng)
-        histories = json.loads(histories_file.read_text())
         users = sorted(histories)
-        settings = settings.model_copy(update={"data": Path(tmp) / "data", "index": index})
+        update = {"data": Path(tmp) / "data", "index": index}
+        settings = catalogue.settings.model_copy(update=update)
         print(
             f"{os.cpu_count()} CPUs; {len(item_ids):,} items, index {index}; wrk, 1 connection, "
             f"{args.seconds} s each, GET /recommend/{{user}}?k={K} for random known users",

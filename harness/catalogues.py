@@ -1,5 +1,6 @@
 """The catalogues a benchmark or a test serves: a dataset's, trained as `visrec-serve` trains
-it, or a synthetic one of any size (random features and a randomly initialised ACF)."""
+it, a synthetic one of any size (random features and a randomly initialised ACF), or the
+trained million-item one `benchmarks/million.py` builds."""
 
 from __future__ import annotations
 
@@ -85,3 +86,16 @@ def synthetic_catalogue(
         rate_limit_per_s=0,
     )
     return Catalogue(f"synthetic {n_items:,} items", settings, histories)
+
+
+def trained_catalogue(work: Path) -> Catalogue:
+    """What ``benchmarks/million.py`` built and trained in ``work`` (``acf.pt``, its features,
+    ``histories.json``), served on the GPU when there is one, as that benchmark serves it."""
+    settings = Settings(
+        checkpoint=work / "acf.pt",
+        features=work,
+        device="auto",
+        environment="development",
+        rate_limit_per_s=0,
+    )
+    return Catalogue(work.name, settings, json.loads((work / "histories.json").read_text()))

@@ -29,8 +29,6 @@ from service.model.tags import YEAR
 GENRES = "genres"
 YEAR_NAME = "year"  # filtered by range (year_min, year_max), never by value
 Named = tuple[tuple[str, frozenset[str]], ...]  # (name, values), sorted by name
-# An item's attributes: name -> values, ``year`` excepted
-Values = Mapping[str, Iterable[str]]
 # What PATCH changed of each item: name -> values, or ``year`` -> a year
 Changes = Mapping[int, Mapping[str, tuple[str, ...] | int]]
 
