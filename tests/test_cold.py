@@ -27,8 +27,8 @@ from service.offline.experiments.cold import (
     text_scores,
     warm_prepared,
 )
+from service.offline.experiments.cold_page import cold_section
 from service.offline.experiments.plan import ColdPlan, Plan, Row
-from service.offline.experiments.report import cold_section
 from service.offline.training.config import TrainConfig
 from service.offline.training.pipeline import Prepared, fit
 from service.offline.training.runner import Runner

@@ -191,6 +191,16 @@ def test_reproduce_writes_both_protocols_for_every_row_and_seed(
     assert served.model == ("sasrec" if results["served"] == "sasrec" else "acf")
     assert served.validation["nDCG@20"] == max(validation[results["served"]])
     assert f"**Served.** `{results['served']}`" in page
+    # The page's goal: the ACF row best on validation (not on test) against SASRec
+    contest = results["best_acf_against_sasrec_95"]
+    assert contest["acf"] == max(("acf", "acf_tutorial"), key=lambda r: np.mean(validation[r]))
+    for protocol in ("seed", "standard"):
+        rows = results["protocols"][protocol]
+        mean, low, high = contest["difference"][protocol]["nDCG@20"]
+        assert low <= mean <= high
+        assert mean == pytest.approx(rows[contest["acf"]]["nDCG@20"] - rows["sasrec"]["nDCG@20"])
+    assert f"**Best ACF variant against SASRec.** `{contest['acf']}`" in page
+    assert results["synthetic"]["best_acf_against_sasrec_95"] is None  # no SASRec row there
     # The served run's diversity re-rank, at each setting the page lists
     assert [r["diversity"] for r in results["diversity_standard"]] == [0.0, 0.25, 0.5, 0.75]
     assert "## Diversity (protocol `standard`)" in page

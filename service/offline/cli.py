@@ -26,10 +26,10 @@ from service.offline.data.dataset import DatasetError, load_dataset
 from service.offline.data.features import extract_features
 from service.offline.evaluation.evaluate import PROTOCOLS, evaluate, holdout_task
 from service.offline.evaluation.metrics import HEADLINE, summarise
+from service.offline.experiments.figures import signed_interval
 from service.offline.experiments.generalise import generalise
 from service.offline.experiments.plan import DEFAULT_PLAN, load_plan
 from service.offline.experiments.plots import plot_history
-from service.offline.experiments.report import signed_interval
 from service.offline.experiments.reproduce import reproduce
 from service.offline.experiments.results import ModelRun
 from service.offline.experiments.sweep import best_settings, load_sweep, sweep

@@ -26,8 +26,8 @@ import numpy as np
 
 from service.offline.data.dataset import Split, busiest_cut, split_at, user_disjoint
 from service.offline.evaluation.metrics import HEADLINE, Interval
+from service.offline.experiments.figures import interval, signed_interval
 from service.offline.experiments.plan import Plan, Row
-from service.offline.experiments.report import interval, signed_interval
 from service.offline.experiments.reproduce import compare, prepare_with_features, run_rows
 from service.offline.experiments.results import Comparison
 from service.offline.experiments.sweep import Settings, SweepPlan, best_settings, sweep

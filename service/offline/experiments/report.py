@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from service.model.checkpoint import SERVED_FILE
 from service.offline.evaluation.diversity import DiversityRow
 from service.offline.evaluation.metrics import HEADLINE, Interval
-from service.offline.experiments.cold import RANKINGS, ColdComparison
-from service.offline.experiments.results import Comparison
+from service.offline.experiments.cold import ColdComparison
+from service.offline.experiments.cold_page import cold_json, cold_section
+from service.offline.experiments.figures import interval, names, signed_interval, triples
+from service.offline.experiments.results import Comparison, Contest
 from service.offline.training.config import SERVING_METRIC, reads_user_key
 
 if TYPE_CHECKING:
-    from service.offline.experiments.plan import ColdPlan, Plan
+    from service.offline.experiments.plan import Plan
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ def results_json(report: Report) -> dict[str, Any]:
                 for p, rows in c.summary.items()
             },
             "spread_over_seeds": c.spread,
-            "difference_to_reference_95": {p: _triples(rows) for p, rows in c.diffs.items()},
+            "difference_to_reference_95": {p: triples(rows) for p, rows in c.diffs.items()},
             "heatmaps": {r.name: r.heatmaps for r in c.rows if r.heatmaps},
             "new_items_precision_at_20": {
                 m: [iv.mean, iv.low, iv.high] for m, iv in c.new_items.items()
@@ -73,8 +74,8 @@ def results_json(report: Report) -> dict[str, Any]:
             "tail_standard": {
                 b.label: {
                     "users": b.users,
-                    "rows": _triples(b.summary),
-                    "difference_to_reference_95": _triples(b.diffs),
+                    "rows": triples(b.summary),
+                    "difference_to_reference_95": triples(b.diffs),
                 }
                 for b in c.tail
             },
@@ -82,6 +83,7 @@ def results_json(report: Report) -> dict[str, Any]:
                 m: [iv.mean, iv.low, iv.high] for m, iv in c.new_items_diffs.items()
             },
             "runs": _runs_json(c),
+            "best_acf_against_sasrec_95": _contest_json(c.contest),
         }
 
     return {
@@ -97,8 +99,14 @@ def results_json(report: Report) -> dict[str, Any]:
         "jobs": report.jobs,
         "settings_chosen": report.chosen,
         "served": report.served,
-        "cold": _cold_json(report.cold) if report.cold else None,
+        "cold": cold_json(report.cold) if report.cold else None,
     }
+
+
+def _contest_json(contest: Contest | None) -> dict[str, Any] | None:
+    if contest is None:
+        return None
+    return {"acf": contest.acf, "sasrec": contest.sasrec, "difference": triples(contest.diffs)}
 
 
 def _runs_json(c: Comparison) -> list[dict[str, Any]]:
@@ -117,30 +125,6 @@ def _runs_json(c: Comparison) -> list[dict[str, Any]]:
     ]
 
 
-def _triples(rows: dict[str, dict[str, Interval]]) -> dict[str, dict[str, list[float]]]:
-    """row -> metric -> [mean, low, high]"""
-    return {m: {k: [iv.mean, iv.low, iv.high] for k, iv in t.items()} for m, t in rows.items()}
-
-
-def _cold_json(c: ColdComparison) -> dict[str, Any]:
-    return {
-        "reference": c.reference,
-        "test_users": c.test_users,
-        "test_items": c.test_items,
-        "warm_items": c.warm_items,
-        "target_share": c.target_share,
-        "seconds": c.seconds,
-        "rankings": {ranking: _triples(rows) for ranking, rows in c.summary.items()},
-        "difference_to_reference_95": {
-            ranking: _triples(rows) for ranking, rows in c.diffs.items()
-        },
-        "rows": {
-            r.name: {"exposure": r.exposure, "validation_ndcg20": r.validation, "s": r.seconds}
-            for r in c.rows
-        },
-    }
-
-
 def results_markdown(report: Report) -> str:
     main, plan = report.main, report.plan
     ref = plan.reference
@@ -148,6 +132,7 @@ def results_markdown(report: Report) -> str:
     lines += ["## What wins", ""]
     for protocol in ("standard", "seed"):
         lines += [f"**Protocol `{protocol}`.** " + " ".join(_verdict(main, protocol, ref)), ""]
+    lines += _contest(main.contest)
     lines += _served(report)
     for protocol in ("standard", "seed"):
         lines += _protocol_section(main, protocol, ref)
@@ -214,6 +199,28 @@ def _served(report: Report) -> list[str]:
     ]
 
 
+def _contest(contest: Contest | None) -> list[str]:
+    """The page's goal: the best ACF variant ahead of SASRec, both metrics, both protocols."""
+    if contest is None:
+        return []
+    figures = "; ".join(
+        f"`{p}` " + ", ".join(f"{k} {signed_interval(diffs[k])}" for k in HEADLINE)
+        for p, diffs in contest.diffs.items()
+    )
+    ahead = all(d[k].low > 0 for d in contest.diffs.values() for k in HEADLINE)
+    return [
+        f"**Best ACF variant against SASRec.** `{contest.acf}` (of the ACF rows, the best on "
+        f"`standard` validation) − `{contest.sasrec}`, paired over users: {figures}. "
+        + (
+            "Ahead on both metrics under both protocols (every interval above zero)."
+            if ahead
+            else "Not ahead on both metrics under both protocols (an interval reaches zero "
+            "or below): the goal of ACF ahead of SASRec is not met on this data."
+        ),
+        "",
+    ]
+
+
 def _verdict(c: Comparison, protocol: str, ref: str) -> list[str]:
     """Sentences: who the reference beats, matches and loses to on the headline metrics."""
     ahead, level, behind = [], [], []
@@ -228,12 +235,12 @@ def _verdict(c: Comparison, protocol: str, ref: str) -> list[str]:
     out = []
     if ahead:
         out.append(
-            f"`{ref}` is ahead of {_names(ahead)} on both R@20 and nDCG@20, with the 95% "
+            f"`{ref}` is ahead of {names(ahead)} on both R@20 and nDCG@20, with the 95% "
             "paired interval of the difference above zero."
         )
     if level:
         out.append(
-            f"`{ref}` cannot be told apart from {_names(level)} on at least one of them (the "
+            f"`{ref}` cannot be told apart from {names(level)} on at least one of them (the "
             "interval includes zero)."
         )
     if behind:
@@ -246,15 +253,10 @@ def _verdict(c: Comparison, protocol: str, ref: str) -> list[str]:
             )
             for n in behind
         )
-        out.append(f"`{ref}` loses to {_names(behind)}: {details}.")
+        out.append(f"`{ref}` loses to {names(behind)}: {details}.")
     best = max(c.summary[protocol], key=lambda n: c.summary[protocol][n]["nDCG@20"].mean)
     out.append(f"Highest mean nDCG@20: `{best}`.")
     return out
-
-
-def _names(names: Sequence[str]) -> str:
-    quoted = [f"`{n}`" for n in names]
-    return quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " and " + quoted[-1]
 
 
 def _protocol_section(c: Comparison, protocol: str, ref: str) -> list[str]:
@@ -399,105 +401,6 @@ def _tail_section(c: Comparison, ref: str) -> list[str]:
     return [*lines, ""]
 
 
-def cold_section(c: ColdComparison, cold: ColdPlan) -> list[str]:
-    """The cold-item protocol: new items known only by their poster."""
-    ref = c.reference
-    lines = [
-        "## New items known only by their poster (cold-item protocol)",
-        "",
-        f"{cold.share:.0%} of the items with interactions are held out (drawn with seed "
-        f"{cold.seed}), half for validation and half for test ({c.test_items} items); every "
-        f"row is trained on the other {c.warm_items}, with seeds {_seeds(c)}. The "
-        f"{c.test_users} users who chose "
-        "held-out test items have all of them as targets and their last 9 warm items as "
-        "profile. A trained row gets the held-out items after training through "
-        "`ServingModel.with_items`, the code `POST /items` runs, so these are the scores a user "
-        "of the API gets. Rankings: **cold**, the held-out test items among themselves; "
-        "**all**, the warm catalogue with them added (a user's warm items removed), what the "
-        "service shows; **warm**, `standard` on the warm items, what the cold gain costs. "
-        "**Exposure**: held-out items' share of users' top 20 in the *all* ranking over their "
-        f"share of the targets ({c.target_share:.1%}); below 0.5x buries them, above 2x "
-        "floods the lists. **Validation**: the cold ranking's nDCG@20 on the validation half, "
-        "where settings are chosen. Baselines rank the cold items only: random; genres only "
-        "(the share of the profile with each of a candidate's genres); title and genres "
-        "(TF-IDF of their words, cosine with the profile's mean); image only (cosine of "
-        "the candidate's mean image feature with the profile's); the metadata rows' ties are "
-        "broken at random. Mean over seeds [95% bootstrap interval over users].",
-        "",
-        "| row | cold R@20 | cold nDCG@20 | all R@20 | all nDCG@20 | exposure | warm R@20 "
-        "| warm nDCG@20 | validation nDCG@20 |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in c.rows:
-        cells = [
-            interval(c.summary[k][r.name][m]) if r.name in c.summary[k] else "—"
-            for k in RANKINGS
-            for m in HEADLINE
-        ]
-        exposure = f"{r.mean_exposure:.2f}x" if r.exposure else "—"
-        cells.insert(4, exposure)
-        validation = f"{sum(r.validation) / len(r.validation):.4f}"
-        lines.append(f"| `{r.name}` | " + " | ".join(cells) + f" | {validation} |")
-    lines += [
-        "",
-        f"`{ref}` − row, paired over the same users:",
-        "",
-        "| row | " + " | ".join(f"{k} {m}" for k in RANKINGS for m in HEADLINE) + " |",
-        "|---|" + "---|" * 6,
-    ]
-    for r in c.rows:
-        if r.name == ref:
-            continue
-        cells = [
-            signed_interval(c.diffs[k][r.name][m]) if r.name in c.diffs[k] else "—"
-            for k in RANKINGS
-            for m in HEADLINE
-        ]
-        lines.append(f"| `{r.name}` | " + " | ".join(cells) + " |")
-    return [*lines, "", *_cold_verdict(c), ""]
-
-
-def _seeds(c: ColdComparison) -> str:
-    return ", ".join(map(str, c.seeds))
-
-
-def _cold_verdict(c: ColdComparison) -> list[str]:
-    """The issue's goals for new items, met or not, in words."""
-    ref, cold = c.reference, c.diffs["cold"]
-    baselines = [n for n in cold if n not in c.summary["all"]]
-    won = [n for n in baselines if all(cold[n][m].low > 0 for m in HEADLINE)]
-    lost = [n for n in baselines if n not in won]
-    out = []
-    if won:
-        out.append(
-            f"Cold only: `{ref}` ranks the new items better than {_names(won)} on both R@20 "
-            "and nDCG@20 (paired interval above zero)."
-        )
-    if lost:
-        out.append(
-            f"Cold only: **`{ref}` is not ahead of {_names(lost)}** with the interval above "
-            "zero on both metrics."
-        )
-    exposure = next(r for r in c.rows if r.name == ref).mean_exposure
-    verdict = "buries them" if exposure < 0.5 else "floods the lists" if exposure > 2 else ""
-    out.append(
-        f"All: `{ref}` shows the new items {exposure:.2f}x as often as users chose them: "
-        + (f"it **{verdict}**" if verdict else "neither buried nor flooding")
-        + " (goal 0.5x–2x)."
-    )
-    for r in c.rows:
-        if r.name == ref or r.name not in c.summary["all"]:
-            continue
-        iv, warm = cold[r.name]["nDCG@20"], c.diffs["warm"][r.name]
-        out.append(
-            f"`{ref}` − `{r.name}`: cold-only nDCG@20 {signed_interval(iv)}; warm "
-            f"{warm['nDCG@20'].mean:+.4f} nDCG@20, {warm['R@20'].mean:+.4f} R@20 (goal for "
-            f"warm items: no worse than −0.005); `{r.name}` shows new items "
-            f"{r.mean_exposure:.2f}x."
-        )
-    return [" ".join(out)]
-
-
 def _heatmap_section(report: Report) -> list[str]:
     lines = [
         "## Where the component attention looks",
@@ -589,11 +492,3 @@ def _comparisons(report: Report) -> list[Comparison]:
 
 def _cell(iv: Interval, sd: float) -> str:
     return f"{iv.mean:.4f} ± {sd:.4f} [{iv.low:.4f}, {iv.high:.4f}]"
-
-
-def interval(iv: Interval) -> str:
-    return f"{iv.mean:.4f} [{iv.low:.4f}, {iv.high:.4f}]"
-
-
-def signed_interval(iv: Interval) -> str:
-    return f"{iv.mean:+.4f} [{iv.low:+.4f}, {iv.high:+.4f}]"

@@ -47,7 +47,13 @@ from service.offline.experiments.report import (
     results_json,
     results_markdown,
 )
-from service.offline.experiments.results import Comparison, ModelRun, RowResult, TailBucket
+from service.offline.experiments.results import (
+    Comparison,
+    Contest,
+    ModelRun,
+    RowResult,
+    TailBucket,
+)
 from service.offline.training.config import FITTED, SERVING_METRIC, TrainConfig
 from service.offline.training.pipeline import Prepared, prepare, to_checkpoint
 from service.offline.training.runner import Runner
@@ -318,7 +324,31 @@ def compare(
         if n != plan.reference and plan.reference in ranked
     }
     buckets = [] if tail is None else _tail(results, reference, tail, plan, rng)
-    return Comparison(dataset, results, summary, spread, diffs, new_items, new_diffs, buckets)
+    contest = _contest(results, plan, rng)
+    return Comparison(
+        dataset, results, summary, spread, diffs, new_items, new_diffs, buckets, contest
+    )
+
+
+def _contest(results: list[RowResult], plan: Plan, rng: np.random.Generator) -> Contest | None:
+    """The ACF row best on `standard` validation (the test split chooses nothing) against
+    the SASRec row, paired over users under each protocol; None without both."""
+
+    def of(model: str) -> list[RowResult]:
+        return [r for r in results if r.runs and r.runs[0].config.get("model") == model]
+
+    acf, sasrec = of("acf"), of("sasrec")
+    if not acf or not sasrec:
+        return None
+    best = max(acf, key=lambda r: r.validation)
+    diffs: dict[str, dict[str, Interval]] = {
+        p: {
+            k: paired_bootstrap(v, sasrec[0].pooled(p)[k], rng=rng, n_resamples=plan.n_resamples)
+            for k, v in best.pooled(p).items()
+        }
+        for p in PROTOCOLS
+    }
+    return Contest(best.name, sasrec[0].name, diffs)
 
 
 def _tail(

@@ -68,6 +68,17 @@ class Comparison:
     new_items: dict[str, Interval] = field(default_factory=dict)
     new_items_diffs: dict[str, Interval] = field(default_factory=dict)
     tail: list[TailBucket] = field(default_factory=list)  # `standard`, by target popularity
+    contest: Contest | None = None  # the best ACF variant against SASRec
+
+
+@dataclass(frozen=True)
+class Contest:
+    """The ACF row best on `standard` validation against the SASRec row: what the page's
+    goal asks (ACF ahead on both headline metrics under both protocols)."""
+
+    acf: str
+    sasrec: str
+    diffs: dict[str, dict[str, Interval]]  # protocol -> metric: acf - sasrec, paired over users
 
 
 @dataclass(frozen=True)
