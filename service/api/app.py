@@ -17,6 +17,7 @@ from service.api.metrics import Metrics, TimedRequests
 from service.api.routes import (
     admin,
     explanations,
+    feedback,
     interactions,
     items,
     operations,
@@ -63,6 +64,7 @@ def create_app(
     for router in (
         recommendations.router(guards),
         interactions.router(guards),
+        feedback.router(guards),
         explanations.router(guards),
         items.router(guards),
         admin.router(guards, roots=settings.reload_roots()),

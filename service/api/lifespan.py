@@ -15,6 +15,7 @@ from pathlib import Path
 from starlette.concurrency import run_in_threadpool
 
 from service.api.batcher import MicroBatcher
+from service.api.feedback import Feedback
 from service.api.items import Items
 from service.api.metrics import Metrics
 from service.api.patches import Patches
@@ -34,6 +35,7 @@ from service.model.feature_store import load_features
 from service.registry import Current, Registry, follow
 from service.runtime import pick_device, torch_threads
 from service.store.epoch import EpochWatch
+from service.store.feedback import FeedbackLog, MemoryFeedback, RedisFeedback
 from service.store.items import DirectoryItemStore, ItemStore, MemoryItemStore, RedisItemStore
 from service.store.journal import Journal
 from service.store.memory import MemoryProfileStore
@@ -60,11 +62,7 @@ async def serving(
     data set, :mod:`service.store.epoch`), and the tasks that keep them current."""
     items = await run_in_threadpool(_items, settings)
     items.on_loss = metrics.items_lost.inc
-    patches = Patches.of(_table(settings, "off", "switched-off"), _table(settings, "changes"))
-    try:
-        await patches.refresh()
-    except StoreUnavailable as err:  # read again every PATCH_POLL_S once it answers
-        log.warning("starting without the items' changes: the store is down (%s)", err)
+    patches = await _patches(settings)
     registry = registry_of(settings)
     if preloaded is None:
         source, current = await run_in_threadpool(start_source, settings, registry)
@@ -80,31 +78,61 @@ async def serving(
     except StoreUnavailable as err:  # the periodic sync picks them up once it answers
         log.warning("starting without the added items: the item store is down (%s)", err)
     store, name, watch = _profile_store(settings, metrics, profiles)
-    try:
-        if watch is not None:  # Redis: the histories go in once per data set
-            await watch.start()
-        elif profiles:
-            await store.load(profiles)
-    except StoreUnavailable as err:  # serve degraded reads; the watch sets Redis up later
-        log.warning("starting while Redis is down (%s): reads are degraded until it answers", err)
-    # Everything loaded so far lives as long as the app: keep it out of the cyclic garbage
-    # collector's full passes, whose pauses were the p99 of a loaded server.
-    gc.freeze()
+    await _fill(store, watch, profiles)
+    gc.freeze()  # what lives as long as the app, out of full GC passes (a loaded p99's pauses)
     tasks = _keeping_current(settings, registry, items, models, catalogue, watch, current)
     tasks.append(asyncio.create_task(patches.keep_current()))
+    feedback = Feedback(_feedback_log(settings), metrics)
     try:
         window = settings.batch_window_ms / 1000
         with reload_on_hangup(models, asyncio.get_running_loop()):
             # The batcher asks the slot, so a batch runs on the engine current at its start.
             async with MicroBatcher(models.recommend, window_s=window) as batcher:
-                yield State(models, store, name, batcher, watch, items, patches, catalogue, metrics)
+                yield State(
+                    models,
+                    store,
+                    name,
+                    batcher,
+                    watch,
+                    items,
+                    patches,
+                    catalogue,
+                    metrics,
+                    feedback,
+                )
     finally:
         for task in tasks:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+        await feedback.close()
         await store.close()
         await items.store.close()
         await patches.close()
+
+
+async def _patches(settings: Settings) -> Patches:
+    """What PATCH /items set, as the store holds it now (or, while it is down, nothing until
+    it answers: read again every PATCH_POLL_S)."""
+    patches = Patches.of(_table(settings, "off", "switched-off"), _table(settings, "changes"))
+    try:
+        await patches.refresh()
+    except StoreUnavailable as err:
+        log.warning("starting without the items' changes: the store is down (%s)", err)
+    return patches
+
+
+async def _fill(
+    store: ResilientStore, watch: EpochWatch | None, profiles: Mapping[str, Sequence[int]] | None
+) -> None:
+    """The dataset's histories into the profile store: Redis once per data set (the watch),
+    this process's store at every start."""
+    try:
+        if watch is not None:
+            await watch.start()
+        elif profiles:
+            await store.load(profiles)
+    except StoreUnavailable as err:  # serve degraded reads; the watch sets Redis up later
+        log.warning("starting while Redis is down (%s): reads are degraded until it answers", err)
 
 
 def _profile_store(
@@ -191,6 +219,22 @@ def _table(settings: Settings, name: str, file: str | None = None) -> ItemTable:
     if settings.items_dir is not None:
         return FileTable(settings.items_dir / f"{file or name}.json")
     return MemoryTable()
+
+
+def _feedback_log(settings: Settings) -> FeedbackLog | None:
+    """Where answers are kept for POST /feedback: beside the profiles (Redis, every replica
+    sees them), else in this process; None when feedback is off."""
+    window = settings.feedback_window_s
+    if not window:
+        return None
+    if settings.redis_url:
+        return RedisFeedback.from_url(
+            settings.redis_url,
+            prefix=settings.redis_prefix,
+            window_s=window,
+            deadline_s=settings.redis_write_timeout_ms / 1000,
+        )
+    return MemoryFeedback(window_s=window)
 
 
 async def _sync_items(items: Items, slot: ModelSlot, catalogue: Catalogue, every_s: float) -> None:

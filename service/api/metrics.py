@@ -58,6 +58,25 @@ class Metrics:
             buckets=BUCKETS,
             registry=self.registry,
         )
+        self.impressions = Counter(
+            "visrec_feedback_impressions",
+            "Items shown (POST /feedback), once per answer and item, by model version and arm",
+            ["version", "arm"],
+            registry=self.registry,
+        )
+        self.clicks = Counter(
+            "visrec_feedback_clicks",
+            "Items chosen (POST /feedback), once per answer and item, by model version, arm "
+            "and rank in the answer (1-20, then 21+)",
+            ["version", "arm", "rank"],
+            registry=self.registry,
+        )
+        self.answers_unkept = Counter(
+            "visrec_feedback_answers_unkept",
+            "Answers whose request_id the feedback store did not take (down): feedback on "
+            "them is refused as unknown",
+            registry=self.registry,
+        )
         self.store_stage = self.stages.labels("store")  # reading the user's profile
         self.model_stage = self.stages.labels("model")  # their micro-batch of the model
 

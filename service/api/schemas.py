@@ -59,6 +59,14 @@ class RecommendResponse(BaseModel):
         "answer has min(k, passing - offset) items",
     )
     reason: str | None = Field(None, description="why the answer is empty, when it is")
+    request_id: str | None = Field(
+        None,
+        description="names this answer in POST /feedback (what was shown and clicked), for "
+        "VISREC_FEEDBACK_WINDOW_S seconds; null when feedback is off",
+    )
+    arm: str | None = Field(
+        None, description="the experiment arm that answered; null while no experiment runs"
+    )
 
 
 MAX_FILTER_VALUES = 1000  # genres or excluded item ids in one filter
@@ -205,6 +213,50 @@ class InteractionsRequest(Body):
 class InteractionsResponse(BaseModel):
     received: int
     applied: int
+
+
+RequestId = Annotated[
+    str, StringConstraints(pattern=r"^[0-9a-f]{32}$"), Field(description="an answer's request_id")
+]
+
+
+class FeedbackRequest(Body):
+    """What a user did with one answer: the items shown to them and those they chose. Each is
+    counted once per answer and item, so the same feedback may be sent again."""
+
+    request_id: RequestId
+    impressions: list[Integer] = Field(
+        default_factory=list,
+        max_length=MAX_K,
+        description="items of the answer shown to the user (clicked ones count as shown too)",
+    )
+    clicks: list[Integer] = Field(
+        default_factory=list,
+        max_length=MAX_K,
+        description="items of the answer the user chose: each also an interaction of theirs, "
+        "as POST /interactions records it (answers to a history sent in the body have no user)",
+    )
+
+
+class FeedbackResponse(BaseModel):
+    request_id: str
+    model_version: str = Field(description="of the model that gave the answer")
+    arm: str | None = Field(description="the experiment arm that gave it; null: none ran")
+    impressions: int = Field(description="impressions counted now (not counted before)")
+    clicks: int = Field(description="clicks counted now (not counted before)")
+    applied: int = Field(description="clicks newly applied to the user's profile")
+
+
+class FeedbackTotals(BaseModel):
+    model_version: str
+    arm: str | None
+    impressions: int
+    clicks: int
+    ctr: float | None = Field(description="clicks / impressions; null without impressions")
+    ctr_95: tuple[float, float] | None = Field(
+        description="95% (Wilson) interval of the click-through rate"
+    )
+    clicks_by_rank: dict[str, int] = Field(description="rank (1 = first item) -> clicks")
 
 
 class ProfileItem(BaseModel):
@@ -357,6 +409,25 @@ UNKNOWN_ITEMS_OR_ATTRIBUTES: Responses = {
         "description": "invalid fields, item ids the model does not know, or a filter naming "
         "attributes no item has",
     }
+}
+
+
+class UnknownRequest(Problem):
+    """No answer of that request_id within the feedback window: nothing was counted."""
+
+
+class ItemsNotInAnswer(Problem):
+    """Feedback about items the answer did not hold: nothing was counted."""
+
+    items: list[int]
+
+
+FEEDBACK_REFUSED: Responses = {
+    404: {"model": UnknownRequest, "description": "no such answer within the feedback window"},
+    422: {
+        "model": InvalidFields | ItemsNotInAnswer,
+        "description": "invalid fields, or items the answer did not hold; nothing was counted",
+    },
 }
 
 # POST /interactions: what UNKNOWN_ITEMS says, and event times and ids it refuses.

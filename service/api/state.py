@@ -10,6 +10,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from service.api.batcher import MicroBatcher
+from service.api.feedback import Feedback
 from service.api.items import Items
 from service.api.metrics import Metrics
 from service.api.patches import Patches
@@ -31,6 +32,7 @@ class State:
     patches: Patches  # items switched off, attributes changed (PATCH /items)
     catalogue: Catalogue  # titles and images, for the page
     metrics: Metrics
+    feedback: Feedback  # answers named for POST /feedback
 
     @property
     def engine(self) -> Recommender:

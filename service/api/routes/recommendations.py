@@ -138,7 +138,8 @@ def router(guards: Guards) -> APIRouter:
         with state.metrics.model_stage.time():
             query = _query(state, user_id, profile.recent, seen, k, offset, filters, diversity)
             rec = await state.batcher.submit(query)
-        return _response(user_id, rec, filters, degraded=read.degraded)
+        named = state.feedback.name(user_id, rec)
+        return _response(user_id, rec, filters, degraded=read.degraded, request_id=named)
 
     @routes.post(
         "/recommend",
@@ -154,7 +155,8 @@ def router(guards: Guards) -> APIRouter:
         query = _query(
             state, None, body.history, seen, body.k, body.offset, body.filters, body.diversity
         )
-        return _response(None, await state.batcher.submit(query), body.filters)
+        rec = await state.batcher.submit(query)
+        return _response(None, rec, body.filters, request_id=state.feedback.name(None, rec))
 
     return routes
 
@@ -203,6 +205,7 @@ def _response(
     filters: Filters | None = None,
     *,
     degraded: bool = False,
+    request_id: str | None = None,
 ) -> RecommendResponse:
     pairs = zip(rec.items, rec.scores, strict=True)
     if rec.fallback:  # the engine ranks popular items by their interaction counts
@@ -217,6 +220,8 @@ def _response(
         degraded=degraded,
         passing=None if filters is None else rec.passing,
         reason=None if items else _why_empty(rec, filters),
+        request_id=request_id,
+        arm=None,  # no experiment runs yet
     )
 
 
