@@ -27,7 +27,7 @@ import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -44,7 +44,7 @@ from service.model.sasrec import SASRec
 from service.model.serving import SequenceServing, Serving, ServingModel
 from service.model.tables import compute_tables, ensure_tables, tables_folder
 from service.recommender import Query, Recommendation, Recommender
-from service.registry import VERSION_CHARS, Current, Registry
+from service.registry import VERSION_CHARS, Current, Experiment, Registry
 from service.runtime import pick_device
 from service.store.profiles import MAX_RECENT
 
@@ -220,18 +220,61 @@ class ReloadBusy(ReloadRefused):
 Loader = Callable[[Source], Recommender]
 
 
+@dataclass(frozen=True)
+class Trial:
+    """A running experiment and the engine of each of its arms (the serving engine itself
+    for an arm of the serving version)."""
+
+    experiment: Experiment
+    engines: dict[str, Recommender]
+
+
 class ModelSlot:
-    """The engine that serves now, and the one way to replace it."""
+    """The engine that serves now (and, during an experiment, its arms' engines), and the one
+    way to replace them."""
 
     def __init__(self, engine: Recommender, source: Source, load: Loader) -> None:
         self.engine = engine
         self.source = source
+        self.trial: Trial | None = None
         self._load = load
         self._reloading = asyncio.Lock()
 
     def recommend(self, queries: Sequence[Query]) -> list[Recommendation]:
-        """The micro-batcher's function: the batch runs on the engine current when it starts."""
-        return self.engine.recommend(queries)
+        """The micro-batcher's function: the batch runs on the engines current when it starts;
+        during an experiment each user's query on their arm's engine, the answer naming it."""
+        engine, trial = self.engine, self.trial
+        if trial is None:
+            return engine.recommend(queries)
+        arms = [trial.experiment.arm_of(q.user_id) for q in queries]
+        answered: dict[int, Recommendation] = {}
+        for arm in dict.fromkeys(arms):
+            where = [i for i, a in enumerate(arms) if a == arm]
+            answers = trial.engines[arm].recommend([queries[i] for i in where])
+            for i, rec in zip(where, answers, strict=True):
+                answered[i] = replace(rec, arm=trial.experiment.label(arm))
+        return [answered[i] for i in range(len(queries))]
+
+    async def run_experiment(
+        self, experiment: Experiment | None, files: dict[str, tuple[Path, Path]]
+    ) -> None:
+        """Serve each arm of ``experiment`` its version (loaded off the event loop, with the
+        items added while serving), or, for None, the serving engine to everyone again."""
+        if experiment is None:
+            self.trial = None
+            log.info("no experiment runs: every user gets %s", self.engine.version)
+            return
+        async with self._reloading:
+            engines = {}
+            for arm, (checkpoint, features) in files.items():
+                if checkpoint == self.source.checkpoint:
+                    engines[arm] = self.engine
+                else:
+                    engines[arm] = await asyncio.to_thread(
+                        self._build, Source(checkpoint, features)
+                    )
+            self.trial = Trial(experiment, engines)
+        log.info("experiment %s runs: %s", experiment.id, dict(experiment.arms))
 
     async def reload(self, checkpoint: Path | None = None, features: Path | None = None) -> Swap:
         """Build an engine from the given files (default: those of the serving engine, read
@@ -262,7 +305,14 @@ class ModelSlot:
         so neither is lost; an exception leaves the serving engine as it was."""
         async with self._reloading:
             engine = await asyncio.to_thread(change, self.engine)
-            self.engine = engine
+            trial = self.trial
+            if trial is not None:  # the arms' engines get the change too
+                changed = {
+                    arm: engine if e is self.engine else await asyncio.to_thread(change, e)
+                    for arm, e in trial.engines.items()
+                }
+                trial = Trial(trial.experiment, changed)
+            self.engine, self.trial = engine, trial
             gc.freeze()
         return engine
 

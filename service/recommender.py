@@ -42,6 +42,7 @@ class Recommendation:
     fallback: bool  # popular items: nothing was known about the user
     version: str  # of the model that ranked it (a reload may swap models between requests)
     passing: int | None = None  # items it could be answered from (filter, not excluded)
+    arm: str = ""  # the experiment arm that answered (``<experiment>/<arm>``); "": none runs
 
 
 # The masks (and the passing items' gathered vectors) an engine keeps for the filters it met

@@ -14,8 +14,8 @@ import pytest
 from fastapi.testclient import TestClient
 from redis import Redis
 
+from service.abtest import wilson
 from service.api.app import create_app
-from service.api.routes.feedback import wilson
 from service.config import Settings
 from service.offline.bootstrap import histories
 from service.offline.data.dataset import load_dataset

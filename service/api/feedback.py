@@ -14,7 +14,6 @@ from service.api.metrics import Metrics
 from service.errors import Refused
 from service.recommender import Recommendation
 from service.store.feedback import (
-    NO_ARM,
     Answer,
     Counted,
     FeedbackLog,
@@ -36,14 +35,14 @@ class Feedback:
     metrics: Metrics
     _keeping: set[asyncio.Task[None]] = field(default_factory=set)
 
-    def name(self, user_id: str | None, rec: Recommendation, arm: str = NO_ARM) -> str | None:
+    def name(self, user_id: str | None, rec: Recommendation) -> str | None:
         """A new answer's request_id (None when feedback is off), its answer kept in the
         background: the reply does not wait for the store, and a store that cannot answer
         only makes feedback on this answer unknown (counted in /metrics)."""
         if self.log is None:
             return None
         request_id = secrets.token_hex(16)
-        answer = Answer(rec.version, arm, user_id, tuple(rec.items))
+        answer = Answer(rec.version, rec.arm, user_id, tuple(rec.items))
         task = asyncio.create_task(self._keep(self.log, request_id, answer))
         self._keeping.add(task)
         task.add_done_callback(self._keeping.discard)

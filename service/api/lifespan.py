@@ -260,4 +260,4 @@ async def _follow_registry(
             except ReloadBusy:  # an admin reload is running: ours comes after it
                 await asyncio.sleep(0.5)
 
-    await follow(registry, load, serving=serving, poll_s=poll_s)
+    await follow(registry, load, serving=serving, poll_s=poll_s, run=slot.run_experiment)

@@ -65,7 +65,9 @@ class RecommendResponse(BaseModel):
         "VISREC_FEEDBACK_WINDOW_S seconds; null when feedback is off",
     )
     arm: str | None = Field(
-        None, description="the experiment arm that answered; null while no experiment runs"
+        None,
+        description="the experiment arm that answered, <experiment id>/<arm> (visrec "
+        "experiment); null while no experiment runs",
     )
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -115,8 +116,8 @@ def write_tables(
 ) -> None:
     """Compute the tables chunk by chunk into ``folder``, whole or not at all: they are written
     beside it and renamed into place, so a concurrent reader never sees half of them."""
-    partial = folder.with_name(f".{folder.name}.{os.getpid()}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
+    # one writer's own (two engines of one process may build the same tables at once)
+    partial = folder.with_name(f".{folder.name}.{os.getpid()}.{secrets.token_hex(4)}.partial")
     partial.mkdir(parents=True)
     n, k, d = len(features), model.config.n_components, model.config.dim
     visual = model.config.visual == "score"

@@ -17,11 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from service.config import RegistrySettings
 from service.model.backbones import BACKBONES, DEFAULT_BACKBONE
 from service.model.checkpoint import SERVED, load_checkpoint, save_checkpoint
 from service.model.feature_store import FeatureError, load_features
-from service.model.tables import write_serving_tables
 from service.offline.data.dataset import DatasetError, load_dataset
 from service.offline.data.features import extract_features
 from service.offline.evaluation.evaluate import PROTOCOLS, evaluate, holdout_task
@@ -34,6 +32,12 @@ from service.offline.experiments.reproduce import reproduce
 from service.offline.experiments.results import ModelRun
 from service.offline.experiments.sweep import best_settings, load_sweep, sweep
 from service.offline.experiments.tune import DEFAULT_BUDGET, plan_for, tune
+from service.offline.registry_cli import (
+    Subcommands,
+    experiment_command,
+    publish_command,
+    rollback_command,
+)
 from service.offline.training import distributed
 from service.offline.training.config import TrainConfig
 from service.offline.training.pipeline import (
@@ -45,7 +49,6 @@ from service.offline.training.pipeline import (
 )
 from service.offline.training.runner import Runner, default_jobs
 from service.offline.training.train import as_scored
-from service.registry import Registry
 from service.runtime import keep_freed_memory, pick_device
 
 log = logging.getLogger("visrec")
@@ -134,51 +137,6 @@ def _train_and_save(args: argparse.Namespace, config: TrainConfig, device: torch
 
 def _figures(validation: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.4f}" for k, v in validation.items() if "@" in k)
-
-
-def _registry(args: argparse.Namespace) -> Registry:
-    if args.registry is None or not args.redis_url:
-        raise ValueError(
-            "say where the registry is: --registry DIR and --redis-url URL (or "
-            "VISREC_REGISTRY and VISREC_REDIS_URL, as the service reads them)"
-        )
-    return Registry(args.registry, args.redis_url, args.redis_prefix)
-
-
-def _publish(args: argparse.Namespace) -> None:
-    registry = _registry(args)
-    version = registry.store(args.checkpoint, args.features)
-    write_serving_tables(*registry.files(version))  # before it serves: replicas only read them
-    current = registry.make_current(version)
-    print(
-        f"published {current.version} (generation {current.generation}): every replica "
-        "following the registry loads it now"
-    )
-
-
-def _rollback(args: argparse.Namespace) -> None:
-    current = _registry(args).rollback()
-    print(f"rolled back to {current.version} (generation {current.generation})")
-
-
-def _registry_args(p: argparse.ArgumentParser) -> None:
-    env = RegistrySettings()
-    p.add_argument(
-        "--registry",
-        type=Path,
-        default=env.registry,
-        help="the registry's folder (default: $VISREC_REGISTRY)",
-    )
-    p.add_argument(
-        "--redis-url",
-        default=env.redis_url,
-        help="the Redis naming the current version (default: $VISREC_REDIS_URL)",
-    )
-    p.add_argument(
-        "--redis-prefix",
-        default=env.redis_prefix,
-        help="its keys' prefix (default: $VISREC_REDIS_PREFIX, else visrec)",
-    )
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -290,17 +248,15 @@ def _sweep(args: argparse.Namespace) -> None:
     print(f"sweep: {args.docs / 'sweep.md'}, {args.docs / 'sweep.json'}")
 
 
-Subcommands = argparse._SubParsersAction  # what add_subparsers returns
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="visrec", description=__doc__)
     sub = parser.add_subparsers(required=True, metavar="command")
     for add in (
         _features_command,
         _train_command,
-        _publish_command,
-        _rollback_command,
+        publish_command,
+        rollback_command,
+        experiment_command,
         _evaluate_command,
         _reproduce_command,
         _tune_command,
@@ -342,22 +298,6 @@ def _train_command(sub: Subcommands) -> None:
     )
     _config_flags(p)
     p.set_defaults(run=_train)
-
-
-def _publish_command(sub: Subcommands) -> None:
-    p = sub.add_parser(
-        "publish", help="add a checkpoint and its features to the model registry, as current"
-    )
-    p.add_argument("checkpoint", type=Path)
-    p.add_argument("--features", type=Path, required=True, help="the features it was trained on")
-    _registry_args(p)
-    p.set_defaults(run=_publish)
-
-
-def _rollback_command(sub: Subcommands) -> None:
-    p = sub.add_parser("rollback", help="make the registry's previous version current again")
-    _registry_args(p)
-    p.set_defaults(run=_rollback)
 
 
 def _evaluate_command(sub: Subcommands) -> None:

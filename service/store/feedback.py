@@ -31,13 +31,11 @@ from service.errors import ServiceError
 from service.store.redis.client import reaching, redis_client
 from service.store.redis.deadline import LoopLag
 
-NO_ARM = ""  # the arm of an answer given while no experiment runs
-
 
 @dataclass(frozen=True)
 class Answer:
     version: str  # of the model that ranked the items
-    arm: str  # NO_ARM: no experiment
+    arm: str  # "<experiment>/<arm>"; "": no experiment ran
     user_id: str | None  # None: a history sent in the body (no profile to add clicks to)
     items: tuple[int, ...]  # best first
 

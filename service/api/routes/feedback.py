@@ -3,10 +3,9 @@ against the model version and experiment arm that gave it; ``GET /feedback``: th
 
 from __future__ import annotations
 
-import math
-
 from fastapi import APIRouter
 
+from service.abtest import wilson
 from service.api.schemas import (
     FEEDBACK_REFUSED,
     GUARDED,
@@ -73,14 +72,3 @@ def _totals(version: str, arm: str, t: Totals) -> FeedbackTotals:
         ctr_95=wilson(t.clicks, t.impressions) if t.impressions else None,
         clicks_by_rank={str(r): n for r, n in sorted(t.by_rank.items())},
     )
-
-
-def wilson(successes: int, trials: int, z: float = 1.96) -> tuple[float, float]:
-    """The Wilson score interval of a proportion (95% for z = 1.96): unlike the normal
-    approximation it stays inside [0, 1] and is sound for rates near 0, as CTRs are."""
-    p = successes / trials
-    centre = (p + z * z / (2 * trials)) / (1 + z * z / trials)
-    half = (
-        z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)
-    )
-    return max(0.0, centre - half), min(1.0, centre + half)

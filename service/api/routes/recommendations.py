@@ -156,7 +156,8 @@ def router(guards: Guards) -> APIRouter:
             state, None, body.history, seen, body.k, body.offset, body.filters, body.diversity
         )
         rec = await state.batcher.submit(query)
-        return _response(None, rec, body.filters, request_id=state.feedback.name(None, rec))
+        named = state.feedback.name(None, rec)
+        return _response(None, rec, body.filters, request_id=named)
 
     return routes
 
@@ -221,7 +222,7 @@ def _response(
         passing=None if filters is None else rec.passing,
         reason=None if items else _why_empty(rec, filters),
         request_id=request_id,
-        arm=None,  # no experiment runs yet
+        arm=rec.arm or None,
     )
 
 
