@@ -13,7 +13,7 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 # redo it (~13 s) every time. `make install FORCE=1`, or deleting the stamp, redoes it.
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install reinstall browser haproxy serve test image-smoke lint reproduce tune generalise sweep bench bench-serve bench-reload bench-faults bench-fault-matrix bench-switches bench-filters bench-soak bench-workers bench-cluster bench-access-log bench-million bench-probe clean
+.PHONY: install reinstall browser haproxy serve test image-smoke lint reproduce tune generalise sweep bench bench-serve bench-reload bench-faults bench-fault-matrix bench-switches bench-stream bench-filters bench-soak bench-workers bench-cluster bench-access-log bench-million bench-probe clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -109,6 +109,10 @@ bench-fault-matrix: install haproxy
 # Items switched off (PATCH /items/{id}): how soon 3 replicas stop answering with them.
 bench-switches: install haproxy
 	$(BIN)/python -m benchmarks.switches
+
+# visrec-ingest: 1M events from a Redis Stream, 3 consumers, one SIGKILLed twice
+bench-stream: install
+	$(BIN)/python -m benchmarks.stream_ingest
 
 # GET /recommend through HTTP with filters that 50%, 5% and 0.1% of the items pass, against no
 # filter: on DATA, then on bench-million's catalogue (built by `make bench-million` first).

@@ -112,3 +112,16 @@ def test_the_replicas_profile_puts_haproxy_before_three_alike_replicas(
     assert {v.split(":")[0] for k, v in lb["environment"].items() if k in named} == set(replicas)
     assert '"${LB_BIND}"' in config and lb["environment"]["LB_BIND"].endswith(":8000")
     assert set(lb["depends_on"]) == set(replicas)
+
+
+def test_the_stream_consumer_runs_beside_the_api_on_its_redis_and_features(
+    compose: dict[str, Any],
+) -> None:
+    ingest, api = compose["services"]["ingest"], compose["services"]["api"]
+    assert ingest["entrypoint"] == ["visrec-ingest"] and ingest["profiles"] == ["stream"]
+    assert ingest["build"] == api["build"]
+    assert ingest["environment"]["VISREC_REDIS_URL"] == api["environment"]["VISREC_REDIS_URL"]
+    assert ingest["depends_on"]["api"] == {"condition": "service_healthy"}  # features built
+    runs = next(v for v in api["volumes"] if v.startswith("runs:")).split(":")[1]
+    assert ingest["volumes"] == [f"runs:{runs}:ro"]
+    assert ingest["environment"]["VISREC_FEATURES"].startswith(runs + "/")

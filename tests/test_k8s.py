@@ -141,3 +141,19 @@ def test_pods_run_as_the_images_non_root_user_on_a_read_only_root() -> None:
     registry = _one("ConfigMap", "visrec-settings")["data"]["VISREC_REGISTRY"]
     assert mounts[registry]["readOnly"] is True  # the model registry's volume
     assert [m for m in mounts.values() if not m.get("readOnly")] == [mounts["/tmp"]]
+
+
+def test_the_stream_consumers_run_beside_the_api_on_its_settings_and_registry() -> None:
+    ingest = _one("Deployment", "visrec-ingest")
+    pod = ingest["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["command"] == ["visrec-ingest"]
+    assert container["envFrom"] == [{"configMapRef": {"name": "visrec-settings"}}]
+    assert pod["securityContext"] == POD["securityContext"]
+    assert container["securityContext"] == CONTAINER["securityContext"]
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    config = _one("ConfigMap", "visrec-settings")["data"]
+    assert mounts[config["VISREC_REGISTRY"]]["readOnly"] is True  # which items exist
+    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]
+              if "persistentVolumeClaim" in v}  # fmt: skip
+    assert claims[mounts[config["VISREC_REGISTRY"]]["name"]] == "visrec-models"
