@@ -127,7 +127,7 @@ class Settings(RegistrySettings):
     registry_poll_s: Annotated[float, Field(gt=0, le=60)] = 2.0
     items_sync_s: Annotated[float, Field(ge=0)] = 2.0
     # Each /recommend answer is kept this long under its request_id for POST /feedback (in
-    # Redis when configured: ~40 bytes an item, so ~1 KB an answer of 20; 0: feedback off).
+    # Redis when configured: 360 bytes for an answer of 20 items; 0: feedback off).
     feedback_window_s: Annotated[float, Field(ge=0, le=30 * 86400)] = 3600.0
     max_image_bytes: Annotated[int, Field(ge=1024)] = 10 * 1_048_576
     max_image_pixels: Annotated[int, Field(ge=1)] = 40_000_000

@@ -109,7 +109,7 @@ class MemoryFeedback:
     """This process's answers, the last ``max_answers`` of those within ``window_s``."""
 
     def __init__(
-        self, *, window_s: float, max_answers: int = 200_000, clock: Callable[[], float] = time.time
+        self, *, window_s: float, max_answers: int = 50_000, clock: Callable[[], float] = time.time
     ) -> None:
         self.window_s = window_s
         self._max = max_answers
