@@ -143,7 +143,8 @@ def run(r: redis.Redis, url: str, stream: str, features: Path, args: argparse.Na
     procs = [consumer() for _ in range(args.consumers)]
     started = time.perf_counter()
     kills = [args.events // 3, 2 * args.events // 3]
-    recoveries: list[tuple[str, float]] = []  # (killed consumer, seconds until its entries acked)
+    # (killed consumer, its entries pending at the kill, seconds until they were acknowledged)
+    recoveries: list[tuple[str, int, float]] = []
     try:
         while True:
             g = group(r, stream)
@@ -154,10 +155,11 @@ def run(r: redis.Redis, url: str, stream: str, features: Path, args: argparse.Na
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
                 killed_at = time.perf_counter()
+                left = pending_of(r, stream, name)
                 procs.append(consumer())
                 while pending_of(r, stream, name):
                     time.sleep(0.05)
-                recoveries.append((name, time.perf_counter() - killed_at))
+                recoveries.append((name, left, time.perf_counter() - killed_at))
             if g and read == args.events and int(g["pending"]) == 0:
                 break
             time.sleep(0.05)
@@ -171,8 +173,11 @@ def run(r: redis.Redis, url: str, stream: str, features: Path, args: argparse.Na
         f"{args.consumers} consumers: {args.events:,} events read and acknowledged in "
         f"{seconds:.1f} s: {args.events / seconds:,.0f} events/s"
     )
-    for name, took in recoveries:
-        print(f"consumer {name} SIGKILLed: its pending entries all acknowledged {took:.1f} s later")
+    for name, left, took in recoveries:
+        print(
+            f"consumer {name} SIGKILLed with {left:,} entries pending: all acknowledged by the "
+            f"others {took:.1f} s later"
+        )
 
 
 if __name__ == "__main__":
