@@ -255,6 +255,14 @@ class ModelSlot:
                 answered[i] = replace(rec, arm=trial.experiment.label(arm))
         return [answered[i] for i in range(len(queries))]
 
+    def serving(self, user_id: str | None) -> tuple[Recommender, str]:
+        """The engine that answers ``user_id`` now, and its arm's label ("": no experiment)."""
+        trial = self.trial
+        if trial is None:
+            return self.engine, ""
+        arm = trial.experiment.arm_of(user_id)
+        return trial.engines[arm], trial.experiment.label(arm)
+
     async def run_experiment(
         self, experiment: Experiment | None, files: dict[str, tuple[Path, Path]]
     ) -> None:

@@ -118,6 +118,8 @@ def test_every_user_is_served_and_counted_by_their_arm_until_the_winner_is_promo
                 assert body["arm"] == f"{experiment.id}/{arm}"
                 assert body["model_version"].endswith(a if arm == "A" else b)
             item = body["items"][0]["item_id"]
+            why = one.get(f"/explain/{user}", params={"item_id": item}).json()  # the same model
+            assert (why["arm"], why["model_version"]) == (body["arm"], body["model_version"])
             clicked = one.post(
                 "/feedback", json={"request_id": body["request_id"], "clicks": [item]}
             )

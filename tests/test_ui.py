@@ -321,3 +321,38 @@ def test_the_page_shows_a_filtered_list_and_keeps_its_filter(
     page = _settled(browser, lambda p: p["target"] == clicked, f"the explanation of {clicked}")
     assert f"genres={other}" in page["url"] and f"item_id={clicked}" in page["url"]
     assert page["recs"] == [r["item_id"] for r in expected["items"]]
+
+
+def test_the_experiments_page_shows_what_post_feedback_counted(
+    locked_server: str, browser: webdriver.Chrome
+) -> None:
+    api = httpx.Client(base_url=locked_server, headers={"X-API-Key": KEY})
+    answer = api.get("/recommend/3", params={"k": 10}).json()
+    shown = [i["item_id"] for i in answer["items"]]
+    body = {"request_id": answer["request_id"], "impressions": shown[:6], "clicks": [shown[1]]}
+    assert api.post("/feedback", json=body).status_code == 200
+    (expected,) = [
+        t for t in api.get("/feedback").json() if t["model_version"] == answer["model_version"]
+    ]
+
+    browser.get(f"{locked_server}/ui/experiments")
+    WebDriverWait(browser, 20).until(
+        lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-busy") == "false"
+    )
+    assert "API key" in browser.find_element(By.ID, "status").text  # reads need the key
+    browser.find_element(By.CSS_SELECTOR, "#api-key input[name=key]").send_keys(KEY)
+    browser.find_element(By.CSS_SELECTOR, "#api-key button").click()
+    WebDriverWait(browser, 20).until(lambda b: b.find_elements(By.CSS_SELECTOR, "#totals tbody tr"))
+    row = browser.find_element(By.CSS_SELECTOR, "#totals tbody tr")
+    cells = [c.text for c in row.find_elements(By.TAG_NAME, "td")]
+    low, high = expected["ctr_95"]
+    assert cells[:5] == [
+        answer["model_version"],
+        "none",
+        f"{expected['impressions']:,}",
+        f"{expected['clicks']:,}",
+        f"{expected['ctr']:.4f} [{low:.4f}, {high:.4f}]",
+    ]
+    assert cells[5].split()[1] == str(expected["clicks_by_rank"]["2"])  # the click at rank 2
+    ARTIFACTS.mkdir(exist_ok=True)
+    browser.save_screenshot(str(ARTIFACTS / "ui-experiments.png"))

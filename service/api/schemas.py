@@ -293,6 +293,9 @@ class ExplainResponse(BaseModel):
         "first; empty for a model without metadata"
     )
     model_version: str
+    arm: str | None = Field(
+        None, description="the experiment arm whose model explains (as /recommend answers)"
+    )
 
 
 class Ready(BaseModel):

@@ -46,7 +46,8 @@ async def _explain(
     state: State, user_id: str | None, history: Sequence[int], item_id: int
 ) -> ExplainResponse:
     """The attentions behind ``item_id`` over the profile that ``/recommend`` ranks with."""
-    engine = state.engine  # one model for the whole answer, also across a reload
+    # one model for the whole answer, also across a reload: the one /recommend ranks with
+    engine, arm = state.models.serving(user_id)
     why = await run_in_threadpool(engine.explain, user_id, history, item_id)
     heatmaps = why.component_attention
     profile = [
@@ -66,4 +67,5 @@ async def _explain(
         profile=profile,
         tags=[SharedTag(tag=t, attention=a) for t, a in why.tags.items()],
         model_version=engine.version,
+        arm=arm or None,
     )
