@@ -13,7 +13,7 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 # redo it (~13 s) every time. `make install FORCE=1`, or deleting the stamp, redoes it.
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install reinstall browser haproxy serve test image-smoke lint reproduce tune generalise sweep bench bench-serve bench-reload bench-faults bench-fault-matrix bench-switches bench-stream bench-filters bench-soak bench-workers bench-cluster bench-access-log bench-million bench-probe clean
+.PHONY: install reinstall browser haproxy serve test image-smoke lint reproduce tune generalise sweep bench bench-serve bench-reload bench-faults bench-fault-matrix bench-switches bench-stream bench-freshness bench-filters bench-soak bench-workers bench-cluster bench-access-log bench-million bench-probe clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -113,6 +113,11 @@ bench-switches: install haproxy
 # visrec-ingest: 1M events from a Redis Stream, 3 consumers, one SIGKILLed twice
 bench-stream: install
 	$(BIN)/python -m benchmarks.stream_ingest
+
+# From an event accepted (POST /interactions, XADD) to a /recommend that reflects it, under load
+bench-freshness: install
+	command -v wrk >/dev/null || apt-get install -y wrk
+	$(BIN)/python -m benchmarks.freshness
 
 # GET /recommend through HTTP with filters that 50%, 5% and 0.1% of the items pass, against no
 # filter: on DATA, then on bench-million's catalogue (built by `make bench-million` first).
