@@ -1,0 +1,260 @@
+"""A/B between registry versions, checked against a simulated population whose click model is
+known.
+
+The synthetic world's users each have a favourite kind (the most frequent in their history).
+Shown an answer's first ``SHOWN`` items, a simulated user clicks each item of their favourite
+kind with probability ``P_FAVOURITE`` and any other with ``P_OTHER``, independently; so every
+impression has a known click probability, and an arm's expected CTR is their mean. Two
+versions in a registry: the served ACF of the world (good) and a SASRec trained on the world's
+interactions with the items shuffled (deliberately worse: it knows nothing of kinds). Two
+``visrec-serve`` replicas follow the registry behind HAProxy (its third server slot points at
+the second replica); all traffic goes through HAProxy: ``GET /recommend`` of a random user,
+then ``POST /feedback`` with what was shown and clicked.
+
+``--runs`` experiments of each kind, each with a new experiment id (so a new draw of users):
+**A/B** (A = worse, the control; B = good, 50/50): a pilot of ``--pilot`` visits, then the
+visits the report asks for ("about N more impressions needed", if it cannot tell yet); then the
+report's verdict must name B, and each arm's expected CTR must lie in its measured CTR's 95%
+interval. **A/A** (both arms the good version), the same number of visits as the A/B run
+before it: the report must not name a winner (allowed: 1 of 20). Printed: per run the visits,
+the CTRs and the verdict; then the counts against the goals.
+
+    .venv/bin/python -m benchmarks.ab_simulation [--runs 20] [--pilot 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+
+from harness.processes import SERVE, free_port, wait_for
+from harness.redis_servers import RedisServer
+from service.abtest import verdicts, wilson
+from service.model.checkpoint import save_checkpoint
+from service.offline.training.config import TrainConfig
+from service.offline.training.pipeline import fit, prepare, to_checkpoint
+from service.registry import Experiment, Registry
+from service.store.feedback import RedisFeedback, Totals
+
+ROOT = Path(__file__).resolve().parents[1]
+HAPROXY = "/usr/sbin/haproxy"
+PREFIX = "ab"
+SHOWN = 5
+P_FAVOURITE, P_OTHER = 0.30, 0.02
+MAX_VISITS = 20_000  # a run that asks for more is reported, not run
+
+
+def favourites(world: Path) -> tuple[dict[str, str], dict[int, str]]:
+    """(user -> favourite kind, item -> kind)"""
+    with (world / "items.csv").open() as f:
+        kinds = {int(row["item_id"]): row["genres"] for row in csv.DictReader(f)}
+    seen: dict[str, Counter[str]] = {}
+    with (world / "interactions.csv").open() as f:
+        for row in csv.DictReader(f):
+            seen.setdefault(row["user_id"], Counter())[kinds[int(row["item_id"])]] += 1
+    return {u: c.most_common(1)[0][0] for u, c in seen.items()}, kinds
+
+
+def worse_model(world: Path, features: Path, folder: Path) -> Path:
+    """A SASRec trained on the world's interactions with every item replaced at random."""
+    shuffled = folder / "shuffled-world"
+    shuffled.mkdir()
+    shutil.copy(world / "items.csv", shuffled / "items.csv")
+    (shuffled / "images").symlink_to((world / "images").resolve())
+    rng = np.random.default_rng(0)
+    with (world / "interactions.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    items = [r["item_id"] for r in rows]
+    rng.shuffle(items)
+    with (shuffled / "interactions.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["user_id", "item_id", "timestamp"])
+        w.writeheader()
+        w.writerows({**r, "item_id": i} for r, i in zip(rows, items, strict=True))
+    prepared = prepare(shuffled, features)
+    config = replace(TrainConfig(), model="sasrec", dim=16, epochs=3)
+    result = fit(prepared, config, device=torch.device("cpu"), progress=False)
+    checkpoint = folder / "worse.pt"
+    save_checkpoint(checkpoint, to_checkpoint(prepared, result, config))
+    return checkpoint
+
+
+class Population:
+    def __init__(self, url: str, favourite: dict[str, str], kinds: dict[int, str], seed: int):
+        self.client = httpx.Client(base_url=url, timeout=30)
+        self.favourite, self.kinds = favourite, kinds
+        self.users = sorted(favourite)
+        self.rng = np.random.default_rng(seed)
+        self.expected: dict[str, list[float]] = {}  # arm -> click probability per impression
+
+    def visit(self) -> None:
+        user = str(self.rng.choice(self.users))
+        answer = self.client.get(f"/recommend/{user}", params={"k": SHOWN}).json()
+        shown = [i["item_id"] for i in answer["items"]]
+        p = [P_FAVOURITE if self.kinds[i] == self.favourite[user] else P_OTHER for i in shown]
+        clicks = [i for i, q in zip(shown, p, strict=True) if self.rng.random() < q]
+        self.expected.setdefault(answer["arm"], []).extend(p)
+        body = {"request_id": answer["request_id"], "impressions": shown, "clicks": clicks}
+        self.client.post("/feedback", json=body).raise_for_status()
+
+
+def counts(url: str, experiment: Experiment) -> dict[str, Totals]:
+    async def read() -> dict[tuple[str, str], Totals]:
+        log = RedisFeedback.from_url(url, prefix=PREFIX, window_s=3600, deadline_s=5.0)
+        try:
+            return await log.totals()
+        finally:
+            await log.close()
+
+    prefix = experiment.label("")
+    return {
+        a.removeprefix(prefix): t
+        for (_, a), t in asyncio.run(read()).items()
+        if a.startswith(prefix)
+    }
+
+
+def run_experiment(
+    registry: Registry,
+    arms: list[tuple[str, str]],
+    visits: int,
+    population: Population,
+    redis_url: str,
+) -> tuple[Experiment, int, dict[str, Totals]]:
+    """Start an experiment, wait until both replicas route by it, send ``visits`` (or, with
+    visits < 0, a pilot of -visits and then what the report asks for)."""
+    experiment = registry.start_experiment(arms, [50, 50])
+    deadline = time.monotonic() + 30
+    while not all(
+        (population.client.get(f"/recommend/{u}").json()["arm"] or "").startswith(experiment.id)
+        for u in population.users[:10]
+    ):
+        assert time.monotonic() < deadline, "the replicas did not start the experiment"
+        time.sleep(0.2)
+    population.expected = {}
+    sent = 0
+    target = abs(visits)
+    while sent < target:
+        population.visit()
+        sent += 1
+        if sent == target and visits < 0:
+            (verdict,) = verdicts(experiment, counts(redis_url, experiment))
+            more = verdict.more_impressions or 0
+            if verdict.winner is None and more and sent + more // SHOWN <= MAX_VISITS:
+                target += -(-more // SHOWN)
+    return experiment, sent, counts(redis_url, experiment)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--pilot", type=int, default=200, help="visits before the first report")
+    parser.add_argument("--work-dir", type=Path, default=Path("runs"))
+    args = parser.parse_args()
+    from service.offline.bootstrap import prepare_serving
+
+    dataset, features, good = prepare_serving(None, args.work_dir, torch.device("cpu"))
+    favourite, kinds = favourites(dataset.root)
+    with tempfile.TemporaryDirectory(dir=args.work_dir) as folder:
+        work = Path(folder)
+        worse = worse_model(dataset.root, features, work)
+        server = RedisServer(work, fsync="off")
+        server.start()
+        registry = Registry(work / "registry", server.url, PREFIX)
+        g = registry.publish(good, features).version
+        w = registry.store(worse, features)
+        procs, lb = start(dataset.root, args.work_dir, server.url, registry.root)
+        try:
+            simulate(args, registry, lb, g, w, favourite, kinds, server.url)
+        finally:
+            for p in procs:
+                p.terminate()
+            for p in procs:
+                p.wait(timeout=30)
+            server.kill()
+
+
+def start(
+    world: Path, work: Path, redis_url: str, registry: Path
+) -> tuple[list[subprocess.Popen[bytes]], str]:
+    env = {
+        **os.environ,
+        "VISREC_REDIS_URL": redis_url,
+        "VISREC_REDIS_PREFIX": PREFIX,
+        "VISREC_REGISTRY": str(registry),
+        "VISREC_ENVIRONMENT": "development",
+        "VISREC_RATE_LIMIT_PER_S": "0",
+    }
+    ports = [free_port(), free_port()]
+    procs = []
+    for i, port in enumerate(ports):
+        command = [SERVE, str(world), "--work-dir", str(work), "--port", str(port)]
+        command += ["--load-profiles"] if i == 0 else []
+        procs.append(subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL))
+        wait_for(f"http://127.0.0.1:{port}/readyz", procs, timeout_s=600)
+    lb_port = free_port()
+    replicas = [f"127.0.0.1:{p}" for p in ports]
+    lb_env = {**os.environ, "LB_BIND": f"127.0.0.1:{lb_port}", "REPLICA_1": replicas[0],
+              "REPLICA_2": replicas[1], "REPLICA_3": replicas[1]}  # fmt: skip
+    procs.append(subprocess.Popen(
+        [HAPROXY, "-db", "-f", str(ROOT / "docker" / "haproxy.cfg")], env=lb_env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    ))  # fmt: skip
+    lb = f"http://127.0.0.1:{lb_port}"
+    wait_for(f"{lb}/healthz", procs)
+    time.sleep(1.5)  # both replicas' health checks have passed
+    return procs, lb
+
+
+def simulate(
+    args: argparse.Namespace,
+    registry: Registry,
+    lb: str,
+    good: str,
+    worse: str,
+    favourite: dict[str, str],
+    kinds: dict[int, str],
+    redis_url: str,
+) -> None:
+    right = aa_winners = inside = checked = 0
+    for run in range(args.runs):
+        population = Population(lb, favourite, kinds, seed=run)
+        arms = [("A", worse), ("B", good)]
+        experiment, sent, got = run_experiment(registry, arms, -args.pilot, population, redis_url)
+        (verdict,) = verdicts(experiment, got)
+        right += verdict.winner == "B"
+        for arm in ("A", "B"):
+            expected = float(np.mean(population.expected[experiment.label(arm)]))
+            low, high = wilson(got[arm].clicks, got[arm].impressions)
+            inside += low <= expected <= high
+            checked += 1
+        ctr = {a: got[a].clicks / got[a].impressions for a in ("A", "B")}
+        print(f"A/B run {run}: {sent} visits, CTR A {ctr['A']:.4f} B {ctr['B']:.4f}: {verdict}")
+        population.rng = np.random.default_rng(1000 + run)
+        copies = [("A", good), ("B", good)]
+        same, _, same_got = run_experiment(registry, copies, sent, population, redis_url)
+        (aa,) = verdicts(same, same_got)
+        aa_winners += aa.winner is not None
+        print(f"A/A run {run}: {sent} visits: {aa}")
+    registry.stop_experiment()
+    print(
+        f"A/B: the better arm named in {right} of {args.runs} runs (goal: all); each arm's "
+        f"expected CTR inside its measured 95% interval in {inside} of {checked}; A/A: a "
+        f"winner named in {aa_winners} of {args.runs} runs (goal: at most 1 of 20)"
+    )
+
+
+if __name__ == "__main__":
+    main()
