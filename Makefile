@@ -110,9 +110,11 @@ bench-fault-matrix: install haproxy
 bench-switches: install haproxy
 	$(BIN)/python -m benchmarks.switches
 
-# visrec-ingest: 1M events from a Redis Stream, 3 consumers, one SIGKILLed twice
+# visrec-ingest: 1M events from a Redis Stream, 3 consumers, one SIGKILLed twice; then a live
+# stream of 10,000 events/s and its lag around a SIGKILL
 bench-stream: install
 	$(BIN)/python -m benchmarks.stream_ingest
+	$(BIN)/python -m benchmarks.stream_lag
 
 # From an event accepted (POST /interactions, XADD) to a /recommend that reflects it, under load
 bench-freshness: install
