@@ -33,7 +33,7 @@ import subprocess
 import tempfile
 import time
 from collections import Counter
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import httpx
@@ -160,6 +160,52 @@ def run_experiment(
     return experiment, sent, counts(redis_url, experiment)
 
 
+@dataclass
+class Outcome:
+    runs: int
+    right: int = 0  # A/B runs whose verdict named B
+    inside: int = 0  # arms whose expected CTR lay inside their measured 95% interval
+    checked: int = 0
+    aa_winners: int = 0  # A/A runs that named a winner
+    routed: list[float] = field(default_factory=list)  # seconds until every replica routed
+
+    def __str__(self) -> str:
+        return (
+            f"A/B: the better arm named in {self.right} of {self.runs} runs (goal: all); each "
+            f"arm's expected CTR inside its measured 95% interval in {self.inside} of "
+            f"{self.checked}; A/A: a winner named in {self.aa_winners} of {self.runs} runs "
+            f"(goal: at most 1 of 20)\nevery replica routing by a new experiment after: median "
+            f"{np.median(self.routed):.2f} s, max {max(self.routed):.2f} s "
+            f"({len(self.routed)} starts)"
+        )
+
+
+def simulation(
+    world: Path, features: Path, good: Path, work: Path, runs: int, pilot: int
+) -> Outcome:
+    """The whole check on ``world`` (its features, its good checkpoint), replicas started with
+    ``--work-dir work``; scratch files in a folder of ``work`` removed after."""
+    favourite, kinds = favourites(world)
+    with tempfile.TemporaryDirectory(dir=work) as folder:
+        scratch = Path(folder)
+        worse = worse_model(world, features, scratch)
+        server = RedisServer(scratch, fsync="off")
+        server.start()
+        registry = Registry(scratch / "registry", server.url, PREFIX)
+        g = registry.publish(good, features).version
+        w = registry.store(worse, features)
+        procs, lb, replicas = start(world, work, server.url, registry.root)
+        try:
+            population = Population(lb, favourite, kinds, seed=0)
+            return simulate(registry, replicas, (w, g), population, server.url, runs, pilot)
+        finally:
+            for p in procs:
+                p.terminate()
+            for p in procs:
+                p.wait(timeout=30)
+            server.kill()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=20)
@@ -169,24 +215,7 @@ def main() -> None:
     from service.offline.bootstrap import prepare_serving
 
     dataset, features, good = prepare_serving(None, args.work_dir, torch.device("cpu"))
-    favourite, kinds = favourites(dataset.root)
-    with tempfile.TemporaryDirectory(dir=args.work_dir) as folder:
-        work = Path(folder)
-        worse = worse_model(dataset.root, features, work)
-        server = RedisServer(work, fsync="off")
-        server.start()
-        registry = Registry(work / "registry", server.url, PREFIX)
-        g = registry.publish(good, features).version
-        w = registry.store(worse, features)
-        procs, lb, replicas = start(dataset.root, args.work_dir, server.url, registry.root)
-        try:
-            simulate(args, registry, lb, replicas, g, w, favourite, kinds, server.url)
-        finally:
-            for p in procs:
-                p.terminate()
-            for p in procs:
-                p.wait(timeout=30)
-            server.kill()
+    print(simulation(dataset.root, features, good, args.work_dir, args.runs, args.pilot))
 
 
 def start(
@@ -222,51 +251,41 @@ def start(
 
 
 def simulate(
-    args: argparse.Namespace,
     registry: Registry,
-    lb: str,
     replicas: list[str],
-    good: str,
-    worse: str,
-    favourite: dict[str, str],
-    kinds: dict[int, str],
+    versions: tuple[str, str],  # (worse, good)
+    population: Population,
     redis_url: str,
-) -> None:
-    right = aa_winners = inside = checked = 0
-    routed: list[float] = []  # seconds from each start until every replica routed by it
-    for run in range(args.runs):
-        population = Population(lb, favourite, kinds, seed=run)
+    runs: int,
+    pilot: int,
+) -> Outcome:
+    worse, good = versions
+    out = Outcome(runs)
+    for run in range(runs):
+        population.rng = np.random.default_rng(run)
         arms = [("A", worse), ("B", good)]
         experiment, sent, got = run_experiment(
-            registry, replicas, routed, arms, -args.pilot, population, redis_url
+            registry, replicas, out.routed, arms, -pilot, population, redis_url
         )
         (verdict,) = verdicts(experiment, got)
-        right += verdict.winner == "B"
+        out.right += verdict.winner == "B"
         for arm in ("A", "B"):
             expected = float(np.mean(population.expected[experiment.label(arm)]))
             low, high = wilson(got[arm].clicks, got[arm].impressions)
-            inside += low <= expected <= high
-            checked += 1
+            out.inside += low <= expected <= high
+            out.checked += 1
         ctr = {a: got[a].clicks / got[a].impressions for a in ("A", "B")}
         print(f"A/B run {run}: {sent} visits, CTR A {ctr['A']:.4f} B {ctr['B']:.4f}: {verdict}")
         population.rng = np.random.default_rng(1000 + run)
         copies = [("A", good), ("B", good)]
         same, _, same_got = run_experiment(
-            registry, replicas, routed, copies, sent, population, redis_url
+            registry, replicas, out.routed, copies, sent, population, redis_url
         )
         (aa,) = verdicts(same, same_got)
-        aa_winners += aa.winner is not None
+        out.aa_winners += aa.winner is not None
         print(f"A/A run {run}: {sent} visits: {aa}")
     registry.stop_experiment()
-    print(
-        f"A/B: the better arm named in {right} of {args.runs} runs (goal: all); each arm's "
-        f"expected CTR inside its measured 95% interval in {inside} of {checked}; A/A: a "
-        f"winner named in {aa_winners} of {args.runs} runs (goal: at most 1 of 20)"
-    )
-    print(
-        f"every replica routing by a new experiment after: median {np.median(routed):.2f} s, "
-        f"max {max(routed):.2f} s ({len(routed)} starts)"
-    )
+    return out
 
 
 if __name__ == "__main__":
