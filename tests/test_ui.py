@@ -336,6 +336,8 @@ def test_the_experiments_page_shows_what_post_feedback_counted(
     ]
 
     browser.get(f"{locked_server}/ui/experiments")
+    browser.execute_script("sessionStorage.clear()")  # a key an earlier test gave this origin
+    browser.refresh()
     WebDriverWait(browser, 20).until(
         lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-busy") == "false"
     )
