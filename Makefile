@@ -13,7 +13,7 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 # redo it (~13 s) every time. `make install FORCE=1`, or deleting the stamp, redoes it.
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install reinstall browser haproxy serve test image-smoke lint reproduce tune generalise sweep bench bench-serve bench-reload bench-faults bench-fault-matrix bench-switches bench-stream bench-freshness bench-ab bench-filters bench-soak bench-workers bench-cluster bench-access-log bench-million bench-probe clean
+.PHONY: install reinstall browser haproxy serve test image-smoke lint reproduce tune generalise sweep bench bench-serve bench-reload bench-faults bench-fault-matrix bench-switches bench-stream bench-freshness bench-ab bench-feedback bench-filters bench-soak bench-workers bench-cluster bench-access-log bench-million bench-probe clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -120,6 +120,10 @@ bench-stream: install
 bench-freshness: install
 	command -v wrk >/dev/null || apt-get install -y wrk
 	$(BIN)/python -m benchmarks.freshness
+
+# POST /feedback at 300 requests/s of 20 items while Redis is SIGKILLed and restarted (AOF)
+bench-feedback: install
+	$(BIN)/python -m benchmarks.feedback_faults
 
 # A/B through HAProxy and 2 replicas against a simulated population with a known click model
 bench-ab: install haproxy

@@ -2,16 +2,17 @@
 every feedback acknowledged in the end, and nothing counted lost or twice.
 
 A Redis of its own with its AOF fsynced on every write, and ``visrec-serve --workers 2`` of the
-synthetic world over it. First ``--answers`` answers of ``GET /recommend`` (k = 5) are asked
-for; then feedback on them is sent at ``--rate`` requests a second (each: the 5 items shown, a
-click on one of them in one request of five) for ``--seconds``; at a third of the way Redis
-is SIGKILLed and started again ``--down`` seconds later (it reads its AOF back). A feedback
-answered 503 is sent again after its Retry-After, as the API asks of clients; any other status
-is an error. Printed: events (impressions and clicks) a second sent and acknowledged, errors,
-retries, and the check: the counts Redis holds afterwards (``GET /feedback``) against the
-distinct (answer, item) impressions and clicks that were acknowledged.
+synthetic world over it. First ``--answers`` answers of ``GET /recommend`` are asked for, each
+of ``--shown`` items (default 20, a page of results); then feedback on them is sent at
+``--rate`` requests a second (each: the items shown, and a click on one of them in one request
+of five) for ``--seconds``; at a third of the way Redis is SIGKILLed and started again
+``--down`` seconds later (it reads its AOF back). A feedback answered 503 is sent again after
+its Retry-After, as the API asks of clients; any other status is an error. Printed: events
+(impressions and clicks) a second acknowledged, errors, retries, and the check: the counts
+Redis holds afterwards (``GET /feedback``) against the distinct (answer, item) impressions and
+clicks that were acknowledged.
 
-    .venv/bin/python -m benchmarks.feedback_faults [--rate 1000] [--seconds 20] [--down 2]
+    .venv/bin/python -m benchmarks.feedback_faults [--rate 300] [--shown 20] [--seconds 20]
 """
 
 from __future__ import annotations
@@ -29,8 +30,6 @@ import torch
 from benchmarks.fault_matrix import Deployment
 from harness.load import paced
 from harness.redis_servers import RedisServer
-
-SHOWN = 5
 
 
 class Sent:
@@ -95,7 +94,8 @@ async def load(url: str, answers: list[dict], args: argparse.Namespace, redis: R
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rate", type=float, default=1000, help="feedback requests a second")
+    parser.add_argument("--rate", type=float, default=300, help="feedback requests a second")
+    parser.add_argument("--shown", type=int, default=20, help="items in an answer, all shown")
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--down", type=float, default=2.0, help="seconds Redis stays down")
     parser.add_argument("--answers", type=int, default=5000)
@@ -113,7 +113,9 @@ def main() -> None:
             deployment.start()
             with httpx.Client(base_url=deployment.url, timeout=30) as client:
                 answers = [
-                    client.get(f"/recommend/{users[n % len(users)]}", params={"k": SHOWN}).json()
+                    client.get(
+                        f"/recommend/{users[n % len(users)]}", params={"k": args.shown}
+                    ).json()
                     for n in range(args.answers)
                 ]
                 time.sleep(1.0)  # the last answers kept
