@@ -36,12 +36,19 @@ import redis.asyncio as aioredis
 from redis import exceptions as rx
 from redis.typing import EncodableT, FieldT
 
-from service.store.profiles import MAX_TIMESTAMP_S, EventConflict, Interaction, StoreUnavailable
+from service.store.profiles import (
+    MAX_CLOCK_SKEW_S,
+    MAX_TIMESTAMP_S,
+    USER_ID_CHARS,
+    USER_ID_PATTERN,
+    EventConflict,
+    Interaction,
+    StoreUnavailable,
+)
 
 log = logging.getLogger("visrec.ingest")
 GROUP = "visrec-ingest"
-MAX_CLOCK_SKEW_S = 24 * 3600  # as POST /interactions: at most a day ahead
-USER_ID = re.compile(r"^[^/\x00-\x1f\x7f]{1,128}$")  # as POST /interactions reads them
+USER_ID = re.compile(USER_ID_PATTERN)  # as POST /interactions reads them
 MAX_EVENT_ID = 128
 
 Entry = tuple[str, dict[str, str]]  # entry id, fields
@@ -62,7 +69,7 @@ def stream_keys(prefix: str) -> tuple[str, str]:
 def parse(entry_id: str, fields: dict[str, str], known: Container[int], now: float) -> Interaction:
     """The entry's event, or ValueError saying why it can never apply."""
     user = fields.get("user_id", "")
-    if not USER_ID.match(user):
+    if not USER_ID.match(user) or len(user) > USER_ID_CHARS:
         raise ValueError("user_id missing, or not 1-128 characters without '/' or controls")
     try:
         item = int(fields["item_id"])

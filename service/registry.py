@@ -32,6 +32,7 @@ import shutil
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
 
 import redis
@@ -82,7 +83,7 @@ class Experiment:
             return self.arms[0][0]
         digest = hashlib.sha256(f"{self.id}:{user_id}".encode()).digest()
         bucket = int.from_bytes(digest[:8], "big") % 100
-        for (name, _), upper in zip(self.arms, _cumulative(self.split), strict=True):
+        for (name, _), upper in zip(self.arms, accumulate(self.split), strict=True):
             if bucket < upper:
                 return name
         raise AssertionError("a split sums to 100")
@@ -106,14 +107,6 @@ class Experiment:
         data = json.loads(raw)
         arms = tuple((str(n), str(v)) for n, v in data["arms"])
         return cls(data["id"], arms, tuple(data["split"]), float(data["started"]))
-
-
-def _cumulative(split: Sequence[int]) -> list[int]:
-    out, total = [], 0
-    for share in split:
-        total += share
-        out.append(total)
-    return out
 
 
 class Registry:

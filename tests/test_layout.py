@@ -104,7 +104,10 @@ SHARED = {
     "harness": ("tests", "benchmarks"),
     "benchmarks": ("tests",),
 }
-TESTED_BENCHMARKS = {"test_pooling_probe.py": "benchmarks.pooling_probe"}
+TESTED_BENCHMARKS = {
+    "test_pooling_probe.py": "benchmarks.pooling_probe",
+    "test_ab_simulation.py": "benchmarks.ab_simulation",
+}
 
 
 @pytest.mark.parametrize("folder", sorted(SHARED))

@@ -8,10 +8,14 @@ from typing import Annotated, Any
 from fastapi import Path
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 
-from service.store.profiles import MAX_TIMESTAMP_S
+from service.store.profiles import (
+    MAX_CLOCK_SKEW_S,
+    MAX_TIMESTAMP_S,
+    USER_ID_CHARS,
+    USER_ID_PATTERN,
+)
 
 MAX_K = 1000
-MAX_CLOCK_SKEW_S = 24 * 3600  # how far ahead of the server's clock an event's time may be
 MAX_BATCH = 1000
 MAX_HISTORY = 1000
 
@@ -164,9 +168,6 @@ def _decimal_user_id(value: object) -> object:
     return value
 
 
-# A user id must be usable in the URL path of GET /recommend/{user_id}: no "/" (a path
-# separator, even percent-encoded once decoded) and no control characters.
-USER_ID_PATTERN, USER_ID_CHARS = r"^[^/\x00-\x1f\x7f]+$", 128
 UserIdText = Annotated[
     str, StringConstraints(min_length=1, max_length=USER_ID_CHARS, pattern=USER_ID_PATTERN)
 ]

@@ -36,6 +36,10 @@ EVENT_TTL_S = 7 * 24 * 3600
 MAX_EVENT_IDS = 10_000  # per user: a retry after more newer events of that user applies again
 MAX_ITEM_ID = 2**53 - 1  # the largest integer a Lua number (a double) holds exactly
 MAX_TIMESTAMP_S = 4_102_444_800  # 2100-01-01: times are kept in ms, exact in a double
+MAX_CLOCK_SKEW_S = 24 * 3600  # how far ahead of the server's clock an event's time may be
+# A user id must be usable in the URL path of GET /recommend/{user_id}: no "/" (a path
+# separator, even percent-encoded once decoded) and no control characters.
+USER_ID_PATTERN, USER_ID_CHARS = r"^[^/\x00-\x1f\x7f]+$", 128
 # Users per pipeline round trip in bulk calls: bounds the client's buffers, not correctness.
 BATCH_USERS = 1000
 
