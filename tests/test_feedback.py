@@ -14,6 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 from redis import Redis
 
+from harness.processes import free_port
 from service.abtest import wilson
 from service.api.app import create_app
 from service.config import Settings
@@ -197,3 +198,16 @@ def test_the_ctr_interval_holds_the_rate_and_stays_in_bounds(clicks: int, shown:
         assert (low, high) == pytest.approx(known[clicks, shown], abs=1e-4)
     else:
         assert high - low < 0.01  # narrows with the impressions
+
+
+def test_feedback_while_redis_cannot_answer_is_a_503_to_retry(
+    world: World, world_features: tuple[Path, np.ndarray], served_work_dir: Path
+) -> None:
+    down = {"redis_url": f"redis://127.0.0.1:{free_port()}/0", "redis_prefix": "nowhere"}
+    settings = _settings(world, served_work_dir, world_features[0], **down)
+    with TestClient(create_app(settings)) as c:
+        refused = c.post("/feedback", json={"request_id": uuid.uuid4().hex, "clicks": [1]})
+    assert refused.status_code == 503 and refused.headers["Retry-After"]
+    body = refused.json()
+    assert body["code"] == "store_unavailable" and "feedback store" in body["detail"]
+    assert body["nothing_applied"] is True  # never reached: nothing counted

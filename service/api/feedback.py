@@ -64,6 +64,8 @@ class Feedback:
             try:
                 counted = await feedback.count(request_id, impressions, clicks)
                 break
+            except StoreUnavailable as err:
+                raise err.of("feedback") from err
             except UnknownAnswer:
                 if time.monotonic() > until:
                     raise

@@ -47,7 +47,8 @@ T = TypeVar("T")
 Clock = Callable[[], float]
 
 
-StoreKind = Literal["profile", "item"]  # which store a refusal is about, for its message
+# which store a refusal is about, for its message
+StoreKind = Literal["profile", "item", "feedback"]
 
 
 class StoreUnavailable(ServiceError):
@@ -98,6 +99,9 @@ _OUTCOMES: dict[tuple[StoreKind, bool], str] = {
     ("item", True): "The call reached the store and its answer was lost or late, so the item "
     "may have been stored: send the same request again (the same image and title are "
     "accepted again).",
+    ("feedback", False): "Nothing was counted; send it again later.",
+    ("feedback", True): "The call reached the store and its answer was lost or late, so the "
+    "feedback may have been counted: send it again (each impression and click counts once).",
 }
 
 
