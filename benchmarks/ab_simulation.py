@@ -25,7 +25,6 @@ the CTRs and the verdict; then the counts against the goals.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import csv
 import os
 import shutil
@@ -42,12 +41,12 @@ import torch
 
 from harness.processes import SERVE, free_port, wait_for
 from harness.redis_servers import RedisServer
-from service.abtest import verdicts, wilson
+from service.abtest import arm_counts, stored_totals, verdicts, wilson
 from service.model.checkpoint import save_checkpoint
 from service.offline.training.config import TrainConfig
 from service.offline.training.pipeline import fit, prepare, to_checkpoint
 from service.registry import Experiment, Registry
-from service.store.feedback import RedisFeedback, Totals
+from service.store.feedback import Totals
 
 ROOT = Path(__file__).resolve().parents[1]
 HAPROXY = "/usr/sbin/haproxy"
@@ -111,19 +110,7 @@ class Population:
 
 
 def counts(url: str, experiment: Experiment) -> dict[str, Totals]:
-    async def read() -> dict[tuple[str, str], Totals]:
-        log = RedisFeedback.from_url(url, prefix=PREFIX, window_s=3600, deadline_s=5.0)
-        try:
-            return await log.totals()
-        finally:
-            await log.close()
-
-    prefix = experiment.label("")
-    return {
-        a.removeprefix(prefix): t
-        for (_, a), t in asyncio.run(read()).items()
-        if a.startswith(prefix)
-    }
+    return arm_counts(experiment, stored_totals(url, PREFIX))
 
 
 def run_experiment(

@@ -16,10 +16,8 @@ the producer kept.
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -33,9 +31,9 @@ import torch
 
 from benchmarks.fault_matrix import Deployment
 from harness.redis_servers import RedisServer
+from harness.streams import Producer, start_consumer
 from service.ingest import stream_keys
 
-INGEST = str(Path(sys.executable).parent / "visrec-ingest")
 PREFIX = "fresh"
 TIMEOUT_S = 10.0  # a probe not reflected by then fails the run
 
@@ -68,32 +66,6 @@ def probes(
     return out
 
 
-class Background:
-    """Events beside the probes, for users of their own, at ``rate`` a second."""
-
-    def __init__(self, r: redis.Redis, items: list[int]) -> None:
-        self.redis, self.items = r, items
-        self.stop = threading.Event()
-        self.events = 0
-        self.rate = 0.0  # events a second to append; 0: none
-
-    def produce(self) -> None:
-        rng = np.random.default_rng(2)
-        stream, _ = stream_keys(PREFIX)
-        started = time.perf_counter()
-        while not self.stop.is_set():
-            due = int(self.rate * (time.perf_counter() - started)) - self.events
-            if due <= 0:
-                time.sleep(0.002)
-                continue
-            with self.redis.pipeline(transaction=False) as pipe:
-                for _ in range(due):
-                    user, item = rng.integers(10_000), self.items[rng.integers(len(self.items))]
-                    pipe.xadd(stream, {"user_id": f"bg{user}", "item_id": str(item)})
-                pipe.execute()
-            self.events += due
-
-
 def percentiles(seconds: list[float]) -> str:
     ms = np.array(seconds) * 1000
     p50, p95 = np.percentile(ms, [50, 95])
@@ -118,14 +90,11 @@ def main() -> None:
         server = RedisServer(Path(folder), fsync="off")
         server.start()
         deployment = Deployment("1", dataset.root, args.work_dir, server.url, PREFIX)
-        env = {**os.environ, "VISREC_REDIS_URL": server.url, "VISREC_REDIS_PREFIX": PREFIX}
-        command = [INGEST, "--features", str(features)]
         consumers = [
-            subprocess.Popen([*command, "--name", f"c{i}"], env=env, stderr=subprocess.DEVNULL)
-            for i in range(args.consumers)
+            start_consumer(f"c{i}", features, server.url, PREFIX) for i in range(args.consumers)
         ]
         r = redis.Redis.from_url(server.url)
-        load = Background(r, items)
+        load = Producer(r, stream_keys(PREFIX)[0], items)  # its rate set for the stream part
         try:
             deployment.start()
             run(args, deployment.url, users, r, load)
@@ -140,14 +109,14 @@ def main() -> None:
 
 
 def run(
-    args: argparse.Namespace, url: str, users: list[str], r: redis.Redis, load: Background
+    args: argparse.Namespace, url: str, users: list[str], r: redis.Redis, load: Producer
 ) -> None:
     wrk = subprocess.Popen(
         ["wrk", "-t1", f"-c{args.connections}", "-d600s", f"{url}/recommend/1?k=20"],
         stdout=subprocess.PIPE,
         text=True,
     )
-    producer = threading.Thread(target=load.produce, daemon=True)
+    producer = threading.Thread(target=load.run, daemon=True)
     producer.start()
     stream, _ = stream_keys(PREFIX)
     try:
@@ -162,11 +131,11 @@ def run(
 
             time.sleep(1.0)  # wrk at its pace
             by_http = probes(args.probes, users[: len(users) // 2], http, url)
-            load.rate = args.rate
+            load.set_rate(args.rate)
             time.sleep(2.0)  # the producer and the consumers at their pace
-            produced, since = load.events, time.perf_counter()
+            produced, since = load.sent, time.perf_counter()
             by_stream = probes(args.probes, users[len(users) // 2 :], xadd, url)
-            kept = (load.events - produced) / (time.perf_counter() - since)
+            kept = (load.sent - produced) / (time.perf_counter() - since)
             unread = r.xinfo_groups(stream)[0]["lag"]
     finally:
         load.stop.set()

@@ -18,11 +18,8 @@ order, through the in-process store.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import os
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,13 +29,10 @@ import redis
 import torch
 
 from harness.redis_servers import RedisServer
-from service.ingest import GROUP, stream_keys
+from harness.streams import group, pending_of, replayed, start_consumer, stored
+from service.ingest import stream_keys
 from service.model.feature_store import load_features
-from service.store.memory import MemoryProfileStore
-from service.store.profiles import Interaction
-from service.store.redis.profiles import RedisProfileStore
 
-INGEST = str(Path(sys.executable).parent / "visrec-ingest")
 PREFIX = "bench"
 
 
@@ -56,43 +50,6 @@ def draw(n: int, users: int, items: list[int], seed: int = 0) -> list[dict[str, 
             event["event_id"] = f"e{i}"
         out.append(event)
     return out
-
-
-def group(r: redis.Redis, stream: str) -> dict | None:
-    """The consumers' group, once the first consumer made it."""
-    return next((g for g in r.xinfo_groups(stream) if g["name"] == GROUP.encode()), None)
-
-
-def pending_of(r: redis.Redis, stream: str, consumer: str) -> int:
-    for c in r.xinfo_consumers(stream, GROUP):
-        if c["name"] == consumer.encode():
-            return int(c["pending"])
-    return 0
-
-
-def replay_matches(url: str, events: list[dict[str, str]]) -> tuple[int, int]:
-    """(users whose Redis profile equals the replay, users)"""
-
-    async def run() -> tuple[int, int]:
-        memory = MemoryProfileStore()
-        for start in range(0, len(events), 100_000):
-            chunk = events[start : start + 100_000]
-            await memory.add(
-                [Interaction(e["user_id"], int(e["item_id"]), float(e["timestamp"])) for e in chunk]
-            )
-        users = sorted({e["user_id"] for e in events})
-        stored = RedisProfileStore.from_url(url, prefix=PREFIX)
-        try:
-            found = await stored.profiles(users)
-        finally:
-            await stored.close()
-        expected = await memory.profiles(users)
-        same = sum(
-            a.recent == b.recent and a.seen == b.seen for a, b in zip(found, expected, strict=True)
-        )
-        return same, len(users)
-
-    return asyncio.run(run())
 
 
 def main() -> None:
@@ -124,21 +81,21 @@ def main() -> None:
                     pipe.execute()
             print(f"{len(events):,} events in the stream ({time.perf_counter() - t0:.1f} s to add)")
             run(r, server.url, stream, features, args)
-            same, users = replay_matches(server.url, events)
-            print(f"profiles equal to the replay: {same:,} of {users:,} users")
+            expected = replayed(events)
+            found = stored(server.url, PREFIX, list(expected))
+            same = sum(found[u] == p for u, p in expected.items())  # recent and seen items
+            print(f"profiles equal to the replay: {same:,} of {len(expected):,} users")
         finally:
             r.close()
             server.kill()
 
 
 def run(r: redis.Redis, url: str, stream: str, features: Path, args: argparse.Namespace) -> None:
-    env = {**os.environ, "VISREC_REDIS_URL": url, "VISREC_REDIS_PREFIX": PREFIX}
     names = iter(f"c{i}" for i in range(100))
 
     def consumer() -> tuple[str, subprocess.Popen[bytes]]:
         name = next(names)
-        command = [INGEST, "--name", name, "--features", str(features)]
-        return name, subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL)
+        return name, start_consumer(name, features, url, PREFIX)
 
     procs = [consumer() for _ in range(args.consumers)]
     started = time.perf_counter()

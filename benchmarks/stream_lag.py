@@ -15,10 +15,8 @@ max), its largest after, and how long after the kill it was back under 1 s for g
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -29,10 +27,10 @@ import redis
 import torch
 
 from harness.redis_servers import RedisServer
+from harness.streams import Producer, group, pending_of, start_consumer
 from service.ingest import GROUP, stream_keys
 from service.model.feature_store import load_features
 
-INGEST = str(Path(sys.executable).parent / "visrec-ingest")
 PREFIX = "lag"
 
 
@@ -42,10 +40,10 @@ def lag_s(r: redis.Redis, stream: str) -> float:
     pending = r.xpending(stream, GROUP)
     if pending["pending"]:
         oldest.append(_ms(pending["min"]))
-    group = next((g for g in r.xinfo_groups(stream) if g["name"] == GROUP.encode()), None)
-    if group is not None:
+    found = group(r, stream)
+    if found is not None:
         unread: list[tuple[bytes, dict]] = r.xrange(  # type: ignore[assignment]
-            stream, min=f"({_text(group['last-delivered-id'])}", count=1
+            stream, min=f"({_text(found['last-delivered-id'])}", count=1
         )
         if unread:
             oldest.append(_ms(unread[0][0]))
@@ -61,23 +59,6 @@ def _text(value: bytes | str) -> str:
 def _ms(entry_id: bytes | str) -> int:
     """When an entry was added, in ms: the first part of its id."""
     return int(_text(entry_id).split("-")[0])
-
-
-def produce(r: redis.Redis, stream: str, rate: float, seconds: float, items: list[int]) -> int:
-    rng = np.random.default_rng(0)
-    started, sent = time.perf_counter(), 0
-    while (elapsed := time.perf_counter() - started) < seconds:
-        due = int(rate * elapsed) - sent
-        if due <= 0:
-            time.sleep(0.002)
-            continue
-        with r.pipeline(transaction=False) as pipe:
-            for _ in range(due):
-                user, item = rng.integers(10_000), items[rng.integers(len(items))]
-                pipe.xadd(stream, {"user_id": f"u{user}", "item_id": str(item)})
-            pipe.execute()
-        sent += due
-    return sent
 
 
 def main() -> None:
@@ -97,20 +78,16 @@ def main() -> None:
         server = RedisServer(Path(folder), fsync="off")
         server.start()
         r = redis.Redis.from_url(server.url)
-        env = {**os.environ, "VISREC_REDIS_URL": server.url, "VISREC_REDIS_PREFIX": PREFIX}
 
         def consumer(name: str) -> subprocess.Popen[bytes]:
-            command = [INGEST, "--name", name, "--features", str(features)]
-            return subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL)
+            return start_consumer(name, features, server.url, PREFIX)
 
         procs = [consumer(f"c{i}") for i in range(args.consumers)]
         try:
-            while not r.exists(stream) or not r.xinfo_groups(stream):
+            while group(r, stream) is None:
                 time.sleep(0.1)  # the consumers are up and made the group
-            sent: list[int] = []
-            producer = threading.Thread(
-                target=lambda: sent.append(produce(r, stream, args.rate, args.seconds, items))
-            )
+            events = Producer(r, stream, items, args.rate)
+            producer = threading.Thread(target=events.run, args=(args.seconds,))
             started = time.perf_counter()
             producer.start()
             samples: list[tuple[float, float]] = []  # (seconds since start, lag)
@@ -126,7 +103,7 @@ def main() -> None:
                 samples.append((now, lag_s(r, stream)))
                 time.sleep(0.1)
             producer.join()
-            report(samples, args, sent[0], held)
+            report(samples, args, events.sent, held)
         finally:
             for p in procs[1:]:
                 p.send_signal(signal.SIGTERM)
@@ -140,11 +117,7 @@ def holding(r: redis.Redis, stream: str, name: str, wait_s: float = 2.0) -> int:
     """The entries ``name`` holds (pending), once it holds some (or ``wait_s`` passed)."""
     deadline = time.monotonic() + wait_s
     while True:
-        held = sum(
-            int(c["pending"])
-            for c in r.xinfo_consumers(stream, GROUP)
-            if c["name"] == name.encode()
-        )
+        held = pending_of(r, stream, name)
         if held or time.monotonic() > deadline:
             return held
         time.sleep(0.001)

@@ -4,13 +4,14 @@ against the control, and a plain verdict (:func:`report`). Pure arithmetic on co
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from service.registry import Experiment
-from service.store.feedback import Totals
+from service.store.feedback import RedisFeedback, Totals
 
 Z_95 = 1.959964  # the rates' intervals
 Z_VERDICT = 2.575829  # 99%: a winner is named only when the difference's 99% interval excludes 0
@@ -87,12 +88,30 @@ def _more(arm: Totals, control: Totals, d: float, share: int, control_share: int
     return max(0, math.ceil(total_needed - total_now))
 
 
+def arm_counts(
+    experiment: Experiment, totals: Mapping[tuple[str, str], Totals]
+) -> dict[str, Totals]:
+    """The experiment's counts by arm name, out of every (version, arm label)'s."""
+    prefix = experiment.label("")
+    return {arm.removeprefix(prefix): t for (_, arm), t in totals.items() if arm.startswith(prefix)}
+
+
+def stored_totals(redis_url: str, prefix: str) -> dict[tuple[str, str], Totals]:
+    """Every process's feedback counts, as the feedback store in Redis holds them."""
+
+    async def read() -> dict[tuple[str, str], Totals]:
+        feedback = RedisFeedback.from_url(redis_url, prefix=prefix, window_s=3600, deadline_s=5.0)
+        try:
+            return await feedback.totals()
+        finally:
+            await feedback.close()
+
+    return asyncio.run(read())
+
+
 def report(experiment: Experiment, totals: Mapping[tuple[str, str], Totals]) -> list[str]:
     """The lines ``visrec experiment report`` prints: each arm's counts, then the verdicts."""
-    prefix = experiment.label("")
-    counts = {
-        arm.removeprefix(prefix): t for (_, arm), t in totals.items() if arm.startswith(prefix)
-    }
+    counts = arm_counts(experiment, totals)
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(experiment.started))
     arms = ", ".join(
         f"{a}={v} ({s}%)" for (a, v), s in zip(experiment.arms, experiment.split, strict=True)

@@ -49,6 +49,7 @@ class KnownItems:
         assert settings.redis_url is not None
         self.settings = settings
         self.ids: frozenset[int] = frozenset()
+        self._served: tuple[Path, frozenset[int]] | None = None  # features read, and their ids
         self._added = RedisItemStore.from_url(
             settings.redis_url, prefix=settings.redis_prefix, deadline_s=5.0
         )
@@ -64,8 +65,13 @@ class KnownItems:
         return s.features
 
     async def refresh(self) -> None:
-        _, meta = await asyncio.to_thread(load_features, self.features())
-        self.ids = frozenset(meta.item_ids) | frozenset(await self._added.ids())
+        """The serving version's items (read again only when another version serves: a
+        million ids take a while to parse) and those added while serving."""
+        features = self.features()
+        if self._served is None or self._served[0] != features:
+            _, meta = await asyncio.to_thread(load_features, features)
+            self._served = features, frozenset(meta.item_ids)
+        self.ids = self._served[1] | frozenset(await self._added.ids())
 
     async def keep_current(self) -> None:
         while True:

@@ -4,10 +4,8 @@ through dead consumers and redeliveries; poison entries dead-lettered with their
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,13 +16,12 @@ import redis
 import redis.asyncio as aioredis
 
 from harness.redis_servers import REDIS, redis_prefix
+from harness.streams import group, replayed, start_consumer, stored
 from service.ingest import GROUP, Consumer, stream_keys
 from service.model.feature_store import load_features
-from service.store.memory import MemoryProfileStore
 from service.store.profiles import Interaction
 from service.store.redis.profiles import RedisProfileStore
 
-INGEST = str(Path(sys.executable).parent / "visrec-ingest")
 KNOWN = frozenset(range(1, 51))
 
 
@@ -49,28 +46,6 @@ def _events(n: int, seed: int = 0, known: frozenset[int] = KNOWN) -> list[dict[s
             event["event_id"] = f"e{i}"
         out.append(event)
     return out
-
-
-def _replayed(events: list[dict[str, str]]) -> dict[str, list[int]]:
-    """Users' profiles after the events, in order, through the in-process store."""
-
-    async def run() -> dict[str, list[int]]:
-        store = MemoryProfileStore()
-        await store.add(
-            [Interaction(e["user_id"], int(e["item_id"]), float(e["timestamp"])) for e in events]
-        )
-        users = sorted({e["user_id"] for e in events})
-        return dict(zip(users, [p.recent for p in await store.profiles(users)], strict=True))
-
-    return asyncio.run(run())
-
-
-async def _profiles(prefix: str, users: list[str]) -> dict[str, list[int]]:
-    store = RedisProfileStore.from_url(REDIS, prefix=prefix)
-    try:
-        return dict(zip(users, [p.recent for p in await store.profiles(users)], strict=True))
-    finally:
-        await store.close()
 
 
 def test_every_event_applies_once_through_a_dead_consumer_and_redeliveries(prefix: str) -> None:
@@ -105,7 +80,7 @@ def test_every_event_applies_once_through_a_dead_consumer_and_redeliveries(prefi
 
     applied, dead = asyncio.run(run())
     users = sorted({e["user_id"] for e in events})
-    assert asyncio.run(_profiles(prefix, users)) == _replayed(events)
+    assert stored(REDIS, prefix, users) == replayed(events)  # recent and seen items
     assert dead == 0 and applied == len(events) - 100  # the late consumer's were not again
 
 
@@ -149,7 +124,8 @@ def test_entries_that_can_never_apply_are_dead_lettered_with_their_reason(prefix
     for fields, why in zip(buried, reasons, strict=True):
         assert why in fields["reason"] and fields["source_id"]
     assert consumer.applied == 2  # the good one and the first "twice"
-    assert asyncio.run(_profiles(prefix, ["u1", "u2"])) == {"u1": [5], "u2": [7]}
+    profiles = stored(REDIS, prefix, ["u1", "u2"])
+    assert {u: p.recent for u, p in profiles.items()} == {"u1": [5], "u2": [7]}
 
 
 def test_consumer_processes_killed_mid_stream_lose_and_repeat_nothing(
@@ -160,11 +136,9 @@ def test_consumer_processes_killed_mid_stream_lose_and_repeat_nothing(
     _, meta = load_features(features)
     events = _events(4000, seed=1, known=frozenset(meta.item_ids))
     stream, _ = stream_keys(prefix)
-    env = {**os.environ, "VISREC_REDIS_URL": REDIS, "VISREC_REDIS_PREFIX": prefix}
 
     def consumer(name: str) -> subprocess.Popen[bytes]:
-        command = [INGEST, "--name", name, "--features", str(features), "--batch", "200"]
-        return subprocess.Popen(command, env=env)
+        return start_consumer(name, features, REDIS, prefix, "--batch", "200")
 
     procs = [consumer("a"), consumer("b")]
     try:
@@ -183,7 +157,7 @@ def test_consumer_processes_killed_mid_stream_lose_and_repeat_nothing(
                 assert time.monotonic() < deadline, "the stream was not drained"
                 time.sleep(0.2)
         users = sorted({e["user_id"] for e in events})
-        assert asyncio.run(_profiles(prefix, users)) == _replayed(events)
+        assert stored(REDIS, prefix, users) == replayed(events)
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)
@@ -192,5 +166,5 @@ def test_consumer_processes_killed_mid_stream_lose_and_repeat_nothing(
 
 
 def _drained(r: redis.Redis, stream: str, total: int) -> bool:
-    group = next(g for g in r.xinfo_groups(stream) if g["name"] == GROUP.encode())
-    return group["entries-read"] == total and group["pending"] == 0
+    found = group(r, stream)
+    return found is not None and found["entries-read"] == total and found["pending"] == 0

@@ -4,15 +4,12 @@ serve (:mod:`service.registry`), and what users did with each (:mod:`service.abt
 from __future__ import annotations
 
 import argparse
-import asyncio
 from pathlib import Path
-from typing import Any
 
-from service.abtest import report
+from service.abtest import report, stored_totals
 from service.config import RegistrySettings
 from service.model.tables import write_serving_tables
 from service.registry import Registry, RegistryError
-from service.store.feedback import RedisFeedback, Totals
 
 Subcommands = argparse._SubParsersAction  # what add_subparsers returns
 
@@ -148,15 +145,5 @@ def _report(args: argparse.Namespace) -> None:
     running = registry.experiment()
     if running is None:
         raise RegistryError("no experiment runs (a stopped one's counts stay in GET /feedback)")
-    for line in report(running, asyncio.run(_totals(args))):
+    for line in report(running, stored_totals(args.redis_url, args.redis_prefix)):
         print(line)
-
-
-async def _totals(args: Any) -> dict[tuple[str, str], Totals]:
-    feedback = RedisFeedback.from_url(
-        args.redis_url, prefix=args.redis_prefix, window_s=3600, deadline_s=5.0
-    )
-    try:
-        return await feedback.totals()
-    finally:
-        await feedback.close()
