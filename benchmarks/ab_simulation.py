@@ -9,7 +9,9 @@ versions in a registry: the served ACF of the world (good) and a SASRec trained 
 interactions with the items shuffled (deliberately worse: it knows nothing of kinds). Two
 ``visrec-serve`` replicas follow the registry behind HAProxy (its third server slot points at
 the second replica); all traffic goes through HAProxy: ``GET /recommend`` of a random user,
-then ``POST /feedback`` with what was shown and clicked.
+then ``POST /feedback`` with what was shown and clicked. Answers keep the items a user has seen
+(``exclude_seen=false``): clicks become interactions, and without it users would run out of
+unseen items of their kind, so the population would change from run to run.
 
 ``--runs`` experiments of each kind, each with a new experiment id (so a new draw of users):
 **A/B** (A = worse, the control; B = good, 50/50): a pilot of ``--pilot`` visits, then the
@@ -100,7 +102,10 @@ class Population:
 
     def visit(self) -> None:
         user = str(self.rng.choice(self.users))
-        answer = self.client.get(f"/recommend/{user}", params={"k": SHOWN}).json()
+        # seen items stay in the answers: clicks become interactions, and otherwise users run
+        # out of unseen items of their kind on a small world, changing the population per run
+        params = {"k": SHOWN, "exclude_seen": "false"}
+        answer = self.client.get(f"/recommend/{user}", params=params).json()
         shown = [i["item_id"] for i in answer["items"]]
         p = [P_FAVOURITE if self.kinds[i] == self.favourite[user] else P_OTHER for i in shown]
         clicks = [i for i, q in zip(shown, p, strict=True) if self.rng.random() < q]

@@ -16,8 +16,7 @@ def test_the_report_names_the_better_arm_and_no_winner_between_copies(
     world: World, world_features: tuple[Path, np.ndarray], served_work_dir: Path
 ) -> None:
     run_dir = served_work_dir / world.root.resolve().name
-    # Clicks become interactions, so on this small world (200 items) the users run out of
-    # unseen items of their kind after a few runs: two runs.
+    # two runs of each kind: the full size is `make bench-ab`'s
     out = simulation(world.root, world_features[0], run_dir / "acf.pt", served_work_dir, 2, 100)
     assert out.right == 2  # the world's ACF against a SASRec that never saw a kind
     assert out.aa_winners <= 1  # at 99%, two copies of one version are rarely told apart
