@@ -14,6 +14,8 @@ from service.offline.data.dataset import load_dataset
 from service.offline.data.features import extract_features
 from service.offline.data.synthetic import World, WorldSpec, make_world
 
+pytest_plugins = ["tests.watchdog"]
+
 ML100K = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "ml100k"
 # Apps built by tests run without API keys unless a test configures them (tests/test_security.py).
 os.environ.setdefault("VISREC_ENVIRONMENT", "development")

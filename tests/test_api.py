@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
+import logging
 import re
 import time
 import uuid
@@ -19,6 +22,7 @@ from redis import Redis
 
 from harness.redis_servers import redis_prefix
 from service.api.app import create_app
+from service.api.lifespan import ended
 from service.config import Settings
 from service.model.checkpoint import save_checkpoint
 from service.offline.bootstrap import histories
@@ -456,3 +460,38 @@ def test_a_published_sasrec_is_served_with_what_it_can_explain(
     assert [p["components"] for p in why["profile"]] == [None] * 9  # it reads no images
     assert sum(p["attention"] for p in why["profile"]) == pytest.approx(1.0, abs=1e-5)
     assert why["score"] == pytest.approx(top[0]["score"], rel=1e-4)
+
+
+def test_a_stop_ends_when_a_task_ignores_its_cancellation(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A background task that swallowed its cancellation (as ``wait_for`` can on Python 3.11)
+    held an app's stop for good: CI's run hung 10 minutes in a TestClient's exit."""
+    done: list[str] = []
+    # not one of the run's stuck stops (tests/watchdog.py lists those): caplog still sees it
+    monkeypatch.setattr(logging.getLogger("visrec.api"), "handlers", [])
+
+    async def stubborn() -> None:
+        with contextlib.suppress(asyncio.CancelledError):  # swallowed once
+            await asyncio.sleep(3600)
+        await asyncio.sleep(3600)
+
+    async def polite() -> None:
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            done.append("polite")
+
+    async def main() -> None:
+        tasks = [asyncio.create_task(f(), name=f.__name__) for f in (stubborn, polite)]
+        await asyncio.sleep(0)
+        await ended(tasks, 0.2, cancel=True)
+        assert not tasks[0].done() and tasks[1].cancelled()
+        tasks[0].cancel()  # only so that asyncio.run can close the loop
+
+    with caplog.at_level("ERROR", logger="visrec.api"):
+        asyncio.run(main())
+    assert done == ["polite"]
+    (record,) = caplog.records
+    assert record.getMessage().startswith("stubborn had not ended 0.2 s into the stop")
+    assert "in stubborn" in record.getMessage()  # where it waits

@@ -90,3 +90,25 @@ def test_requests_that_arrive_during_a_call_form_the_next_batch() -> None:
 
     asyncio.run(main())
     assert calls == [[0], list(range(1, 21))]  # no window, yet one call for the queued twenty
+
+
+@pytest.mark.parametrize("turns", range(6))
+def test_a_batcher_stops_when_a_request_arrives_as_it_is_cancelled(turns: int) -> None:
+    """On Python 3.11 ``asyncio.wait_for`` kept a request that arrived in the same turn of the
+    loop as the stop's cancellation and dropped the cancellation: the batch went on waiting
+    for more, and the app's stop waited for it for good."""
+
+    async def main() -> None:
+        batcher = MicroBatcher(list, window_s=60.0)  # a batch waits long for company
+        await batcher.__aenter__()
+        first = asyncio.ensure_future(batcher.submit(1))
+        await asyncio.sleep(0.05)  # the batch has its first request and waits for more
+        second = asyncio.ensure_future(batcher.submit(2))
+        for _ in range(turns):  # the second is put, then handed over, then read...
+            await asyncio.sleep(0)
+        async with asyncio.timeout(10):  # not a speed limit: without it a bug hangs the run
+            await batcher.__aexit__(None, None, None)
+        for request in (first, second):
+            request.cancel()
+
+    asyncio.run(main())

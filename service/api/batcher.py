@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
 from typing import Generic, TypeVar
 
 Q = TypeVar("Q")
@@ -40,7 +41,7 @@ class MicroBatcher(Generic[Q, R]):
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        self._worker.shutdown(wait=True)
+        self._worker.shutdown(wait=False)  # never block the loop: a running batch ends alone
 
     async def submit(self, query: Q) -> R:
         if self._task is None or self._task.done():
@@ -54,14 +55,19 @@ class MicroBatcher(Generic[Q, R]):
         while True:
             batch = [await self._queue.get()]
             self._take_waiting(batch)  # requests that queued while the last batch ran
-            deadline = loop.time() + self._window_s
-            while len(batch) < self._max_batch and (timeout := deadline - loop.time()) > 0:
-                try:
-                    batch.append(await asyncio.wait_for(self._queue.get(), timeout))
-                except TimeoutError:
-                    break
-                self._take_waiting(batch)
+            if self._window_s > 0:
+                await self._wait_for_more(batch)
             await self._call(loop, batch)
+
+    async def _wait_for_more(self, batch: list[tuple[Q, asyncio.Future[R]]]) -> None:
+        """Add the requests that arrive within the window. ``asyncio.timeout``, not
+        ``wait_for``: on Python 3.11 ``wait_for`` returns a result that arrives as its task
+        is cancelled and drops the cancellation, which can leave a stopping app waiting."""
+        with suppress(TimeoutError):
+            async with asyncio.timeout(self._window_s):
+                while len(batch) < self._max_batch:
+                    batch.append(await self._queue.get())
+                    self._take_waiting(batch)
 
     def _take_waiting(self, batch: list[tuple[Q, asyncio.Future[R]]]) -> None:
         while len(batch) < self._max_batch and not self._queue.empty():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import io
 import logging
 import os
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -46,6 +47,9 @@ from service.store.resilient import ResilientStore
 
 log = logging.getLogger("visrec.api")
 EPOCH_CHECK_S = 1.0  # how often a process looks whether Redis came back empty
+# A stop gives the background tasks, then each store's close, this long each: one that is
+# stuck is named in the log with where it waits, and left, so a stop always ends.
+STOP_STEP_S = 10.0
 
 
 @asynccontextmanager
@@ -81,7 +85,7 @@ async def serving(
     await _fill(store, watch, profiles)
     gc.freeze()  # what lives as long as the app, out of full GC passes (a loaded p99's pauses)
     tasks = _keeping_current(settings, registry, items, models, catalogue, watch, current)
-    tasks.append(asyncio.create_task(patches.keep_current()))
+    tasks.append(asyncio.create_task(patches.keep_current(), name="patches.keep_current"))
     feedback = Feedback(_feedback_log(settings), metrics)
     try:
         window = settings.batch_window_ms / 1000
@@ -101,13 +105,31 @@ async def serving(
                     feedback,
                 )
     finally:
-        for task in tasks:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-        await feedback.close()
-        await store.close()
-        await items.store.close()
-        await patches.close()
+        await ended(tasks, STOP_STEP_S, cancel=True)
+        for close in (feedback.close, store.close, items.store.close, patches.close):
+            await ended([asyncio.create_task(close(), name=close.__qualname__)], STOP_STEP_S)
+
+
+async def ended(
+    tasks: Sequence[asyncio.Task[None]], within_s: float, *, cancel: bool = False
+) -> None:
+    """Wait up to ``within_s`` for ``tasks`` to end (cancelled first with ``cancel``); log
+    those that did not (one that swallowed its cancellation, a call that never returns) with
+    where they wait."""
+    if not tasks:
+        return
+    for task in tasks if cancel else ():
+        task.cancel()
+    _, stuck = await asyncio.wait(tasks, timeout=within_s)
+    for task in stuck:
+        where = io.StringIO()
+        task.print_stack(file=where)
+        log.error(
+            "%s had not ended %g s into the stop, which goes on without it. %s",
+            task.get_name(),
+            within_s,
+            where.getvalue(),
+        )
 
 
 async def _patches(settings: Settings) -> Patches:
@@ -171,16 +193,19 @@ def _keeping_current(
 ) -> list[asyncio.Task[None]]:
     """The tasks that run as long as the app: picking up other replicas' added items,
     following the registry, watching Redis's epoch."""
-    tasks = [asyncio.create_task(items.keep_features())]  # those the start left unread
+    tasks = [asyncio.create_task(items.keep_features(), name="items.keep_features")]
     if settings.items_sync_s:
         tasks.append(
-            asyncio.create_task(_sync_items(items, models, catalogue, settings.items_sync_s))
+            asyncio.create_task(
+                _sync_items(items, models, catalogue, settings.items_sync_s), name="sync_items"
+            )
         )
     if registry is not None:
         poll_s = settings.registry_poll_s
-        tasks.append(asyncio.create_task(_follow_registry(registry, models, current, poll_s)))
+        following = _follow_registry(registry, models, current, poll_s)
+        tasks.append(asyncio.create_task(following, name="follow_registry"))
     if watch is not None:
-        tasks.append(asyncio.create_task(watch.run(EPOCH_CHECK_S)))
+        tasks.append(asyncio.create_task(watch.run(EPOCH_CHECK_S), name="epoch_watch"))
     return tasks
 
 
