@@ -13,7 +13,7 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 # redo it (~13 s) every time. `make install FORCE=1`, or deleting the stamp, redoes it.
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install reinstall browser haproxy serve test image-smoke lint reproduce tune generalise sweep bench bench-serve bench-reload bench-faults bench-fault-matrix bench-switches bench-stream bench-freshness bench-ab bench-feedback bench-filters bench-soak bench-workers bench-cluster bench-access-log bench-million bench-probe clean
+.PHONY: install reinstall browser haproxy serve test image-smoke lint reproduce tune generalise sweep bench bench-serve bench-reload bench-faults bench-fault-matrix bench-switches bench-stream bench-freshness bench-ab bench-feedback bench-filters bench-soak bench-workers bench-cluster bench-access-log bench-million bench-probe bench-adapt clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -91,6 +91,12 @@ bench-million: install
 # clutter_min=0.8 --set clutter_max=1.0" tries another world.
 bench-probe: install
 	$(BIN)/python benchmarks/pooling_probe.py $(PROBE)
+
+# Posters read by a backbone whose last stage is fitted to the warm films' genres or to their
+# taste (the training interactions), against the shipped weights: the cold split's validation,
+# new films among themselves and warm items (~25 min with 2 seeds). ADAPT="--seeds 0" is shorter.
+bench-adapt: install
+	$(BIN)/python benchmarks/backbone_adaptation.py $(DATA) $(ADAPT)
 
 # Model swaps (POST /admin/reload, SIGHUP) while wrk drives a real server: no request may fail.
 bench-reload: install

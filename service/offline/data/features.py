@@ -74,7 +74,7 @@ def compute_inputs_hash(
     return digest.hexdigest()
 
 
-class _ImageDataset(Dataset[torch.Tensor]):
+class ImageDataset(Dataset[torch.Tensor]):
     """Decodes and preprocesses images, so a DataLoader can do it in worker processes."""
 
     def __init__(
@@ -167,7 +167,7 @@ def _run_batches(
     progress: bool,
 ) -> None:
     """Fill rows ``start..N`` of ``array``, recording progress after each flushed batch."""
-    dataset = _ImageDataset(
+    dataset = ImageDataset(
         image_paths[start:], input_size=backbone.input_size, mean=backbone.mean, std=backbone.std
     )
     loader = DataLoader(
