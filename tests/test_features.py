@@ -350,6 +350,26 @@ def test_resume_after_a_crash_skips_finished_rows(tmp_path: Path) -> None:
     assert again_counter.calls == 0  # complete and matching: returned without computing
 
 
+def test_a_folder_written_before_it_named_its_weights_is_reused_and_then_names_them(
+    tmp_path: Path,
+) -> None:
+    ids = [1, 2, 3]
+    paths = _write_images(tmp_path / "img", [0, 100, 200])
+    out = tmp_path / "out"
+    first, _ = _block_mean_backbone()
+    meta = extract_features(ids, paths, out, backbone=first, batch_size=2, progress=False)
+    assert meta.weights_id == first.weights_id and meta.weights_id
+    written = json.loads((out / META_FILE).read_text())
+    del written["weights_id"]  # as folders were written before
+    (out / META_FILE).write_text(json.dumps(written))
+    assert load_features(out)[1].weights_id == ""  # readable: unknown
+
+    again, counter = _block_mean_backbone()
+    assert extract_features(ids, paths, out, backbone=again, progress=False) == meta
+    assert counter.calls == 0  # its inputs hash covers the weights: not extracted again
+    assert load_features(out)[1].weights_id == first.weights_id
+
+
 def test_changed_image_forces_full_reextraction(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

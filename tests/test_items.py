@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
+import shutil
 import socket
 import struct
 import time
@@ -31,8 +33,9 @@ from service.api.app import create_app
 from service.api.items import Items, decode_image
 from service.config import Settings
 from service.errors import Refused
+from service.model.backbones import default_weights_file, weights_identity
 from service.model.checkpoint import load_checkpoint, save_checkpoint
-from service.model.feature_store import load_features
+from service.model.feature_store import META_FILE, load_features
 from service.model.tags import item_tags
 from service.offline.bootstrap import histories
 from service.offline.data.dataset import load_dataset
@@ -83,16 +86,16 @@ def cold(tmp_path_factory: pytest.TempPathFactory) -> tuple[World, Prepared, Pat
 
 def _settings(cold: tuple[World, Prepared, Path], **extra: object) -> Settings:
     world, _, ckpt = cold
-    return Settings(
-        environment="production",
-        api_keys=WRITER,
-        admin_keys=ADMIN,
-        checkpoint=ckpt,
-        features=world.root / "features",
-        device="cpu",
-        data=world.root,
-        **extra,  # type: ignore[arg-type]
-    )
+    base: dict[str, object] = {
+        "environment": "production",
+        "api_keys": WRITER,
+        "admin_keys": ADMIN,
+        "checkpoint": ckpt,
+        "features": world.root / "features",
+        "device": "cpu",
+        "data": world.root,
+    }
+    return Settings(**(base | extra))  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -294,6 +297,37 @@ def test_the_cold_protocols_scores_are_what_the_api_answers_for_the_same_items(
     assert spread > 0 and not np.allclose(offline, offline[:, :1])  # the items differ
     # Only a model with metadata reads the title and genres
     assert np.allclose(offline, blind) is not metadata
+
+
+def test_new_images_are_read_with_the_weights_the_catalogue_was_read_with(
+    cold: tuple[World, Prepared, Path], tmp_path: Path
+) -> None:
+    """`visrec features --weights FILE` read the catalogue's posters with FILE, and POST
+    /items read a new poster with the shipped weights: its grid sat among grids read by
+    another network, and nothing said so."""
+    world, _, _ = cold
+    shipped_id = weights_identity("efficientnet_lite0")
+    assert load_features(world.root / "features")[1].weights_id == shipped_id
+    tensors = torch.load(default_weights_file("efficientnet_lite0"), map_location="cpu")
+    tensors["_conv_head.weight"] = tensors["_conv_head.weight"] * 1.01
+    other = tmp_path / "other.pth"
+    torch.save(tensors, other)
+    features = tmp_path / "features"  # the grids stand in for ones read with `other`:
+    shutil.copytree(world.root / "features", features)  # only new images are read here
+    meta = json.loads((features / META_FILE).read_text())
+    (features / META_FILE).write_text(
+        json.dumps(meta | {"weights_id": weights_identity("efficientnet_lite0", weights=other)})
+    )
+    item = _new_ids(world)[3]
+    with TestClient(create_app(_settings(cold, features=features))) as c:
+        refused = _add(c, world, item)
+        assert refused.status_code == 409, refused.text
+        assert "VISREC_BACKBONE_WEIGHTS" in refused.json()["detail"]
+        assert c.get(f"/items/{item}").status_code == 404  # nothing added
+        assert c.post("/recommend", json={"history": [1]}).status_code == 200  # the rest serves
+    with TestClient(create_app(_settings(cold, features=features, backbone_weights=other))) as c:
+        assert _add(c, world, item).status_code == 201
+        assert c.post("/recommend", json={"history": [item]}).status_code == 200
 
 
 def test_bad_uploads_are_refused_and_change_nothing(

@@ -17,6 +17,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,7 +26,7 @@ from PIL import Image, UnidentifiedImageError
 from service.catalogue import Catalogue, CatalogueItem
 from service.engine import ModelSlot
 from service.errors import Refused
-from service.model.backbones import Backbone, load_backbone
+from service.model.backbones import Backbone, load_backbone, weights_identity
 from service.model.projection import Projected, RawFeatures
 from service.model.tags import item_tags
 from service.recommender import Recommender
@@ -50,6 +51,26 @@ FEATURES_PER_READ = 256  # items whose features the background reads at once (32
 Rows = tuple[str | None, dict[int, np.ndarray]]  # by item, through the projection named first
 
 
+def weights_refusal(backbone: str, weights_id: str, weights: Path | None) -> str | None:
+    """Why this server cannot read a new image as the catalogue's images were read: the
+    features name weights (``weights_id``) other than ``weights`` (None: the shipped file).
+    None when they match, or when the features do not say (written before they did)."""
+    if not weights_id:
+        return None
+    try:
+        have = weights_identity(backbone, weights=weights)
+    except OSError as err:
+        have = f"unreadable ({err})"
+    if have == weights_id:
+        return None
+    return (
+        f"the catalogue's features were read with {backbone} weights {weights_id[:19]}..., "
+        f"this server's are {have[:19]}... ({weights or 'the shipped file'}): a new image "
+        "would not be read as theirs were. Set VISREC_BACKBONE_WEIGHTS to the weights file "
+        "the features were extracted with"
+    )
+
+
 @dataclass
 class Items:
     """The added items this process knows, the store they live in, and how to make more.
@@ -65,6 +86,8 @@ class Items:
     device: torch.device
     max_image_bytes: int
     max_image_pixels: int
+    weights: Path | None = None  # the backbone's weights file (None: the shipped one)
+    refusal: str | None = None  # why new images cannot be read as the catalogue's were
     known: dict[int, AddedItem] = field(default_factory=dict)  # features empty until read
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one addition at a time
     on_loss: Callable[[int], object] = lambda n: None  # items found missing from the store
@@ -77,7 +100,7 @@ class Items:
     def backbone(self) -> Backbone:
         """The serving backbone, loaded on first use (a second or two, weights from disk)."""
         if self._backbone is None:
-            self._backbone = load_backbone(self.backbone_name)
+            self._backbone = load_backbone(self.backbone_name, weights=self.weights)
         return self._backbone
 
     def added_to(self, engine: Recommender) -> Recommender:

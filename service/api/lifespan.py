@@ -17,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.api.batcher import MicroBatcher
 from service.api.feedback import Feedback
-from service.api.items import Items
+from service.api.items import Items, weights_refusal
 from service.api.metrics import Metrics
 from service.api.patches import Patches
 from service.api.state import State
@@ -223,12 +223,17 @@ def _items(settings: Settings) -> Items:
     else:
         store = MemoryItemStore()
     _, meta = load_features(settings.features)
+    refusal = weights_refusal(meta.backbone, meta.weights_id, settings.backbone_weights)
+    if refusal is not None:
+        log.warning("POST /items refuses new items: %s", refusal)
     return Items(
         store,
         backbone_name=meta.backbone,
         device=pick_device(settings.device),
         max_image_bytes=settings.max_image_bytes,
         max_image_pixels=settings.max_image_pixels,
+        weights=settings.backbone_weights,
+        refusal=refusal,
     )
 
 

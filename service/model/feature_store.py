@@ -38,6 +38,9 @@ class FeatureMeta:
     item_ids: list[int]
     inputs_hash: str
     dtype: str = "float16"
+    # backbones.weights_identity of the weights the grids were read with: an added item's image
+    # must be read with the same ones. "" in folders written before it was recorded: unknown.
+    weights_id: str = ""
 
     @property
     def shape(self) -> tuple[int, int, int]:

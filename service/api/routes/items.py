@@ -314,7 +314,7 @@ async def add_item(
     picture, media_type = await run_in_threadpool(decode_image, data, items.max_image_pixels)
     names = tuple(sorted({g.strip() for g in genres.split("|")} - {""}))
     others = _attributes_sent(attribute)
-    refusal = slot.engine.refuses_new_item(item_tags(title, names))
+    refusal = items.refusal or slot.engine.refuses_new_item(item_tags(title, names))
     if refusal is not None:
         raise Refused(409, "new_items_refused", refusal)
     sent = AddedItem(item_id, title, media_type, data, np.empty(0, np.float16), names, others)

@@ -15,7 +15,7 @@ import json
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +114,8 @@ def _read_meta(out_dir: Path) -> FeatureMeta | None:
 def _resume_point(out_dir: Path, meta: FeatureMeta) -> int | None:
     """Finished rows of a matching extraction in ``out_dir``, or None if there is none to reuse."""
     old_meta, progress = _read_meta(out_dir), read_progress(out_dir)
+    if old_meta is not None and not old_meta.weights_id:  # written before the field: the
+        old_meta = replace(old_meta, weights_id=meta.weights_id)  # inputs hash covers it
     if old_meta != meta or progress is None or progress.inputs_hash != meta.inputs_hash:
         return None
     try:
@@ -229,6 +231,8 @@ def extract_features(
     meta = _plan(item_ids, image_paths, backbone, weights)
     start = _resume_point(out_dir, meta)
     total = len(meta.item_ids)
+    if start is not None:  # the same, now naming its weights if it was written before that
+        _write_json_atomic(out_dir / META_FILE, meta.to_json())
     if start == total:
         logger.info("features in %s are complete and match the inputs; reusing them", out_dir)
         return meta
@@ -286,4 +290,5 @@ def _plan(
         grid=GRID,
         item_ids=[int(i) for i in item_ids],
         inputs_hash=inputs_hash,
+        weights_id=weights_id,
     )
