@@ -22,13 +22,7 @@ from typing import cast
 
 import numpy as np
 
-from service.offline.data.adapt import (
-    AdaptConfig,
-    Target,
-    adapt_backbone,
-    genre_targets,
-    taste_targets,
-)
+from service.offline.data.adapt import AdaptConfig, Target, fit_to
 from service.offline.data.features import extract_features
 from service.offline.experiments.cold import (
     ColdSplit,
@@ -51,20 +45,7 @@ def adapted_features(
     """The dataset with features from weights fitted to ``target`` on the warm items."""
     warm = warm_prepared(prepared, split)
     config = AdaptConfig(target=target)
-    if target == "genres":
-        targets, keep = genre_targets(warm.dataset.genres)
-    else:
-        s = warm.split
-        targets, keep = taste_targets(
-            s.train_users,
-            s.train_items,
-            s.n_users,
-            s.n_items,
-            dim=config.taste_dim,
-            least=config.min_interactions,
-        )
-    paths = [p for p, k in zip(warm.dataset.image_paths, keep, strict=True) if k]
-    fitted = adapt_backbone(paths, targets[keep], work / f"weights-{target}.pth", config)
+    fitted = fit_to(warm.dataset, warm.split, work / f"weights-{target}.pth", config)
     shipped, kept = fitted.held_loss
     print(
         f"adapt {target}: {fitted.items} posters, {fitted.seconds:.0f} s, best epoch "

@@ -71,7 +71,8 @@ class Settings(RegistrySettings):
     checkpoint: Path
     features: Path
     # The backbone weights file POST /items reads images with, when the features were not
-    # extracted with the backbone's shipped weights (`visrec features --weights`).
+    # extracted with the backbone's shipped weights (`visrec features --weights`). None: the
+    # features folder's own backbone.pth when it has one (a fitted backbone), else the shipped.
     backbone_weights: Path | None = None
     # Folders (comma-separated) that POST /admin/reload may load files from, besides the
     # serving checkpoint's and feature folder's own parent folders.

@@ -35,7 +35,7 @@ from service.config import Settings
 from service.errors import Refused
 from service.model.backbones import default_weights_file, weights_identity
 from service.model.checkpoint import load_checkpoint, save_checkpoint
-from service.model.feature_store import META_FILE, load_features
+from service.model.feature_store import BACKBONE_FILE, META_FILE, load_features
 from service.model.tags import item_tags
 from service.offline.bootstrap import histories
 from service.offline.data.dataset import load_dataset
@@ -328,6 +328,9 @@ def test_new_images_are_read_with_the_weights_the_catalogue_was_read_with(
     with TestClient(create_app(_settings(cold, features=features, backbone_weights=other))) as c:
         assert _add(c, world, item).status_code == 201
         assert c.post("/recommend", json={"history": [item]}).status_code == 200
+    shutil.copy(other, features / BACKBONE_FILE)  # as `visrec reproduce` keeps a fitted one
+    with TestClient(create_app(_settings(cold, features=features))) as c:
+        assert _add(c, world, item).status_code == 201
 
 
 def test_bad_uploads_are_refused_and_change_nothing(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -10,10 +11,15 @@ import numpy as np
 import pytest
 import torch
 
+from service.model.backbones import weights_identity
 from service.model.checkpoint import load_checkpoint
-from service.offline.data.synthetic import World
+from service.model.feature_store import BACKBONE_FILE, load_features
+from service.offline.data.adapt import AdaptConfig, fit_to
+from service.offline.data.synthetic import World, WorldSpec, make_world
+from service.offline.experiments import reproduce as reproduce_module
+from service.offline.experiments.cold import cold_split
 from service.offline.experiments.plan import load_plan
-from service.offline.experiments.reproduce import reproduce
+from service.offline.experiments.reproduce import cold_features, prepare_with_features, reproduce
 from service.offline.experiments.sweep import Trial, candidates, load_sweep, sweep
 from service.offline.training import runner as runner_module
 from service.offline.training.config import TrainConfig
@@ -227,6 +233,58 @@ def test_a_plan_with_an_unknown_model_or_setting_is_refused(tmp_path: Path) -> N
     (tmp_path / "c.toml").write_text("reference = 'x'\n[models.acf]\n")
     with pytest.raises(ValueError, match="no row 'x'"):
         load_plan(tmp_path / "c.toml")
+
+
+def test_a_fitted_backbone_reads_the_features_and_the_cold_protocol_fits_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``[features] adapt``: the main protocols' features are read by a backbone fitted to
+    the items' genres, kept beside them for the server; the cold protocol's by one fitted on
+    the warm items only: a new film's poster and genres are never fitted on."""
+    (tmp_path / "p.toml").write_text(
+        "[features]\nadapt = 'genres'\n[models.acf]\n[cold]\nrows = ['acf']\nshare = 0.2\n"
+    )
+    plan = load_plan(tmp_path / "p.toml")
+    assert plan.adapt == "genres"
+    world = make_world(tmp_path / "world", WorldSpec(n_users=30, n_items=50))
+    fitted_on: list[set[int]] = []
+
+    def spy(dataset: Any, split: Any, out: Path, config: AdaptConfig, **kwargs: Any) -> Any:
+        fitted_on.append(set(dataset.item_ids.tolist()))
+        return fit_to(dataset, split, out, replace(config, epochs=2), **kwargs)  # quicker
+
+    monkeypatch.setattr(reproduce_module, "fit_to", spy)
+    work, cpu = tmp_path / "work", torch.device("cpu")
+    prepared = prepare_with_features(world.root, work, plan, cpu)
+    folder = work / "features-efficientnet_lite0-genres"
+    meta = load_features(folder)[1]
+    assert meta.weights_id == weights_identity("efficientnet_lite0", weights=folder / BACKBONE_FILE)
+    assert meta.weights_id != weights_identity("efficientnet_lite0")
+    world_ids = set(prepared.dataset.item_ids.tolist())
+    assert fitted_on == [world_ids]  # every item's genres: they are known before any choice
+
+    refit = cold_features(prepared, work, plan, cpu)
+    assert refit is not None and plan.cold is not None
+    rng = np.random.default_rng(plan.cold.seed)
+    split = cold_split(prepared.dataset, rng, share=plan.cold.share)
+    cold = refit(split)
+    held = set(prepared.dataset.item_ids[np.r_[split.validation_items, split.test_items] - 1])
+    assert fitted_on[1] == world_ids - held  # the warm items only
+    assert cold.shape == prepared.features.shape
+    assert not np.array_equal(cold, prepared.features)
+
+
+def test_a_plan_fits_a_backbone_to_a_known_target_of_the_backbone_it_knows(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "a.toml").write_text("[features]\nadapt = 'colour'\n[models.acf]\n")
+    with pytest.raises(ValueError, match="adapt must be one of"):
+        load_plan(tmp_path / "a.toml")
+    (tmp_path / "b.toml").write_text(
+        "[features]\nbackbone = 'mobilenet_v2'\nadapt = 'genres'\n[models.acf]\n"
+    )
+    with pytest.raises(ValueError, match="fits efficientnet_lite0's last stage"):
+        load_plan(tmp_path / "b.toml")
 
 
 def test_sweep_candidates_start_with_the_plan_and_never_repeat() -> None:

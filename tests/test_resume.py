@@ -4,6 +4,7 @@ ends, in process, from the command line after a SIGKILL, and when `visrec-serve`
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -168,13 +169,15 @@ def test_visrec_serve_resumes_an_interrupted_training(
     )
 
 
-def test_visrec_serve_serves_the_row_reproduce_chose(
-    world: World, world_features: tuple[Path, np.ndarray], tmp_path: Path
+def test_visrec_serve_serves_the_row_reproduce_chose_with_the_features_it_was_trained_on(
+    world: World, world_features: tuple[Path, np.ndarray], served_work_dir: Path, tmp_path: Path
 ) -> None:
     run_dir = tmp_path / world.root.resolve().name
     run_dir.mkdir()
-    (run_dir / "features-efficientnet_lite0").symlink_to(world_features[0])
-    (run_dir / "served.pt").write_bytes(b"what visrec reproduce chose")  # not read here
-    _, _, served = prepare_serving(world.root, tmp_path, CPU, epochs=1)
+    shutil.copy(served_work_dir / world.root.resolve().name / "acf.pt", run_dir / "served.pt")
+    (run_dir / "features-efficientnet_lite0-genres").symlink_to(world_features[0])
+    (run_dir / "features-efficientnet_lite0").mkdir()  # an extraction that never finished
+    _, features, served = prepare_serving(world.root, tmp_path, CPU, epochs=1)
     assert served == run_dir / "served.pt"
+    assert features == run_dir / "features-efficientnet_lite0-genres"  # as a fitted backbone's
     assert not (run_dir / "acf.pt").exists()  # nothing was trained

@@ -32,7 +32,7 @@ from service.engine import (
     reload_on_hangup,
     start_source,
 )
-from service.model.feature_store import load_features
+from service.model.feature_store import BACKBONE_FILE, load_features
 from service.registry import Current, Registry, follow
 from service.runtime import pick_device, torch_threads
 from service.store.epoch import EpochWatch
@@ -223,7 +223,10 @@ def _items(settings: Settings) -> Items:
     else:
         store = MemoryItemStore()
     _, meta = load_features(settings.features)
-    refusal = weights_refusal(meta.backbone, meta.weights_id, settings.backbone_weights)
+    weights = settings.backbone_weights
+    if weights is None and (settings.features / BACKBONE_FILE).is_file():
+        weights = settings.features / BACKBONE_FILE  # the fitted backbone the grids were read by
+    refusal = weights_refusal(meta.backbone, meta.weights_id, weights)
     if refusal is not None:
         log.warning("POST /items refuses new items: %s", refusal)
     return Items(
@@ -232,7 +235,7 @@ def _items(settings: Settings) -> Items:
         device=pick_device(settings.device),
         max_image_bytes=settings.max_image_bytes,
         max_image_pixels=settings.max_image_pixels,
-        weights=settings.backbone_weights,
+        weights=weights,
         refusal=refusal,
     )
 

@@ -21,6 +21,9 @@ import numpy as np
 FEATURES_FILE = "features.npy"
 META_FILE = "features.json"
 PROGRESS_FILE = "progress.json"
+# A features folder may hold the backbone weights its grids were read with (a backbone fitted
+# to the catalogue, service/offline/data/adapt.py): the server reads new images with them.
+BACKBONE_FILE = "backbone.pth"
 
 
 class FeatureError(ValueError):

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from service.model.checkpoint import SERVED_FILE
+from service.model.checkpoint import SERVED_FILE, load_checkpoint
+from service.model.feature_store import FeatureError, load_features
 from service.offline.data.dataset import Dataset, load_dataset
 from service.offline.data.features import extract_features
 
@@ -45,15 +46,31 @@ def prepare_serving(
     data = dataset.root
     run_dir = work / data.resolve().name
     features, checkpoint = run_dir / "features-efficientnet_lite0", run_dir / "acf.pt"
-    extract_features(dataset.item_ids.tolist(), list(dataset.image_paths), features, device=device)
-    if (run_dir / SERVED_FILE).is_file():
-        log.info(
-            "serving %s, the row `visrec reproduce` chose on validation", run_dir / SERVED_FILE
-        )
-        return dataset, features, run_dir / SERVED_FILE
+    served = run_dir / SERVED_FILE
+    trained_on = _features_of(served, run_dir) if served.is_file() else None
+    if trained_on is not None:  # e.g. those of a backbone `visrec reproduce` fitted (adapt)
+        features = trained_on
+    else:
+        ids, paths = dataset.item_ids.tolist(), list(dataset.image_paths)
+        extract_features(ids, paths, features, device=device)
+    if served.is_file():
+        log.info("serving %s, the row `visrec reproduce` chose on validation", served)
+        return dataset, features, served
     if not checkpoint.is_file():
         _train(data, features, checkpoint, device, epochs)
     return dataset, features, checkpoint
+
+
+def _features_of(checkpoint: Path, run_dir: Path) -> Path | None:
+    """The complete folder of features in ``run_dir`` that ``checkpoint`` was trained on."""
+    wanted = load_checkpoint(checkpoint).features.get("inputs_hash")
+    for folder in sorted(run_dir.glob("features-*")):
+        try:
+            if load_features(folder)[1].inputs_hash == wanted:
+                return folder
+        except FeatureError:  # another extraction, or one that did not finish
+            continue
+    return None
 
 
 def dataset_of(data: Path | None, work: Path) -> Dataset:

@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from service.model.backbones import SPECS, load_backbone
+from service.offline.data.dataset import Dataset, Split
 from service.offline.data.features import ImageDataset
 from service.runtime import bar_interval
 
@@ -93,6 +94,26 @@ def taste_targets(
     vectors = (left * sizes).astype(np.float32)
     vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
     return vectors, counts >= least
+
+
+def fit_to(
+    dataset: Dataset, split: Split, out: Path, config: AdaptConfig, *, progress: bool = True
+) -> Adapted:
+    """Fit the last stage on ``dataset``'s posters to their ``config.target`` (``taste`` from
+    the training part of ``split`` only) and write the weights to ``out``."""
+    if config.target == "genres":
+        targets, keep = genre_targets(dataset.genres)
+    else:
+        targets, keep = taste_targets(
+            split.train_users,
+            split.train_items,
+            split.n_users,
+            split.n_items,
+            dim=config.taste_dim,
+            least=config.min_interactions,
+        )
+    paths = [p for p, k in zip(dataset.image_paths, keep, strict=True) if k]
+    return adapt_backbone(paths, targets[keep], out, config, progress=progress)
 
 
 def adapt_backbone(

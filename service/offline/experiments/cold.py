@@ -340,15 +340,24 @@ def warm_prepared(prepared: Prepared, split: ColdSplit) -> Prepared:
     return Prepared(split.warm, leave_last_out(split.warm), features, meta)
 
 
-def run_cold(prepared: Prepared, plan: Plan, *, runner: Runner) -> ColdComparison:
+def run_cold(
+    prepared: Prepared,
+    plan: Plan,
+    *,
+    runner: Runner,
+    refit: Callable[[ColdSplit], np.ndarray] | None = None,
+) -> ColdComparison:
     """The plan's ``[cold]`` rows, each trained with every seed on the warm items (by
     ``runner``, side by side where it can), and the baselines, ranked for the test users (see
-    the module doc)."""
+    the module doc). ``refit``: every item's features for the split, read by a backbone
+    fitted on its warm items (else ``prepared``'s)."""
     assert plan.cold is not None
     started = time.perf_counter()
     split = cold_split(
         prepared.dataset, np.random.default_rng(plan.cold.seed), share=plan.cold.share
     )
+    if refit is not None:
+        prepared = replace(prepared, features=refit(split))
     warm = warm_prepared(prepared, split)
     seeds = plan.cold.seeds or plan.seeds
     runs = {

@@ -24,9 +24,11 @@ import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast, get_args
 
 from service.model.backbones import DEFAULT_BACKBONE
+from service.offline.data.adapt import BACKBONE as ADAPTABLE
+from service.offline.data.adapt import Target
 from service.offline.data.synthetic import WorldSpec
 from service.offline.training.config import MODELS, TrainConfig
 from service.offline.training.train import metadata_problem
@@ -77,6 +79,9 @@ class Plan:
     rows: tuple[Row, ...]
     backbone: str = DEFAULT_BACKBONE
     weights: Path | None = None
+    # the backbone's last stage fitted to the items' genres or taste (service/offline/data/
+    # adapt.py) before the features are read; the cold protocol fits its own on the warm items
+    adapt: Target | None = None
     seeds: tuple[int, ...] = (0, 1, 2)
     reference: str = "acf"  # the row every other is compared with
     n_resamples: int = 1000
@@ -147,6 +152,7 @@ def load_plan(path: Path | None) -> Plan:
         rows=rows,
         backbone=feats.get("backbone", DEFAULT_BACKBONE),
         weights=Path(feats["weights"]) if feats.get("weights") else None,
+        adapt=_adapt(feats.get("adapt"), feats.get("backbone", DEFAULT_BACKBONE)),
         seeds=tuple(int(s) for s in raw.get("seeds", (0, 1, 2))),
         reference=raw.get("reference", rows[0].name),
         n_resamples=int(raw.get("n_resamples", 1000)),
@@ -231,6 +237,16 @@ def _cold(raw: dict[str, Any]) -> ColdPlan:
     if not cold.rows or not 0 < cold.share < 1:
         raise ValueError(f"[cold]: rows must name rows and share be in (0, 1), got {raw}")
     return cold
+
+
+def _adapt(target: object, backbone: str) -> Target | None:
+    if target is None:
+        return None
+    if target not in get_args(Target):
+        raise ValueError(f"[features] adapt must be one of {get_args(Target)}, not {target!r}")
+    if backbone != ADAPTABLE:
+        raise ValueError(f"[features] adapt fits {ADAPTABLE}'s last stage, not {backbone}'s")
+    return cast(Target, target)
 
 
 def seeded(config: TrainConfig, seed: int, **changes: Any) -> TrainConfig:

@@ -14,7 +14,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,9 @@ import torch
 
 from service.model.acf import ACF
 from service.model.checkpoint import SERVED, SERVED_FILE, save_checkpoint
-from service.model.feature_store import load_features
-from service.offline.data.dataset import fingerprint, load_dataset
+from service.model.feature_store import BACKBONE_FILE, load_features
+from service.offline.data.adapt import AdaptConfig, Target, fit_to
+from service.offline.data.dataset import Dataset, Split, fingerprint, leave_last_out, load_dataset
 from service.offline.data.features import extract_features
 from service.offline.data.synthetic import World, make_world
 from service.offline.evaluation.attention import heatmap_stats
@@ -38,7 +40,7 @@ from service.offline.evaluation.evaluate import (
     rank_new_items,
 )
 from service.offline.evaluation.metrics import Interval, bootstrap, paired_bootstrap
-from service.offline.experiments.cold import run_cold
+from service.offline.experiments.cold import ColdSplit, run_cold, warm_prepared
 from service.offline.experiments.plan import Plan, Row, seeded
 from service.offline.experiments.plots import plot_history
 from service.offline.experiments.report import (
@@ -99,7 +101,8 @@ def reproduce(
     main = compare(data_dir.resolve().name, results, plan, tail=target_counts(prepared))
     training_seconds = time.perf_counter() - t0
     served, diversity = _save_served(prepared, plan, results, best, work_dir, device)
-    cold = run_cold(prepared, plan, runner=runner) if plan.cold else None
+    refit = cold_features(prepared, work_dir, plan, device)
+    cold = run_cold(prepared, plan, runner=runner, refit=refit) if plan.cold else None
     synthetic, world_seconds = None, 0.0
     if plan.synthetic is not None:
         t0 = time.perf_counter()
@@ -168,18 +171,55 @@ def prepare_with_features(
     data_dir: Path, work_dir: Path, plan: Plan, device: torch.device
 ) -> Prepared:
     """The dataset split, with its features extracted by the plan's backbone into
-    ``work_dir/features-<backbone>`` (a matching extraction there is reused or resumed)."""
+    ``work_dir/features-<backbone>`` (a matching extraction there is reused or resumed); with
+    the plan's ``adapt``, by the backbone fitted first to the items' genres or taste (the
+    training part of the split) into ``features-<backbone>-<target>``, which keeps the
+    fitted weights for the server (``BACKBONE_FILE``)."""
     dataset = load_dataset(data_dir)
     features_dir = work_dir / f"features-{plan.backbone}"
-    extract_features(
-        dataset.item_ids.tolist(),
-        list(dataset.image_paths),
-        features_dir,
-        backbone=plan.backbone,
-        weights=plan.weights,
-        device=device,
-    )
+    weights = plan.weights
+    if plan.adapt is not None:
+        features_dir = features_dir.with_name(f"{features_dir.name}-{plan.adapt}")
+        weights = _fitted(dataset, leave_last_out(dataset), features_dir, plan.adapt)
+    _extract(dataset, features_dir, plan, weights, device)
     return prepare(data_dir, features_dir)
+
+
+def cold_features(
+    prepared: Prepared, work_dir: Path, plan: Plan, device: torch.device
+) -> Callable[[ColdSplit], np.ndarray] | None:
+    """With the plan's ``adapt``: the features of every item read by a backbone fitted on a
+    cold split's warm items only (new films are never fitted on), for :func:`run_cold`."""
+    target = plan.adapt
+    if target is None:
+        return None
+
+    def refit(split: ColdSplit) -> np.ndarray:
+        warm = warm_prepared(prepared, split)
+        out = work_dir / f"features-{plan.backbone}-{target}-cold"
+        weights = _fitted(warm.dataset, warm.split, out, target)
+        _extract(prepared.dataset, out, plan, weights, device)
+        return load_features(out)[0]
+
+    return refit
+
+
+def _fitted(dataset: Dataset, split: Split, features_dir: Path, target: Target) -> Path:
+    fitted = fit_to(dataset, split, features_dir / BACKBONE_FILE, AdaptConfig(target=target))
+    read_out, kept = fitted.held_loss
+    log.info(
+        "backbone fitted to %s on %d posters in %.0f s: held-out loss %.4f (a read-out of the "
+        "shipped grid %.4f), epoch %d",
+        target, fitted.items, fitted.seconds, kept, read_out, fitted.best_epoch,
+    )  # fmt: skip
+    return fitted.weights
+
+
+def _extract(
+    dataset: Dataset, out: Path, plan: Plan, weights: Path | None, device: torch.device
+) -> None:
+    ids, paths = dataset.item_ids.tolist(), list(dataset.image_paths)
+    extract_features(ids, paths, out, backbone=plan.backbone, weights=weights, device=device)
 
 
 def run_rows(
@@ -386,7 +426,9 @@ def _synthetic(plan: Plan, work_dir: Path, runner: Runner) -> Comparison:
     device = runner.device
     root = work_dir / "synthetic-world"
     world = make_world(root, plan.synthetic.spec)  # deterministic: the same bytes each time
-    prepared = prepare_with_features(root, root, plan, device)
+    # the world's genres name each item's kind, the answer its protocol checks: its images are
+    # read by the backbone as shipped
+    prepared = prepare_with_features(root, root, replace(plan, adapt=None), device)
     rows = tuple(
         Row(name, seeded(plan.row(name).config, 0, **plan.synthetic.train))
         for name in plan.synthetic.rows
