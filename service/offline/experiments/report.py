@@ -146,13 +146,22 @@ def results_markdown(report: Report) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _fitted(plan: Plan) -> str:
+    if plan.adapt is None:
+        return ""
+    return (
+        f", its last stage fitted to the items' {plan.adapt} first "
+        "(`service/offline/data/adapt.py`; the cold-item protocol's to the warm items' only)"
+    )
+
+
 def _notes(report: Report) -> list[str]:
     plan, t = report.plan, report.timings
     seeds = ", ".join(map(str, plan.seeds))
     return [
         f"{report.n_users} users, {report.n_items} items; leave-last-out split (last interaction "
         "= test, the one before = validation). Every model is ranked over the whole catalogue; "
-        f"ties count against the model. Backbone: `{plan.backbone}`.",
+        f"ties count against the model. Backbone: `{plan.backbone}`{_fitted(plan)}.",
         "",
         "`standard` gives the last 9 training items as the profile and removes all training and "
         "validation items from the ranking; `seed` is the VisRec tutorial's protocol (profile = "
