@@ -17,13 +17,14 @@ ranked: this chooses; the page reports.
 from __future__ import annotations
 
 import argparse
+import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import cast
 
 import numpy as np
 
-from service.offline.data.adapt import AdaptConfig, Target, fit_to
-from service.offline.data.features import extract_features
+from service.offline.data.adapt import Target
 from service.offline.experiments.cold import (
     ColdSplit,
     cold_split,
@@ -32,30 +33,11 @@ from service.offline.experiments.cold import (
     warm_prepared,
 )
 from service.offline.experiments.plan import Plan, load_plan, seeded
-from service.offline.experiments.reproduce import prepare_with_features
-from service.offline.training.pipeline import Prepared, prepare
+from service.offline.experiments.reproduce import cold_features, prepare_with_features
+from service.offline.training.pipeline import Prepared
 from service.offline.training.runner import Runner, default_jobs
 from service.offline.training.train import as_scored
 from service.runtime import pick_device
-
-
-def adapted_features(
-    data: Path, work: Path, prepared: Prepared, split: ColdSplit, plan: Plan, target: Target
-) -> Prepared:
-    """The dataset with features from weights fitted to ``target`` on the warm items."""
-    warm = warm_prepared(prepared, split)
-    config = AdaptConfig(target=target)
-    fitted = fit_to(warm.dataset, warm.split, work / f"weights-{target}.pth", config)
-    shipped, kept = fitted.held_loss
-    print(
-        f"adapt {target}: {fitted.items} posters, {fitted.seconds:.0f} s, best epoch "
-        f"{fitted.best_epoch} of {config.epochs}, held-out loss {shipped:.4f} -> {kept:.4f}"
-    )
-    out = work / f"features-{target}"
-    dataset = prepared.dataset
-    ids, images = dataset.item_ids.tolist(), list(dataset.image_paths)
-    extract_features(ids, images, out, backbone=plan.backbone, weights=fitted.weights)
-    return prepare(data, out)
 
 
 def validation_figures(
@@ -106,17 +88,23 @@ def main() -> None:
     parser.add_argument("--targets", default="genres,taste")
     parser.add_argument("--seeds", default="0,1")
     args = parser.parse_args()
-    plan = load_plan(args.config)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # each fit's losses
+    plan = replace(load_plan(args.config), adapt=None)  # the shipped weights: the baseline
     assert plan.cold is not None, "the plan has no [cold] table"
-    prepared = prepare_with_features(args.data, args.work, plan, pick_device("auto"))
+    device = pick_device("auto")
+    prepared = prepare_with_features(args.data, args.work, plan, device)
     split = cold_split(
         prepared.dataset, np.random.default_rng(plan.cold.seed), share=plan.cold.share
     )
     variants = {"shipped": prepared}
     for target in filter(None, args.targets.split(",")):  # --targets= : the shipped alone
         assert target in ("genres", "taste"), f"unknown target {target!r}"
-        fitted = adapted_features(args.data, args.work, prepared, split, plan, cast(Target, target))
-        variants[target] = fitted
+        # fitted on the warm items, as `make reproduce`'s cold protocol does
+        refit = cold_features(
+            prepared, args.work, replace(plan, adapt=cast(Target, target)), device
+        )
+        assert refit is not None
+        variants[target] = replace(prepared, features=refit(split))
     seeds = [int(s) for s in args.seeds.split(",")]
     validation_figures(variants, split, plan, args.rows.split(","), seeds)
 

@@ -1,13 +1,7 @@
 // The experiments page: GET /feedback drawn as a table; no framework, no build step.
 "use strict";
 
-const KEY = "visrec-api-key"; // as the explanation page: this tab only
 const RANKS = 10;
-
-function withKey() {
-  const key = sessionStorage.getItem(KEY);
-  return key ? { headers: { "X-API-Key": key } } : {};
-}
 
 function cell(text, className) {
   const td = document.createElement("td");
@@ -52,13 +46,7 @@ async function refresh() {
   }
 }
 
-document.getElementById("api-key").addEventListener("submit", (event) => {
-  event.preventDefault();
-  const key = new FormData(event.target).get("key");
-  if (key) sessionStorage.setItem(KEY, key);
-  else sessionStorage.removeItem(KEY);
-  refresh();
-});
+onKeyForm(refresh);
 
 refresh();
 setInterval(refresh, 5000);

@@ -25,18 +25,8 @@ const filters = new URLSearchParams(
 );
 let latest = 0; // only the newest refresh draws, when several overlap
 
-const KEY = "visrec-api-key"; // in sessionStorage: this tab only, gone when it closes
-
 const $ = (id) => document.getElementById(id);
 const api = (path) => `${path}/${encodeURIComponent(userId)}`;
-
-// Every call carries the key the user gave, if any (the service may require one for reads,
-// and always does for writes).
-function withKey(options = {}) {
-  const key = sessionStorage.getItem(KEY);
-  const headers = { ...(options.headers ?? {}), ...(key ? { "X-API-Key": key } : {}) };
-  return { ...options, headers };
-}
 
 async function getJSON(url, options) {
   const response = await fetch(url, withKey(options));
@@ -49,7 +39,7 @@ async function getJSON(url, options) {
 function image(url, alt) {
   const img = el("img", { alt });
   img.dataset.src = url;
-  if (!sessionStorage.getItem(KEY)) {
+  if (!hasKey()) {
     img.src = url;
     return img;
   }
@@ -194,18 +184,12 @@ async function addInteraction(event) {
   }
 }
 
-function useKey(event) {
-  event.preventDefault();
-  const key = event.target.elements.key.value.trim();
-  if (key) sessionStorage.setItem(KEY, key);
-  else sessionStorage.removeItem(KEY);
-  event.target.reset();
-  itemInfo.clear(); // titles fetched without the key may have failed
-  return refresh();
-}
 
 $("user").textContent = userId;
-$("api-key").addEventListener("submit", useKey);
+onKeyForm(() => {
+  itemInfo.clear(); // titles fetched without the key may have failed
+  refresh();
+});
 $("add-interaction").addEventListener("submit", addInteraction);
 $("show-heatmaps").addEventListener("change", (e) =>
   document.body.classList.toggle("no-heatmaps", !e.target.checked),
