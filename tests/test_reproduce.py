@@ -26,6 +26,7 @@ from service.offline.training.config import TrainConfig
 from service.offline.training.pipeline import Prepared, prepare
 from service.offline.training.runner import Runner
 
+CPU = torch.device("cpu")
 PLAN = """
 seeds = [3, 4]
 bootstrap_seed = 3
@@ -272,6 +273,26 @@ def test_a_fitted_backbone_reads_the_features_and_the_cold_protocol_fits_its_own
     assert fitted_on[1] == world_ids - held  # the warm items only
     assert cold.shape == prepared.features.shape
     assert not np.array_equal(cold, prepared.features)
+
+
+def test_data_without_genres_is_read_by_the_shipped_backbone(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A plan that fits the backbone to genres must still run on data that has none."""
+    world = make_world(tmp_path / "world", WorldSpec(n_users=20, n_items=30))
+    items = (world.root / "items.csv").read_text().splitlines()
+    rows = [line.split(",") for line in items]
+    without = [",".join(r[:2] + r[3:]) for r in rows]  # item_id,title,genres,image: drop genres
+    (world.root / "items.csv").write_text("\n".join(without) + "\n")
+    (tmp_path / "p.toml").write_text("[features]\nadapt = 'genres'\n[models.acf]\n")
+    work = tmp_path / "work"
+    with caplog.at_level("WARNING"):
+        prepared = prepare_with_features(world.root, work, load_plan(tmp_path / "p.toml"), CPU)
+    assert "no item has genres" in caplog.text
+    assert not any(prepared.dataset.genres)
+    assert [p.name for p in work.iterdir()] == ["features-efficientnet_lite0"]
+    meta = load_features(work / "features-efficientnet_lite0")[1]
+    assert meta.weights_id == weights_identity("efficientnet_lite0")  # as shipped
 
 
 def test_a_plan_fits_a_backbone_to_a_known_target_of_the_backbone_it_knows(

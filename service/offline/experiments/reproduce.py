@@ -95,6 +95,7 @@ def reproduce(
     started = time.perf_counter()
     t0 = time.perf_counter()
     prepared = prepare_with_features(data_dir, work_dir, plan, device)
+    plan = fittable(plan, prepared.dataset)  # what the features were read with, for the page
     feature_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     results, best = run_rows(prepared, plan, plan.main_rows, runner=runner)
@@ -176,6 +177,7 @@ def prepare_with_features(
     training part of the split) into ``features-<backbone>-<target>``, which keeps the
     fitted weights for the server (``BACKBONE_FILE``)."""
     dataset = load_dataset(data_dir)
+    plan = fittable(plan, dataset)
     features_dir = work_dir / f"features-{plan.backbone}"
     weights = plan.weights
     if plan.adapt is not None:
@@ -183,6 +185,15 @@ def prepare_with_features(
         weights = _fitted(dataset, leave_last_out(dataset), features_dir, plan.adapt)
     _extract(dataset, features_dir, plan, weights, device)
     return prepare(data_dir, features_dir)
+
+
+def fittable(plan: Plan, dataset: Dataset) -> Plan:
+    """``plan``, without its ``adapt`` when ``dataset`` has nothing to fit to (genres: none of
+    its items has any): the backbone is then used as shipped, with a warning."""
+    if plan.adapt == "genres" and not any(dataset.genres):
+        log.warning("%s: no item has genres, so the backbone is not fitted", dataset.root)
+        return replace(plan, adapt=None)
+    return plan
 
 
 def cold_features(
