@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -95,7 +96,7 @@ class ImageDataset(Dataset[torch.Tensor]):
 
 def _write_json_atomic(path: Path, text: str) -> None:
     """Write via a temporary file and rename, so a crash never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")  # one per writer
     tmp.write_text(text)
     os.replace(tmp, path)
 
@@ -231,7 +232,8 @@ def extract_features(
     meta = _plan(item_ids, image_paths, backbone, weights)
     start = _resume_point(out_dir, meta)
     total = len(meta.item_ids)
-    if start is not None:  # the same, now naming its weights if it was written before that
+    old_meta = _read_meta(out_dir) if start is not None else None
+    if old_meta is not None and not old_meta.weights_id:  # written before it named them
         _write_json_atomic(out_dir / META_FILE, meta.to_json())
     if start == total:
         logger.info("features in %s are complete and match the inputs; reusing them", out_dir)
