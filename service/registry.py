@@ -38,6 +38,8 @@ from pathlib import Path
 import redis
 import redis.asyncio as aioredis
 
+from service.files import sync, sync_tree
+
 log = logging.getLogger("visrec.registry")
 CHECKPOINT = "checkpoint.pt"
 FEATURES = "features"
@@ -129,7 +131,9 @@ class Registry:
         shutil.copy2(checkpoint, partial / CHECKPOINT)
         # not the serving tables of other checkpoints on those features (GBs at 1M items)
         shutil.copytree(features, partial / FEATURES, ignore=shutil.ignore_patterns(TABLES))
-        partial.rename(target)  # a version is there whole, or not at all
+        sync_tree(partial)  # on the disk before it is there: a version is whole or not at all,
+        partial.rename(target)  # after a power loss too
+        sync(self.root)
         return version
 
     def files(self, version: str) -> tuple[Path, Path]:

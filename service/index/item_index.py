@@ -14,9 +14,7 @@ passing items it was asked for (a graph walk under a filter that 1% of items pas
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +22,8 @@ from typing import Literal
 
 import faiss
 import numpy as np
+
+from service.files import write_atomically
 
 log = logging.getLogger("visrec.index")
 IndexKind = Literal["flat", "ivf", "hnsw"]
@@ -247,14 +247,10 @@ def _cached(data: np.ndarray, kind: IndexKind, folder: Path) -> faiss.Index:
             return _tuned(index)
         log.warning("%s holds an index of other vectors: building a new one", path)
     index = _build(data, kind)
-    partial = path.with_name(f".{path.name}.{os.getpid()}")
     try:
-        faiss.write_index(index, str(partial))
-        partial.replace(path)
+        write_atomically(path, lambda tmp: faiss.write_index(index, str(tmp)))
     except (OSError, RuntimeError) as err:  # FAISS reports I/O errors as RuntimeError
         log.warning("cannot keep the %s index in %s (%s)", kind, folder, err)
-        with contextlib.suppress(OSError):
-            partial.unlink(missing_ok=True)
     return index
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from service.files import write_atomically
 from service.model.acf import ACF, ACFConfig
 from service.model.projection import Projection, project
 from service.model.sasrec import SASRec, SASRecConfig
@@ -106,11 +107,8 @@ class Checkpoint:
 
 
 def save_checkpoint(path: Path, ckpt: Checkpoint) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, **asdict(ckpt), "config": asdict(ckpt.config)}
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)  # never leave a half-written checkpoint behind
+    write_atomically(path, lambda tmp: torch.save(payload, tmp))
 
 
 def load_checkpoint(path: Path, *, map_location: str | torch.device = "cpu") -> Checkpoint:

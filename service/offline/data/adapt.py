@@ -36,6 +36,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from service.files import write_atomically
 from service.model.backbones import SPECS, load_backbone
 from service.offline.data.dataset import Dataset, Split
 from service.offline.data.features import ImageDataset
@@ -148,8 +149,7 @@ def adapt_backbone(
     shipped, _ = fitting.run("read-out", progress=progress)
     stage.fitting(True)
     kept, best_epoch = fitting.run("adapt", progress=progress, baseline=shipped)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(net.state_dict(), out)
+    write_atomically(out, lambda tmp: torch.save(net.state_dict(), tmp))
     seconds = time.perf_counter() - started
     return Adapted(out, best_epoch, (shipped, kept), len(order) - n_held, seconds)
 

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from service.files import write_atomically
 from service.model.acf import ACF
 from service.model.projection import Projection
 from service.model.sasrec import SASRec, SASRecConfig
@@ -346,10 +347,7 @@ def _save_state(
         "torch_rng": torch.get_rng_state(),  # dropout (SASRec) draws from the global generator
         "cuda_rng": torch.cuda.get_rng_state(gen.device) if gen.device.type == "cuda" else None,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)  # a run killed while saving keeps the previous epoch's file
+    write_atomically(path, lambda tmp: torch.save(state, tmp))  # a kill keeps the last epoch's
 
 
 def _load_state(
