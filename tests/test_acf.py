@@ -165,6 +165,66 @@ def test_every_position_is_attention_over_each_prefix_of_the_row(model: ACF) -> 
         torch.testing.assert_close(every[:, t], window, rtol=1e-5, atol=1e-6)
 
 
+AGED = replace(
+    BASE, visual="score", recency=5, newest=True, context_blocks=1, positions=5, ages=True
+)
+DAY = 86_400
+
+
+def _aged() -> ACF:
+    model = _model(AGED)
+    with torch.no_grad():  # ages made to matter (they start at zero, as recency)
+        model.age.weight.normal_()  # type: ignore[union-attr]
+    return model
+
+
+def test_every_position_with_ages_is_attention_over_each_prefix_with_its_times() -> None:
+    """Position t's items are aged from t's own item, as a profile ending at t ages them."""
+    model = _aged()
+    rows = torch.tensor([[0, 3, 5, 7, 9], [2, 4, 0, 6, 8], [0, 0, 0, 0, 1]])
+    times = torch.tensor(
+        [[0, 5, 90, 40 * DAY, 40 * DAY + 3], [0, 2 * DAY, 0, 9 * DAY, 9 * DAY], [0, 0, 0, 0, 7]]
+    )
+    users = torch.tensor([0, 3, UNKNOWN_USER])
+    every = model.attend_every_position(users, rows, times)
+    tables = model.catalogue_tables()
+    for t in range(rows.shape[1]):
+        window = model.attend(users, rows[:, : t + 1], tables, times=times[:, : t + 1]).user
+        torch.testing.assert_close(every[:, t], window, rtol=1e-5, atol=1e-6)
+
+
+def test_ages_count_back_from_the_newest_item_not_from_a_clock() -> None:
+    model = _aged()
+    tables = model.catalogue_tables()
+    profile, times = torch.tensor([[2, 4, 6, 8]]), torch.tensor([[0, 30, 2 * DAY, 2 * DAY + 9]])
+    base = model.attend(USERS[2:3], profile, tables, times=times)
+    later = model.attend(USERS[2:3], profile, tables, times=times + 10**9)
+    torch.testing.assert_close(later.user, base.user)
+    one_visit = model.attend(USERS[2:3], profile, tables, times=torch.tensor([[0, 5, 9, 20]]))
+    assert not torch.allclose(one_visit.item_attention, base.item_attention)
+
+
+def test_items_of_an_earlier_visit_weigh_as_their_age_says() -> None:
+    """Ages over a month drawing the weight away: the same two items weigh next to nothing
+    when they came a month before the newest, and their share when they came with it."""
+    model = _model(AGED)
+    with torch.no_grad():
+        model.age.weight[-1] = -20.0 * model.item_out.weight[0].sign()  # type: ignore[union-attr]
+    tables, profile = model.catalogue_tables(), torch.tensor([[2, 4, 6, 8]])
+    month = torch.tensor([[0, 10, 40 * DAY, 40 * DAY + 5]])
+    old = model.attend(USERS[2:3], profile, tables, times=month).item_attention[0]
+    together = model.attend(USERS[2:3], profile, tables, times=month % DAY).item_attention[0]
+    assert float(old[:2].sum().detach()) < 1e-3 < float(together[:2].sum().detach())
+
+
+def test_a_model_that_reads_ages_refuses_profiles_without_their_times() -> None:
+    model = _aged()
+    with pytest.raises(ValueError, match="times"):
+        model.score_all(USERS, PROFILES)
+    with pytest.raises(ValueError, match="times"):
+        model.attend_every_position(USERS, PROFILES, torch.zeros(len(USERS), 2))
+
+
 def test_batch_equals_one_at_a_time(model: ACF) -> None:
     batched = model.score_all(USERS, PROFILES)
     for i in range(len(USERS)):

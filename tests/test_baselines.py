@@ -78,6 +78,7 @@ def _walks(n_users: int, cycle: int, length: int, seed: int) -> Split:
         items_a[val],
         users_a[last],
         items_a[last],
+        np.flatnonzero(train_rows),  # one interaction a second
     )
 
 

@@ -84,6 +84,25 @@ def test_runs_keep_consecutive_samples_of_a_user_together() -> None:
     assert len(np.unique(users[starts][:4])) > 1
 
 
+def test_times_travel_beside_their_items_in_windows_and_chunks() -> None:
+    """Each profile slot's time is its own item's (here 10x the item), however it is cut."""
+    rng = np.random.default_rng(0)
+    sequences = [rng.permutation(np.arange(1, 40))[:n] for n in (1, 4, 12)]
+    tens = [10 * s for s in sequences]
+    samples = build_samples(sequences, n_items=40, profile_size=3, times=tens)
+    assert samples.profile_times is not None and samples.times is not None
+    np.testing.assert_array_equal(samples.profile_times, 10 * samples.profiles)
+    np.testing.assert_array_equal(samples.times, 10 * samples.positives)
+    batch = next(epoch_batches(samples, 100, rng, negatives=False))
+    np.testing.assert_array_equal(batch.times, 10 * batch.profiles)
+    times = samples.time_sequences()
+    assert times is not None
+    users, rows = sequence_chunks(samples.sequences(), 3)
+    when = sequence_chunks(times, 3)[1]
+    for batch in chunk_batches(users, rows, batch_size=6, rng=rng, times=when):
+        np.testing.assert_array_equal(batch.times, 10 * batch.profiles)
+
+
 @pytest.mark.parametrize("size", [1, 3, 9])
 def test_chunks_make_every_item_the_positive_of_its_own_profile_once(size: int) -> None:
     rng = np.random.default_rng(0)

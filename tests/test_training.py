@@ -219,6 +219,8 @@ def test_flat_attention_is_warned_about(
         {"user_dropout": 0.5},
         {"item_dropout": 0.5},
         {"context_blocks": 2, "every_position": True},
+        {"ages": True},
+        {"ages": True, "context_blocks": 1, "every_position": True},
         {"model": "sasrec", "every_position": True},
         {"model": "transitions"},
         {"model": "ease"},

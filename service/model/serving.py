@@ -121,6 +121,12 @@ class ServingModel:
         projection: Projection | None = None,
         trained: int | None = None,
     ) -> None:
+        if model.config.ages:  # its profiles would need their times, which serving lacks yet
+            raise ValueError(
+                "this ACF reads how long before the newest profile item each one came "
+                "(ages = true), which the service does not serve yet; train it without ages "
+                "to serve it"
+            )
         self.model = model.to(device).eval()
         self.tables = tables
         self.device = device

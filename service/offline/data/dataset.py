@@ -102,7 +102,8 @@ class Dataset:
 
 @dataclass(frozen=True)
 class Split:
-    """Leave-last-out split. Each part: parallel (users, items) arrays in chronological order.
+    """Leave-last-out split. Each part: parallel (users, items) arrays in chronological order,
+    and the training interactions' timestamps.
 
     ``val``/``test`` hold at most one interaction per user.
     """
@@ -115,10 +116,15 @@ class Split:
     val_items: np.ndarray
     test_users: np.ndarray
     test_items: np.ndarray
+    train_times: np.ndarray  # (T,) int64 seconds, beside train_items
 
     def train_sequences(self) -> list[np.ndarray]:
         """Per user, their training items in chronological order."""
         return group_by_user(self.train_users, self.train_items, self.n_users)
+
+    def train_time_sequences(self) -> list[np.ndarray]:
+        """Per user, the timestamps of :meth:`train_sequences`' items."""
+        return group_by_user(self.train_users, self.train_times, self.n_users)
 
 
 def _read_items(
@@ -214,7 +220,7 @@ def leave_last_out(data: Dataset) -> Split:
     validation item and users with one get only training data.
     """
     order = np.lexsort((np.arange(len(data.users)), data.timestamps, data.users))
-    users, items = data.users[order], data.items[order]
+    users, items, times = data.users[order], data.items[order], data.timestamps[order]
     # position from the end within each user's run: 0 = last
     counts = np.bincount(users, minlength=data.n_users)
     ends = np.cumsum(counts)
@@ -223,18 +229,19 @@ def leave_last_out(data: Dataset) -> Split:
     test = from_end == 0
     val = (from_end == 1) & (n_user >= 3)
     test &= n_user >= 2
-    return _parts(data, users, items, ~(test | val), val, test)
+    return _parts(data, users, items, times, ~(test | val), val, test)
 
 
 def _parts(
     data: Dataset,
     users: np.ndarray,
     items: np.ndarray,
+    times: np.ndarray,
     train: np.ndarray,
     val: np.ndarray,
     test: np.ndarray,
 ) -> Split:
-    """The split of the (time-ordered) ``users``/``items`` by the three masks."""
+    """The split of the (time-ordered) ``users``/``items``/``times`` by the three masks."""
     return Split(
         n_users=data.n_users,
         n_items=data.n_items,
@@ -244,6 +251,7 @@ def _parts(
         val_items=items[val],
         test_users=users[test],
         test_items=items[test],
+        train_times=times[train].astype(np.int64),
     )
 
 
@@ -269,7 +277,8 @@ def split_at(data: Dataset, cut: int) -> Split:
     more), and a user's test item is their first interaction at or after the cut (users with
     a validation item). Nothing after the cut is trained on or validated with."""
     order = np.lexsort((np.arange(len(data.users)), data.timestamps, data.users))
-    users, items, before = data.users[order], data.items[order], data.timestamps[order] < cut
+    users, items, times = data.users[order], data.items[order], data.timestamps[order]
+    before = times < cut
     n_before = np.bincount(users[before], minlength=data.n_users)
     # rows before the cut come first in each user's run, in time order
     starts = np.r_[0, np.cumsum(np.bincount(users, minlength=data.n_users))[:-1]]
@@ -277,7 +286,7 @@ def split_at(data: Dataset, cut: int) -> Split:
     validated = (n_before >= 2)[users]
     val = before & (index == n_before[users] - 1) & validated
     test = ~before & (index == n_before[users]) & validated
-    return _parts(data, users, items, before & ~val, val, test)
+    return _parts(data, users, items, times, before & ~val, val, test)
 
 
 def busiest_cut(data: Dataset, quantiles: Sequence[float] = (0.5, 0.6, 0.7, 0.8, 0.9)) -> int:

@@ -28,11 +28,21 @@ class Samples:
     profiles: np.ndarray  # (T, L) int64, the items just before the positive, PAD-filled
     seen: np.ndarray  # sorted unique keys user * (N + 1) + item of training interactions
     n_items: int
+    # When each positive came (T,) and its profile's items (T, L), in seconds; None: not given
+    times: np.ndarray | None = None
+    profile_times: np.ndarray | None = None
 
     def sequences(self) -> list[np.ndarray]:
         """Each user's training items in order (the samples are stored user by user)."""
+        return self._per_user(self.positives)
+
+    def time_sequences(self) -> list[np.ndarray] | None:
+        """The times of :meth:`sequences`' items; None when the samples have none."""
+        return None if self.times is None else self._per_user(self.times)
+
+    def _per_user(self, values: np.ndarray) -> list[np.ndarray]:
         starts = np.flatnonzero(np.r_[True, self.users[1:] != self.users[:-1]])
-        return np.split(self.positives, starts[1:]) if len(self.users) else []
+        return np.split(values, starts[1:]) if len(self.users) else []
 
 
 @dataclass(frozen=True)
@@ -41,10 +51,18 @@ class Batch:
     profiles: np.ndarray  # (B, L)
     positives: np.ndarray  # (B,)
     negatives: np.ndarray  # (B,)
+    times: np.ndarray  # (B, L) when each profile item came, in seconds; empty: not given
 
 
-def build_samples(sequences: Sequence[np.ndarray], *, n_items: int, profile_size: int) -> Samples:
-    """``sequences[u]``: user u's training items in chronological order."""
+def build_samples(
+    sequences: Sequence[np.ndarray],
+    *,
+    n_items: int,
+    profile_size: int,
+    times: Sequence[np.ndarray] | None = None,
+) -> Samples:
+    """``sequences[u]``: user u's training items in chronological order; ``times[u]``: when
+    each came, in seconds (for a model that reads the profile items' ages)."""
     users = np.concatenate([np.full(len(s), u, dtype=np.int64) for u, s in enumerate(sequences)])
     positives = np.concatenate(sequences).astype(np.int64)
     profiles = np.concatenate([preceding(s, profile_size) for s in sequences])
@@ -55,17 +73,23 @@ def build_samples(sequences: Sequence[np.ndarray], *, n_items: int, profile_size
             f"{len(full)} user(s) interacted with every item; no negative exists "
             f"for them (e.g. user index {full[0]})"
         )
-    return Samples(users, positives, profiles, seen, n_items)
+    if times is None:
+        return Samples(users, positives, profiles, seen, n_items)
+    flat = np.concatenate(times).astype(np.int64)
+    before = np.concatenate([preceding(t, profile_size) for t in times])
+    return Samples(users, positives, profiles, seen, n_items, flat, before)
 
 
 def preceding(sequence: np.ndarray, size: int) -> np.ndarray:
-    """Row t holds the ≤ ``size`` items before position t, oldest first, PAD on the left."""
+    """Row t holds the ≤ ``size`` items (or their times) before position t, oldest first, PAD
+    on the left."""
     padded = np.concatenate([np.full(size, PAD, dtype=np.int64), sequence.astype(np.int64)])
     return np.lib.stride_tricks.sliding_window_view(padded, size)[: len(sequence)]
 
 
 def last_items(sequences: Sequence[np.ndarray], size: int) -> np.ndarray:
-    """(U, size): each user's last ``size`` items, oldest first, PAD on the left."""
+    """(U, size): each user's last ``size`` items (or their times), oldest first, PAD on the
+    left."""
     out = np.full((len(sequences), size), PAD, dtype=np.int64)
     for u, s in enumerate(sequences):
         tail = s[-size:] if size else s[:0]
@@ -74,7 +98,8 @@ def last_items(sequences: Sequence[np.ndarray], size: int) -> np.ndarray:
 
 
 def sequence_chunks(sequences: Sequence[np.ndarray], size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Users (C,) and rows (C, size + 1) of consecutive items, oldest first, PAD on the left:
+    """Users (C,) and rows (C, size + 1) of consecutive items (or their times: the same cuts),
+    oldest first, PAD on the left:
     each user's sequence cut from its end into stretches that overlap by one item, so every
     item is the positive of exactly one row position (a user's first item, of an empty
     profile), as in :func:`build_samples`. A position's profile is the items before it in its
@@ -98,16 +123,21 @@ def rows_per_batch(batch_size: int, size: int) -> int:
 
 
 def chunk_batches(
-    users: np.ndarray, rows: np.ndarray, batch_size: int, rng: np.random.Generator
+    users: np.ndarray,
+    rows: np.ndarray,
+    batch_size: int,
+    rng: np.random.Generator,
+    times: np.ndarray | None = None,
 ) -> Iterator[Batch]:
     """One epoch of :func:`sequence_chunks`' rows, shuffled, about ``batch_size`` positives a
     batch: ``profiles`` (B, L) are each row's first L items and ``positives`` (B, L) the L
-    after them (PAD where a position has no positive)."""
+    after them (PAD where a position has no positive); ``times``: the rows' times, cut alike."""
     per_batch = rows_per_batch(batch_size, rows.shape[1] - 1)
     order = rng.permutation(len(users))
     for start in range(0, len(order), per_batch):
         idx = order[start : start + per_batch]
-        yield Batch(users[idx], rows[idx, :-1], rows[idx, 1:], np.zeros(0, dtype=np.int64))
+        when = NO_TIMES if times is None else times[idx, :-1]
+        yield Batch(users[idx], rows[idx, :-1], rows[idx, 1:], NO_ITEMS, when)
 
 
 def sample_negatives(users: np.ndarray, samples: Samples, rng: np.random.Generator) -> np.ndarray:
@@ -158,5 +188,10 @@ def epoch_batches(
             users,
             samples.profiles[idx],
             samples.positives[idx],
-            sample_negatives(users, samples, rng) if negatives else np.zeros(0, dtype=np.int64),
+            sample_negatives(users, samples, rng) if negatives else NO_ITEMS,
+            NO_TIMES if samples.profile_times is None else samples.profile_times[idx],
         )
+
+
+NO_ITEMS = np.zeros(0, dtype=np.int64)  # a batch's negatives when the loss draws none
+NO_TIMES = np.zeros((0, 0), dtype=np.int64)  # a batch's times when the samples have none

@@ -37,12 +37,14 @@ class Probe:
 
     users: Tensor  # (B,)
     profiles: Tensor  # (B, L) items, PAD-filled
+    times: Tensor | None = None  # (B, L) when each came (for a model that reads ages)
 
 
 def attention_probe(task: Task, rng: np.random.Generator, *, size: int = PROBE_USERS) -> Probe:
     """Up to ``size`` users of ``task``, drawn once so every epoch sees the same ones."""
     rows = np.sort(rng.choice(len(task.users), size=min(size, len(task.users)), replace=False))
-    return Probe(torch.as_tensor(task.users[rows]), torch.as_tensor(task.profiles[rows]))
+    times = None if task.times is None else torch.as_tensor(task.times[rows])
+    return Probe(torch.as_tensor(task.users[rows]), torch.as_tensor(task.profiles[rows]), times)
 
 
 def peakedness(weights: Tensor, support: Tensor) -> tuple[float, float]:
@@ -66,7 +68,8 @@ def attention_stats(model: ACF, probe: Probe) -> dict[str, float]:
     mean-pool ablation, whose component weights are fixed at 1/K."""
     device = model.features.device
     users, profiles = probe.users.to(device), probe.profiles.to(device)
-    attended = model.attend_profiles(users, profiles)  # encodes the profiles' items only
+    times = None if probe.times is None else probe.times.to(device)
+    attended = model.attend_profiles(users, profiles, times)  # encodes the profiles' items only
     mask = profiles != PAD  # (B, L)
     item_entropy, item_max = peakedness(attended.item_attention, mask)
     stats = {ITEM_ENTROPY: item_entropy, ITEM_MAX: item_max}
@@ -110,7 +113,12 @@ def grid_regions(n_components: int) -> tuple[np.ndarray, np.ndarray]:
 
 @torch.no_grad()
 def heatmap_stats(
-    model: ACF, users: Tensor, profiles: Tensor, *, object_cover: np.ndarray | None = None
+    model: ACF,
+    users: Tensor,
+    profiles: Tensor,
+    *,
+    times: Tensor | None = None,
+    object_cover: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Where the component attention of these users' real profile items goes, against chance.
 
@@ -126,7 +134,8 @@ def heatmap_stats(
     """
     device = model.features.device
     users, profiles = users.to(device), profiles.to(device)
-    attended = model.attend_profiles(users, profiles)  # encodes the profiles' items only
+    times = None if times is None else times.to(device)
+    attended = model.attend_profiles(users, profiles, times)  # encodes the profiles' items only
     mask = profiles != PAD
     beta = attended.component_attention[mask].double().cpu().numpy()  # (S, K)
     slot_items = profiles[mask].cpu().numpy()  # (S,)

@@ -43,7 +43,13 @@ def diversity_rows(
     n_resamples: int = 1000,
 ) -> list[DiversityRow]:
     """One row per setting of ``diversity`` (the first is the baseline of the change)."""
-    scores = score_users(model, task.users, task.profiles, device=device)  # type: ignore[arg-type]
+    scores = score_users(
+        model,  # type: ignore[arg-type]
+        task.users,
+        task.profiles,
+        device=device,
+        times=task.times,
+    )
     scores[task.exclude.row_ids(), task.exclude.indices] = -np.inf  # what the protocol removes
     vectors = model.item_vectors().detach().float().cpu().numpy()  # type: ignore[operator]
     depth = pool_size(K, task.n_items)

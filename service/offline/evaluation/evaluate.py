@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, Protocol
 
 import numpy as np
@@ -34,6 +34,11 @@ class Scorer(Protocol):
     def score_all(self, users: Tensor, profiles: Tensor) -> Tensor: ...
 
 
+def reads_times(model: object) -> bool:
+    """Whether ``model`` needs its profiles' times (an ACF with ``ages``)."""
+    return isinstance(model, ACF) and model.config.ages
+
+
 @dataclass(frozen=True)
 class Task:
     """Who is ranked, with which profile, for which held-out item, with what removed."""
@@ -44,20 +49,22 @@ class Task:
     exclude: Exclusions  # per user, item columns 0..N-1 removed from the ranking
     n_items: int
     protocol: ProtocolName
+    times: np.ndarray | None = None  # (U, L) when each profile item came, in seconds
 
 
 def holdout_task(split: Split, protocol: ProtocolName, *, profile_size: int = 9) -> Task:
     """The held-out test item of every user who has one."""
     seqs = split.train_sequences()
     users = split.test_users
+    size = SEED_PROFILE if protocol == "seed" else profile_size
+    profiles = last_items([seqs[u] for u in users], size)
     if protocol == "seed":
-        profiles = last_items([seqs[u] for u in users], SEED_PROFILE)
         removed: list[np.ndarray] = [p[p > 0] for p in profiles]
     else:
-        profiles = last_items([seqs[u] for u in users], profile_size)
         val = dict(zip(split.val_users.tolist(), split.val_items.tolist(), strict=True))
         removed = [np.append(seqs[u], [val[u]] if u in val else []) for u in users.tolist()]
-    return _task(users, profiles, split.test_items, removed, split.n_items, protocol)
+    task = _task(users, profiles, split.test_items, removed, split.n_items, protocol)
+    return replace(task, times=profile_times(split, users, size))
 
 
 def validation_task(
@@ -71,7 +78,14 @@ def validation_task(
     size = SEED_PROFILE if protocol == "seed" else profile_size
     profiles = last_items([seqs[u] for u in users], size)
     removed = [p[p > 0] for p in profiles] if protocol == "seed" else [seqs[u] for u in users]
-    return _task(users, profiles, split.val_items, removed, split.n_items, protocol)
+    task = _task(users, profiles, split.val_items, removed, split.n_items, protocol)
+    return replace(task, times=profile_times(split, users, size))
+
+
+def profile_times(split: Split, users: np.ndarray, size: int) -> np.ndarray:
+    """(U, size) when each of the users' last ``size`` training items came (0 on PAD)."""
+    times = split.train_time_sequences()
+    return last_items([times[u] for u in users], size)
 
 
 def _task(
@@ -96,19 +110,28 @@ def score_users(
     *,
     device: torch.device,
     batch_size: int = 512,
+    times: np.ndarray | None = None,
 ) -> np.ndarray:
-    """(U, N) float32 scores of items 1..N (column j = item j+1)."""
+    """(U, N) float32 scores of items 1..N (column j = item j+1); ``times``: the profiles',
+    given to a model that reads them."""
     chunks = []
     for start in range(0, len(users), batch_size):
-        u = torch.as_tensor(users[start : start + batch_size], device=device)
-        p = torch.as_tensor(profiles[start : start + batch_size], device=device)
-        chunks.append(model.score_all(u, p).float().cpu().numpy())
+        part = slice(start, start + batch_size)
+        u = torch.as_tensor(users[part], device=device)
+        p = torch.as_tensor(profiles[part], device=device)
+        if reads_times(model):
+            if times is None:
+                raise ValueError("this model reads its profiles' times: none were given")
+            scores = model.score_all(u, p, torch.as_tensor(times[part], device=device))  # type: ignore[call-arg]
+        else:
+            scores = model.score_all(u, p)
+        chunks.append(scores.float().cpu().numpy())
     return np.concatenate(chunks)
 
 
 def evaluate(model: Scorer, task: Task, *, device: torch.device) -> dict[str, np.ndarray]:
     """Per-user metric table (AUC, RR, R@k, P@k, nDCG@k) for ``task``."""
-    scores = score_users(model, task.users, task.profiles, device=device)
+    scores = score_users(model, task.users, task.profiles, device=device, times=task.times)
     ranks, n_candidates = rank_targets(scores, task.targets - 1, task.exclude)
     return metric_table(ranks, n_candidates, catalogue_size=task.n_items, protocol=task.protocol)
 

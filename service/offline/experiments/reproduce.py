@@ -270,8 +270,13 @@ def run_rows(
             )
         _evaluate_run(result, fitted, len(seeds), tasks, runner.device, object_cover, new_items)
         kept = best.get(row.name)
-        if config.model in SERVED and (
-            kept is None or fitted.validation[SERVING_METRIC] > kept[0].validation[SERVING_METRIC]
+        if (
+            config.model in SERVED
+            and not config.ages
+            and (  # the service reads no ages yet
+                kept is None
+                or fitted.validation[SERVING_METRIC] > kept[0].validation[SERVING_METRIC]
+            )
         ):
             best[row.name] = (fitted, config)
         log.info("%s seed %d: %.0f s", row.name, config.seed, fitted.seconds)
@@ -305,7 +310,8 @@ def _evaluate_run(
     model, standard = scored["standard"], tasks["standard"]
     if isinstance(model, ACF) and model.uses_images:
         users, profiles = torch.as_tensor(standard.users), torch.as_tensor(standard.profiles)
-        stats = heatmap_stats(model, users, profiles, object_cover=object_cover)
+        times = None if standard.times is None else torch.as_tensor(standard.times)
+        stats = heatmap_stats(model, users, profiles, times=times, object_cover=object_cover)
         result.heatmaps += [stats] * seeds
     if new_items is not None and isinstance(model, ACF) and model.config.visual == "score":
         top = rank_new_items(model, fitted.projection, new_items.features, standard, device=device)

@@ -86,6 +86,9 @@ class TrainConfig:
     item_pool: Literal["mean", "attention"] = "mean"
     recency: bool = True  # learned vectors per profile position in the item attention
     newest: bool = True  # the item attention is also conditioned on the newest profile item
+    # the item attention also reads how long before the profile's newest item each one came
+    # (bucketed: service.model.acf.AGE_EDGES_S); needs the interactions' timestamps
+    ages: bool = False
     centre_components: bool = True  # subtract each grid cell's catalogue mean
     feature_rank: int = 128  # principal directions kept; 0: all C raw dims
     # training: minus this times the item attention's mean normalised entropy is added to the
@@ -216,4 +219,5 @@ class TrainConfig:
             dropout=self.dropout,
             positions=self.profile_size,
             tags=tags if self.metadata else (),
+            ages=self.ages,
         )

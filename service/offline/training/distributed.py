@@ -68,6 +68,7 @@ def share(batch: Batch) -> tuple[Batch, float]:
         batch.profiles[idx],
         batch.positives[idx],
         batch.negatives[idx] if len(batch.negatives) else batch.negatives,
+        batch.times[idx] if len(batch.times) else batch.times,
     )
     return part, _positives(part) * world / _positives(batch)
 

@@ -81,7 +81,8 @@ class Objective:
         )
 
     def __call__(self, model: nn.Module, batch: tuple[Tensor, ...], gen: torch.Generator) -> Tensor:
-        users, profiles, pos, neg = batch
+        users, profiles, pos, neg, *rest = batch
+        times = rest[0] if rest and rest[0].numel() else None  # when each profile item came
         if self.profile_dropout:
             hidden = torch.rand(profiles.shape, generator=gen, device=gen.device)
             profiles = profiles.masked_fill(hidden < self.profile_dropout, PAD)
@@ -90,9 +91,9 @@ class Objective:
             hidden = torch.rand(users.shape, generator=gen, device=gen.device)
             users = users.masked_fill(hidden < self.user_dropout, UNKNOWN_USER)
         if pos.ndim == 2:  # every position of each row (sampling.chunk_batches)
-            q, pos = _every_position(model, users, profiles, pos)
+            q, pos = _every_position(model, users, profiles, pos, times)
         elif isinstance(model, ACF):
-            attended = model.attend_profiles(users, profiles)
+            attended = model.attend_profiles(users, profiles, times)
             q = model.query_vectors(attended.user)  # (B, D')
             if self.entropy_bonus:
                 bonus = self.entropy_bonus * _normalised_entropy(attended.item_attention)
@@ -123,12 +124,12 @@ class Objective:
 
 
 def _every_position(
-    model: nn.Module, users: Tensor, rows: Tensor, targets: Tensor
+    model: nn.Module, users: Tensor, rows: Tensor, targets: Tensor, times: Tensor | None
 ) -> tuple[Tensor, Tensor]:
     """Queries (V, D') of every position of ``rows`` (B, L) that has a target, and those
     targets (V,)."""
     if isinstance(model, ACF):
-        q = model.query_vectors(model.attend_every_position(users, rows).flatten(0, 1))
+        q = model.query_vectors(model.attend_every_position(users, rows, times).flatten(0, 1))
     else:
         q = cast(SASRec, model).queries_every_position(users, rows).flatten(0, 1)
     valid = (targets != PAD).flatten()

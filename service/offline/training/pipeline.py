@@ -70,7 +70,10 @@ def fit(
     ``state_path``, the run can be resumed (see :func:`~service.offline.training.train.train`)."""
     split = prepared.split
     samples = build_samples(
-        split.train_sequences(), n_items=split.n_items, profile_size=config.profile_size
+        split.train_sequences(),
+        n_items=split.n_items,
+        profile_size=config.profile_size,
+        times=split.train_time_sequences(),
     )
     projection = feature_projection(prepared.features, config)
     features = prepared.features if projection is None else projection.apply(prepared.features)

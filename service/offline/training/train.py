@@ -412,8 +412,10 @@ def _run_epoch(
     batches: Iterator[Batch]
     if config.trains_every_position:
         users, rows = sequence_chunks(samples.sequences(), config.profile_size)
+        times = samples.time_sequences()
+        when = None if times is None else sequence_chunks(times, config.profile_size)[1]
         n_batches = -(-len(users) // rows_per_batch(config.batch_size, config.profile_size))
-        batches = chunk_batches(users, rows, config.batch_size, rng)
+        batches = chunk_batches(users, rows, config.batch_size, rng, when)
     else:
         n_batches = -(-len(samples.users) // config.batch_size)
         batches = epoch_batches(
@@ -445,9 +447,9 @@ def _run_epoch(
     return summed / count
 
 
-def _to_device(batch: Batch, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    arrays = (batch.users, batch.profiles, batch.positives, batch.negatives)
-    return tuple(torch.as_tensor(a, device=device) for a in arrays)  # type: ignore[return-value]
+def _to_device(batch: Batch, device: torch.device) -> tuple[Tensor, ...]:
+    arrays = (batch.users, batch.profiles, batch.positives, batch.negatives, batch.times)
+    return tuple(torch.as_tensor(a, device=device) for a in arrays)
 
 
 def _validate(model: nn.Module, tasks: Sequence[Task], device: torch.device) -> dict[str, float]:
