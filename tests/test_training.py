@@ -372,9 +372,9 @@ def test_user_dropout_hides_a_share_of_users_as_unknown(
     seen: list[torch.Tensor] = []
     real_attend = model.attend_profiles
 
-    def spy(users: torch.Tensor, profiles: torch.Tensor) -> Attended:
+    def spy(users: torch.Tensor, profiles: torch.Tensor, times: torch.Tensor | None) -> Attended:
         seen.append(users)
-        return real_attend(users, profiles)
+        return real_attend(users, profiles, times)
 
     monkeypatch.setattr(model, "attend_profiles", spy)
     users = batch[0]
