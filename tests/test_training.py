@@ -418,16 +418,15 @@ def test_item_dropout_scores_a_share_of_the_catalogue_by_image_and_bias_alone(
     assert 0.35 < float(seen[0][1:].float().mean()) < 0.65
 
 
-def _first_samples(
-    prepared: Prepared, n: int
-) -> tuple[Samples, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+def _first_samples(prepared: Prepared, n: int) -> tuple[Samples, tuple[torch.Tensor, ...]]:
     """The training samples, and a batch of their first ``n`` (users stand in as negatives)."""
     samples = build_samples(
         prepared.split.train_sequences(), n_items=prepared.split.n_items, profile_size=9
     )
     users = torch.as_tensor(samples.users[:n])
     profiles = torch.as_tensor(samples.profiles[:n])
-    return samples, (users, profiles, torch.as_tensor(samples.positives[:n]), users)
+    times = torch.zeros(0, 0, dtype=torch.long)  # none: the model reads no ages
+    return samples, (users, profiles, torch.as_tensor(samples.positives[:n]), users, times)
 
 
 def test_training_leaves_subnormal_floats_as_they_were(acf: TrainResult) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import numpy as np
@@ -63,8 +63,8 @@ def holdout_task(split: Split, protocol: ProtocolName, *, profile_size: int = 9)
     else:
         val = dict(zip(split.val_users.tolist(), split.val_items.tolist(), strict=True))
         removed = [np.append(seqs[u], [val[u]] if u in val else []) for u in users.tolist()]
-    task = _task(users, profiles, split.test_items, removed, split.n_items, protocol)
-    return replace(task, times=profile_times(split, users, size))
+    times = profile_times(split, users, size)
+    return _task(users, profiles, times, split.test_items, removed, split.n_items, protocol)
 
 
 def validation_task(
@@ -78,8 +78,8 @@ def validation_task(
     size = SEED_PROFILE if protocol == "seed" else profile_size
     profiles = last_items([seqs[u] for u in users], size)
     removed = [p[p > 0] for p in profiles] if protocol == "seed" else [seqs[u] for u in users]
-    task = _task(users, profiles, split.val_items, removed, split.n_items, protocol)
-    return replace(task, times=profile_times(split, users, size))
+    times = profile_times(split, users, size)
+    return _task(users, profiles, times, split.val_items, removed, split.n_items, protocol)
 
 
 def profile_times(split: Split, users: np.ndarray, size: int) -> np.ndarray:
@@ -91,6 +91,7 @@ def profile_times(split: Split, users: np.ndarray, size: int) -> np.ndarray:
 def _task(
     users: np.ndarray,
     profiles: np.ndarray,
+    times: np.ndarray,
     targets: np.ndarray,
     removed: Sequence[np.ndarray],
     n_items: int,
@@ -99,7 +100,7 @@ def _task(
     if len(users) == 0:
         raise ValueError(f"nothing to evaluate: no user has a held-out item ({protocol})")
     exclude = Exclusions.from_lists([(np.asarray(r, dtype=np.int64) - 1).tolist() for r in removed])
-    return Task(users, profiles, targets, exclude, n_items, protocol)
+    return Task(users, profiles, targets, exclude, n_items, protocol, times)
 
 
 @torch.inference_mode()
@@ -119,10 +120,9 @@ def score_users(
         part = slice(start, start + batch_size)
         u = torch.as_tensor(users[part], device=device)
         p = torch.as_tensor(profiles[part], device=device)
-        if reads_times(model):
-            if times is None:
-                raise ValueError("this model reads its profiles' times: none were given")
-            scores = model.score_all(u, p, torch.as_tensor(times[part], device=device))  # type: ignore[call-arg]
+        if reads_times(model):  # an ACF with ages, which refuses to go without them
+            t = None if times is None else torch.as_tensor(times[part], device=device)
+            scores = model.score_all(u, p, t)  # type: ignore[call-arg]
         else:
             scores = model.score_all(u, p)
         chunks.append(scores.float().cpu().numpy())

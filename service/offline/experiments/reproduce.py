@@ -177,7 +177,10 @@ def prepare_with_features(
     training part of the split) into ``features-<backbone>-<target>``, which keeps the
     fitted weights for the server (``BACKBONE_FILE``)."""
     dataset = load_dataset(data_dir)
-    plan = fittable(plan, dataset)
+    used = fittable(plan, dataset)
+    if used is not plan:  # warned here, once: reproduce asks again for its page
+        log.warning("%s: no item has genres, so the backbone is not fitted", dataset.root)
+    plan = used
     features_dir = work_dir / f"features-{plan.backbone}"
     weights = plan.weights
     if plan.adapt is not None:
@@ -189,9 +192,8 @@ def prepare_with_features(
 
 def fittable(plan: Plan, dataset: Dataset) -> Plan:
     """``plan``, without its ``adapt`` when ``dataset`` has nothing to fit to (genres: none of
-    its items has any): the backbone is then used as shipped, with a warning."""
+    its items has any): the backbone is then used as shipped."""
     if plan.adapt == "genres" and not any(dataset.genres):
-        log.warning("%s: no item has genres, so the backbone is not fitted", dataset.root)
         return replace(plan, adapt=None)
     return plan
 

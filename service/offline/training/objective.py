@@ -81,8 +81,8 @@ class Objective:
         )
 
     def __call__(self, model: nn.Module, batch: tuple[Tensor, ...], gen: torch.Generator) -> Tensor:
-        users, profiles, pos, neg, *rest = batch
-        times = rest[0] if rest and rest[0].numel() else None  # when each profile item came
+        users, profiles, pos, neg, when = batch
+        times = when if when.numel() else None  # when each profile item came, if given
         if self.profile_dropout:
             hidden = torch.rand(profiles.shape, generator=gen, device=gen.device)
             profiles = profiles.masked_fill(hidden < self.profile_dropout, PAD)
