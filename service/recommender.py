@@ -33,6 +33,9 @@ class Query:
     offset: int = 0
     only: Passing | None = None  # the items it may return (a filter's); None: any
     diversity: float = 0.0  # 0..1: how far the maximal-marginal-relevance re-rank goes
+    # when each history item came (seconds since the epoch), for a model that reads how long
+    # ago each came; None: all in one visit
+    times: Sequence[float] | None = None
 
 
 @dataclass(frozen=True)
@@ -201,13 +204,14 @@ class Recommender:
     def recommend(self, queries: Sequence[Query]) -> list[Recommendation]:
         """One attention forward and one index search for the whole batch."""
         users = np.array([self._user(q.user_id) for q in queries], dtype=np.int64)
-        profiles = np.stack([self._profile(q.history) for q in queries])
+        made = [self._profile(q.history, q.times) for q in queries]
+        profiles, times = np.stack([p for p, _ in made]), np.stack([t for _, t in made])
         known = (users != UNKNOWN_USER) & self.serving.reads_users
         personal = known | (profiles != PAD).any(axis=1)
         out: list[Recommendation | None] = [None] * len(queries)
         rows = np.flatnonzero(personal).tolist()
         if len(rows):
-            vectors = self.serving.queries(users[rows], profiles[rows])
+            vectors = self.serving.queries(users[rows], profiles[rows], times[rows])
             # one search deep enough for every page (and diversity pool) in the batch, then
             # each query's slice
             depth = max(self._depth(queries[r]) for r in rows)
@@ -234,13 +238,21 @@ class Recommender:
             out[r] = self._popular_answer(queries[r])
         return [o for o in out if o is not None]
 
-    def explain(self, user_id: str | None, history: Sequence[int], item: int) -> Explanation:
+    def explain(
+        self,
+        user_id: str | None,
+        history: Sequence[int],
+        item: int,
+        times: Sequence[float] | None = None,
+    ) -> Explanation:
         """The attentions behind ``item`` for this user, over the same profile ``recommend``
-        ranks with (history items the model does not know are left out there too)."""
+        ranks with (history items the model does not know are left out there too; ``times``
+        as a :class:`Query`'s)."""
         if item not in self._item_index:
             raise UnknownItemsError([item])
-        profile = self._profile(history)
-        return self.serving.explain(self._user(user_id), profile.tolist(), self._item_index[item])
+        profile, when = self._profile(history, times)
+        user = self._user(user_id)
+        return self.serving.explain(user, profile.tolist(), self._item_index[item], when.tolist())
 
     def raw_ids(self, indices: np.ndarray) -> list[int]:
         return self.item_ids[np.asarray(indices) - 1].tolist()
@@ -248,13 +260,23 @@ class Recommender:
     def _user(self, user_id: str | None) -> int:
         return self._user_index.get(user_id, UNKNOWN_USER) if user_id is not None else UNKNOWN_USER
 
-    def _profile(self, history: Sequence[int]) -> np.ndarray:
-        """Last ``profile_size`` known items, PAD on the left (unknown ids are ignored)."""
-        known = [self._item_index[i] for i in history if i in self._item_index]
-        out = np.full(self.profile_size, PAD, dtype=np.int64)
+    def _profile(
+        self, history: Sequence[int], times: Sequence[float] | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Last ``profile_size`` known items, PAD on the left (unknown ids are ignored), and
+        their times in whole seconds (0 on PAD, and for all of them without ``times``)."""
+        if times is not None and len(times) != len(history):
+            raise ValueError(f"{len(history)} history items but {len(times)} times")
+        when = times if times is not None else [0.0] * len(history)
+        pairs = zip(history, when, strict=True)
+        known = [(self._item_index[i], t) for i, t in pairs if i in self._item_index]
         tail = known[-self.profile_size :]
-        out[self.profile_size - len(tail) :] = tail
-        return out
+        items = np.full(self.profile_size, PAD, dtype=np.int64)
+        seconds = np.zeros(self.profile_size, dtype=np.int64)
+        if tail:
+            items[self.profile_size - len(tail) :] = [i for i, _ in tail]
+            seconds[self.profile_size - len(tail) :] = np.floor([t for _, t in tail])
+        return items, seconds
 
     def _indices(self, raw_ids: Collection[int]) -> set[int]:
         return {self._item_index[i] for i in raw_ids if i in self._item_index}

@@ -145,7 +145,7 @@ def serve(args: argparse.Namespace, env: Settings) -> None:
     (the environment's settings) say."""
     from service.api.app import create_app
     from service.engine import registry_of
-    from service.offline.bootstrap import dataset_of, histories, prepare_serving
+    from service.offline.bootstrap import dataset_of, histories, history_times, prepare_serving
     from service.runtime import keep_freed_memory, pick_device
 
     keep_freed_memory()
@@ -176,10 +176,10 @@ def serve(args: argparse.Namespace, env: Settings) -> None:
     # The in-process store starts from the dataset's histories; a Redis store keeps its own.
     load = args.load_profiles or not settings.redis_url
     profiles = histories(dataset) if load else None
+    times = history_times(dataset) if load else None
     if args.workers == 1:
-        run_server(
-            create_app(settings, profiles=profiles), settings, host=args.host, port=args.port
-        )
+        app = create_app(settings, profiles=profiles, profile_times=times)
+        run_server(app, settings, host=args.host, port=args.port)
         return
     from service.engine import preload
     from service.workers import serve_workers
@@ -187,7 +187,12 @@ def serve(args: argparse.Namespace, env: Settings) -> None:
     loaded = preload(settings)
     status = serve_workers(
         # the first worker loads the profiles into Redis; the others find them there
-        lambda n: create_app(settings, profiles=profiles if n == 0 else None, preloaded=loaded),
+        lambda n: create_app(
+            settings,
+            profiles=profiles if n == 0 else None,
+            profile_times=times if n == 0 else None,
+            preloaded=loaded,
+        ),
         lambda app, sock: run_server(app, settings, sockets=[sock]),
         host=args.host,
         port=args.port,

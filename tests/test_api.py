@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +26,14 @@ from service.api.app import create_app
 from service.api.lifespan import ended
 from service.config import Settings
 from service.model.checkpoint import save_checkpoint
-from service.offline.bootstrap import histories
+from service.offline.bootstrap import histories, history_times
 from service.offline.cli import main
 from service.offline.data.dataset import load_dataset
 from service.offline.data.synthetic import World
 from service.offline.training.config import TrainConfig
 from service.offline.training.pipeline import fit, prepare, to_checkpoint
 from service.registry import Registry
+from service.store.profiles import timed_recent
 
 REDIS = "redis://127.0.0.1:6379/0"
 CONFIG = TrainConfig(dim=16, attention_dim=16, epochs=6, batch_size=128, lr=1e-2)
@@ -182,6 +184,8 @@ def test_an_anonymous_history_is_explained_as_it_is_ranked(
         ("get", "/explain/1", {}),
         ("post", "/explain", {"json": {"history": [1, 424242], "item_id": 1}}),
         ("post", "/explain", {"json": {"history": [1, 2]}}),
+        ("post", "/recommend", {"json": {"history": [1, 2], "timestamps": [5.0]}}),
+        ("post", "/explain", {"json": {"history": [1], "item_id": 2, "timestamps": [-1.0]}}),
     ],
 )
 def test_bad_input_is_a_4xx_with_a_reason(
@@ -425,6 +429,40 @@ def test_every_error_status_in_openapi_names_a_body_with_a_code(client: TestClie
         if "code" not in body.get("required", [])
     ]
     assert missing == []
+
+
+def test_a_model_that_reads_ages_is_served_each_users_item_times(
+    world: World, world_features: tuple[Path, np.ndarray], tmp_path: Path
+) -> None:
+    """The dataset's times go into the store with the histories, and a stored user's answer
+    and explanation read them: the same as their last items posted with those times, not as
+    posted without (one visit). No user embedding, so that only the profile makes them."""
+    prepared = prepare(world.root, world_features[0])
+    config = replace(CONFIG, ages=True, user_embedding=False)
+    result = fit(prepared, config, device=torch.device("cpu"), progress=False)
+    save_checkpoint(tmp_path / "aged.pt", to_checkpoint(prepared, result, config))
+    data = load_dataset(world.root)
+    settings = Settings(checkpoint=tmp_path / "aged.pt", features=world_features[0], device="cpu")
+    app = create_app(settings, profiles=histories(data), profile_times=history_times(data))
+    user = "7"
+    recent, ms = timed_recent(histories(data)[user], history_times(data)[user], 9)
+    posted = {"history": recent, "k": 20, "exclude_seen": False}
+    timed = {"history": recent, "timestamps": [t / 1000 for t in ms]}
+    with TestClient(app) as c:
+        stored = c.get(f"/recommend/{user}", params={"k": 20, "exclude_seen": "false"}).json()
+        as_timed = c.post("/recommend", json={**posted, **timed}).json()
+        one_visit = c.post("/recommend", json=posted).json()
+        item = stored["items"][0]["item_id"]
+        why = c.get(f"/explain/{user}", params={"item_id": item}).json()
+        why_timed = c.post(
+            "/explain", json={"history": recent, "timestamps": timed["timestamps"], "item_id": item}
+        ).json()
+    scores = [[x["score"] for x in answer["items"]] for answer in (stored, as_timed, one_visit)]
+    assert [x["item_id"] for x in stored["items"]] == [x["item_id"] for x in as_timed["items"]]
+    np.testing.assert_allclose(scores[0], scores[1], rtol=1e-4)
+    assert not np.allclose(scores[0], scores[2], rtol=1e-4)
+    attention = [[p["attention"] for p in w["profile"]] for w in (why, why_timed)]
+    np.testing.assert_allclose(attention[0], attention[1], rtol=1e-4, atol=1e-6)
 
 
 def test_a_published_sasrec_is_served_with_what_it_can_explain(

@@ -268,7 +268,7 @@ def test_the_cold_protocols_scores_are_what_the_api_answers_for_the_same_items(
         profiles = last_items(
             [np.array([index[i] for i in seen[str(data.user_ids[u])]]) for u in users], 9
         )
-        part = ColdTargets(users, profiles, ())
+        part = ColdTargets(users, profiles, (), np.zeros_like(profiles))
         offline, blind = (
             served_scores(
                 model,

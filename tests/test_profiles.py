@@ -352,6 +352,42 @@ def test_load_replaces_profiles(with_store: Runner) -> None:
     with_store(scenario)
 
 
+def test_a_history_loads_at_its_times(with_store: Runner) -> None:
+    """Loaded with their times, a history's items keep them (each its latest), a live event is
+    placed among them by its time, and times that are not one per item, oldest first, are
+    refused whole; a history loaded without times is at 0."""
+    history, times = [5, 6, 5, 7], [100.0, 200.5, 300.0, 400.0]
+
+    async def scenario(store: ProfileStore) -> None:
+        await store.load({"a": history, "b": [8, 9]}, {"a": times})
+        a, b = await store.profiles(["a", "b"])
+        assert (a.recent, a.times, a.seconds) == (
+            [6, 5, 7],
+            (200_500, 300_000, 400_000),
+            [200.5, 300.0, 400.0],
+        )
+        assert b.times == (0, 0)
+        await store.add([Interaction("a", 6, 350.0)])
+        assert await store.recent(["a"]) == [[5, 6, 7]]
+        for bad in ([100.0, 200.0, 300.0], [400.0, 300.0, 200.0, 100.0], [-1.0, 0.0, 0.0, 0.0]):
+            with pytest.raises(ValueError, match="times"):
+                await store.load({"c": [1], "a": history}, {"a": bad})
+        assert await store.recent(["a", "c"]) == [[5, 6, 7], []]
+
+    with_store(scenario)
+
+
+def test_a_merge_adds_a_history_at_its_times(with_redis: Runner) -> None:
+    async def scenario(store: RedisProfileStore) -> None:
+        await store.add([Interaction("a", 1, 1000.0)])  # live, before the histories come in
+        await store.merge({"a": [2, 3], "b": [4]}, {"a": [500.0, 1500.0]})
+        a, b = await store.profiles(["a", "b"])
+        assert (a.recent, a.times) == ([2, 1, 3], (500_000, 1_000_000, 1_500_000))
+        assert (b.recent, b.times) == ([4], (0,))
+
+    with_redis(scenario)
+
+
 def test_load_many_users(with_store: Runner) -> None:
     rng = random.Random(2)
     histories = {f"user-{u}": [rng.randint(1, 1682) for _ in range(100)] for u in range(1000)}

@@ -11,11 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from service.model.acf import ACF, ACFConfig
 from service.model.backbones import weights_identity
 from service.model.checkpoint import load_checkpoint
 from service.model.feature_store import BACKBONE_FILE, load_features
-from service.model.serving import ServingModel
 from service.offline.data.adapt import AdaptConfig, fit_to
 from service.offline.data.synthetic import World, WorldSpec, make_world
 from service.offline.experiments import reproduce as reproduce_module
@@ -141,21 +139,6 @@ def test_a_first_start_trains_the_first_row_the_data_can_train(tmp_path: Path) -
     (tmp_path / "q.toml").write_text('first_start = ["nope"]\n[models.acf]\n')
     with pytest.raises(ValueError, match="no row 'nope'"):
         load_plan(tmp_path / "q.toml")
-
-
-def test_a_row_that_reads_ages_is_trained_but_never_served(tmp_path: Path) -> None:
-    """The serving model reads no profile times yet: such a row may be a row of the page, not
-    one that goes through serving (first start, cold protocol), and serving refuses it."""
-    aged = '[models.acf_aged]\nlike = "acf"\nages = true\n'
-    (tmp_path / "p.toml").write_text('reference = "acf"\n[models.acf]\n' + aged)
-    assert load_plan(tmp_path / "p.toml").row("acf_aged").config.ages
-    for served in ('first_start = ["acf_aged"]\n', '[cold]\nrows = ["acf_aged"]\n'):
-        (tmp_path / "q.toml").write_text(served + "[models.acf]\n" + aged)
-        with pytest.raises(ValueError, match="acf_aged read profile ages"):
-            load_plan(tmp_path / "q.toml")
-    config = ACFConfig(n_users=2, n_items=3, feature_dim=4, n_components=1, ages=True)
-    with pytest.raises(ValueError, match="does not serve yet"):
-        ServingModel.from_model(ACF(config, torch.zeros(3, 1, 4)), device=CPU)
 
 
 def test_reproduce_writes_both_protocols_for_every_row_and_seed(

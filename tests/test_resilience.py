@@ -731,7 +731,7 @@ class _Epochs:
     async def mark_histories_loaded(self) -> None:
         self.loaded = True
 
-    async def merge(self, histories: Any) -> None:
+    async def merge(self, histories: Any, times: Any = None) -> None:
         if self.fail_merges:
             self.fail_merges -= 1
             raise StoreUnavailable("Redis went away mid-merge")

@@ -92,6 +92,48 @@ def test_an_anonymous_history_is_served(trained: ACF) -> None:
     assert np.all(np.isfinite(q))
 
 
+def test_a_model_that_reads_ages_is_served_with_its_profile_items_times() -> None:
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    aged = ACF(replace(SCORED, ages=True), torch.randn(N_ITEMS, K, C, generator=g)).eval()
+    assert aged.age is not None
+    with torch.no_grad():
+        aged.age.weight.normal_(generator=g)  # zero at the start of training; learned after
+    users, profiles = torch.tensor([0, 3]), torch.tensor([[1, 2, 3, 4], [5, 6, 7, 0]])
+    times = torch.tensor([[0, 30, 90_000, 90_030], [0, 10, 3_000_000, 0]])
+    with torch.no_grad():
+        full = aged.score_all(users, profiles, times).numpy()
+    serving = ServingModel.from_model(aged, device=CPU, dtype=np.float32)
+    served = serving.queries(users.numpy(), profiles.numpy(), times.numpy())
+    np.testing.assert_allclose(served @ serving.item_vectors.T, full, rtol=1e-5, atol=1e-5)
+    one_visit = serving.queries(users.numpy(), profiles.numpy(), np.zeros((2, 4), np.int64))
+    assert np.abs(served - one_visit).max() > 1e-3
+    with pytest.raises(ValueError, match="give the profile's times"):
+        serving.queries(users.numpy(), profiles.numpy())
+
+    # the engine trims a query's times with its history: an unknown item leaves with its time
+    engine = Recommender(
+        serving, item_ids=range(101, 101 + N_ITEMS), user_ids=[10], popularity=np.ones(N_ITEMS)
+    )
+    history, when = [999, 101, 102, 103, 104], [5.0, 0.0, 30.5, 90_000.0, 90_030.0]
+    [timed] = engine.recommend([Query("10", history, (), k=N_ITEMS, times=when)])
+    [known] = engine.recommend([Query("10", history[1:], (), k=N_ITEMS, times=when[1:])])
+    [visit] = engine.recommend([Query("10", history, (), k=N_ITEMS)])
+    assert timed.items == known.items
+    np.testing.assert_allclose(timed.scores, known.scores, rtol=1e-6)
+    first = {i: s for i, s in zip(timed.items, timed.scores, strict=True)}
+    same_visit = {i: s for i, s in zip(visit.items, visit.scores, strict=True)}
+    assert max(abs(first[i] - same_visit[i]) for i in first) > 1e-3
+    why = engine.explain("10", history, 120, when)
+    attended = serving.attend(
+        np.array([0]), np.array([[1, 2, 3, 4]]), np.array([[0, 30, 90_000, 90_030]])
+    )
+    np.testing.assert_allclose(why.item_attention, attended.item_attention[0].numpy(), rtol=1e-6)
+    assert why.score == pytest.approx(first[120], rel=1e-5)
+    with pytest.raises(ValueError, match="5 history items but 4 times"):
+        engine.recommend([Query("10", history, (), k=3, times=when[1:])])
+
+
 def test_a_batch_of_requests_equals_one_at_a_time(trained: ACF) -> None:
     ckpt = Checkpoint(
         config=trained.config,

@@ -33,10 +33,13 @@ def create_app(
     settings: Settings,
     *,
     profiles: Mapping[str, Sequence[int]] | None = None,
+    profile_times: Mapping[str, Sequence[float]] | None = None,
     preloaded: Preloaded | None = None,
 ) -> FastAPI:
     """``profiles``: histories (raw item ids, oldest first) for the store: the in-process one
-    starts from them; into Redis they are merged once per data set (:mod:`service.store.epoch`).
+    starts from them; into Redis they are merged once per data set (:mod:`service.store.epoch`);
+    ``profile_times``: when each of their items came (seconds since the epoch; a user without:
+    0, older than any live event).
     ``preloaded``: the model already loaded (by the process that forked this worker, so that
     the workers share its memory); by default the lifespan loads it: the registry's current
     version when there is a registry, else the configured files."""
@@ -44,7 +47,9 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, object]]:
-        async with serving(settings, metrics, profiles=profiles, preloaded=preloaded) as state:
+        async with serving(
+            settings, metrics, profiles=profiles, times=profile_times, preloaded=preloaded
+        ) as state:
             yield state.as_lifespan_state()
 
     app = FastAPI(

@@ -58,12 +58,13 @@ async def serving(
     metrics: Metrics,
     *,
     profiles: Mapping[str, Sequence[int]] | None = None,
+    times: Mapping[str, Sequence[float]] | None = None,
     preloaded: Preloaded | None = None,
 ) -> AsyncIterator[State]:
     """Everything a running app needs, built in order and taken down in reverse: the added
     items, the model (``preloaded``, or the registry's current version, or the configured
-    files), the catalogue, the profile store (``profiles`` go into it: into Redis once per
-    data set, :mod:`service.store.epoch`), and the tasks that keep them current."""
+    files), the catalogue, the profile store (``profiles``, at their ``times``, go into it: into
+    Redis once per data set, :mod:`service.store.epoch`), and the tasks that keep them current."""
     items = await run_in_threadpool(_items, settings)
     items.on_loss = metrics.items_lost.inc
     patches = await _patches(settings)
@@ -81,8 +82,8 @@ async def serving(
             await items.sync(models, catalogue)
     except StoreUnavailable as err:  # the periodic sync picks them up once it answers
         log.warning("starting without the added items: the item store is down (%s)", err)
-    store, name, watch = _profile_store(settings, metrics, profiles)
-    await _fill(store, watch, profiles)
+    store, name, watch = _profile_store(settings, metrics, profiles, times)
+    await _fill(store, watch, profiles, times)
     gc.freeze()  # what lives as long as the app, out of full GC passes (a loaded p99's pauses)
     tasks = _keeping_current(settings, registry, items, models, catalogue, watch, current)
     tasks.append(asyncio.create_task(patches.keep_current(), name="patches.keep_current"))
@@ -144,7 +145,10 @@ async def _patches(settings: Settings) -> Patches:
 
 
 async def _fill(
-    store: ResilientStore, watch: EpochWatch | None, profiles: Mapping[str, Sequence[int]] | None
+    store: ResilientStore,
+    watch: EpochWatch | None,
+    profiles: Mapping[str, Sequence[int]] | None,
+    times: Mapping[str, Sequence[float]] | None,
 ) -> None:
     """The dataset's histories into the profile store: Redis once per data set (the watch),
     this process's store at every start."""
@@ -152,13 +156,16 @@ async def _fill(
         if watch is not None:
             await watch.start()
         elif profiles:
-            await store.load(profiles)
+            await store.load(profiles, times)
     except StoreUnavailable as err:  # serve degraded reads; the watch sets Redis up later
         log.warning("starting while Redis is down (%s): reads are degraded until it answers", err)
 
 
 def _profile_store(
-    settings: Settings, metrics: Metrics, profiles: Mapping[str, Sequence[int]] | None
+    settings: Settings,
+    metrics: Metrics,
+    profiles: Mapping[str, Sequence[int]] | None,
+    times: Mapping[str, Sequence[float]] | None,
 ) -> tuple[ResilientStore, str, EpochWatch | None]:
     """Redis when configured (with the journal of acknowledged events and the watch that
     notices Redis back empty and refills it), else the in-process store; its name."""
@@ -177,7 +184,9 @@ def _profile_store(
         wait_timeout_ms=settings.redis_wait_timeout_ms,
     )
     journal = Journal(settings.journal_events)
-    watch = EpochWatch(redis, histories=profiles, journal=journal, on_loss=metrics.data_losses.inc)
+    watch = EpochWatch(
+        redis, histories=profiles, times=times, journal=journal, on_loss=metrics.data_losses.inc
+    )
     store = ResilientStore(redis, cache_size=settings.profile_cache_size, journal=journal)
     return store, "redis", watch
 

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Annotated, Any
+from typing import Annotated, Any, Self
 
 from fastapi import Path
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    model_validator,
+)
 
 from service.store.profiles import (
     MAX_CLOCK_SKEW_S,
@@ -148,8 +155,33 @@ class Filters(Body):
     )
 
 
-class HistoryRequest(Body):
-    history: list[Integer] = Field(default_factory=list, max_length=MAX_HISTORY)
+Timestamp = Annotated[float, Field(ge=0, le=MAX_TIMESTAMP_S, allow_inf_nan=False)]
+
+
+class HistoryBody(Body):
+    """A history given in the body, and optionally when each of its items came."""
+
+    history: list[Integer] = Field(
+        default_factory=list, max_length=MAX_HISTORY, description="raw item ids, oldest first"
+    )
+    timestamps: list[Timestamp] | None = Field(
+        None,
+        max_length=MAX_HISTORY,
+        description="when each history item came, seconds since the epoch, one per item: a "
+        "model that weighs how long ago each came reads them (omitted: all in one visit)",
+    )
+
+    @model_validator(mode="after")
+    def _one_time_per_item(self) -> Self:
+        if self.timestamps is not None and len(self.timestamps) != len(self.history):
+            raise ValueError(
+                f"timestamps gives {len(self.timestamps)} times for {len(self.history)} "
+                "history items: give one per item, or none"
+            )
+        return self
+
+
+class HistoryRequest(HistoryBody):
     k: Integer = Field(20, ge=1, le=MAX_K)
     offset: Integer = Field(0, ge=0, le=MAX_K)
     exclude_seen: bool = True
@@ -271,7 +303,7 @@ class ProfileItem(BaseModel):
     )
 
 
-class ExplainRequest(Body):
+class ExplainRequest(HistoryBody):
     history: list[Integer] = Field(max_length=MAX_HISTORY, description="raw item ids, oldest first")
     item_id: Integer
 

@@ -55,8 +55,12 @@ class Serving(Protocol):
     @property
     def projection_key(self) -> str | None: ...  # of what new items' features go through
     def project(self, features: RawFeatures) -> Projected: ...
-    def queries(self, users: np.ndarray, profiles: np.ndarray) -> np.ndarray: ...  # (B, D')
-    def explain(self, user: int, profile: Sequence[int], item: int) -> Explanation: ...
+    def queries(  # (B, D'); times (B, L): each profile item's, in seconds (any on PAD)
+        self, users: np.ndarray, profiles: np.ndarray, times: np.ndarray | None = None
+    ) -> np.ndarray: ...
+    def explain(
+        self, user: int, profile: Sequence[int], item: int, times: Sequence[int] | None = None
+    ) -> Explanation: ...
     def with_items(
         self, features: RawFeatures | Projected, tags: Sequence[Iterable[str]] | None = None
     ) -> Serving: ...
@@ -121,12 +125,6 @@ class ServingModel:
         projection: Projection | None = None,
         trained: int | None = None,
     ) -> None:
-        if model.config.ages:  # its profiles would need their times, which serving lacks yet
-            raise ValueError(
-                "this ACF reads how long before the newest profile item each one came "
-                "(ages = true), which the service does not serve yet; train it without ages "
-                "to serve it"
-            )
         self.model = model.to(device).eval()
         self.tables = tables
         self.device = device
@@ -262,26 +260,40 @@ class ServingModel:
         return near
 
     @torch.inference_mode()
-    def attend(self, users: np.ndarray, profiles: np.ndarray) -> Attended:
-        """users (B,) (``UNKNOWN_USER`` allowed), profiles (B, L) PAD-filled item indices."""
+    def attend(
+        self, users: np.ndarray, profiles: np.ndarray, times: np.ndarray | None = None
+    ) -> Attended:
+        """users (B,) (``UNKNOWN_USER`` allowed), profiles (B, L) PAD-filled item indices,
+        times (B, L) when each came, in seconds (a model with ages needs them)."""
         profiles = np.asarray(profiles, dtype=np.int64)
         u = torch.as_tensor(users, dtype=torch.long, device=self.device)
         p = torch.as_tensor(profiles, device=self.device)
+        t = None if times is None else torch.as_tensor(times, dtype=torch.long, device=self.device)
         items, inverse = np.unique(profiles, return_inverse=True)  # only these rows are read
         x = torch.as_tensor(self.tables.reduced.take(items), device=self.device).float()
         rows = torch.as_tensor(inverse.reshape(profiles.shape), device=self.device)
-        return self.model.attend(u, p, ItemTables(x, self.model.comp_key(x)), rows)
+        return self.model.attend(u, p, ItemTables(x, self.model.comp_key(x)), rows, t)
 
-    def queries(self, users: np.ndarray, profiles: np.ndarray) -> np.ndarray:
+    def queries(
+        self, users: np.ndarray, profiles: np.ndarray, times: np.ndarray | None = None
+    ) -> np.ndarray:
         """(B, D') float32 vectors whose inner product with ``item_vectors`` is the score."""
-        user = self.attend(users, profiles).user
+        user = self.attend(users, profiles, times).user
         return self.model.query_vectors(user).float().cpu().numpy()
 
-    def explain(self, user: int, profile: Sequence[int], item: int) -> Explanation:
-        """Both attentions behind ``item``'s score for a user with this profile."""
-        items = np.array([i for i in profile if i != PAD], dtype=np.int64)
+    def explain(
+        self, user: int, profile: Sequence[int], item: int, times: Sequence[int] | None = None
+    ) -> Explanation:
+        """Both attentions behind ``item``'s score for a user with this profile (``times``:
+        of its items, as :meth:`attend` takes them)."""
+        slots = np.asarray(profile, dtype=np.int64)
+        items = slots[slots != PAD]
+        when = None if times is None else np.asarray(times, dtype=np.int64)[slots != PAD]
+        empty = np.zeros((1, 1), np.int64)
         out = self.attend(
-            np.array([user]), items[None, :] if len(items) else np.zeros((1, 1), np.int64)
+            np.array([user]),
+            items[None, :] if len(items) else empty,
+            None if when is None else when[None, :] if len(items) else empty,
         )
         query = self.model.query_vectors(out.user).float().cpu().numpy()[0]
         n = len(items)
@@ -349,12 +361,16 @@ class SequenceServing:
         )
 
     @torch.inference_mode()
-    def queries(self, users: np.ndarray, profiles: np.ndarray) -> np.ndarray:
+    def queries(
+        self, users: np.ndarray, profiles: np.ndarray, times: np.ndarray | None = None
+    ) -> np.ndarray:
         p = torch.as_tensor(np.asarray(profiles, dtype=np.int64), device=self.device)
         return self.model.queries(torch.empty(0), p).float().cpu().numpy()
 
     @torch.inference_mode()
-    def explain(self, user: int, profile: Sequence[int], item: int) -> Explanation:
+    def explain(
+        self, user: int, profile: Sequence[int], item: int, times: Sequence[int] | None = None
+    ) -> Explanation:
         items = np.array([i for i in profile if i != PAD], dtype=np.int64)
         row = torch.as_tensor(items if len(items) else np.array([PAD]), device=self.device)[None]
         query = self.model.queries(torch.empty(0), row).float().cpu().numpy()[0]

@@ -10,7 +10,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import torch
@@ -24,14 +24,25 @@ if TYPE_CHECKING:
     from service.offline.training.config import TrainConfig
 
 log = logging.getLogger("visrec.serve")
+T = TypeVar("T")
 
 
 def histories(dataset: Dataset) -> dict[str, list[int]]:
     """Every user's raw item ids, oldest first (ties in file order)."""
+    return _per_user(dataset, dataset.item_ids[dataset.items - 1].tolist())
+
+
+def history_times(dataset: Dataset) -> dict[str, list[float]]:
+    """When each item of :func:`histories` came, seconds since the epoch."""
+    return _per_user(dataset, dataset.timestamps.astype(float).tolist())
+
+
+def _per_user(dataset: Dataset, values: list[T]) -> dict[str, list[T]]:
+    """``values`` (one per interaction) per user, oldest first (ties in file order)."""
     order = np.lexsort((np.arange(len(dataset.users)), dataset.timestamps, dataset.users))
-    out: dict[str, list[int]] = {}
-    for u, i in zip(dataset.users[order].tolist(), dataset.items[order].tolist(), strict=True):
-        out.setdefault(str(dataset.user_ids[u]), []).append(int(dataset.item_ids[i - 1]))
+    out: dict[str, list[T]] = {}
+    for u, j in zip(dataset.users[order].tolist(), order.tolist(), strict=True):
+        out.setdefault(str(dataset.user_ids[u]), []).append(values[j])
     return out
 
 

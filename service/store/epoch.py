@@ -52,7 +52,11 @@ class EpochStore(Protocol):
 
     async def mark_histories_loaded(self) -> None: ...
 
-    async def merge(self, histories: Mapping[str, Sequence[int]]) -> None: ...
+    async def merge(
+        self,
+        histories: Mapping[str, Sequence[int]],
+        times: Mapping[str, Sequence[float]] | None = None,
+    ) -> None: ...
 
     async def add(self, events: Sequence[Interaction]) -> int: ...
 
@@ -63,12 +67,14 @@ class EpochWatch:
         store: EpochStore,
         *,
         histories: Mapping[str, Sequence[int]] | None = None,
+        times: Mapping[str, Sequence[float]] | None = None,
         journal: Journal | None = None,
         on_loss: Callable[[], object] = lambda: None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
         self.histories = histories
+        self.times = times  # of the histories' items, seconds
         self.journal = journal  # the events this process acknowledged, written back on a loss
         self.losses = 0
         self.lost: str | None = None  # what happened at the last loss, for /readyz
@@ -115,7 +121,7 @@ class EpochWatch:
         if not self._pending:
             return
         if self.histories and not await self.store.histories_loaded():
-            await self.store.merge(self.histories)
+            await self.store.merge(self.histories, self.times)
             await self.store.mark_histories_loaded()
             log.warning("profiles of %d users merged into Redis", len(self.histories))
             if self.lost:

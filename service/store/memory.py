@@ -25,7 +25,7 @@ from service.store.profiles import (
     millis,
     payload,
     place,
-    recent_of,
+    timed_recent,
 )
 
 
@@ -88,14 +88,16 @@ class MemoryProfileStore(ProfileReads):
             self._evict()
             return applied
 
-    async def load(self, histories: Mapping[str, Sequence[int]]) -> None:
-        check_histories(histories)
+    async def load(
+        self,
+        histories: Mapping[str, Sequence[int]],
+        times: Mapping[str, Sequence[float]] | None = None,
+    ) -> None:
+        check_histories(histories, times)
         async with self._lock:
             for user, history in histories.items():
-                recent = recent_of(history, self.max_recent)
-                self._profiles[user] = _Profile(
-                    recent, [0] * len(recent), {int(i) for i in history}
-                )
+                recent, at = timed_recent(history, (times or {}).get(user), self.max_recent)
+                self._profiles[user] = _Profile(recent, at, {int(i) for i in history})
                 self._profiles.move_to_end(user)
             self._evict()
 

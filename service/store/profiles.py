@@ -26,7 +26,7 @@ from __future__ import annotations
 import operator
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from itertools import islice
+from itertools import islice, pairwise
 from typing import Any, Literal, Protocol, SupportsIndex, TypeVar
 
 from service.errors import RETRY_AFTER_S, ServiceError
@@ -139,6 +139,11 @@ class Profile:
     # live event); compared only when placing new events, so equality ignores it.
     times: tuple[int, ...] = field(default=(), compare=False)
 
+    @property
+    def seconds(self) -> list[float] | None:
+        """Each recent item's time in seconds (None: the store kept none)."""
+        return [t / 1000 for t in self.times] if len(self.times) == len(self.recent) else None
+
 
 class ProfileStore(Protocol):
     max_recent: int
@@ -161,8 +166,14 @@ class ProfileStore(Protocol):
         an event id applied before (within the TTL) or repeated with another item or time."""
         ...
 
-    async def load(self, histories: Mapping[str, Sequence[int]]) -> None:
-        """Replace each given user's profile by their history (raw item ids, oldest first)."""
+    async def load(
+        self,
+        histories: Mapping[str, Sequence[int]],
+        times: Mapping[str, Sequence[float]] | None = None,
+    ) -> None:
+        """Replace each given user's profile by their history (raw item ids, oldest first);
+        ``times``: when each item came, seconds since the epoch (a user without: all 0, older
+        than any live event)."""
         ...
 
     async def ping(self) -> bool:
@@ -211,6 +222,18 @@ def recent_of(history: Iterable[int], max_recent: int) -> list[int]:
     return list(reversed(picked))
 
 
+def timed_recent(
+    history: Sequence[int], times: Sequence[float] | None, max_recent: int
+) -> tuple[list[int], list[int]]:
+    """:func:`recent_of`'s items and each one's time in ms at its latest occurrence
+    (``times``: seconds, one per history item; None: all 0)."""
+    recent = recent_of(history, max_recent)
+    if times is None:
+        return recent, [0] * len(recent)
+    latest = {int(i): millis(t) for i, t in zip(history, times, strict=True)}  # the last wins
+    return recent, [latest[i] for i in recent]
+
+
 def item_id(item: SupportsIndex) -> int:
     """``item`` as an int (numpy integers welcome); a ``ValueError`` outside [0, MAX_ITEM_ID]."""
     value = operator.index(item)
@@ -254,10 +277,23 @@ def place(recent: list[int], times: list[int], item: int, at_ms: int, max_recent
         del recent[0], times[0]
 
 
-def check_histories(histories: Mapping[str, Sequence[int]]) -> None:
-    for history in histories.values():
+def check_histories(
+    histories: Mapping[str, Sequence[int]], times: Mapping[str, Sequence[float]] | None = None
+) -> None:
+    """A ``ValueError`` for a bad item id, or for times that are not one per item, in
+    [0, MAX_TIMESTAMP_S] and oldest first."""
+    for user, history in histories.items():
         for item in history:
             item_id(item)
+        when = (times or {}).get(user)
+        if when is None:
+            continue
+        if len(when) != len(history):
+            raise ValueError(f"user {user}: {len(when)} times for {len(history)} items")
+        if any(not 0 <= t <= MAX_TIMESTAMP_S for t in when) or any(
+            a > b for a, b in pairwise(when)
+        ):
+            raise ValueError(f"user {user}: times must be in [0, {MAX_TIMESTAMP_S}], oldest first")
 
 
 def check_limits(max_recent: int, event_ttl_s: int, max_event_ids: int) -> None:

@@ -144,8 +144,12 @@ class ResilientStore(ProfileReads):
                 self.cache.drop(user)
         return applied
 
-    async def load(self, histories: Mapping[str, Sequence[int]]) -> None:
-        await self._reaching(self.store.load(histories))
+    async def load(
+        self,
+        histories: Mapping[str, Sequence[int]],
+        times: Mapping[str, Sequence[float]] | None = None,
+    ) -> None:
+        await self._reaching(self.store.load(histories, times))
         for user in histories:
             self.cache.drop(user)
 

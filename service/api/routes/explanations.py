@@ -30,25 +30,29 @@ def router(guards: Guards) -> APIRouter:
         """Why ``item_id`` scores as it does for a stored user: the item-level attention over
         their last items and each item's 7x7 component attention, and the score (a served
         SASRec gives its newest position's attention over those items, and no components)."""
-        (history,) = await state.store.recent([user_id])
-        return await _explain(state, user_id, history, item_id)
+        (profile,) = await state.store.profiles([user_id])
+        return await _explain(state, user_id, profile.recent, item_id, profile.seconds)
 
     @routes.post("/explain", response_model=ExplainResponse, responses=JSON_BODY)
     async def explain_history(body: ExplainRequest, state: StateDep) -> ExplainResponse:
         """The same explanation for a history given in the body."""
         state.engine.require_known(body.history)
-        return await _explain(state, None, body.history, body.item_id)
+        return await _explain(state, None, body.history, body.item_id, body.timestamps)
 
     return routes
 
 
 async def _explain(
-    state: State, user_id: str | None, history: Sequence[int], item_id: int
+    state: State,
+    user_id: str | None,
+    history: Sequence[int],
+    item_id: int,
+    times: Sequence[float] | None,
 ) -> ExplainResponse:
     """The attentions behind ``item_id`` over the profile that ``/recommend`` ranks with."""
     # one model for the whole answer, also across a reload: the one /recommend ranks with
     engine, arm = state.models.serving(user_id)
-    why = await run_in_threadpool(engine.explain, user_id, history, item_id)
+    why = await run_in_threadpool(engine.explain, user_id, history, item_id, times)
     heatmaps = why.component_attention
     profile = [
         ProfileItem(

@@ -3,7 +3,7 @@ optional filters on the items' attributes (:mod:`service.filters`)."""
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -136,7 +136,9 @@ def router(guards: Guards) -> APIRouter:
         (profile,) = read.profiles
         seen = profile.seen if exclude_seen else frozenset()
         with state.metrics.model_stage.time():
-            query = _query(state, user_id, profile.recent, seen, k, offset, filters, diversity)
+            query = _query(
+                state, user_id, profile.recent, seen, k, offset, filters, diversity, profile.seconds
+            )
             rec = await state.batcher.submit(query)
         named = state.feedback.name(user_id, rec)
         return _response(user_id, rec, filters, degraded=read.degraded, request_id=named)
@@ -153,7 +155,15 @@ def router(guards: Guards) -> APIRouter:
         state.engine.require_known(body.history)
         seen = set(body.history) if body.exclude_seen else set()
         query = _query(
-            state, None, body.history, seen, body.k, body.offset, body.filters, body.diversity
+            state,
+            None,
+            body.history,
+            seen,
+            body.k,
+            body.offset,
+            body.filters,
+            body.diversity,
+            body.timestamps,
         )
         rec = await state.batcher.submit(query)
         named = state.feedback.name(None, rec)
@@ -186,6 +196,7 @@ def _query(
     offset: int,
     filters: Filters | None,
     diversity: float = 0.0,
+    times: Sequence[float] | None = None,
 ) -> RecQuery:
     """The engine's query: ``seen``, switched-off items and the filter's excluded ids never
     returned, and only the catalogue items that pass its attribute conditions (searched inside
@@ -193,11 +204,11 @@ def _query(
     off = state.patches.off  # switched off (PATCH /items)
     if filters is None:
         excluded = {*seen, *off} if off else seen
-        return RecQuery(user_id, history, excluded, k, offset, diversity=diversity)
+        return RecQuery(user_id, history, excluded, k, offset, diversity=diversity, times=times)
     spec = _spec(filters)
     only = state.catalogue.attributes(state.patches.changes).passing(spec) if spec else None
     excluded = {*seen, *off, *filters.exclude_items}
-    return RecQuery(user_id, history, excluded, k, offset, only, diversity)
+    return RecQuery(user_id, history, excluded, k, offset, only, diversity, times)
 
 
 def _response(

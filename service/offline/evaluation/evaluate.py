@@ -153,5 +153,6 @@ def rank_new_items(
         copy.deepcopy(model), device=device, projection=projection, dtype=np.float32
     )
     grown = serving.with_items(features)
-    scores = grown.queries(task.users, task.profiles) @ grown.item_vectors[model.config.n_items :].T
+    queries = grown.queries(task.users, task.profiles, task.times)
+    scores = queries @ grown.item_vectors[model.config.n_items :].T
     return np.argsort(-scores, axis=1, kind="stable")[:, :k]

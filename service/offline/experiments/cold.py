@@ -56,6 +56,7 @@ class ColdTargets:
     users: np.ndarray  # (U,) user indices (the same in the warm and the full dataset)
     profiles: np.ndarray  # (U, L) warm items 1..Nw, oldest first, PAD on the left
     targets: tuple[np.ndarray, ...]  # per user: columns 0..M-1 of the held-out items chosen
+    times: np.ndarray  # (U, L) when each profile item came, in seconds
 
 
 @dataclass(frozen=True)
@@ -102,14 +103,18 @@ def cold_split(
         timestamps=data.timestamps[keep],
     )
     warm_in_time = ~cold[items]
-    warm_sequences = group_by_user(users[warm_in_time], renumber[items[warm_in_time]], data.n_users)
+    warm_users = users[warm_in_time]
+    warm_sequences = group_by_user(warm_users, renumber[items[warm_in_time]], data.n_users)
+    times = data.timestamps[order][warm_in_time]
+    warm_times = group_by_user(warm_users, times, data.n_users)
+    profiles = (warm_sequences, warm_times)
     return ColdSplit(
         warm,
         warm_items,
         validation_items,
         test_items,
-        _targets(users, items, validation_items, warm_sequences, profile_size),
-        _targets(users, items, test_items, warm_sequences, profile_size),
+        _targets(users, items, validation_items, profiles, profile_size),
+        _targets(users, items, test_items, profiles, profile_size),
     )
 
 
@@ -117,19 +122,22 @@ def _targets(
     users: np.ndarray,
     items: np.ndarray,
     held: np.ndarray,
-    warm_sequences: list[np.ndarray],
+    warm: tuple[list[np.ndarray], list[np.ndarray]],
     profile_size: int,
 ) -> ColdTargets:
+    """``warm``: per user, their warm items and those items' times, oldest first."""
     column = {int(item): c for c, item in enumerate(held)}
     chosen: dict[int, list[int]] = {}
     for u, item in zip(users.tolist(), items.tolist(), strict=True):
         if item in column:
             chosen.setdefault(u, []).append(column[item])
     who = np.array(sorted(chosen), dtype=np.int64)
+    sequences, times = warm
     return ColdTargets(
         who,
-        last_items([warm_sequences[u] for u in who], profile_size),
+        last_items([sequences[u] for u in who], profile_size),
         tuple(np.array(chosen[u], dtype=np.int64) for u in who),
+        last_items([times[u] for u in who], profile_size),
     )
 
 
@@ -262,7 +270,7 @@ def served_scores(
         np.asarray(features[candidates - 1], dtype=np.float32),
         [tags[i - 1] for i in candidates] if tags else None,
     )
-    return grown.queries(part.users, part.profiles) @ grown.item_vectors.T
+    return grown.queries(part.users, part.profiles, part.times) @ grown.item_vectors.T
 
 
 @dataclass(frozen=True)

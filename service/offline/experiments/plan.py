@@ -171,14 +171,6 @@ def load_plan(path: Path | None) -> Plan:
         *plan.first_start,
     ):
         plan.row(name)
-    served = [*(plan.cold.rows if plan.cold else ()), *plan.first_start]
-    aged = [name for name in served if plan.row(name).config.ages]
-    if aged:  # both go through the serving model, which reads no ages yet
-        raise ValueError(
-            f"{path}: {', '.join(aged)} read profile ages (ages = true), which the service does "
-            "not serve yet: such a row can be a row of the main table, not of [cold] or "
-            "first_start"
-        )
     return plan
 
 

@@ -272,13 +272,8 @@ def run_rows(
             )
         _evaluate_run(result, fitted, len(seeds), tasks, runner.device, object_cover, new_items)
         kept = best.get(row.name)
-        if (
-            config.model in SERVED
-            and not config.ages
-            and (  # the service reads no ages yet
-                kept is None
-                or fitted.validation[SERVING_METRIC] > kept[0].validation[SERVING_METRIC]
-            )
+        if config.model in SERVED and (
+            kept is None or fitted.validation[SERVING_METRIC] > kept[0].validation[SERVING_METRIC]
         ):
             best[row.name] = (fitted, config)
         log.info("%s seed %d: %.0f s", row.name, config.seed, fitted.seconds)

@@ -58,7 +58,7 @@ from service.store.profiles import (
     check_histories,
     check_limits,
     millis,
-    recent_of,
+    timed_recent,
 )
 from service.store.redis.client import (
     reaching,
@@ -253,8 +253,12 @@ class RedisProfileStore(ProfileReads):
             args += _event_args(group)
         return await self._replication.write(self._add_script, keys, args)
 
-    async def load(self, histories: Mapping[str, Sequence[int]]) -> None:
-        check_histories(histories)  # all of them first: a bad id must not leave half a load
+    async def load(
+        self,
+        histories: Mapping[str, Sequence[int]],
+        times: Mapping[str, Sequence[float]] | None = None,
+    ) -> None:
+        check_histories(histories, times)  # all first: a bad id must not leave half a load
         async with self._reaching(None):
             if self.cluster:  # a cluster's pipelines do not load scripts: on every primary now
                 await self._client.script_load(_LOAD_LUA)
@@ -262,7 +266,8 @@ class RedisProfileStore(ProfileReads):
                 async with self._client.pipeline(transaction=False) as pipe:
                     for user, history in batch:
                         items = [int(i) for i in history]
-                        blob = encode_profile(recent_of(items, self.max_recent), items)
+                        recent, at = timed_recent(items, (times or {}).get(user), self.max_recent)
+                        blob = encode_profile(recent, items, at)
                         await self._load_script(
                             keys=self.keys(user).all,
                             args=[blob],
@@ -297,14 +302,21 @@ class RedisProfileStore(ProfileReads):
         async with self._reaching(self.write_deadline_s):
             await self._client.set(f"{self.epoch_key}:loaded", "1")
 
-    async def merge(self, histories: Mapping[str, Sequence[int]], chunk: int = 5000) -> None:
-        """Add each user's history (raw item ids, oldest first) as events at time 0, older
-        than any live event: unlike ``load``, what the users did since is kept. No deadline:
-        it is bulk work, in calls of about ``chunk`` events."""
-        check_histories(histories)
+    async def merge(
+        self,
+        histories: Mapping[str, Sequence[int]],
+        times: Mapping[str, Sequence[float]] | None = None,
+        chunk: int = 5000,
+    ) -> None:
+        """Add each user's history (raw item ids, oldest first) as events at their ``times``
+        (as ``load`` takes them; none: 0, older than any live event): unlike ``load``, what
+        the users did since is kept. No deadline: it is bulk work, in calls of about
+        ``chunk`` events."""
+        check_histories(histories, times)
         batch: list[Interaction] = []
         for user, history in histories.items():
-            batch += [Interaction(user, int(i), 0.0) for i in history]
+            when = (times or {}).get(user) or [0.0] * len(history)
+            batch += [Interaction(user, int(i), t) for i, t in zip(history, when, strict=True)]
             if len(batch) >= chunk:
                 await self._add(batch, deadline_s=None)
                 batch = []
