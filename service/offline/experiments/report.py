@@ -171,7 +171,9 @@ def _notes(report: Report) -> list[str]:
         "row of all training items) see more than the profile; SASRec and the transition "
         "counter see the profile alone. An ACF row with user embeddings reads them under a "
         "protocol only where that protocol's validation ranked better with them than from the "
-        "profile alone (each run's choice: `user vector read` under Training runs).",
+        "profile alone (each run's choice: `user vector read` under Training runs). An ACF "
+        "row with `ages=True` also reads how long before the profile's newest item each one "
+        "came; every other row reads the profile's order only.",
         "",
         f"Every row is trained with seeds {seeds}; the fitted baselines (popularity, "
         "transitions, EASE) have no randomness and are fitted once. A figure is the mean over "
