@@ -182,6 +182,8 @@ def test_reproduce_writes_both_protocols_for_every_row_and_seed(
     page = (docs / "results.md").read_text()
     for words in ("## What wins", "tutorial ACF, Wikimedia (reference)", "mass on object"):
         assert words in page
+    assert not any(row.config.ages for row in plan.rows)
+    assert "how long before the profile's newest item" not in page  # said of rows that read ages
     ablations = page[page.index("## The visual half") :].splitlines()
     tutorial = next(line for line in ablations if line.startswith("| acf_tutorial |"))
     assert "new items P@20" in page and tutorial.endswith("| cannot | — |")

@@ -31,7 +31,8 @@ _config: list[pytest.Config] = []
 class _StopsLeftBehind(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         if "into the stop" in record.getMessage():
-            _stops_left_behind.append(record.getMessage()[:1500])
+            test = os.environ.get("PYTEST_CURRENT_TEST", "outside a test")
+            _stops_left_behind.append(f"{test}: {record.getMessage()[:1500]}")
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -287,16 +287,15 @@ class ServingModel:
         """Both attentions behind ``item``'s score for a user with this profile (``times``:
         of its items, as :meth:`attend` takes them)."""
         slots = np.asarray(profile, dtype=np.int64)
-        items = slots[slots != PAD]
-        when = None if times is None else np.asarray(times, dtype=np.int64)[slots != PAD]
-        empty = np.zeros((1, 1), np.int64)
-        out = self.attend(
-            np.array([user]),
-            items[None, :] if len(items) else empty,
-            None if when is None else when[None, :] if len(items) else empty,
-        )
+        kept = slots != PAD
+        items, n = slots[kept], int(kept.sum())
+
+        def batch(values: Sequence[int]) -> np.ndarray:  # one row; an empty profile: one PAD
+            row = np.asarray(values, dtype=np.int64)[kept]
+            return row[None, :] if n else np.zeros((1, 1), np.int64)
+
+        out = self.attend(np.array([user]), batch(profile), None if times is None else batch(times))
         query = self.model.query_vectors(out.user).float().cpu().numpy()[0]
-        n = len(items)
         attention = out.item_attention[0, :n].float().cpu().numpy()
         return Explanation(
             profile=items,

@@ -155,6 +155,16 @@ def _fitted(plan: Plan) -> str:
     )
 
 
+def _aged(plan: Plan) -> str:
+    aged = [f"`{row.name}`" for row in plan.rows if row.config.ages]
+    if not aged:
+        return ""
+    return (
+        f" {', '.join(aged)} also read{'s' if len(aged) == 1 else ''} how long before the "
+        "profile's newest item each one came; every other row reads the profile's order only."
+    )
+
+
 def _notes(report: Report) -> list[str]:
     plan, t = report.plan, report.timings
     seeds = ", ".join(map(str, plan.seeds))
@@ -171,9 +181,7 @@ def _notes(report: Report) -> list[str]:
         "row of all training items) see more than the profile; SASRec and the transition "
         "counter see the profile alone. An ACF row with user embeddings reads them under a "
         "protocol only where that protocol's validation ranked better with them than from the "
-        "profile alone (each run's choice: `user vector read` under Training runs). An ACF "
-        "row with `ages=True` also reads how long before the profile's newest item each one "
-        "came; every other row reads the profile's order only.",
+        f"profile alone (each run's choice: `user vector read` under Training runs).{_aged(plan)}",
         "",
         f"Every row is trained with seeds {seeds}; the fitted baselines (popularity, "
         "transitions, EASE) have no randomness and are fitted once. A figure is the mean over "
