@@ -50,6 +50,9 @@ EPOCH_CHECK_S = 1.0  # how often a process looks whether Redis came back empty
 # A stop gives the background tasks, then each store's close, this long each: one that is
 # stuck is named in the log with where it waits, and left, so a stop always ends.
 STOP_STEP_S = 10.0
+# and cancels a task again this often while it runs: redis-py lets some cancels go (the call
+# returns as if none came; pyproject.toml), which left a stop waiting out its STOP_STEP_S
+RECANCEL_S = 0.1
 
 
 @asynccontextmanager
@@ -114,14 +117,17 @@ async def serving(
 async def ended(
     tasks: Sequence[asyncio.Task[None]], within_s: float, *, cancel: bool = False
 ) -> None:
-    """Wait up to ``within_s`` for ``tasks`` to end (cancelled first with ``cancel``); log
-    those that did not (one that swallowed its cancellation, a call that never returns) with
-    where they wait."""
+    """Wait up to ``within_s`` for ``tasks`` to end (with ``cancel``, cancelled first and again
+    every ``RECANCEL_S``); log those that did not (one that swallows every cancellation, a
+    call that never returns) with where they wait."""
     if not tasks:
         return
-    for task in tasks if cancel else ():
-        task.cancel()
-    _, stuck = await asyncio.wait(tasks, timeout=within_s)
+    loop = asyncio.get_running_loop()
+    until, stuck = loop.time() + within_s, set(tasks)
+    while stuck and (left := until - loop.time()) > 0:
+        for task in stuck if cancel else ():
+            task.cancel()
+        _, stuck = await asyncio.wait(stuck, timeout=min(left, RECANCEL_S) if cancel else left)
     for task in stuck:
         where = io.StringIO()
         task.print_stack(file=where)
