@@ -50,8 +50,9 @@ EPOCH_CHECK_S = 1.0  # how often a process looks whether Redis came back empty
 # A stop gives the background tasks, then each store's close, this long each: one that is
 # stuck is named in the log with where it waits, and left, so a stop always ends.
 STOP_STEP_S = 10.0
-# and cancels a task again this often while it runs: redis-py lets some cancels go (the call
-# returns as if none came; pyproject.toml), which left a stop waiting out its STOP_STEP_S
+# and cancels a task again this often while it runs: on Python 3.11 redis-py lets most cancels
+# that reach a call go (the call returns as if none came; pyproject.toml), which left a stop
+# waiting out its STOP_STEP_S
 RECANCEL_S = 0.1
 
 
