@@ -125,10 +125,11 @@ async def ended(
         return
     loop = asyncio.get_running_loop()
     until, stuck = loop.time() + within_s, set(tasks)
+    step = RECANCEL_S if cancel else within_s
     while stuck and (left := until - loop.time()) > 0:
         for task in stuck if cancel else ():
             task.cancel()
-        _, stuck = await asyncio.wait(stuck, timeout=min(left, RECANCEL_S) if cancel else left)
+        _, stuck = await asyncio.wait(stuck, timeout=min(left, step))
     for task in stuck:
         where = io.StringIO()
         task.print_stack(file=where)
